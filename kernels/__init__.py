@@ -1,0 +1,1 @@
+"""Triton kernels and the `liger::` torch ops that wrap them (installed as ligerfx.kernels)."""

@@ -1,0 +1,1 @@
+"""ligerfx: a torch.compile backend that rewrites LLM subgraphs into fused Triton kernels."""

@@ -1,0 +1,395 @@
+"""A canonical view of an FX graph: one spelling for each piece of math.
+
+Dynamo's graphs keep the user's spelling (`x.pow(2)`, `x * x`, `torch.square(x)`; `torch.rsqrt(v)`,
+`1 / torch.sqrt(v)`, `a / v.sqrt()`; `.float()`, `.to(torch.float32)`, `.type_as(y)`; `dim=-1` and
+`dim=2`).  Rather than writing every pattern in every spelling, both the patterns and the graph
+are read through this view, where each value is a `CNode` with a canonical op name and canonical
+arguments.  The view never changes the graph: it only maps it, so code that is not rewritten keeps
+its exact numerics.
+
+Rules (each is an identity of real arithmetic, so a match means the same math):
+- function, method and operator forms share one name (`operator.mul`, `torch.mul`, `Tensor.mul`);
+- `pow(x, 2)` and `x * x` are `square(x)`; `pow(x, .5)` is `sqrt`, `pow(x, -.5)` is `rsqrt`;
+- `1 / y` is `reciprocal(y)`; `reciprocal(sqrt(v))` is `rsqrt(v)`; `a / sqrt(v)` is `a * rsqrt(v)`;
+- reductions carry a sorted tuple of negative dims and a bool keepdim; `var` carries a correction;
+- every dtype conversion is `cast`; a cast that changes nothing (and `contiguous`) is an identity
+  cast, which the matcher always looks through; other casts only for patterns that allow them;
+- pure canonical nodes with equal ops and arguments are merged (common subexpressions), so code
+  that writes `(x - mu)` twice matches a pattern that names it once.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+CAST = "cast"
+INPUT = "input"
+COMMUTATIVE = frozenset({"add", "mul"})
+
+# Canonical name for call_function targets.  Methods use their own name (see _METHOD_ALIASES).
+_FUNCTIONS: dict[Any, str] = {
+    operator.add: "add", torch.add: "add",
+    operator.sub: "sub", torch.sub: "sub", torch.subtract: "sub",
+    operator.mul: "mul", torch.mul: "mul", torch.multiply: "mul",
+    operator.truediv: "div", torch.div: "div", torch.true_divide: "div", torch.divide: "div",
+    operator.neg: "neg", torch.neg: "neg", torch.negative: "neg",
+    operator.pow: "pow", torch.pow: "pow",
+    operator.matmul: "matmul", torch.matmul: "matmul",
+    operator.getitem: "getitem",
+    torch.square: "square", torch.sqrt: "sqrt", torch.rsqrt: "rsqrt",
+    torch.reciprocal: "reciprocal", torch.exp: "exp", torch.log: "log", torch.erf: "erf",
+    torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    torch.abs: "abs", torch.relu: "relu", F.relu: "relu",
+    torch.mean: "mean", torch.sum: "sum", torch.var: "var",
+    F.silu: "silu", F.gelu: "gelu",
+    F.rms_norm: "rms_norm", torch.rms_norm: "rms_norm",
+    F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm",
+    F.linear: "linear", torch._C._nn.linear: "linear",
+    F.cross_entropy: "cross_entropy",
+    torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
+    torch.stack: "stack", torch.chunk: "chunk", torch.split: "split",
+    torch.reshape: "reshape", torch.transpose: "transpose", torch.unsqueeze: "unsqueeze",
+    torch.squeeze: "squeeze", torch.flatten: "flatten",
+    torch.view_as_complex: "view_as_complex", torch.view_as_real: "view_as_real",
+    torch.softmax: "softmax", F.softmax: "softmax", torch.log_softmax: "log_softmax",
+    F.log_softmax: "log_softmax", F.pad: "pad",
+}
+_METHOD_ALIASES = {"__getitem__": "getitem", "concat": "cat", "multiply": "mul",
+                   "subtract": "sub", "divide": "div", "true_divide": "div", "negative": "neg"}
+_CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
+_IDENTITY_METHODS = {"contiguous"}
+
+# Signatures (after `self`/`input`) used to put positional and keyword arguments in one order.
+# "name=default" gives a default; ops absent here keep their raw args.
+_SIGNATURES: dict[str, tuple[str, ...]] = {
+    "add": ("other", "alpha=1"), "sub": ("other", "alpha=1"), "mul": ("other",),
+    "div": ("other", "rounding_mode=None"), "pow": ("exponent",),
+    "mean": ("dim=None", "keepdim=False", "dtype=None"),
+    "sum": ("dim=None", "keepdim=False", "dtype=None"),
+    "var": ("dim=None", "unbiased=None", "keepdim=False", "correction=None"),
+    "silu": ("inplace=False",), "gelu": ("approximate='none'",),
+    "rms_norm": ("normalized_shape", "weight=None", "eps=None"),
+    "layer_norm": ("normalized_shape", "weight=None", "bias=None", "eps=1e-05"),
+    "linear": ("weight", "bias=None"),
+    "softmax": ("dim", "dtype=None"), "log_softmax": ("dim", "dtype=None"),
+    "transpose": ("dim0", "dim1"), "unsqueeze": ("dim",),
+}
+_UNARY = {"neg", "square", "sqrt", "rsqrt", "reciprocal", "exp", "log", "erf", "tanh", "sigmoid",
+          "abs", "relu"}
+_REDUCTIONS = {"mean", "sum", "var"}
+# Ops whose canonical nodes may be merged when their arguments are equal (no randomness, no state).
+_PURE = _UNARY | _REDUCTIONS | {"add", "sub", "mul", "div", "pow", CAST, "silu", "gelu",
+                                "rms_norm", "layer_norm", "linear", "matmul", "getitem",
+                                "transpose", "unsqueeze"}
+
+_NO_DEFAULT = object()
+
+
+@dataclass(eq=False)
+class CNode:
+    """One canonical value.
+
+    `nodes`: the fx nodes that compute exactly this value (several after merging duplicates; none
+    for a value the view synthesised, such as the `rsqrt` in `a / sqrt(v)`).
+    `folded`: fx nodes computing intermediate values that this canonical node absorbed.
+    `identity`: for casts, the cast changes neither dtype nor device.
+    """
+
+    op: str
+    args: tuple = ()
+    nodes: list = field(default_factory=list)
+    folded: list = field(default_factory=list)
+    identity: bool = False
+    meta_node: fx.Node | None = None
+
+    @property
+    def node(self) -> fx.Node | None:
+        return self.nodes[0] if self.nodes else self.meta_node
+
+    @property
+    def value(self) -> Any:
+        return node_value(self.node) if self.node is not None else None
+
+    @property
+    def covers(self) -> list:
+        return self.nodes + self.folded
+
+    def __repr__(self) -> str:
+        name = self.node.name if self.node is not None else "?"
+        return f"CNode({self.op}:{name})"
+
+
+def node_value(node: fx.Node) -> Any:
+    """The example value (fake tensor or symbolic scalar) of a node, or None."""
+    meta = node.meta
+    for key in ("example_value", "val"):
+        if key in meta:
+            return meta[key]
+    tm = meta.get("tensor_meta")
+    return tm
+
+
+def _rank(v: Any) -> int | None:
+    if isinstance(v, torch.Tensor):
+        return v.dim()
+    shape = getattr(v, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+def _dtype(v: Any):
+    return getattr(v, "dtype", None)
+
+
+def _norm_dims(dim: Any, rank: int | None):
+    """Dims as a sorted tuple of negative ints; None if they cannot be normalised."""
+    if dim is None:
+        return tuple(range(-rank, 0)) if rank is not None else None
+    dims = tuple(dim) if isinstance(dim, (list, tuple, torch.Size)) else (dim,)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    if rank is None:
+        return tuple(sorted(dims)) if all(d < 0 for d in dims) else None
+    return tuple(sorted(d - rank if d >= 0 else d for d in dims))
+
+
+def _bind(op: str, args: tuple, kwargs: dict):
+    """Arrange (self, *args, **kwargs) in signature order; None if a keyword is unknown."""
+    sig = _SIGNATURES.get(op)
+    if sig is None:
+        return None
+    first, rest = args[0], list(args[1:])
+    out = [first]
+    names = []
+    for spec in sig:
+        name, _, default = spec.partition("=")
+        names.append(name)
+        if rest:
+            out.append(rest.pop(0))
+        elif name in kwargs:
+            out.append(kwargs[name])
+        elif default:
+            out.append(eval(default))  # noqa: S307 - literals from the table above
+        else:
+            return None
+    if rest or any(k not in names for k in kwargs):
+        return None
+    return out
+
+
+def _is_one(c: Any) -> bool:
+    return isinstance(c, (int, float)) and not isinstance(c, bool) and c == 1
+
+
+class View:
+    """The canonical view of one graph: `view[fx_node] -> CNode`."""
+
+    def __init__(self, graph: fx.Graph, *, strip_casts: bool = False):
+        # strip_casts: used for pattern graphs, which are dtype-agnostic.
+        self.graph = graph
+        self.strip_casts = strip_casts
+        self._of: dict[fx.Node, CNode] = {}
+        self._memo: dict[tuple, CNode] = {}
+        for node in graph.nodes:
+            if node.op != "output":
+                self._of[node] = self._build(node)
+
+    def __getitem__(self, node: fx.Node) -> CNode:
+        return self._of[node]
+
+    def __contains__(self, node) -> bool:
+        return node in self._of
+
+    def cnodes(self):
+        seen = set()
+        for c in self._of.values():
+            if id(c) not in seen:
+                seen.add(id(c))
+                yield c
+
+    # -- construction -------------------------------------------------------------------------
+    def _arg(self, a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return self._of[a]
+        if isinstance(a, (list, tuple)):
+            return tuple(self._arg(x) for x in a)
+        if isinstance(a, torch.Size):
+            return tuple(a)
+        return a
+
+    def _leaf(self, node: fx.Node) -> CNode:
+        return CNode(INPUT, (node.name,), nodes=[node])
+
+    def _opaque(self, node: fx.Node, name: str) -> CNode:
+        args = tuple(self._arg(a) for a in node.args)
+        kw = tuple(sorted((k, self._arg(v)) for k, v in node.kwargs.items()))
+        return CNode(name, args + ((("kwargs", kw),) if kw else ()), nodes=[node])
+
+    def _build(self, node: fx.Node) -> CNode:
+        if node.op in ("placeholder", "get_attr"):
+            return self._leaf(node)
+        if node.op == "call_method":
+            name = _METHOD_ALIASES.get(node.target, node.target)
+        elif node.op == "call_function":
+            name = _FUNCTIONS.get(node.target)
+            if name is None:
+                return self._opaque(node, _target_name(node.target))
+        else:  # call_module (only in hand-built graphs)
+            return self._leaf(node)
+
+        if name in _CAST_METHODS or name in _IDENTITY_METHODS:
+            return self._cast(node)
+        bound = _bind(name, tuple(node.args), dict(node.kwargs))
+        if bound is None:
+            if name in _UNARY and len(node.args) == 1 and not node.kwargs:
+                bound = [node.args[0]]
+            else:
+                return self._opaque(node, name)
+        args = [self._arg(a) for a in bound]
+        c = self._canonical(node, name, args)
+        if c is None:
+            return self._opaque(node, name)
+        return c
+
+    def _cast(self, node: fx.Node) -> CNode:
+        src = node.args[0]
+        if not isinstance(src, fx.Node):
+            return self._leaf(node)
+        inp = self._of[src]
+        vin, vout = node_value(src), node_value(node)
+        din, dout = _dtype(vin), _dtype(vout)
+        if self.strip_casts or node.target in _IDENTITY_METHODS:
+            same = True
+        else:
+            if din is None or dout is None:
+                return self._opaque(node, "cast?")
+            dev_in, dev_out = getattr(vin, "device", None), getattr(vout, "device", None)
+            if dev_in != dev_out:
+                return self._opaque(node, "to_device")
+            same = din == dout
+        if same and self.strip_casts:
+            # Pattern graphs are dtype-agnostic: a cast in a pattern is simply its input.
+            return inp
+        return self._intern(CNode(CAST, (inp, dout), nodes=[node], identity=same))
+
+    def _canonical(self, node: fx.Node, name: str, a: list):
+        val = node_value(node)
+        x = a[0]
+        rank = _rank(x.value) if isinstance(x, CNode) else None
+        if name in ("add", "sub"):
+            if not _is_one(a[2]):
+                return None
+            return self._mk(name, (x, a[1]), node)
+        if name == "div":
+            if a[2] is not None:
+                return None
+            num, den = x, a[1]
+            if _is_one(num) and isinstance(den, CNode):
+                return self._unary("reciprocal", den, node)
+            if isinstance(den, CNode) and den.op == "sqrt" and den.nodes:
+                r = self._synth("rsqrt", (den.args[0],), den)
+                return self._mk("mul", (num, r), node)
+            return self._mk("div", (num, den), node)
+        if name == "mul":
+            if isinstance(x, CNode) and x is a[1]:
+                return self._mk("square", (x,), node)
+            return self._mk("mul", (x, a[1]), node)
+        if name == "pow":
+            e = a[1]
+            alias = {2: "square", 0.5: "sqrt", -0.5: "rsqrt", -1: "reciprocal"}
+            if isinstance(e, (int, float)) and not isinstance(e, bool) and e in alias:
+                return self._mk(alias[e], (x,), node)
+            return self._mk("pow", (x, e), node)
+        if name in _UNARY:
+            return self._unary(name, x, node)
+        if name in ("mean", "sum"):
+            if a[3] is not None:
+                return None
+            dims = a[1] if isinstance(a[1], CNode) else _norm_dims(a[1], rank)
+            if dims is None:
+                return None
+            return self._mk(name, (x, dims, bool(a[2])), node)
+        if name == "var":
+            dim, unbiased, keepdim, correction = a[1], a[2], a[3], a[4]
+            if correction is None:
+                correction = 0 if unbiased is False else 1
+            dims = dim if isinstance(dim, CNode) else _norm_dims(dim, rank)
+            if dims is None:
+                return None
+            return self._mk("var", (x, dims, correction, bool(keepdim)), node)
+        if name == "silu":
+            return None if a[1] else self._mk("silu", (x,), node)
+        if name == "gelu":
+            return self._mk("gelu", (x, a[1]), node)
+        if name in ("softmax", "log_softmax"):
+            if a[2] is not None:
+                return None
+            d = _norm_dims(a[1], rank)
+            return None if d is None else self._mk(name, (x, d[0]), node)
+        if name == "unsqueeze":
+            d = a[1]
+            if isinstance(d, int) and d >= 0 and rank is not None:
+                d = d - (rank + 1)
+            return self._mk(name, (x, d), node)
+        if name == "transpose":
+            d0, d1 = a[1], a[2]
+            if rank is not None and isinstance(d0, int) and isinstance(d1, int):
+                d0, d1 = sorted((d0 - rank if d0 >= 0 else d0, d1 - rank if d1 >= 0 else d1))
+            return self._mk(name, (x, d0, d1), node)
+        return self._mk(name, tuple(a), node)
+
+    def _unary(self, name: str, x: Any, node: fx.Node) -> CNode:
+        if name == "reciprocal" and isinstance(x, CNode) and x.op == "sqrt" and x.nodes:
+            # 1 / sqrt(v): the sqrt node is folded into one rsqrt value.
+            c = self._mk("rsqrt", (x.args[0],), node)
+            if not any(n in c.folded for n in x.nodes):
+                c.folded.extend(x.nodes)
+            return c
+        return self._mk(name, (x,), node)
+
+    def _synth(self, name: str, args: tuple, folded_from: CNode) -> CNode:
+        return CNode(name, args, nodes=[], folded=list(folded_from.covers),
+                     meta_node=folded_from.node)
+
+    def _mk(self, name: str, args: tuple, node: fx.Node) -> CNode:
+        return self._intern(CNode(name, tuple(args), nodes=[node]))
+
+    def _intern(self, c: CNode) -> CNode:
+        if c.op not in _PURE or not c.nodes:
+            return c
+        key = (c.op, tuple(_key(a) for a in c.args))
+        try:
+            hash(key)
+        except TypeError:
+            return c
+        old = self._memo.get(key)
+        if old is None:
+            self._memo[key] = c
+            return c
+        old.nodes.extend(n for n in c.nodes if n not in old.nodes)
+        old.folded.extend(n for n in c.folded if n not in old.folded)
+        return old
+
+
+def _key(a: Any):
+    if isinstance(a, CNode):
+        return ("n", id(a))
+    if isinstance(a, tuple):
+        return ("t",) + tuple(_key(x) for x in a)
+    if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("s", id(a))
+    return ("c", type(a).__name__, a)
+
+
+def _target_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return str(target) + ".default"
+    mod = getattr(target, "__module__", None) or ""
+    return f"{mod}.{getattr(target, '__qualname__', getattr(target, '__name__', repr(target)))}"

@@ -1,0 +1,81 @@
+"""The backend's options: one documented dataclass, validated with errors that list valid values."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+class OptionsError(ValueError):
+    """An option is unknown or has a bad value; the message lists what is valid."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options of the liger backend (`torch.compile(..., options={...})`).
+
+    inner: backend that compiles the rewritten graph: "inductor" (default), "aot_eager" or "eager".
+    patterns: names of the only patterns to apply (default: all registered patterns).
+    exclude: names of patterns not to apply.
+    log_report: log the rewrite report through the `ligerfx` logger (INFO) after each graph.
+    """
+
+    inner: str = "inductor"
+    patterns: tuple | None = None
+    exclude: tuple = ()
+    log_report: bool = True
+    _extra: tuple = field(default=(), repr=False)
+
+    @classmethod
+    def from_any(cls, options: "Options | Mapping[str, Any] | None") -> "Options":
+        if options is None:
+            return cls()
+        if isinstance(options, Options):
+            return options
+        if not isinstance(options, Mapping):
+            raise OptionsError(f"options must be a dict or ligerfx.Options, got {type(options).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+        unknown = [k for k in options if k not in valid]
+        if unknown:
+            raise OptionsError(f"unknown liger option(s) {', '.join(map(repr, unknown))}; "
+                               f"valid options are: {', '.join(valid)}")
+        kw = dict(options)
+        for key in ("patterns", "exclude"):
+            if key in kw and kw[key] is not None:
+                kw[key] = _names(key, kw[key])
+        opts = cls(**kw)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        if self.inner not in INNER_BACKENDS:
+            raise OptionsError(f"option 'inner' must be one of {', '.join(INNER_BACKENDS)}; "
+                               f"got {self.inner!r}")
+        if not isinstance(self.log_report, bool):
+            raise OptionsError(f"option 'log_report' must be True or False, got {self.log_report!r}")
+        from .pattern import REGISTRY
+        from . import builtins  # noqa: F401
+
+        known = REGISTRY.names()
+        for key in ("patterns", "exclude"):
+            names = getattr(self, key) or ()
+            bad = [n for n in names if n not in known]
+            if bad:
+                raise OptionsError(f"option {key!r} names unknown pattern(s) "
+                                   f"{', '.join(map(repr, bad))}; registered patterns are: "
+                                   f"{', '.join(known)}")
+
+
+def _names(key: str, v: Any) -> tuple:
+    if isinstance(v, str):
+        v = [v]
+    try:
+        names = tuple(v)
+    except TypeError:
+        raise OptionsError(f"option {key!r} must be a list of pattern names, got {v!r}") from None
+    if not all(isinstance(n, str) for n in names):
+        raise OptionsError(f"option {key!r} must be a list of pattern names, got {v!r}")
+    return names

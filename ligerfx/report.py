@@ -1,0 +1,132 @@
+"""What the passes did to a model: rewrites, near misses and counts, readable and as JSON."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch.fx as fx
+
+_TORCH_DIR = re.compile(r"[/\\]torch[/\\](nn|_dynamo|fx|_tensor|functional)")
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)\n\s*(?P<code>[^\n]*)')
+
+
+@dataclass
+class Location:
+    """Where in the user's code a node came from."""
+
+    module: str = ""  # module path, e.g. model.layers.0.input_layernorm
+    file: str = ""
+    line: int = 0
+    function: str = ""
+    code: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.file else "<unknown source>"
+        mod = f" [{self.module}]" if self.module else ""
+        code = f"  `{self.code.strip()}`" if self.code else ""
+        return f"{where}{mod}{code}"
+
+
+def _clean_module_path(path: str) -> str:
+    # Dynamo spells module paths as L['self'].model.layers[0].mlp or L['self']._modules['x'].
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    return path.strip(".")
+
+
+def locate(node: fx.Node) -> Location:
+    loc = Location()
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1][0]
+        loc.module = _clean_module_path(str(path))
+    trace = node.meta.get("stack_trace") or ""
+    frames = list(_FRAME.finditer(trace))
+    # The innermost frame outside torch itself is the user's line (nn.RMSNorm's own code is not).
+    user = [f for f in frames if not _TORCH_DIR.search(f["file"])]
+    frames = user or frames
+    if frames:
+        f = frames[-1]
+        loc.file, loc.line, loc.function, loc.code = (f["file"], int(f["line"]), f["func"],
+                                                      f["code"])
+    return loc
+
+
+@dataclass
+class MatchRecord:
+    pattern: str
+    location: Location
+    nodes: list  # names of the graph nodes replaced
+    graph: int = 0  # which captured graph (a model with graph breaks has several)
+    detail: str = ""  # e.g. the casting mode the rewrite chose
+
+    def __str__(self) -> str:
+        d = f" ({self.detail})" if self.detail else ""
+        return f"{self.pattern}{d} at {self.location}: replaced {len(self.nodes)} nodes"
+
+
+@dataclass
+class NearMiss:
+    pattern: str
+    location: Location
+    reason: str
+    graph: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.pattern} at {self.location}: not rewritten: {self.reason}"
+
+
+@dataclass
+class Report:
+    """The result of `ligerfx.explain` (and what the backend logs)."""
+
+    matches: list = field(default_factory=list)
+    near_misses: list = field(default_factory=list)
+    graphs: int = 0
+    notes: list = field(default_factory=list)  # statements the user must see (e.g. dropped outputs)
+    graphs_before: list = field(default_factory=list)  # readable code of each graph, if recorded
+    graphs_after: list = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict:
+        return dict(Counter(m.pattern for m in self.matches))
+
+    def extend(self, other: "Report") -> None:
+        base = self.graphs
+        for m in other.matches:
+            m.graph += base
+            self.matches.append(m)
+        for n in other.near_misses:
+            n.graph += base
+            self.near_misses.append(n)
+        self.graphs += max(other.graphs, 1)
+        self.notes.extend(x for x in other.notes if x not in self.notes)
+        self.graphs_before.extend(other.graphs_before)
+        self.graphs_after.extend(other.graphs_after)
+
+    def to_dict(self) -> dict:
+        return {
+            "counts": self.counts,
+            "graphs": self.graphs,
+            "matches": [asdict(m) for m in self.matches],
+            "near_misses": [asdict(n) for n in self.near_misses],
+            "notes": list(self.notes),
+            "graphs_before": list(self.graphs_before),
+            "graphs_after": list(self.graphs_after),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"ligerfx: {len(self.matches)} rewrite(s) in {self.graphs} graph(s)"]
+        if self.counts:
+            lines.append("  counts: " + ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())))
+        for m in self.matches:
+            lines.append(f"  rewrote {m}")
+        for n in self.near_misses:
+            lines.append(f"  near miss: {n}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        return "\n".join(lines)

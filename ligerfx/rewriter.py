@@ -1,0 +1,126 @@
+"""Replace a checked match in the graph with its pattern's replacement, traced in place.
+
+The replacement function is called on fx Proxies of the bound inputs, so whatever torch code it
+runs (usually one `torch.ops.liger.*` call) is recorded as new nodes right where the pattern's
+output was.  New nodes get fake example values (later passes and inductor read them) and the
+source metadata of the node they replace (so reports still point at the user's code).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+from .canonical import node_value
+from .matcher import Match
+from .pattern import call_replacement
+
+_KEEP_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
+
+
+class ValueProxy(Proxy):
+    """A Proxy that also answers dtype/shape/device questions from the node's example value,
+    so replacement functions can be written like eager code (`x.dtype`, `x.shape[-1]`)."""
+
+    def _val(self):
+        return node_value(self.node)
+
+    @property
+    def dtype(self):
+        return self._val().dtype
+
+    @property
+    def device(self):
+        return self._val().device
+
+    @property
+    def shape(self):
+        return self._val().shape
+
+    @property
+    def ndim(self):
+        return self._val().dim()
+
+    def dim(self):
+        return self._val().dim()
+
+    def size(self, d=None):
+        s = self._val().shape
+        return s if d is None else s[d]
+
+
+def _fake_mode(graph: fx.Graph):
+    from torch._guards import detect_fake_mode
+
+    vals = [node_value(n) for n in graph.nodes if n.op == "placeholder"]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def _insertion_point(match: Match) -> fx.Node | None:
+    """A node before which every replacement output can be computed, or None if none exists."""
+    order = {n: i for i, n in enumerate(match.graph.nodes)}
+    if len(match.tops) == 1:
+        return match.tops[0]
+    inputs = [b for b in match.bindings.values() if isinstance(b, fx.Node)]
+    last_input = max((order[b] for b in inputs), default=-1)
+    covered = set(match.covered)
+    first_use = min((order[u] for o in match.outputs for u in o.users if u not in covered),
+                    default=len(order))
+    # Insert right after the last input, provided no output is consumed before that.
+    nodes = list(match.graph.nodes)
+    if last_input + 1 > first_use:
+        return None
+    return nodes[last_input + 1]
+
+
+def apply(match: Match) -> list[fx.Node]:
+    """Rewrite the graph; returns the new nodes.  The match must already be checked."""
+    graph = match.graph
+    where = _insertion_point(match)
+    if where is None:
+        raise RuntimeError("no insertion point")  # callers check `can_order` first
+    before = set(graph.nodes)
+    tracer = GraphAppendingTracer(graph)
+    bound = {k: (ValueProxy(v, tracer) if isinstance(v, fx.Node) else v)
+             for k, v in match.bindings.items()}
+    with graph.inserting_before(where):
+        out = call_replacement(match.pattern, match.variant, bound, match)
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    new_nodes = [n for n in graph.nodes if n not in before]
+    _propagate_meta(graph, new_nodes, match)
+    for old, new in zip(match.outputs, outs):
+        new_node = new.node if isinstance(new, Proxy) else new
+        old.replace_all_uses_with(new_node)
+    for n in reversed(list(graph.nodes)):
+        if n in set(match.covered) and not n.users:
+            graph.erase_node(n)
+    return new_nodes
+
+
+def can_order(match: Match) -> bool:
+    return _insertion_point(match) is not None
+
+
+def _propagate_meta(graph: fx.Graph, nodes: list[fx.Node], match: Match) -> None:
+    src = match.tops[0]
+    mode = _fake_mode(graph)
+    for n in nodes:
+        for k in _KEEP_META:
+            if k in src.meta and k not in n.meta:
+                n.meta[k] = src.meta[k]
+        if mode is None or n.op != "call_function":
+            continue
+
+        def val(a: Any):
+            return node_value(a) if isinstance(a, fx.Node) else a
+
+        args = fx.node.map_aggregate(n.args, val)
+        kwargs = fx.node.map_aggregate(n.kwargs, val)
+        try:
+            with mode:
+                n.meta["example_value"] = n.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - metadata is best effort; the graph is still valid
+            pass

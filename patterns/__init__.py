@@ -1,0 +1,7 @@
+"""Built-in rewrite patterns (installed as ligerfx.patterns).
+
+Each module registers one pattern family through `ligerfx.pattern.register`, the same path users'
+patterns take.  Importing this package registers them all.
+"""
+
+from . import rms_norm  # noqa: F401

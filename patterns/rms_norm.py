@@ -1,0 +1,150 @@
+"""`rms_norm`: RMSNorm in any spelling, rewritten to the fused `liger::rms_norm` kernel.
+
+The pattern is the math, `x * rsqrt(mean(x^2) + eps)`, optionally times a weight or `(weight +
+offset)` (Gemma's `1 + weight`), plus the `F.rms_norm` / `nn.RMSNorm` call.  The canonical view
+already folds `x*x` / `pow(x, 2)` / `square`, `1/sqrt` / `/ sqrt`, dims and method forms; casts
+are looked through here and judged by `_casting`, which decides whether the code is Llama-style
+(normalised value cast back before the weight), fp32-style (Gemma: weight applied in fp32), or a
+mix the kernel cannot reproduce (then: near miss).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import ligerfx.kernels.rms_norm  # noqa: F401 - defines torch.ops.liger.rms_norm
+from ligerfx.canonical import node_value
+from ligerfx.pattern import register
+from ligerfx.symbolic import is_vector_over_last_dim, known_equal
+
+
+def _normed(x, eps, dim):
+    return x * torch.rsqrt(x.pow(2).mean(dim, keepdim=True) + eps)
+
+
+def rms_norm_offset_weight(x, weight, eps, offset, dim):
+    """RMSNorm with a (weight + offset) scale, e.g. Gemma's (1 + weight)."""
+    return _normed(x, eps, dim) * (weight + offset)
+
+
+def rms_norm_weight(x, weight, eps, dim):
+    """RMSNorm: x * rsqrt(mean(x^2, -1) + eps) * weight, in any spelling."""
+    return _normed(x, eps, dim) * weight
+
+
+def rms_norm_plain(x, eps, dim):
+    return _normed(x, eps, dim)
+
+
+def rms_norm_functional(x, normalized_shape, weight, eps):
+    return F.rms_norm(x, normalized_shape, weight, eps)
+
+
+def rms_norm_functional_no_weight(x, normalized_shape, eps):
+    return F.rms_norm(x, normalized_shape, None, eps)
+
+
+def _dtype(n):
+    return getattr(node_value(n), "dtype", None)
+
+
+_CASTS = ("to", "float", "half", "bfloat16", "type", "type_as", "double", "contiguous")
+
+
+def _reaches(arg, target):
+    """`arg` is `target`, possibly behind casts."""
+    while arg is not target and getattr(arg, "op", None) == "call_method" and arg.target in _CASTS:
+        arg = arg.args[0]
+    return arg is target
+
+
+def _offset_add(match):
+    """The `weight + offset` node of an offset match."""
+    w = match["weight"]
+    return next(n for n in match.nodes_of("add") if any(_reaches(a, w) for a in n.args))
+
+
+def _side_dtypes(match):
+    """Dtypes of the normalised value and of the scale as they enter the weight multiply."""
+    top = match.tops[0]
+    a, b = top.args[0], top.args[1]
+    scale = _offset_add(match) if "offset" in match.bindings else match["weight"]
+    if _reaches(b, scale):
+        return _dtype(a), _dtype(b)
+    return _dtype(b), _dtype(a)
+
+
+def _casting(match):
+    """Choose the kernel's casting mode, or reject the match with the reason."""
+    x = match.value("x")
+    w = match.value("weight") if "weight" in match.bindings else None
+    if w is None or match.variant.fn in (rms_norm_functional,):
+        return "llama"
+    n_dt, s_dt = _side_dtypes(match)
+    prod_dt = _dtype(match.tops[0])
+    f32 = torch.float32
+    offset_add = _offset_add(match) if "offset" in match.bindings else None
+    w_dt = _dtype(offset_add) if offset_add is not None else w.dtype
+    if n_dt == x.dtype and prod_dt == torch.promote_types(x.dtype, w_dt) and s_dt == w_dt:
+        if offset_add is not None and _dtype(offset_add) != w.dtype:
+            return None
+        return "llama"
+    if n_dt == f32 and prod_dt == f32:
+        if offset_add is not None and _dtype(offset_add) != f32:
+            return None
+        return "fp32"
+    return None
+
+
+def check(match):
+    x = match.value("x")
+    if "dim" in match.bindings and match["dim"] != (-1,):
+        return f"normalises over dim {match['dim']}, not the last dim"
+    if "normalized_shape" in match.bindings:
+        ns = match["normalized_shape"]
+        if not isinstance(ns, (tuple, list)) or len(ns) != 1 or not known_equal(ns[0], x.shape[-1]):
+            return f"normalized_shape {ns} is not the last dim alone"
+    if "weight" in match.bindings and not is_vector_over_last_dim(match.value("weight"), x):
+        w = match.value("weight")
+        return (f"weight of shape {tuple(w.shape)} is not a 1-D vector over the last dim "
+                f"({x.shape[-1]})")
+    if "offset" in match.bindings and not isinstance(match["offset"], (int, float)):
+        return "the weight offset is not a constant"
+    for c in match.casts:
+        dt = _dtype(c)
+        if dt not in (torch.float32, x.dtype, match.out_dtype):
+            return f"casts to {dt} inside the norm, which the kernel does not reproduce"
+    mode = _casting(match)
+    if mode is None:
+        return ("mixes dtypes in a way the kernel does not reproduce (normalised value and "
+                "weight multiply are neither Llama-style nor all-fp32)")
+    match.params["casting_mode"] = mode
+    match.detail = f"{mode} casting" if "weight" in match.bindings else "no weight"
+    return None
+
+
+def replace(x, weight=None, eps=None, offset=0.0, *, match=None):
+    if match is not None:
+        mode, out_dtype = match.params["casting_mode"], match.out_dtype
+    else:
+        mode = "llama"
+        out_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
+    if eps is None:  # F.rms_norm's default: machine epsilon of the computation type
+        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    return torch.ops.liger.rms_norm(x, weight, eps, float(offset), mode, out_dtype)[0]
+
+
+register(
+    "rms_norm",
+    [rms_norm_offset_weight, rms_norm_weight, rms_norm_plain,
+     rms_norm_functional, rms_norm_functional_no_weight],
+    replace,
+    example_inputs={"x": torch.randn(2, 3, 8), "weight": torch.randn(8), "eps": 1e-6,
+                    "offset": 1.0, "dim": -1, "normalized_shape": (8,)},
+    constraints=check,
+    priority=10,
+    allow_casts=True,
+    description="RMSNorm (manual, F.rms_norm, nn.RMSNorm; Llama, Gemma and fp32 casting) -> liger::rms_norm",
+    builtin=True,
+)

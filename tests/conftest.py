@@ -1,0 +1,40 @@
+"""Shared test set-up.
+
+Triton decides at import time whether `@triton.jit` kernels run in its interpreter, so the whole
+session imports triton with TRITON_INTERPRET=1 (CI has no GPU).  Which path an op takes on CPU is
+decided per call (ligerfx.kernels.runtime.use_triton), so the `kernel_path` fixture switches
+between the plain torch implementation and the interpreted Triton kernels inside one session.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(params=["torch", "triton"])
+def kernel_path(request, monkeypatch):
+    """Run the test once on the torch path and once on the interpreted Triton kernels."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "triton" else "0")
+    return request.param
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "triton"
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    return "torch"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    yield
