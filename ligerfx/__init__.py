@@ -1,1 +1,14 @@
-"""ligerfx: a torch.compile backend that rewrites LLM subgraphs into fused Triton kernels."""
+"""ligerfx: a torch.compile backend that rewrites LLM subgraphs into fused Triton kernels.
+
+    model = torch.compile(model, backend="liger")          # the backend is an entry point
+    print(ligerfx.explain(model, input_ids))                # what it would rewrite, and why not
+"""
+
+from .backend import liger_backend
+from .explain import explain
+from .options import Options, OptionsError
+from .pattern import PatternError
+from .report import Report
+
+__all__ = ["liger_backend", "explain", "Options", "OptionsError", "PatternError", "Report"]
+__version__ = "0.1.0"

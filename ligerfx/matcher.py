@@ -130,6 +130,7 @@ class Match:
     pmap: dict = field(default_factory=dict)
     detail: str = ""  # constraints may note what they decided (e.g. a casting mode)
     params: dict = field(default_factory=dict)  # decisions constraints hand to the replacement
+    replacements: list = field(default_factory=list)  # the new nodes, once rewritten
 
     # -- helpers for constraints and replacements -------------------------------------------
     def __getitem__(self, name: str) -> Any:

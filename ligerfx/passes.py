@@ -82,7 +82,11 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], *, dry_run: bo
     report = Report(graphs=1)
     graph = gm.graph
     claimed: set[fx.Node] = set()
+    # The view is built once per pattern; values a rewrite replaced are looked up here so a later
+    # match binds to the new node that now computes them.
+    replaced: dict[fx.Node, fx.Node] = {}
     seen_misses: set = set()
+    position = {n: i for i, n in enumerate(graph.nodes)}
     for pattern in patterns:
         view = View(graph)
         for variant in pattern.variants:
@@ -101,20 +105,30 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], *, dry_run: bo
                         if key not in seen_misses:
                             seen_misses.add(key)
                             report.near_misses.append(
-                                NearMiss(pattern.name, locate(match.tops[0]), problem))
+                                NearMiss(pattern.name, locate(match.tops[0]), problem,
+                                         position=position.get(match.tops[0], -1)))
                         continue
                     rec = MatchRecord(pattern.name, locate(match.tops[0]),
                                       [n.name for n in match.covered],
-                                      detail=match.detail)
+                                      detail=match.detail,
+                                      position=position.get(match.tops[0], -1))
                     claimed.update(match.covered)
                     claimed.update(match.outputs)
+                    for k, v in match.bindings.items():
+                        while isinstance(v, fx.Node) and v in replaced:
+                            v = replaced[v]
+                        match.bindings[k] = v
                     if not dry_run:
                         new = rewriter.apply(match)
                         claimed.update(new)
+                        replaced.update(zip(match.outputs, match.replacements))
                     report.matches.append(rec)
                     break
         if not dry_run:
             graph.lint()
+    # Report in program order (candidates are scanned from the graph's end).
+    report.matches.sort(key=lambda m: m.position)
+    report.near_misses.sort(key=lambda m: m.position)
     if not dry_run:
         gm.recompile()
     return report

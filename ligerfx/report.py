@@ -63,6 +63,7 @@ class MatchRecord:
     nodes: list  # names of the graph nodes replaced
     graph: int = 0  # which captured graph (a model with graph breaks has several)
     detail: str = ""  # e.g. the casting mode the rewrite chose
+    position: int = field(default=-1, repr=False)  # node index in its graph, for ordering
 
     def __str__(self) -> str:
         d = f" ({self.detail})" if self.detail else ""
@@ -75,6 +76,7 @@ class NearMiss:
     location: Location
     reason: str
     graph: int = 0
+    position: int = field(default=-1, repr=False)
 
     def __str__(self) -> str:
         return f"{self.pattern} at {self.location}: not rewritten: {self.reason}"

@@ -52,11 +52,13 @@ class ValueProxy(Proxy):
         return s if d is None else s[d]
 
 
-def _fake_mode(graph: fx.Graph):
-    from torch._guards import detect_fake_mode
-
-    vals = [node_value(n) for n in graph.nodes if n.op == "placeholder"]
-    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+def _fake_mode(values) -> Any:
+    """The fake mode the example values live in (the values' own, not the ambient one)."""
+    for v in values:
+        mode = getattr(v, "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None
 
 
 def _insertion_point(match: Match) -> fx.Node | None:
@@ -91,9 +93,11 @@ def apply(match: Match) -> list[fx.Node]:
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     new_nodes = [n for n in graph.nodes if n not in before]
     _propagate_meta(graph, new_nodes, match)
+    match.replacements = []
     for old, new in zip(match.outputs, outs):
         new_node = new.node if isinstance(new, Proxy) else new
         old.replace_all_uses_with(new_node)
+        match.replacements.append(new_node)
     for n in reversed(list(graph.nodes)):
         if n in set(match.covered) and not n.users:
             graph.erase_node(n)
@@ -106,7 +110,8 @@ def can_order(match: Match) -> bool:
 
 def _propagate_meta(graph: fx.Graph, nodes: list[fx.Node], match: Match) -> None:
     src = match.tops[0]
-    mode = _fake_mode(graph)
+    bound = [node_value(b) for b in match.bindings.values() if isinstance(b, fx.Node)]
+    mode = _fake_mode(bound)
     for n in nodes:
         for k in _KEEP_META:
             if k in src.meta and k not in n.meta:
@@ -122,5 +127,6 @@ def _propagate_meta(graph: fx.Graph, nodes: list[fx.Node], match: Match) -> None
         try:
             with mode:
                 n.meta["example_value"] = n.target(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - metadata is best effort; the graph is still valid
-            pass
+        except Exception as e:  # noqa: BLE001 - metadata is best effort; the graph is still valid
+            import logging
+            logging.getLogger("ligerfx").debug("no example value for %s: %s", n, e)

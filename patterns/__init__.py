@@ -4,4 +4,5 @@ Each module registers one pattern family through `ligerfx.pattern.register`, the
 patterns take.  Importing this package registers them all.
 """
 
-from . import rms_norm  # noqa: F401
+
+from . import layer_norm, rms_norm  # noqa: F401

@@ -33,6 +33,24 @@ def rms_norm_weight(x, weight, eps, dim):
     return _normed(x, eps, dim) * weight
 
 
+def rms_norm_weight_first(x, weight, eps, dim):
+    """The weight multiplied in before the rsqrt scale (T5-style `weight * x * rstd`)."""
+    return (weight * x) * torch.rsqrt(x.pow(2).mean(dim, keepdim=True) + eps)
+
+
+def _normed_unsqueezed(x, eps, dim, udim):
+    # keepdim=False, then the reduced dim put back with unsqueeze
+    return x * torch.rsqrt(x.pow(2).mean(dim) + eps).unsqueeze(udim)
+
+
+def rms_norm_weight_unsqueeze(x, weight, eps, dim, udim):
+    return _normed_unsqueezed(x, eps, dim, udim) * weight
+
+
+def rms_norm_plain_unsqueeze(x, eps, dim, udim):
+    return _normed_unsqueezed(x, eps, dim, udim)
+
+
 def rms_norm_plain(x, eps, dim):
     return _normed(x, eps, dim)
 
@@ -81,6 +99,11 @@ def _casting(match):
     w = match.value("weight") if "weight" in match.bindings else None
     if w is None or match.variant.fn in (rms_norm_functional,):
         return "llama"
+    if match.variant.fn is rms_norm_weight_first:
+        top_dt = _dtype(match.tops[0])
+        if top_dt == torch.float32:
+            return "fp32"
+        return "llama" if x.dtype == w.dtype == top_dt else None
     n_dt, s_dt = _side_dtypes(match)
     prod_dt = _dtype(match.tops[0])
     f32 = torch.float32
@@ -101,6 +124,8 @@ def check(match):
     x = match.value("x")
     if "dim" in match.bindings and match["dim"] != (-1,):
         return f"normalises over dim {match['dim']}, not the last dim"
+    if "udim" in match.bindings and match["udim"] != -1:
+        return f"the statistic is unsqueezed at dim {match['udim']}, not the last dim"
     if "normalized_shape" in match.bindings:
         ns = match["normalized_shape"]
         if not isinstance(ns, (tuple, list)) or len(ns) != 1 or not known_equal(ns[0], x.shape[-1]):
@@ -137,11 +162,12 @@ def replace(x, weight=None, eps=None, offset=0.0, *, match=None):
 
 register(
     "rms_norm",
-    [rms_norm_offset_weight, rms_norm_weight, rms_norm_plain,
+    [rms_norm_offset_weight, rms_norm_weight, rms_norm_weight_first, rms_norm_weight_unsqueeze,
+     rms_norm_plain, rms_norm_plain_unsqueeze,
      rms_norm_functional, rms_norm_functional_no_weight],
     replace,
     example_inputs={"x": torch.randn(2, 3, 8), "weight": torch.randn(8), "eps": 1e-6,
-                    "offset": 1.0, "dim": -1, "normalized_shape": (8,)},
+                    "offset": 1.0, "dim": -1, "udim": -1, "normalized_shape": (8,)},
     constraints=check,
     priority=10,
     allow_casts=True,
