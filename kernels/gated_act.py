@@ -1,0 +1,257 @@
+"""Gated activations of a gated MLP (SwiGLU, GeGLU): `liger::gated_act`, y = act(gate) * up.
+
+activation is "silu", "gelu" (exact, erf) or "gelu_tanh" (tanh approximation).  gate and up may be
+strided views, e.g. the two halves of one fused projection (`proj.chunk(2, -1)`): rows are read
+through their row stride, so no copy is made as long as the last dim is contiguous.
+
+Roundings mirror eager `act(gate) * up` in bf16/fp16: act is computed in fp32 and rounded to the
+input dtype, then multiplied by up in fp32 and rounded again.  The backward recomputes act(gate)
+from gate (only gate and up are saved), which is where the memory saving over eager comes from:
+eager keeps act(gate) alive for the multiply's backward.
+
+Kernel layout: 2-D grid (row, column block), a pure streaming elementwise kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ligerfx.kernels.runtime import next_pow2, use_triton
+
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+_MAX_BLOCK = 2048
+
+_SQRT1_2 = 0.7071067811865476  # 1/sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi)
+_SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2/pi)
+_GELU_C = 0.044715
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """fp32 -> dtype with round-to-nearest-even.
+
+    bf16 is rounded by hand: Triton's interpreter truncates fp32 -> bf16, and the tests compare
+    bit-for-bit with eager; on GPU this is the same RNE the hardware cast does (a few int ops).
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return ((bits >> 16) << 16).to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    if ACT == 0:
+        return g / (1.0 + tl.exp(-g))
+    elif ACT == 1:
+        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        # 0.5 * (1 + tanh(z)) == sigmoid(2z): no cancellation in the negative tail.
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return g / (1.0 + tl.exp(-2.0 * z))
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    """act(g) and act'(g) in fp32."""
+    if ACT == 0:
+        s = 1.0 / (1.0 + tl.exp(-g))
+        return g * s, s * (1.0 + g * (1.0 - s))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        pdf = 0.3989422804014327 * tl.exp(-0.5 * g * g)
+        return g * cdf, cdf + g * pdf
+    else:
+        # With s = sigmoid(2z) = (1 + tanh z) / 2:  act = g s,  act' = s + 2 g s (1 - s) z'.
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        s = 1.0 / (1.0 + tl.exp(-2.0 * z))
+        dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+        return g * s, s + 2.0 * g * s * (1.0 - s) * dz
+
+
+@triton.jit
+def _gated_fwd_kernel(g_ptr, u_ptr, y_ptr, g_stride, u_stride, y_stride, N,
+                      ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    # Round act(g) to the input dtype before the multiply, as eager does.
+    a = _cast(_act(g, ACT), g_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + row * y_stride + cols, _cast(a * u, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr,
+                      dy_stride, g_stride, u_stride, dg_stride, du_stride, N,
+                      ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    dy = tl.load(dy_ptr + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act_and_grad(g, ACT)
+    # dup uses the rounded act(g) the forward multiplied by.
+    a = _cast(a, g_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(du_ptr + row * du_stride + cols, _cast(dy * a, du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + row * dg_stride + cols, _cast(dy * u * da, dg_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, n] with unit column stride, as a view whenever possible."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _grid_and_meta(rows: int, n: int):
+    block = min(next_pow2(n), _MAX_BLOCK)
+    return (rows, triton.cdiv(n, block)), dict(BLOCK=block, num_warps=8 if block >= 2048 else 4 if block >= 512 else 2)
+
+
+def _activation_code(activation: str) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"gated_act: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def launch_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, activation: str) -> None:
+    """Write act(gate) * up into out (same shape; out must be contiguous)."""
+    g2, u2, y2 = _rows(gate), _rows(up), out.view(-1, out.shape[-1])
+    rows, n = g2.shape
+    if rows == 0 or n == 0:
+        return
+    grid, meta = _grid_and_meta(rows, n)
+    _gated_fwd_kernel[grid](g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0), n,
+                            ACT=_activation_code(activation), **meta)
+
+
+def launch_backward(dy, gate, up, dgate, dup, activation: str) -> None:
+    """Write the gradients of act(gate) * up into dgate, dup (contiguous, gate's shape)."""
+    d2, g2, u2 = _rows(dy), _rows(gate), _rows(up)
+    dg2, du2 = dgate.view(-1, dgate.shape[-1]), dup.view(-1, dup.shape[-1])
+    rows, n = g2.shape
+    if rows == 0 or n == 0:
+        return
+    grid, meta = _grid_and_meta(rows, n)
+    _gated_bwd_kernel[grid](d2, g2, u2, dg2, du2,
+                            d2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), n,
+                            ACT=_activation_code(activation), **meta)
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+
+def _act_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(g)
+    return F.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _act_grad_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        s = torch.sigmoid(g)
+        return s * (1 + g * (1 - s))
+    if activation == "gelu":
+        return 0.5 * (1 + torch.erf(g * _SQRT1_2)) + g * _INV_SQRT_2PI * torch.exp(-0.5 * g * g)
+    th = torch.tanh(_SQRT_2_OVER_PI * (g + _GELU_C * g ** 3))
+    return 0.5 * (1 + th) + 0.5 * g * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_C * g * g)
+
+
+def gated_act_reference(gate, up, activation: str) -> torch.Tensor:
+    cdt = torch.promote_types(gate.dtype, torch.float32)
+    a = _act_torch(gate.to(cdt), activation).to(gate.dtype).to(cdt)
+    return (a * up.to(cdt)).to(gate.dtype).contiguous()
+
+
+def gated_act_backward_reference(dy, gate, up, activation: str):
+    cdt = torch.promote_types(gate.dtype, torch.float32)
+    g, u, d = gate.to(cdt), up.to(cdt), dy.to(cdt)
+    a = _act_torch(g, activation).to(gate.dtype).to(cdt)
+    dgate = (d * u * _act_grad_torch(g, activation)).to(gate.dtype).contiguous()
+    dup = (d * a).to(up.dtype).contiguous()
+    return dgate, dup
+
+
+# ----------------------------------------------------------------------------- torch ops
+
+
+def _check(gate, up, activation):
+    _activation_code(activation)
+    torch._check(gate.dim() >= 1, lambda: "gated_act: gate must have at least one dim")
+    torch._check(gate.shape == up.shape, lambda: f"gated_act: gate {gate.shape} and up {up.shape} differ")
+    torch._check(gate.dtype == up.dtype, lambda: "gated_act: gate and up dtypes differ")
+
+
+@torch.library.custom_op("liger::gated_act", mutates_args=())
+def gated_act_op(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    _check(gate, up, activation)
+    if use_triton(gate, up):
+        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        launch_forward(gate, up, out, activation)
+        return out
+    return gated_act_reference(gate, up, activation)
+
+
+@gated_act_op.register_fake
+def _(gate, up, activation):
+    _check(gate, up, activation)
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("liger::gated_act_backward", mutates_args=())
+def gated_act_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                          activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(gate, up, activation)
+    if use_triton(dy, gate, up):
+        dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+        launch_backward(dy, gate, up, dgate, dup, activation)
+        return dgate, dup
+    return gated_act_backward_reference(dy, gate, up, activation)
+
+
+@gated_act_backward_op.register_fake
+def _(dy, gate, up, activation):
+    _check(gate, up, activation)
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    gate, up, activation = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.activation = activation
+
+
+def _backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    dgate, dup = torch.ops.liger.gated_act_backward(dy, gate, up, ctx.activation)
+    return dgate, dup, None
+
+
+gated_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    return torch.ops.liger.gated_act(gate, up, activation)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up."""
+    return torch.ops.liger.gated_act(gate, up, "silu")
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """gelu(gate, approximate) * up, approximate in {"none", "tanh"} as in F.gelu."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"geglu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return torch.ops.liger.gated_act(gate, up, "gelu" if approximate == "none" else "gelu_tanh")

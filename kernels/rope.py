@@ -1,0 +1,301 @@
+"""Rotary position embeddings (RoPE) for q and k in one kernel launch: `liger::rope`.
+
+Two conventions, both with partial rotary (channels past rotary_dim pass through):
+  * rotate_half (Hugging Face / GPT-NeoX), cos/sin last dim = rotary_dim r:
+        out[..., :r] = x[..., :r] * cos + rotate_half(x[..., :r]) * sin,
+        rotate_half(y) = cat(-y[..., r/2:], y[..., :r/2])
+  * interleaved (original Llama / torchtitan complex form), cos/sin last dim = r/2:
+        out[2i] = x[2i] c_i - x[2i+1] s_i,   out[2i+1] = x[2i] s_i + x[2i+1] c_i
+
+q/k are 4-D, [b, h, t, d] (seq_dim=2) or [b, t, h, d] (seq_dim=1); k may have fewer heads (GQA).
+cos/sin are [t, r'], [1, t, r'] or [b, t, r'], fp32 or the activation dtype.  The backward is the
+exact transpose of the forward map (it does not assume the two cos halves are equal), so random
+cos/sin tables give correct gradients too.  cos/sin get no gradient: the autograd formula raises
+if either requires grad, rather than silently dropping it.
+
+Kernel layout: one program per (token, block of heads); the grid's second axis enumerates q's head
+blocks then k's, so q and k are rotated in the same launch and each program loads its token's
+cos/sin row once for all heads in its block.  Strides are passed explicitly, so transposed views
+(HF's `q.view(b, t, h, d).transpose(1, 2)`) and slices of a fused qkv projection need no copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ligerfx.kernels.runtime import next_pow2, use_triton
+
+# Elements (heads x rotary lanes) one program handles; more heads are split over the grid.
+_MAX_TILE = 2048
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """fp32 -> dtype, round-to-nearest-even (by hand for bf16: Triton's interpreter truncates)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return ((bits >> 16) << 16).to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _rope_heads(
+    x_ptr, o_ptr,
+    x_sb, x_sh, x_st, x_sd,
+    o_sb, o_sh, o_st, o_sd,
+    bi, ti, h0, n_heads,
+    c_a, c_b, s_a, s_b,
+    HALF: tl.constexpr, D: tl.constexpr,
+    BH: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    """Rotate heads [h0, h0 + BH) of one token of x into o.
+
+    c_a/c_b (s_a/s_b) are the cos (sin) values for the two members of each rotated pair, shape
+    [BLOCK_HALF], already fp32: the two halves for rotate_half, the same row twice for interleaved.
+    """
+    offs_h = h0 + tl.arange(0, BH)
+    hmask = offs_h < n_heads
+    # int64 head offsets: heads * head stride can pass 2**31 for long sequences in [b, h, t, d].
+    h64 = offs_h.to(tl.int64)[:, None]
+    x_row = x_ptr + (bi * x_sb + ti * x_st) + h64 * x_sh
+    o_row = o_ptr + (bi * o_sb + ti * o_st) + h64 * o_sh
+    offs_c = tl.arange(0, BLOCK_HALF)
+    mask = hmask[:, None] & (offs_c < HALF)[None, :]
+
+    if INTERLEAVED:
+        # Load the whole rotary span contiguously, then de-interleave in registers.
+        offs_r = tl.arange(0, 2 * BLOCK_HALF)
+        rmask = hmask[:, None] & (offs_r < 2 * HALF)[None, :]
+        x = tl.load(x_row + offs_r[None, :] * x_sd, mask=rmask, other=0.0).to(tl.float32)
+        xa, xb = tl.split(tl.reshape(x, (BH, BLOCK_HALF, 2)))
+    else:
+        xa = tl.load(x_row + offs_c[None, :] * x_sd, mask=mask, other=0.0).to(tl.float32)
+        xb = tl.load(x_row + (offs_c + HALF)[None, :] * x_sd, mask=mask, other=0.0).to(tl.float32)
+
+    c_a = c_a[None, :]
+    c_b = c_b[None, :]
+    s_a = s_a[None, :]
+    s_b = s_b[None, :]
+    if BACKWARD:
+        # Transpose of [[C_a, -S_a], [S_b, C_b]].
+        oa = xa * c_a + xb * s_b
+        ob = xb * c_b - xa * s_a
+    else:
+        oa = xa * c_a - xb * s_a
+        ob = xb * c_b + xa * s_b
+
+    if INTERLEAVED:
+        o = tl.reshape(tl.join(oa, ob), (BH, 2 * BLOCK_HALF))
+        tl.store(o_row + offs_r[None, :] * o_sd, _cast(o, o_ptr.dtype.element_ty), mask=rmask)
+    else:
+        tl.store(o_row + offs_c[None, :] * o_sd, _cast(oa, o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_row + (offs_c + HALF)[None, :] * o_sd, _cast(ob, o_ptr.dtype.element_ty), mask=mask)
+
+    if BLOCK_PASS > 0:
+        # Partial rotary: channels [2*HALF, D) are copied unchanged.
+        offs_p = 2 * HALF + tl.arange(0, BLOCK_PASS)
+        pmask = hmask[:, None] & (offs_p < D)[None, :]
+        p = tl.load(x_row + offs_p[None, :] * x_sd, mask=pmask, other=0.0)
+        tl.store(o_row + offs_p[None, :] * o_sd, p.to(o_ptr.dtype.element_ty), mask=pmask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
+    q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd,
+    qo_sb, qo_sh, qo_st, qo_sd, ko_sb, ko_sh, ko_st, ko_sd,
+    c_sb, c_st, c_sr, s_sb, s_st, s_sr,
+    T, HQ, HK,
+    HALF: tl.constexpr, D: tl.constexpr,
+    BHQ: tl.constexpr, BHK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    bi = tok // T
+    ti = tok % T
+
+    # cos/sin row of this token, once for every head of the block.
+    offs_c = tl.arange(0, BLOCK_HALF)
+    cmask = offs_c < HALF
+    c_row = cos_ptr + bi * c_sb + ti * c_st
+    s_row = sin_ptr + bi * s_sb + ti * s_st
+    c_a = tl.load(c_row + offs_c * c_sr, mask=cmask, other=0.0).to(tl.float32)
+    s_a = tl.load(s_row + offs_c * s_sr, mask=cmask, other=0.0).to(tl.float32)
+    if INTERLEAVED:
+        c_b = c_a
+        s_b = s_a
+    else:
+        c_b = tl.load(c_row + (offs_c + HALF) * c_sr, mask=cmask, other=0.0).to(tl.float32)
+        s_b = tl.load(s_row + (offs_c + HALF) * s_sr, mask=cmask, other=0.0).to(tl.float32)
+
+    n_qblk = tl.cdiv(HQ, BHQ)
+    if blk < n_qblk:
+        _rope_heads(q_ptr, qo_ptr, q_sb, q_sh, q_st, q_sd, qo_sb, qo_sh, qo_st, qo_sd,
+                    bi, ti, blk * BHQ, HQ, c_a, c_b, s_a, s_b,
+                    HALF, D, BHQ, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, BACKWARD)
+    else:
+        _rope_heads(k_ptr, ko_ptr, k_sb, k_sh, k_st, k_sd, ko_sb, ko_sh, ko_st, ko_sd,
+                    bi, ti, (blk - n_qblk) * BHK, HK, c_a, c_b, s_a, s_b,
+                    HALF, D, BHK, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, BACKWARD)
+
+
+def _bhtd_strides(x: torch.Tensor, seq_dim: int) -> tuple[int, int, int, int]:
+    s = x.stride()
+    return (s[0], s[1], s[2], s[3]) if seq_dim == 2 else (s[0], s[2], s[1], s[3])
+
+
+def _cos_strides(c: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, seq, channel) strides; batch stride 0 broadcasts one table over the batch."""
+    if c.dim() == 2:
+        return 0, c.stride(0), c.stride(1)
+    return (0 if c.shape[0] == 1 else c.stride(0)), c.stride(1), c.stride(2)
+
+
+def _check(q, k, cos, sin, seq_dim, interleaved) -> int:
+    """Validate shapes; return rotary_dim."""
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "rope: q and k must be 4-D")
+    torch._check(seq_dim in (1, 2), lambda: f"rope: seq_dim must be 1 or 2, got {seq_dim}")
+    head_dim = 3 - seq_dim  # the heads axis is the other one of (1, 2)
+    for i in range(4):
+        if i != head_dim:
+            torch._check(k.shape[i] == q.shape[i], lambda: "rope: q and k differ outside the heads axis")
+    torch._check(cos.shape == sin.shape, lambda: "rope: cos and sin shapes differ")
+    torch._check(cos.dim() in (2, 3), lambda: "rope: cos/sin must be [t, r] or [b, t, r]")
+    t, d = q.shape[seq_dim], q.shape[3]
+    torch._check(cos.shape[-2] == t, lambda: "rope: cos/sin seq length differs from q's")
+    if cos.dim() == 3:
+        torch._check(cos.shape[0] == 1 or cos.shape[0] == q.shape[0],
+                     lambda: "rope: cos/sin batch must be 1 or q's batch")
+    rot = cos.shape[-1] * (2 if interleaved else 1)
+    torch._check(rot % 2 == 0 and 0 < rot <= d, lambda: f"rope: bad rotary_dim {rot} for head_dim {d}")
+    return rot
+
+
+def _launch(q, k, cos, sin, q_out, k_out, seq_dim: int, interleaved: bool, backward: bool) -> None:
+    """Launch the kernel: rotate q into q_out and k into k_out (forward, or transpose if backward)."""
+    b, t, d = q.shape[0], q.shape[seq_dim], q.shape[3]
+    hq, hk = q.shape[3 - seq_dim], k.shape[3 - seq_dim]
+    rot = cos.shape[-1] * (2 if interleaved else 1)
+    half = rot // 2
+    if b * t == 0 or hq + hk == 0 or d == 0:
+        return
+    block_half = next_pow2(half)
+    block_pass = next_pow2(d - rot) if d > rot else 0
+    cap = max(1, _MAX_TILE // (2 * block_half))
+    bhq, bhk = min(next_pow2(max(hq, 1)), cap), min(next_pow2(max(hk, 1)), cap)
+    grid = (b * t, triton.cdiv(hq, bhq) + triton.cdiv(hk, bhk))
+    tile = max(bhq, bhk) * 2 * block_half
+    _rope_kernel[grid](
+        q, k, q_out, k_out, cos, sin,
+        *_bhtd_strides(q, seq_dim), *_bhtd_strides(k, seq_dim),
+        *_bhtd_strides(q_out, seq_dim), *_bhtd_strides(k_out, seq_dim),
+        *_cos_strides(cos), *_cos_strides(sin),
+        t, hq, hk,
+        HALF=half, D=d, BHQ=bhq, BHK=bhk, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
+        INTERLEAVED=interleaved, BACKWARD=backward,
+        num_warps=8 if tile >= 4096 else 4 if tile >= 512 else 2,
+    )
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+
+def _table(c: torch.Tensor, x: torch.Tensor, seq_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """cos/sin as a tensor broadcastable against x[..., :r'] in x's layout."""
+    c = c.to(dtype)
+    if c.dim() == 2:
+        c = c.unsqueeze(0)
+    return c.unsqueeze(1) if seq_dim == 2 else c.unsqueeze(2)
+
+
+def rope_reference(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool = False) -> torch.Tensor:
+    """Rotate one tensor in fp32 (or wider); `backward` applies the transpose map."""
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    rot = cos.shape[-1] * (2 if interleaved else 1)
+    xr = x[..., :rot].to(cdt)
+    c, s = _table(cos, x, seq_dim, cdt), _table(sin, x, seq_dim, cdt)
+    if interleaved:
+        xa, xb = xr[..., 0::2], xr[..., 1::2]
+        sa, sb = s, s
+        ca, cb = c, c
+    else:
+        half = rot // 2
+        xa, xb = xr[..., :half], xr[..., half:]
+        ca, cb, sa, sb = c[..., :half], c[..., half:], s[..., :half], s[..., half:]
+    if backward:
+        oa, ob = xa * ca + xb * sb, xb * cb - xa * sa
+    else:
+        oa, ob = xa * ca - xb * sa, xb * cb + xa * sb
+    o = torch.stack((oa, ob), dim=-1).flatten(-2) if interleaved else torch.cat((oa, ob), dim=-1)
+    out = torch.empty_like(x)  # same strides as the fake impl promises
+    out[..., :rot] = o
+    out[..., rot:] = x[..., rot:]
+    return out
+
+
+def _rope_impl(q, k, cos, sin, seq_dim, interleaved, backward):
+    _check(q, k, cos, sin, seq_dim, interleaved)
+    if use_triton(q, k, cos, sin):
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        _launch(q, k, cos, sin, q_out, k_out, seq_dim, interleaved, backward)
+        return q_out, k_out
+    return (rope_reference(q, cos, sin, seq_dim, interleaved, backward),
+            rope_reference(k, cos, sin, seq_dim, interleaved, backward))
+
+
+# ----------------------------------------------------------------------------- torch ops
+
+
+@torch.library.custom_op("liger::rope", mutates_args=())
+def rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            seq_dim: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_impl(q, k, cos, sin, seq_dim, interleaved, backward=False)
+
+
+@rope_op.register_fake
+def _(q, k, cos, sin, seq_dim, interleaved):
+    _check(q, k, cos, sin, seq_dim, interleaved)
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.custom_op("liger::rope_backward", mutates_args=())
+def rope_backward_op(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     seq_dim: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_impl(dq_out, dk_out, cos, sin, seq_dim, interleaved, backward=True)
+
+
+@rope_backward_op.register_fake
+def _(dq_out, dk_out, cos, sin, seq_dim, interleaved):
+    _check(dq_out, dk_out, cos, sin, seq_dim, interleaved)
+    return torch.empty_like(dq_out), torch.empty_like(dk_out)
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, cos, sin, seq_dim, interleaved = inputs
+    if cos.requires_grad or sin.requires_grad:
+        raise RuntimeError(
+            "liger::rope does not compute gradients for cos/sin; detach them "
+            "(they are normally derived from a frozen inv_freq buffer)")
+    ctx.save_for_backward(cos, sin)
+    ctx.seq_dim, ctx.interleaved = seq_dim, interleaved
+
+
+def _backward(ctx, dq_out, dk_out):
+    cos, sin = ctx.saved_tensors
+    dq, dk = torch.ops.liger.rope_backward(dq_out, dk_out, cos, sin, ctx.seq_dim, ctx.interleaved)
+    return dq, dk, None, None, None, None
+
+
+rope_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         seq_dim: int = 2, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply rotary embeddings to q and k (see the module docstring); returns (q_out, k_out)."""
+    return torch.ops.liger.rope(q, k, cos, sin, seq_dim, interleaved)
