@@ -91,3 +91,27 @@ def test_bf16_llama_and_gemma_casting(dtype, kernel_path):
         compiled = torch.compile(model, backend="liger", options={"inner": "aot_eager", "patterns": ["rms_norm"]})
         out = call(compiled, inputs).logits.float()
         assert (out - ref).abs().max() / ref.abs().max() < 2e-2
+
+
+def test_interpreter_path_launches_the_triton_kernels(triton_path, monkeypatch):
+    # Guards the kernel_path tests above: under TRITON_INTERPRET=1 the compiled model must really
+    # run the Triton launchers, forward and backward, for both norm families.
+    import ligerfx.kernels.layer_norm as ln
+    import ligerfx.kernels.rms_norm as rms
+
+    calls = []
+    for mod, names in ((rms, ("rms_norm_forward_triton", "rms_norm_backward_triton")),
+                       (ln, ("layer_norm_forward_triton", "layer_norm_backward_triton"))):
+        for fn_name in names:
+            orig = getattr(mod, fn_name)
+
+            def spy(*a, _orig=orig, _name=fn_name, **k):
+                calls.append(_name)
+                return _orig(*a, **k)
+
+            monkeypatch.setattr(mod, fn_name, spy)
+    for name in ("rms_pow", "ln_nn_module"):
+        model, args, _ = HANDWRITTEN[name]()
+        compare_training_step(model, args, options={"patterns": list(NORMS)})
+    assert {"rms_norm_forward_triton", "rms_norm_backward_triton", "layer_norm_forward_triton",
+            "layer_norm_backward_triton"} <= set(calls)
