@@ -9,7 +9,6 @@ reason.  Nodes claimed by one rewrite are never matched again in the same round.
 
 from __future__ import annotations
 
-import logging
 from typing import Iterable
 
 import torch
@@ -21,7 +20,6 @@ from .matcher import Match, match_at
 from .pattern import REGISTRY, Pattern
 from .report import MatchRecord, NearMiss, Report, locate
 
-log = logging.getLogger("ligerfx")
 
 
 class Reject(Exception):
@@ -77,8 +75,8 @@ def _candidates(view: View, pattern: Pattern, variant) -> list:
             if len({id(c) for c in combo}) == len(combo)]
 
 
-def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], *, dry_run: bool = False) -> Report:
-    """Rewrite `gm` in place (unless dry_run) and return the report for this graph."""
+def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern]) -> Report:
+    """Rewrite `gm` in place and return the report for this graph."""
     report = Report(graphs=1)
     graph = gm.graph
     claimed: set[fx.Node] = set()
@@ -118,19 +116,16 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], *, dry_run: bo
                         while isinstance(v, fx.Node) and v in replaced:
                             v = replaced[v]
                         match.bindings[k] = v
-                    if not dry_run:
-                        new = rewriter.apply(match)
-                        claimed.update(new)
-                        replaced.update(zip(match.outputs, match.replacements))
+                    new = rewriter.apply(match)
+                    claimed.update(new)
+                    replaced.update(zip(match.outputs, match.replacements))
                     report.matches.append(rec)
                     break
-        if not dry_run:
-            graph.lint()
+        graph.lint()
     # Report in program order (candidates are scanned from the graph's end).
     report.matches.sort(key=lambda m: m.position)
     report.near_misses.sort(key=lambda m: m.position)
-    if not dry_run:
-        gm.recompile()
+    gm.recompile()
     return report
 
 
