@@ -118,7 +118,7 @@ def _ln_bwd_row_stats_kernel(
         if HAS_W:
             g = g * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
         acc1 += g
-        acc2 += tl.where(cmask, g * (x - mean) * rstd, 0.0)
+        acc2 += g * (x - mean) * rstd  # g is 0 past the row's end
     tl.store(C1 + row, tl.sum(acc1, axis=0) / D)
     tl.store(C2 + row, tl.sum(acc2, axis=0) / D)
 
@@ -147,7 +147,7 @@ def _ln_bwd_kernel(
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        xhat = (x - mean[:, None]) * rstd[:, None]  # only ever multiplied by dy, 0 where masked
         if HAS_W:
             g = dy * w
         else:
@@ -245,7 +245,7 @@ def layer_norm_backward_triton(dy, x, weight, bias, mean, rstd, weight_grad, bia
     _ln_bwd_kernel[(n_chunks, n_col_blocks)](
         dy2, x2, w, mean1, rstd1, c1, c2, dx2, dw_part, db_part, n_rows, D, dy2.stride(0), x2.stride(0),
         dx2.stride(0), per_prog, HAS_W=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-        LOAD_C=wide, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_r * block_d),
+        LOAD_C=wide, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(2 * block_r * block_d),
     )
     dweight = dw_part.sum(0).to(weight.dtype) if compute_dw else None
     dbias = db_part.sum(0).to(bias.dtype) if compute_db else None

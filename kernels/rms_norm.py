@@ -208,6 +208,7 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 
 
 def _num_warps(tile_elems: int) -> int:
+    # ~16 fp32 values per thread (backward kernels pass twice their tile: they hold twice the arrays)
     return max(4, min(16, tile_elems // 512))
 
 
@@ -301,7 +302,7 @@ def rms_norm_backward_triton(dy, x, weight, rstd, offset, casting_mode, weight_g
     _rms_bwd_kernel[(n_chunks, n_col_blocks)](
         dy2, x2, w, rstd1, c, dx2, dw_part, n_rows, D, dy2.stride(0), x2.stride(0), dx2.stride(0),
         per_prog, offset, **flags, COMPUTE_DW=compute_dw, LOAD_C=D > MAX_FUSED_D,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_r * block_d),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(2 * block_r * block_d),
     )
     dweight = dw_part.sum(0).to(weight.dtype) if compute_dw else None
     return dx, dweight

@@ -1,0 +1,186 @@
+"""Benchmark RMSNorm and LayerNorm: eager, torch.compile (inductor), liger:: ops, Liger-Kernel.
+
+For hidden sizes 1024..16384 (4096 rows, bf16), each variant's forward and forward+backward time,
+their peak memory, and the achieved bandwidth from the bytes the op must move (one count for every
+variant, so GB/s compare like for like), next to the device's measured copy bandwidth.
+
+    python benchmarks/bench_norms.py            # CUDA; on a CPU-only machine it says so and exits 0
+    python benchmarks/bench_norms.py --smoke    # tiny sizes on CPU (Triton interpreter): proves it runs
+
+Records go to <out>/bench_norms.json: a list of
+{benchmark, variant, shape, metric, value, unit, device, torch, triton, ...}.
+"""
+
+import argparse
+import os
+import sys
+
+if "--smoke" in sys.argv[1:]:
+    # Smoke runs the kernels in Triton's interpreter on CPU; triton reads this when first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from ligerfx.kernels.layer_norm import layer_norm  # noqa: E402
+from ligerfx.kernels.rms_norm import rms_norm  # noqa: E402
+
+HIDDEN_SIZES = (1024, 2048, 4096, 8192, 16384)
+ROWS = 4096
+EPS = 1e-6
+
+
+class HFLlamaRMSNorm(nn.Module):
+    """The eager Llama RMSNorm as HF transformers writes it (fp32 statistics, cast, then weight)."""
+
+    def __init__(self, hidden, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class LigerFxRMSNorm(HFLlamaRMSNorm):
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.variance_epsilon, casting_mode="llama")
+
+
+class LigerFxLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def liger_kernel_modules():
+    try:
+        from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
+    except Exception:
+        return None
+    return LigerRMSNorm, LigerLayerNorm
+
+
+def variants(op: str, device, with_compile: bool) -> dict:
+    """name -> factory(hidden) returning a module (weights set later, identically for all)."""
+    if op == "rms_norm":
+        out = {"eager": lambda h: HFLlamaRMSNorm(h, EPS), "ligerfx": lambda h: LigerFxRMSNorm(h, EPS)}
+        if with_compile:
+            out["torch_compile"] = lambda h: torch.compile(HFLlamaRMSNorm(h, EPS))
+    else:
+        out = {"eager": lambda h: nn.LayerNorm(h, eps=EPS), "ligerfx": lambda h: LigerFxLayerNorm(h, eps=EPS)}
+        if with_compile:
+            out["torch_compile"] = lambda h: torch.compile(nn.LayerNorm(h, eps=EPS))
+    liger = liger_kernel_modules() if device.type == "cuda" else None
+    if liger is not None:
+        rms_cls, ln_cls = liger
+        out["liger_kernel"] = (lambda h: rms_cls(h, eps=EPS)) if op == "rms_norm" else (lambda h: ln_cls(h, eps=EPS))
+    return out
+
+
+def bytes_moved(op: str, rows: int, hidden: int, elem: int, p_elem: int) -> tuple[int, int]:
+    """Bytes an ideal kernel reads+writes: forward (x, params -> y) and forward+backward
+    (plus dy, x, params -> dx, param grads).  Saved per-row statistics are negligible and left out."""
+    n_params = 1 if op == "rms_norm" else 2
+    act = rows * hidden * elem
+    fwd = 2 * act + n_params * hidden * p_elem
+    bwd = 3 * act + 2 * n_params * hidden * p_elem
+    return fwd, fwd + bwd
+
+
+def bench_case(op, rows, hidden, device, dtype, factories, args, env, records):
+    shape = (rows, hidden)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    dy = torch.randn_like(x)
+    gen = torch.Generator().manual_seed(0)
+    weight = (1.0 + 0.1 * torch.randn(hidden, generator=gen)).to(device, dtype)
+    bias = (0.1 * torch.randn(hidden, generator=gen)).to(device, dtype)
+    y_eager = None
+    for name, make in factories.items():
+        m = make(hidden).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            for pname, p in m.named_parameters():
+                p.copy_(weight if pname.endswith("weight") else bias)
+        params = list(m.parameters())
+        xg = x.detach().clone().requires_grad_()
+        dy_v = dy.clone()  # Liger-Kernel's in-place backward overwrites dy
+
+        def fwd():
+            return m(xg)
+
+        def fwd_bwd():
+            return torch.autograd.grad(m(xg), [xg, *params], dy_v)
+
+        fwd_bwd()  # compiles / autotunes outside the timed region
+        y = fwd().detach().float()
+        if y_eager is None:
+            y_eager = y
+        max_diff = (y - y_eager).abs().max().item()
+        t_f = common.time_ms(fwd, device, args.warmup, args.reps)
+        t_fb = common.time_ms(fwd_bwd, device, args.warmup, args.reps)
+        mem_f = common.peak_memory_mb(fwd, device)
+        mem_fb = common.peak_memory_mb(fwd_bwd, device)
+        b_f, b_fb = bytes_moved(op, rows, hidden, x.element_size(), params[0].element_size())
+        results = [
+            ("fwd_time", t_f, "ms"), ("fwd_bwd_time", t_fb, "ms"),
+            ("fwd_bandwidth", common.gbps(b_f, t_f), "GB/s"), ("fwd_bwd_bandwidth", common.gbps(b_fb, t_fb), "GB/s"),
+            ("fwd_peak_memory", mem_f, "MiB"), ("fwd_bwd_peak_memory", mem_fb, "MiB"),
+            ("max_abs_diff_vs_eager", max_diff, "abs"),
+        ]
+        for metric, value, unit in results:
+            if value is not None:
+                records.append(common.record(op, name, shape, metric, value, unit, env))
+        mem = f"{mem_fb:9.1f}" if mem_fb is not None else "      n/a"
+        print(f"{op:10s} {hidden:6d} {name:14s} {t_f:9.4f} {t_fb:9.4f} {common.gbps(b_f, t_f):9.1f} "
+              f"{common.gbps(b_fb, t_fb):9.1f} {mem} {max_diff:9.2e}")
+        del m, xg
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(parser)
+    parser.add_argument("--ops", default="rms_norm,layer_norm", help="comma-separated: rms_norm,layer_norm")
+    parser.add_argument("--sizes", default=None, help="comma-separated hidden sizes")
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    args = parser.parse_args(argv)
+
+    device = common.pick_device(args.smoke, "bench_norms")
+    if device is None:
+        return 0
+    if args.smoke:
+        sizes, rows, dtype = (64, 200), 16, torch.bfloat16
+        args.warmup, args.reps = 1, 3
+    else:
+        sizes, rows, dtype = HIDDEN_SIZES, ROWS, torch.bfloat16
+    if args.sizes:
+        sizes = tuple(int(s) for s in args.sizes.split(","))
+    rows = args.rows or rows
+    common.raise_recompile_limit()
+    torch.manual_seed(0)
+    env = common.environment(device)
+    records = []
+    copy_bw = common.copy_bandwidth_gbps(device, nbytes=(1 << 30) if device.type == "cuda" else (64 << 20))
+    records.append(common.record("device", "copy", None, "copy_bandwidth", copy_bw, "GB/s", env))
+    print(f"{env['device']}: torch {env['torch']}, triton {env['triton']}; y.copy_(x) bandwidth {copy_bw:.1f} GB/s")
+    if device.type == "cuda" and liger_kernel_modules() is None:
+        print("liger_kernel not importable: its variants are skipped")
+    print(f"{'op':10s} {'hidden':>6s} {'variant':14s} {'fwd ms':>9s} {'f+b ms':>9s} {'fwd GB/s':>9s} "
+          f"{'f+b GB/s':>9s} {'f+b MiB':>9s} {'|y-eager|':>9s}")
+    for op in args.ops.split(","):
+        factories = variants(op, device, with_compile=not args.no_compile)
+        for hidden in sizes:
+            bench_case(op, rows, hidden, device, dtype, factories, args, env, records)
+    path = common.write_records(records, args.out, "bench_norms")
+    print(f"{len(records)} records -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
