@@ -2,13 +2,16 @@
 
     model = torch.compile(model, backend="liger")          # the backend is an entry point
     print(ligerfx.explain(model, input_ids))                # what it would rewrite, and why not
+    ligerfx.register_pattern("my_op", pattern_fn, replacement_fn, example_inputs)  # your own
 """
 
+from .api import register_pattern
 from .backend import liger_backend
 from .explain import explain
 from .options import Options, OptionsError
 from .pattern import PatternError
 from .report import Report
 
-__all__ = ["liger_backend", "explain", "Options", "OptionsError", "PatternError", "Report"]
+__all__ = ["liger_backend", "explain", "Options", "OptionsError", "PatternError", "Report",
+           "register_pattern"]
 __version__ = "0.1.0"

@@ -1,0 +1,440 @@
+"""Cross-entropy over a large vocabulary: loss and logits gradient in one forward kernel.
+
+Semantics (2-D case; leading dims of `logits` are flattened, the class dim is the LAST one)::
+
+    z    = logits.float() * logit_scale
+    z    = softcap * tanh(z / softcap)            # only when softcap > 0
+    loss = F.cross_entropy(z, target, weight=weight, ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=label_smoothing)
+         + z_loss
+    z_loss = lse_square_scale * logsumexp(z, -1) ** 2   per non-ignored row, then reduced:
+             "mean" divides by the NUMBER of non-ignored rows (unweighted, as Liger/PaLM do),
+             "sum" sums, "none" keeps rows (ignored rows are 0).
+
+Weighted mean and label smoothing follow torch exactly (mean divides the whole loss, smoothing term
+included, by the sum of weight[target] over non-ignored rows; with every row ignored "mean" gives
+nan, as torch does, and the gradient is 0).
+
+Ops
+---
+``liger::cross_entropy(Tensor logits, Tensor target, Tensor? weight=None, int ignore_index=-100,
+str reduction="mean", float label_smoothing=0., float lse_square_scale=0., float softcap=0.,
+float logit_scale=1., bool compute_grad=True) -> (Tensor loss, Tensor z_loss, Tensor grad_logits)``
+
+* ``loss``: fp32 (fp64 for fp64 logits); shape ``()`` for mean/sum, ``target.shape`` for "none".
+  Includes the z-loss term.
+* ``z_loss``: same shape/dtype; the z-loss part alone, for logging. Not differentiable.
+* ``grad_logits``: d(loss)/d(logits) in the logits' dtype and shape, computed in the forward pass
+  (for "none": d(loss[i])/d(logits[i]) per row). Empty (numel 0) when ``compute_grad`` is False.
+  Not differentiable.
+
+``liger::cross_entropy_backward(Tensor grad_loss, Tensor grad_logits, str reduction) -> Tensor``
+scales the stored gradient by grad_output (a scalar, or one value per row for "none").
+
+The gradient is a freshly allocated tensor, not written over the logits: torch.library does not
+allow an autograd formula on an op that mutates its inputs ("register_autograd ... non-functional
+operator"), and a functionalized mutation of a graph intermediate is turned back into a copy by
+AOTAutograd unless a later reinplacing pass removes it, so an in-place op would not save memory
+reliably. The logits themselves are not saved for backward, so once nothing else reads them they
+are freed after the forward and the peak holds logits + grad once, not logits + softmax + grad.
+The launcher does support ``grad_out=logits`` (in-place); fused_linear_cross_entropy uses that
+on its private chunk buffers.
+
+Kernel: one program per row; pass 1 streams the row in BLOCK_V chunks keeping an online
+max/sum-exp (plus sum of weight*z for smoothing), pass 2 re-reads the row and writes the gradient.
+Reduction denominators are computed with tensor ops on the host (no device sync) and read by the
+kernel from a small stats tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .runtime import next_pow2, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - torch path only
+    triton = None
+
+_REDUCTIONS = ("mean", "sum", "none")
+# Rows per step of the torch implementation, chosen so its few [rows, V] fp32 temporaries stay
+# around this many bytes each (the memory saving of the chunked loss must hold on CPU too).
+_TORCH_CHUNK_BYTES = 32 << 20
+# BLOCK_V override (tests force several vocabulary blocks per row); None = automatic.
+CE_BLOCK_V: Optional[int] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        # exp-based tanh: libdevice.tanh is not available in the interpreter.  Absolute error is
+        # ~1 ulp of 1, which is what matters once multiplied by softcap.
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -t, t)
+
+    @triton.jit
+    def _ce_fwd_kernel(
+        X, stride_x, G, stride_g, T, W, LOSS, ZLOSS, STATS, ROWSCALE,
+        V, ignore_index, eps, z_coef, softcap, logit_scale,
+        HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HAS_ZLOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        # int64 row offsets: N * V exceeds 2**31 at 16k tokens x 256k vocab.
+        row = tl.program_id(0).to(tl.int64)
+        x_row = X + row * stride_x
+        g_row = G + row * stride_g
+        tgt = tl.load(T + row).to(tl.int64)
+        cols0 = tl.arange(0, BLOCK_V)
+
+        if tgt == ignore_index:
+            tl.store(LOSS + row, 0.0)
+            tl.store(ZLOSS + row, 0.0)
+            if COMPUTE_GRAD:
+                for off in range(0, V, BLOCK_V):
+                    cols = off + cols0
+                    tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32).to(G.dtype.element_ty),
+                             mask=cols < V)
+            return
+
+        # Pass 1: online logsumexp (and sum of w*z for label smoothing).
+        m = -float("inf")
+        d = 0.0
+        sum_wz = 0.0
+        for off in range(0, V, BLOCK_V):
+            cols = off + cols0
+            mask = cols < V
+            z = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
+            if HAS_SOFTCAP:
+                z = softcap * _tanh(z / softcap)
+            if HAS_SMOOTHING:  # before masked lanes become -inf (0 * -inf would be nan)
+                if HAS_WEIGHT:
+                    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                    sum_wz += tl.sum(tl.where(mask, w * z, 0.0), 0)
+                else:
+                    sum_wz += tl.sum(tl.where(mask, z, 0.0), 0)
+            z = tl.where(mask, z, -float("inf"))
+            m_new = tl.maximum(m, tl.max(z, 0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            m = m_new
+        lse = m + tl.log(d)
+
+        z_t = tl.load(x_row + tgt).to(tl.float32) * logit_scale
+        if HAS_SOFTCAP:
+            z_t = softcap * _tanh(z_t / softcap)
+        if HAS_WEIGHT:
+            w_t = tl.load(W + tgt).to(tl.float32)
+        else:
+            w_t = 1.0
+        w_tot = tl.load(STATS + 2)  # sum of class weights (V when unweighted)
+        ce = (1.0 - eps) * w_t * (lse - z_t)
+        if HAS_SMOOTHING:
+            ce += eps / V * (lse * w_tot - sum_wz)
+        tl.store(LOSS + row, ce)
+        if HAS_ZLOSS:
+            tl.store(ZLOSS + row, z_coef * lse * lse)
+        else:
+            tl.store(ZLOSS + row, 0.0)
+
+        if COMPUTE_GRAD:
+            # Pass 2: d loss / d z_j = a*[(1-eps) w_t (p_j - [j==t]) + eps/V (w_tot p_j - w_j)]
+            #                         + b * 2 z_coef lse p_j,   a, b = reduction scales.
+            a = tl.load(STATS + 0)
+            b = tl.load(STATS + 1)
+            if HAS_ROWSCALE:
+                r = tl.load(ROWSCALE + row).to(tl.float32)
+                a = a * r
+                b = b * r
+            p_coef = a * ((1.0 - eps) * w_t + eps * w_tot / V)
+            if HAS_ZLOSS:
+                p_coef += b * 2.0 * z_coef * lse
+            t_coef = a * (1.0 - eps) * w_t
+            s_coef = a * eps / V
+            for off in range(0, V, BLOCK_V):
+                cols = off + cols0
+                mask = cols < V
+                z = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
+                if HAS_SOFTCAP:
+                    th = _tanh(z / softcap)
+                    z = softcap * th
+                g = tl.exp(z - lse) * p_coef
+                if HAS_SMOOTHING:
+                    if HAS_WEIGHT:
+                        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                        g -= s_coef * w
+                    else:
+                        g -= s_coef
+                g = tl.where(cols == tgt, g - t_coef, g)
+                if HAS_SOFTCAP:
+                    g = g * (1.0 - th * th)
+                g = g * logit_scale
+                # Safe in place (G == X): this block was read above, before it is written.
+                tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _scale_rows_kernel(G, stride_g, S, stride_s, OUT, stride_o, V, BLOCK_V: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        s = tl.load(S + row * stride_s).to(tl.float32)
+        cols0 = tl.arange(0, BLOCK_V)
+        for off in range(0, V, BLOCK_V):
+            cols = off + cols0
+            mask = cols < V
+            g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(OUT + row * stride_o + cols, (g * s).to(OUT.dtype.element_ty), mask=mask)
+
+
+def _block_and_warps(V: int, device: torch.device, block_v: int | None):
+    if block_v is None:
+        block_v = CE_BLOCK_V
+    if block_v is None:
+        # Big enough to stream a 128k-256k row in few iterations, small enough to stay in registers.
+        block_v = min(next_pow2(V), 8192 if device.type == "cuda" else 1024)
+    num_warps = 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
+    return block_v, num_warps
+
+
+def launch_ce_forward(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+    loss_rows: Tensor, z_rows: Tensor, grad_out: Optional[Tensor], *,
+    ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
+    logit_scale: float, row_scale: Optional[Tensor] = None, block_v: int | None = None,
+) -> None:
+    """Run the row kernel on 2-D `logits` (unit column stride).
+
+    Writes per-row CE loss (unreduced, unscaled) into `loss_rows`, per-row z-loss into `z_rows`
+    and, when `grad_out` is given (it may be `logits` itself), the gradient scaled by
+    stats[0] (CE part) / stats[1] (z part) and by `row_scale[row]` if given.
+    `stats` = fp32 [ce_scale, z_scale, sum_of_class_weights].
+    """
+    N, V = logits.shape
+    if N == 0:
+        return
+    assert logits.stride(1) == 1 and (grad_out is None or grad_out.stride(1) == 1)
+    block, warps = _block_and_warps(V, logits.device, block_v)
+    g = grad_out if grad_out is not None else logits  # dummy pointer when not computing the grad
+    _ce_fwd_kernel[(N,)](
+        logits, logits.stride(0), g, g.stride(0), target,
+        weight if weight is not None else stats, loss_rows, z_rows, stats,
+        row_scale if row_scale is not None else stats,
+        V, ignore_index, float(label_smoothing), float(lse_square_scale),
+        float(softcap) if softcap > 0 else 1.0, float(logit_scale),
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0,
+        HAS_SOFTCAP=softcap > 0, HAS_ZLOSS=lse_square_scale != 0,
+        COMPUTE_GRAD=grad_out is not None, HAS_ROWSCALE=row_scale is not None,
+        BLOCK_V=block, num_warps=warps,
+    )
+
+
+def launch_scale_rows(grad: Tensor, scale: Tensor, out: Tensor, block_v: int | None = None) -> None:
+    """out[i, :] = grad[i, :] * scale[i] (scale may be a 0-d tensor: same value for every row)."""
+    N, V = grad.shape
+    if N == 0:
+        return
+    block, warps = _block_and_warps(V, grad.device, block_v)
+    stride_s = 0 if scale.dim() == 0 else scale.stride(0)
+    _scale_rows_kernel[(N,)](grad, grad.stride(0), scale, stride_s, out, out.stride(0), V,
+                             BLOCK_V=block, num_warps=warps)
+
+
+# --------------------------------------------------------------------------------------------
+# Torch implementation (CPU, other dtypes) - same formulas as the kernel, processed in row chunks
+# --------------------------------------------------------------------------------------------
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduction_stats(target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+                    V: int, dtype: torch.dtype):
+    """(stats, denom_ce, denom_z) from tensor ops only (no host sync).
+
+    stats = [1/denom_ce, 1/denom_z, sum(weight)] for mean, [1, 1, sum(weight)] otherwise.
+    """
+    valid = target != ignore_index
+    if weight is not None:
+        w = weight.to(dtype)
+        w_t = torch.where(valid, w[torch.where(valid, target, 0)], 0)
+        w_tot = w.sum()
+    else:
+        w_t = valid.to(dtype)
+        w_tot = torch.tensor(float(V), dtype=dtype, device=target.device)
+    if reduction == "mean":
+        denom_ce = w_t.sum()
+        denom_z = valid.sum().to(dtype)
+    else:
+        denom_ce = denom_z = torch.ones((), dtype=dtype, device=target.device)
+    stats = torch.stack([1.0 / denom_ce, 1.0 / denom_z, w_tot]).to(dtype)
+    return stats, denom_ce, denom_z
+
+
+def ce_rows_torch(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+    loss_rows: Tensor, z_rows: Tensor, grad_out: Optional[Tensor], *,
+    ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
+    logit_scale: float, row_scale: Optional[Tensor] = None, chunk_rows: int | None = None,
+) -> None:
+    """Torch twin of launch_ce_forward (same arguments and outputs)."""
+    N, V = logits.shape
+    ct = stats.dtype
+    eps = float(label_smoothing)
+    if chunk_rows is None:
+        chunk_rows = max(1, _TORCH_CHUNK_BYTES // max(1, V * 4))
+    w = weight.to(ct) if weight is not None else None
+    a_all, b_all, w_tot = stats[0], stats[1], stats[2]
+    for s in range(0, N, chunk_rows):
+        e = min(N, s + chunk_rows)
+        z = logits[s:e].to(ct) * logit_scale
+        if softcap > 0:
+            th = torch.tanh(z / softcap)
+            z = th * softcap
+        tgt = target[s:e]
+        valid = tgt != ignore_index
+        t_safe = torch.where(valid, tgt, 0).unsqueeze(1)
+        lse = torch.logsumexp(z, dim=-1)
+        z_t = z.gather(1, t_safe).squeeze(1)
+        w_t = w[t_safe.squeeze(1)] if w is not None else torch.ones_like(lse)
+        ce = (1.0 - eps) * w_t * (lse - z_t)
+        if eps > 0:
+            sum_wz = (z * w).sum(-1) if w is not None else z.sum(-1)
+            ce = ce + eps / V * (lse * w_tot - sum_wz)
+        loss_rows[s:e] = torch.where(valid, ce, 0)
+        z_rows[s:e] = torch.where(valid, lse_square_scale * lse * lse, 0)
+        if grad_out is None:
+            continue
+        # where, not multiply: a_all is inf under "mean" when every row is ignored.
+        a = torch.where(valid, a_all, 0)
+        b = torch.where(valid, b_all, 0)
+        if row_scale is not None:
+            r = row_scale[s:e].to(ct)
+            a, b = a * r, b * r
+        p_coef = a * ((1.0 - eps) * w_t + eps * w_tot / V) + b * 2.0 * lse_square_scale * lse
+        g = torch.exp(z - lse.unsqueeze(1)).mul_(p_coef.unsqueeze(1))
+        if eps > 0:
+            g -= (a * eps / V).unsqueeze(1) * (w if w is not None else 1.0)
+        g.scatter_add_(1, t_safe, (-(a * (1.0 - eps) * w_t)).unsqueeze(1))
+        if softcap > 0:
+            g.mul_(1.0 - th * th)
+        grad_out[s:e] = g.mul_(logit_scale)
+
+
+def _rows_2d(logits: Tensor, target: Tensor):
+    V = logits.shape[-1]
+    x = logits.reshape(-1, V)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x, target.reshape(-1).contiguous()
+
+
+def reduce_rows(loss_rows, z_rows, denom_ce, denom_z, reduction, target_shape, has_z):
+    if reduction == "none":
+        return (loss_rows + z_rows).view(target_shape), z_rows.view(target_shape)
+    ce = loss_rows.sum()
+    z = z_rows.sum()
+    if reduction == "mean":
+        ce = ce / denom_ce  # 0/0 = nan when every row is ignored, as torch
+        z = z / denom_z
+    return (ce + z if has_z else ce), z
+
+
+# --------------------------------------------------------------------------------------------
+# Ops
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("liger::cross_entropy", mutates_args=())
+def cross_entropy_op(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
+    reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+    softcap: float = 0.0, logit_scale: float = 1.0, compute_grad: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    assert reduction in _REDUCTIONS, reduction
+    x, t = _rows_2d(logits, target)
+    N, V = x.shape
+    ct = compute_dtype(logits.dtype)
+    stats, denom_ce, denom_z = reduction_stats(t, weight, ignore_index, reduction, V, ct)
+    loss_rows = torch.empty(N, dtype=ct, device=x.device)
+    z_rows = torch.empty(N, dtype=ct, device=x.device)
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad else None
+    kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
+              lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale)
+    if use_triton(x):
+        launch_ce_forward(x, t, weight, stats, loss_rows, z_rows, grad, **kw)
+    else:
+        ce_rows_torch(x, t, weight, stats, loss_rows, z_rows, grad, **kw)
+    loss, z = reduce_rows(loss_rows, z_rows, denom_ce, denom_z, reduction, target.shape,
+                      lse_square_scale != 0)
+    grad = grad.view(logits.shape) if compute_grad else logits.new_empty(0)
+    return loss, z, grad
+
+
+@cross_entropy_op.register_fake
+def _(logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+      lse_square_scale=0.0, softcap=0.0, logit_scale=1.0, compute_grad=True):
+    ct = compute_dtype(logits.dtype)
+    shape = target.shape if reduction == "none" else ()
+    loss = logits.new_empty(shape, dtype=ct)
+    z = logits.new_empty(shape, dtype=ct)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad \
+        else logits.new_empty(0)
+    return loss, z, grad
+
+
+@torch.library.custom_op("liger::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward_op(grad_loss: Tensor, grad_logits: Tensor, reduction: str) -> Tensor:
+    V = grad_logits.shape[-1]
+    g = grad_logits.reshape(-1, V)
+    s = grad_loss.reshape(-1) if reduction == "none" else grad_loss.reshape(())
+    if use_triton(g, grad_loss):
+        out = torch.empty_like(g)
+        launch_scale_rows(g, s.contiguous(), out)
+    else:
+        scale = s.unsqueeze(1) if reduction == "none" else s
+        out = (g.to(compute_dtype(g.dtype)) * scale).to(g.dtype)
+    return out.view(grad_logits.shape)
+
+
+@cross_entropy_backward_op.register_fake
+def _(grad_loss, grad_logits, reduction):
+    return torch.empty_like(grad_logits)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    _, _, grad = output
+    ctx.reduction = inputs[4]
+    ctx.compute_grad = inputs[9]
+    ctx.mark_non_differentiable(output[1], grad)
+    ctx.save_for_backward(grad)
+
+
+def _ce_backward(ctx, grad_loss, grad_z, grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return (None,) * 10
+    if not ctx.compute_grad:
+        raise RuntimeError("liger::cross_entropy was called with compute_grad=False; "
+                           "it cannot be differentiated")
+    g = torch.ops.liger.cross_entropy_backward(grad_loss, grad, ctx.reduction)
+    return (g,) + (None,) * 9
+
+
+cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+def cross_entropy(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
+    reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+    softcap: float = 0.0, logit_scale: float = 1.0, return_z_loss: bool = False,
+):
+    """Cross-entropy loss (see module docstring); returns loss, or (loss, z_loss)."""
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, z, _ = torch.ops.liger.cross_entropy(
+        logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+        softcap, logit_scale, need_grad)
+    return (loss, z) if return_z_loss else loss

@@ -1,0 +1,357 @@
+"""LM-head linear + cross-entropy, chunked over tokens so the [N, V] logits never exist at once.
+
+Semantics (leading dims of `hidden` / `target` are flattened; the order of the logit transforms
+is fixed: bias, then fp32, then scale, then softcap)::
+
+    z      = F.linear(hidden, weight, bias)            # in hidden's dtype, as the lm head
+    z_eff  = z.float() * logit_scale                   # logit_scale = 1/temperature; 1.0 = none
+    z_eff  = softcap * tanh(z_eff / softcap)           # only when softcap > 0
+    loss   = liger::cross_entropy(z_eff, target, ce_weight, ...)   (see cross_entropy.py:
+             torch's F.cross_entropy semantics + optional z-loss, fp32 loss)
+
+Op
+--
+``liger::fused_linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor target,
+Tensor? ce_weight=None, int ignore_index=-100, str reduction="mean", float label_smoothing=0.,
+float lse_square_scale=0., float softcap=0., float logit_scale=1., bool return_logits=False,
+bool need_grad_hidden=True, bool need_grad_weight=True, bool need_grad_bias=True,
+int chunk_size=0) -> (Tensor loss, Tensor z_loss, Tensor logits, Tensor grad_hidden,
+Tensor grad_weight, Tensor grad_bias)``
+
+* ``loss`` / ``z_loss``: as liger::cross_entropy (fp32; ``()`` or ``target.shape`` for "none").
+* ``logits``: when ``return_logits``, the raw lm-head output ``z`` (before scale/softcap) in the
+  hidden dtype, shape ``[..., V]``, written chunk by chunk from the same matmul; else empty.
+  Differentiable: a gradient arriving on it is added in backward.
+* ``grad_hidden`` / ``grad_weight`` / ``grad_bias``: d(loss)/d(input) computed in the forward,
+  each only when its ``need_grad_*`` flag is set (and, for bias, a bias is given) and reduction
+  is not "none"; otherwise empty. grad_weight / grad_bias accumulate over chunks in fp32 and are
+  returned in the weight's dtype. Saved for backward; not differentiable.
+
+``liger::fused_linear_cross_entropy_backward(...) -> (grad_hidden, grad_weight, grad_bias)``
+scales the saved gradients by grad_output (so "sum" followed by a division by a token count in
+the graph is exact) and adds the contribution of a gradient on ``logits``
+(g @ W, g^T @ hidden, g.sum(0): single GEMMs, no N x V temporary beyond g itself). With
+reduction "none" (per-row grad_output) or when a needed gradient was not computed in the forward
+(need_grad_* False), backward recomputes the chunks instead: logits, CE gradient scaled per row,
+then the GEMMs. hidden / weight / bias are saved for that path (they are alive anyway in training).
+
+Chunking: C rows per step, C = chunk_size if > 0, else the module-level FLCE_CHUNK_ROWS if set,
+else the largest multiple of 16 with C * V * element size <= 256 MiB on CUDA (V=256k, bf16:
+C=512), C * V * 4 <= 32 MiB on CPU.
+The chunk's logits buffer (hidden dtype) is overwritten in place by its gradient (the CE kernel
+reads each block before writing it). On CUDA/interpreter the CE part is the Triton kernel of
+cross_entropy.py, on the CPU torch path its torch twin; the matmuls are torch's (cuBLAS).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .cross_entropy import (
+    _REDUCTIONS, ce_rows_torch, compute_dtype, launch_ce_forward, reduce_rows, reduction_stats,
+)
+from .runtime import use_triton
+
+# Rows per chunk override (tests set it to force the multi-chunk path); None = automatic.
+FLCE_CHUNK_ROWS: Optional[int] = None
+# Chunk buffer budget. CUDA: the [C, V] logits/grad buffer in the hidden dtype (the Triton CE
+# kernel works in place, no other [C, V] temporary). Larger chunks also mean fewer passes over the
+# fp32 [V, H] grad_weight accumulator (read + written once per chunk), which dominates at 256k
+# vocab when C is small. CPU torch path: a few fp32 [C, V] temporaries of this size each.
+_CUDA_CHUNK_BYTES = 256 << 20
+_CPU_CHUNK_BYTES = 32 << 20
+
+
+def chunk_rows(N: int, V: int, device: torch.device, elem_bytes: int, chunk_size: int = 0) -> int:
+    if chunk_size > 0:
+        c = chunk_size
+    elif FLCE_CHUNK_ROWS:
+        c = FLCE_CHUNK_ROWS
+    else:
+        if device.type == "cuda":
+            c = _CUDA_CHUNK_BYTES // max(1, V * elem_bytes)
+        else:
+            c = _CPU_CHUNK_BYTES // max(1, V * 4)
+        c = max(16, c - c % 16)  # tensor-core friendly GEMM M dimension
+    return max(1, min(c, N))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_fp32_out_addmm_ok(device_index: int) -> bool:
+    """Whether addmm(fp32 acc, bf16, bf16, out_dtype=fp32, out=acc) works in place here.
+
+    Lets grad_weight accumulate across chunks in fp32 straight from bf16/fp16 GEMMs (cuBLAS
+    with fp32 C); older torch builds reject an fp32 `self` for the dtype overload.
+    """
+    dev = torch.device("cuda", device_index)
+    try:
+        a = torch.randn(64, 32, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(32, 48, device=dev, dtype=torch.bfloat16)
+        acc = torch.randn(64, 48, device=dev)
+        ref = acc + a.float() @ b.float()
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, ref, atol=1e-2, rtol=1e-2))
+    except Exception:
+        return False
+
+
+def _acc_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with acc possibly wider (fp32) than a, b."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _cuda_fp32_out_addmm_ok(acc.device.index or 0):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        # Chunk-sized upcasts only (a is [V, C] or [C, V]); slower but exact fp32 accumulation.
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _linear_into(h: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> None:
+    if bias is not None:
+        torch.addmm(bias, h, weight.t(), out=out)
+    else:
+        torch.mm(h, weight.t(), out=out)
+
+
+def _chunk_loop(h2, weight, bias, t, ce_weight, stats, loss_rows, z_rows, *, logits_out,
+                grad_logits, gh, gw_acc, gb_acc, row_scale, C, ce_kw):
+    """One pass over the token chunks: logits, CE (+ its gradient), then the gradient GEMMs.
+
+    gh / gw_acc / gb_acc: outputs to fill (None = not needed). grad_logits: an incoming gradient
+    on the logits, added to the chunk's CE gradient. row_scale: per-row grad_output (or None).
+    """
+    N, V = h2.shape[0], weight.shape[0]
+    compute_grad = gh is not None or gw_acc is not None or gb_acc is not None
+    buf = h2.new_empty(min(C, N), V)
+    triton_ce = use_triton(h2, weight)
+    for s in range(0, N, C):
+        e = min(N, s + C)
+        hc = h2[s:e]
+        g = buf[: e - s]
+        z = logits_out[s:e] if logits_out is not None else g
+        _linear_into(hc, weight, bias, z)
+        rs = row_scale[s:e] if row_scale is not None else None
+        args = (z, t[s:e], ce_weight, stats, loss_rows[s:e], z_rows[s:e],
+                g if compute_grad else None)
+        if triton_ce:
+            launch_ce_forward(*args, row_scale=rs, **ce_kw)
+        else:
+            ce_rows_torch(*args, row_scale=rs, **ce_kw)
+        if not compute_grad:
+            continue
+        if grad_logits is not None:
+            g += grad_logits[s:e]
+        if gh is not None:
+            torch.mm(g, weight, out=gh[s:e])
+        if gw_acc is not None:
+            _acc_mm_(gw_acc, g.t(), hc)
+        if gb_acc is not None:
+            gb_acc += torch.sum(g, 0, dtype=gb_acc.dtype)
+
+
+def _flat(hidden: Tensor, target: Tensor):
+    H = hidden.shape[-1]
+    h2 = hidden.reshape(-1, H)
+    if not h2.is_contiguous():
+        h2 = h2.contiguous()
+    return h2, target.reshape(-1).contiguous()
+
+
+def _ce_kwargs(ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale):
+    return dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale)
+
+
+@torch.library.custom_op("liger::fused_linear_cross_entropy", mutates_args=())
+def fused_linear_cross_entropy_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+    ce_weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+    label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float = 0.0,
+    logit_scale: float = 1.0, return_logits: bool = False, need_grad_hidden: bool = True,
+    need_grad_weight: bool = True, need_grad_bias: bool = True, chunk_size: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    assert reduction in _REDUCTIONS, reduction
+    h2, t = _flat(hidden, target)
+    N, V = h2.shape[0], weight.shape[0]
+    ct = compute_dtype(hidden.dtype)
+    stats, denom_ce, denom_z = reduction_stats(t, ce_weight, ignore_index, reduction, V, ct)
+    loss_rows = h2.new_empty(N, dtype=ct)
+    z_rows = h2.new_empty(N, dtype=ct)
+    fwd_grads = reduction != "none"  # per-row grad_output: backward recomputes instead
+    want_gb = fwd_grads and need_grad_bias and bias is not None
+    gh = torch.empty_like(h2) if fwd_grads and need_grad_hidden else None
+    gw_acc = torch.zeros(weight.shape, dtype=ct, device=weight.device) \
+        if fwd_grads and need_grad_weight else None
+    gb_acc = torch.zeros(V, dtype=ct, device=weight.device) if want_gb else None
+    logits = h2.new_empty(N, V) if return_logits else None
+    _chunk_loop(h2, weight, bias, t, ce_weight, stats, loss_rows, z_rows, logits_out=logits,
+                grad_logits=None, gh=gh, gw_acc=gw_acc, gb_acc=gb_acc, row_scale=None,
+                C=chunk_rows(N, V, h2.device, h2.element_size(), chunk_size),
+                ce_kw=_ce_kwargs(ignore_index, label_smoothing, lse_square_scale, softcap,
+                                 logit_scale))
+    loss, z = reduce_rows(loss_rows, z_rows, denom_ce, denom_z, reduction, target.shape,
+                          lse_square_scale != 0)
+    empty = hidden.new_empty(0)
+    return (
+        loss, z,
+        logits.view(*hidden.shape[:-1], V) if logits is not None else empty.clone(),
+        gh.view(hidden.shape) if gh is not None else empty.clone(),
+        gw_acc.to(weight.dtype) if gw_acc is not None else empty.clone(),
+        gb_acc.to(bias.dtype) if gb_acc is not None else empty.clone(),
+    )
+
+
+@fused_linear_cross_entropy_op.register_fake
+def _(hidden, weight, bias, target, ce_weight=None, ignore_index=-100, reduction="mean",
+      label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0, logit_scale=1.0,
+      return_logits=False, need_grad_hidden=True, need_grad_weight=True, need_grad_bias=True,
+      chunk_size=0):
+    ct = compute_dtype(hidden.dtype)
+    shape = target.shape if reduction == "none" else ()
+    fwd_grads = reduction != "none"
+    V = weight.shape[0]
+    return (
+        hidden.new_empty(shape, dtype=ct),
+        hidden.new_empty(shape, dtype=ct),
+        hidden.new_empty((*hidden.shape[:-1], V)) if return_logits else hidden.new_empty(0),
+        hidden.new_empty(hidden.shape) if fwd_grads and need_grad_hidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if fwd_grads and need_grad_weight
+        else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if fwd_grads and need_grad_bias and bias is not None
+        else hidden.new_empty(0),
+    )
+
+
+@torch.library.custom_op("liger::fused_linear_cross_entropy_backward", mutates_args=())
+def fused_linear_cross_entropy_backward_op(
+    grad_loss: Optional[Tensor], grad_logits: Optional[Tensor], saved_grad_hidden: Tensor,
+    saved_grad_weight: Tensor, saved_grad_bias: Tensor, hidden: Tensor, weight: Tensor,
+    bias: Optional[Tensor], target: Tensor, ce_weight: Optional[Tensor], ignore_index: int,
+    reduction: str, label_smoothing: float, lse_square_scale: float, softcap: float,
+    logit_scale: float, recompute: bool, need_grad_hidden: bool, need_grad_weight: bool,
+    need_grad_bias: bool, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    h2, t = _flat(hidden, target)
+    N, V = h2.shape[0], weight.shape[0]
+    gl2 = grad_logits.reshape(N, V) if grad_logits is not None else None
+    need_gb = need_grad_bias and bias is not None
+    ct = compute_dtype(hidden.dtype)
+    if recompute:
+        gh = h2.new_empty(h2.shape) if need_grad_hidden else None
+        gw_acc = torch.zeros(weight.shape, dtype=ct, device=weight.device) \
+            if need_grad_weight else None
+        gb_acc = torch.zeros(V, dtype=ct, device=weight.device) if need_gb else None
+        if grad_loss is None:
+            row_scale = torch.zeros(N, dtype=ct, device=h2.device)
+        else:
+            row_scale = grad_loss.to(ct).reshape(-1).expand(N).contiguous()
+        stats, _, _ = reduction_stats(t, ce_weight, ignore_index, reduction, V, ct)
+        _chunk_loop(h2, weight, bias, t, ce_weight, stats,
+                    h2.new_empty(N, dtype=ct), h2.new_empty(N, dtype=ct), logits_out=None,
+                    grad_logits=gl2, gh=gh, gw_acc=gw_acc, gb_acc=gb_acc, row_scale=row_scale,
+                    C=chunk_rows(N, V, h2.device, h2.element_size(), chunk_size),
+                    ce_kw=_ce_kwargs(ignore_index, label_smoothing, lse_square_scale, softcap,
+                                     logit_scale))
+        gw = gw_acc.to(weight.dtype) if gw_acc is not None else None
+        gb = gb_acc.to(bias.dtype) if gb_acc is not None else None
+    else:
+        # Saved gradients are d(loss)/d(input) for grad_output = 1; loss is a scalar here.
+        s = grad_loss.reshape(()) if grad_loss is not None else None
+
+        def scaled(saved, like):
+            return saved * s if s is not None else torch.zeros_like(like)
+
+        gh = scaled(saved_grad_hidden, hidden).reshape(N, -1) if need_grad_hidden else None
+        gw = scaled(saved_grad_weight, weight) if need_grad_weight else None
+        gb = scaled(saved_grad_bias, bias) if need_gb else None
+        if gl2 is not None:
+            if gh is not None:
+                gh.addmm_(gl2, weight)
+            if gw is not None:
+                gw.addmm_(gl2.t(), h2)
+            if gb is not None:
+                gb += gl2.sum(0)
+    empty = hidden.new_empty(0)
+    return (
+        gh.view(hidden.shape) if gh is not None else empty.clone(),
+        gw if gw is not None else empty.clone(),
+        gb if gb is not None else empty.clone(),
+    )
+
+
+@fused_linear_cross_entropy_backward_op.register_fake
+def _(grad_loss, grad_logits, saved_grad_hidden, saved_grad_weight, saved_grad_bias, hidden,
+      weight, bias, target, ce_weight, ignore_index, reduction, label_smoothing,
+      lse_square_scale, softcap, logit_scale, recompute, need_grad_hidden, need_grad_weight,
+      need_grad_bias, chunk_size):
+    return (
+        hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if need_grad_weight else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if need_grad_bias and bias is not None
+        else hidden.new_empty(0),
+    )
+
+
+def _flce_setup_context(ctx, inputs, output):
+    (hidden, weight, bias, target, ce_weight, ignore_index, reduction, label_smoothing,
+     lse_square_scale, softcap, logit_scale, return_logits, need_gh, need_gw, need_gb,
+     chunk_size) = inputs
+    _, z, logits, gh, gw, gb = output
+    ctx.mark_non_differentiable(z, gh, gw, gb)
+    if not return_logits:
+        ctx.mark_non_differentiable(logits)
+    needs = ctx.needs_input_grad
+    has_bias = bias is not None
+    # Recompute in backward when the forward could not produce a needed gradient.
+    ctx.recompute = reduction == "none" or (needs[0] and not need_gh) or \
+        (needs[1] and not need_gw) or (has_bias and needs[2] and not need_gb)
+    ctx.return_logits = return_logits
+    ctx.has_bias = has_bias
+    ctx.params = (ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
+                  logit_scale)
+    ctx.chunk_size = chunk_size
+    ctx.save_for_backward(gh, gw, gb, hidden, weight, bias, target, ce_weight)
+
+
+def _flce_backward(ctx, grad_loss, grad_z, grad_logits, *unused):
+    gh, gw, gb, hidden, weight, bias, target, ce_weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if not ctx.return_logits:
+        grad_logits = None
+    if (grad_loss is None and grad_logits is None) or not any(needs[:3]):
+        return (None,) * 16
+    dh, dw, db = torch.ops.liger.fused_linear_cross_entropy_backward(
+        grad_loss, grad_logits, gh, gw, gb, hidden, weight, bias, target, ce_weight,
+        *ctx.params, ctx.recompute, needs[0], needs[1], ctx.has_bias and needs[2],
+        ctx.chunk_size)
+    return (dh if needs[0] else None, dw if needs[1] else None,
+            db if ctx.has_bias and needs[2] else None) + (None,) * 13
+
+
+fused_linear_cross_entropy_op.register_autograd(_flce_backward, setup_context=_flce_setup_context)
+
+
+def fused_linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+    ce_weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+    label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float = 0.0,
+    logit_scale: float = 1.0, return_logits: bool = False, return_z_loss: bool = False,
+    chunk_size: int = 0,
+):
+    """Loss of cross_entropy(linear(hidden, weight, bias)) without materialising the logits.
+
+    Returns loss, plus logits (raw lm-head output) when return_logits, plus z_loss when
+    return_z_loss, in that order.
+    """
+    g = torch.is_grad_enabled()
+    loss, z, logits, *_ = torch.ops.liger.fused_linear_cross_entropy(
+        hidden, weight, bias, target, ce_weight, ignore_index, reduction, label_smoothing,
+        lse_square_scale, softcap, logit_scale, return_logits,
+        g and hidden.requires_grad, g and weight.requires_grad,
+        g and bias is not None and bias.requires_grad, chunk_size)
+    out = (loss,) + ((logits,) if return_logits else ()) + ((z,) if return_z_loss else ())
+    return out if len(out) > 1 else loss
