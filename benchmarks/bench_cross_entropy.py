@@ -16,11 +16,8 @@ Records go to <out>/bench_cross_entropy.json as a list of
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 
 if "--smoke" in sys.argv[1:]:
     # Interpreted Triton kernels on CPU, so the smoke run covers the kernel path; triton reads
@@ -30,6 +27,9 @@ if "--smoke" in sys.argv[1:]:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
 from ligerfx.kernels.cross_entropy import cross_entropy  # noqa: E402
 from ligerfx.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy  # noqa: E402
 
@@ -38,40 +38,10 @@ VOCABS = (32768, 131072, 262144)
 TOKENS = (4096, 8192, 16384)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn, device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_bytes(fn, device):
-    if device.type != "cuda":
-        return None
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    _sync(device)
-    return torch.cuda.max_memory_allocated(device) - base
+def _peak_bytes(fn, device):
+    # Records keep peak memory in bytes (common measures MiB).
+    mib = common.peak_memory_mb(fn, device)
+    return None if mib is None else round(mib * 2**20)
 
 
 # ----------------------------------------------------------------------------- variants
@@ -136,12 +106,12 @@ def run(kind, n, vocab, hidden, device, dtype, args, records, meta):
             torch.autograd.grad(loss, leaves)
 
         try:
-            t = time_ms(fwd_bwd, device, args.warmup, args.reps)
-            peak = peak_bytes(fwd_bwd, device)
+            # Without L2 flushes, as these numbers were always taken (keeps them comparable).
+            t = common.time_ms(fwd_bwd, device, args.warmup, args.reps, flush_l2=False)
+            peak = _peak_bytes(fwd_bwd, device)
         except torch.OutOfMemoryError:
             print(f"  {kind:26s} {variant:13s} {shape:22s} OOM")
-            records.append(dict(benchmark=kind, variant=variant, shape=shape, metric="oom",
-                                value=1, unit="bool", **meta))
+            records.append(common.record(kind, variant, shape, "oom", 1, "bool", meta))
             continue
         except Exception as e:  # one broken variant should not lose the others' numbers
             print(f"  {kind:26s} {variant:13s} {shape:22s} FAILED: {type(e).__name__}: {e}")
@@ -154,8 +124,7 @@ def run(kind, n, vocab, hidden, device, dtype, args, records, meta):
         for metric, value, unit in (("fwd_bwd_time", t, "ms"),
                                     ("fwd_bwd_peak_memory", peak, "bytes")):
             if value is not None:
-                records.append(dict(benchmark=kind, variant=variant, shape=shape, metric=metric,
-                                    value=value, unit=unit, **meta))
+                records.append(common.record(kind, variant, shape, metric, value, unit, meta))
     del leaves
 
 
@@ -195,10 +164,7 @@ def main(argv=None) -> int:
             for n in tokens:
                 torch.manual_seed(0)
                 run(kind, n, vocab, hidden, device, dtype, args, records, meta)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_cross_entropy.json")
-    with open(path, "w") as f:
-        json.dump(records, f, indent=1)
+    path = common.write_records(records, args.out, "bench_cross_entropy")
     print(f"wrote {len(records)} records to {path}")
     return 0
 

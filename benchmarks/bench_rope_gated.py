@@ -16,11 +16,8 @@ Records go to <out>/bench_rope_gated.json as a list of
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 
 if "--smoke" in sys.argv[1:]:
     # Run the Triton kernels in the interpreter on CPU, so the smoke run covers the kernel path;
@@ -29,6 +26,9 @@ if "--smoke" in sys.argv[1:]:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 from ligerfx.kernels.gated_act import swiglu  # noqa: E402
 from ligerfx.kernels.rope import rope  # noqa: E402
@@ -42,42 +42,10 @@ SEQS = (2048, 4096, 8192, 16384)
 # ----------------------------------------------------------------------------- timing
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn, device, warmup: int, reps: int) -> float:
-    """Median wall time of fn() in milliseconds (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_bytes(fn, device) -> float | None:
-    """Peak memory allocated by fn() above what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    _sync(device)
-    return torch.cuda.max_memory_allocated(device) - base
+def peak_bytes(fn, device):
+    """Peak memory allocated by fn() above what was allocated before it, in bytes (CUDA only)."""
+    mib = common.peak_memory_mb(fn, device)
+    return None if mib is None else round(mib * 2**20)
 
 
 # ----------------------------------------------------------------------------- variants
@@ -178,14 +146,15 @@ def run_case(name, case, variants, device, args, records, meta):
             torch.autograd.grad(out if isinstance(out, tuple) else (out,), leaves, grads)
 
         try:
-            t_f = time_ms(fwd, device, args.warmup, args.reps)
-            t_fb = time_ms(fwd_bwd, device, args.warmup, args.reps)
+            # Without L2 flushes, as these numbers were always taken (keeps them comparable).
+            t_f = common.time_ms(fwd, device, args.warmup, args.reps, flush_l2=False)
+            t_fb = common.time_ms(fwd_bwd, device, args.warmup, args.reps, flush_l2=False)
             peak = peak_bytes(fwd_bwd, device)
         except Exception as e:  # one broken variant should not lose the others' numbers
             print(f"  {name:7s} {variant:13s} {shape:28s} FAILED: {type(e).__name__}: {e}")
             continue
-        gbs_f = fwd_bytes / (t_f * 1e-3) / 1e9
-        gbs_fb = (fwd_bytes + bwd_bytes) / (t_fb * 1e-3) / 1e9
+        gbs_f = common.gbps(fwd_bytes, t_f)
+        gbs_fb = common.gbps(fwd_bytes + bwd_bytes, t_fb)
         peak_s = f"{peak / 2**20:9.1f} MiB" if peak is not None else "      n/a"
         print(f"  {name:7s} {variant:13s} {shape:28s} fwd {t_f:8.3f} ms {gbs_f:7.1f} GB/s | "
               f"fwd+bwd {t_fb:8.3f} ms {gbs_fb:7.1f} GB/s | peak {peak_s}")
@@ -193,8 +162,7 @@ def run_case(name, case, variants, device, args, records, meta):
                                     ("fwd_bandwidth", gbs_f, "GB/s"), ("fwd_bwd_bandwidth", gbs_fb, "GB/s"),
                                     ("fwd_bwd_peak_memory", peak, "bytes")):
             if value is not None:
-                records.append(dict(benchmark=name, variant=variant, shape=shape, metric=metric,
-                                    value=value, unit=unit, **meta))
+                records.append(common.record(name, variant, shape, metric, value, unit, meta))
 
 
 # ----------------------------------------------------------------------------- activation memory
@@ -247,8 +215,8 @@ def activation_memory(cfg, device, dtype, records, meta):
           f"{full * 32 * 8192 / 2**30:.2f} GiB per 8k-token sequence")
     shape = f"hidden{cfg['hidden']}_inter{cfg['inter']}"
     for variant, v in (("eager", eager), ("ours", ours)):
-        records.append(dict(benchmark="mlp_saved_activations", variant=variant, shape=shape,
-                            metric="saved_bytes_per_token", value=v, unit="bytes", **meta))
+        records.append(common.record("mlp_saved_activations", variant, shape, "saved_bytes_per_token", v,
+                                     "bytes", meta))
 
 
 # ----------------------------------------------------------------------------- main
@@ -304,10 +272,7 @@ def main(argv=None) -> int:
         run_case("swiglu", swiglu_case(seq, cfg, device, dtype), sv, device, args, records, meta)
     activation_memory(cfg, device, dtype, records, meta)
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_rope_gated.json")
-    with open(path, "w") as f:
-        json.dump(records, f, indent=1)
+    path = common.write_records(records, args.out, "bench_rope_gated")
     print(f"\n{len(records)} records -> {path}")
     return 0
 

@@ -119,8 +119,11 @@ def environment(device: torch.device) -> dict:
 
 
 def record(benchmark: str, variant: str, shape, metric: str, value, unit: str, env: dict) -> dict:
-    return dict(benchmark=benchmark, variant=variant, shape=list(shape) if shape is not None else None,
-                metric=metric, value=value, unit=unit, **env)
+    """One result; shape is a tuple of sizes (stored as a list), a label string, or None."""
+    if shape is not None and not isinstance(shape, str):
+        shape = list(shape)
+    return dict(benchmark=benchmark, variant=variant, shape=shape, metric=metric, value=value, unit=unit,
+                **env)
 
 
 def write_records(records: list, out_dir: str, name: str) -> str:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ligerfx.kernels.rounding import cast_rne
 from ligerfx.kernels.runtime import next_pow2, use_triton
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -28,21 +29,6 @@ _SQRT1_2 = 0.7071067811865476  # 1/sqrt(2)
 _INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi)
 _SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2/pi)
 _GELU_C = 0.044715
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    """fp32 -> dtype with round-to-nearest-even.
-
-    bf16 is rounded by hand: Triton's interpreter truncates fp32 -> bf16, and the tests compare
-    bit-for-bit with eager; on GPU this is the same RNE the hardware cast does (a few int ops).
-    """
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return ((bits >> 16) << 16).to(tl.float32, bitcast=True).to(tl.bfloat16)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -84,8 +70,8 @@ def _gated_fwd_kernel(g_ptr, u_ptr, y_ptr, g_stride, u_stride, y_stride, N,
     g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
     # Round act(g) to the input dtype before the multiply, as eager does.
-    a = _cast(_act(g, ACT), g_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + row * y_stride + cols, _cast(a * u, y_ptr.dtype.element_ty), mask=mask)
+    a = cast_rne(_act(g, ACT), g_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + row * y_stride + cols, cast_rne(a * u, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -100,9 +86,9 @@ def _gated_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr,
     u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
     a, da = _act_and_grad(g, ACT)
     # dup uses the rounded act(g) the forward multiplied by.
-    a = _cast(a, g_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(du_ptr + row * du_stride + cols, _cast(dy * a, du_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + row * dg_stride + cols, _cast(dy * u * da, dg_ptr.dtype.element_ty), mask=mask)
+    a = cast_rne(a, g_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(du_ptr + row * du_stride + cols, cast_rne(dy * a, du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + row * dg_stride + cols, cast_rne(dy * u * da, dg_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

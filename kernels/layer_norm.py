@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from . import rms_norm as _rms
-from .rms_norm import _num_warps, _row_chunks, _rows_view, round_to
+from .rms_norm import _num_warps, _row_chunks, _rows_view
+from .rounding import round_to
 from .runtime import KERNEL_DTYPES, next_pow2, use_triton
 
 # Tunables, read at call time (tests shrink them to reach the looped paths with small shapes).

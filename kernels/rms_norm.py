@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .rounding import round_to
 from .runtime import KERNEL_DTYPES, next_pow2, num_programs_hint, use_triton
 
 CASTING_MODES = ("llama", "fp32")
@@ -30,24 +31,6 @@ TILE_ELEMS = 2048  # fused kernels stack rows until a tile holds about this many
 
 
 # ----------------------------------------------------------------------------- Triton helpers
-
-
-@triton.jit
-def round_to(v, DT: tl.constexpr):
-    """fp32 `v` rounded (to nearest even) to dtype DT, returned as fp32.
-
-    bf16 is rounded with integer ops: the interpreter truncates fp32->bf16 casts, and doing it by
-    hand gives the same bits as CUDA's cvt.rn (and as eager torch) on both.
-    """
-    if DT == tl.bfloat16:
-        b = v.to(tl.uint32, bitcast=True)
-        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
-        out = b.to(tl.float32, bitcast=True)
-    elif DT == tl.float16:
-        out = v.to(tl.float16).to(tl.float32)
-    else:
-        out = v
-    return out
 
 
 @triton.jit

@@ -25,21 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ligerfx.kernels.rounding import cast_rne
 from ligerfx.kernels.runtime import next_pow2, use_triton
 
 # Elements (heads x rotary lanes) one program handles; more heads are split over the grid.
 _MAX_TILE = 2048
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    """fp32 -> dtype, round-to-nearest-even (by hand for bf16: Triton's interpreter truncates)."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return ((bits >> 16) << 16).to(tl.float32, bitcast=True).to(tl.bfloat16)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -91,10 +81,10 @@ def _rope_heads(
 
     if INTERLEAVED:
         o = tl.reshape(tl.join(oa, ob), (BH, 2 * BLOCK_HALF))
-        tl.store(o_row + offs_r[None, :] * o_sd, _cast(o, o_ptr.dtype.element_ty), mask=rmask)
+        tl.store(o_row + offs_r[None, :] * o_sd, cast_rne(o, o_ptr.dtype.element_ty), mask=rmask)
     else:
-        tl.store(o_row + offs_c[None, :] * o_sd, _cast(oa, o_ptr.dtype.element_ty), mask=mask)
-        tl.store(o_row + (offs_c + HALF)[None, :] * o_sd, _cast(ob, o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_row + offs_c[None, :] * o_sd, cast_rne(oa, o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_row + (offs_c + HALF)[None, :] * o_sd, cast_rne(ob, o_ptr.dtype.element_ty), mask=mask)
 
     if BLOCK_PASS > 0:
         # Partial rotary: channels [2*HALF, D) are copied unchanged.
