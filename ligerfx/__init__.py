@@ -10,8 +10,9 @@ from .backend import liger_backend
 from .explain import explain
 from .options import Options, OptionsError
 from .pattern import PatternError
+from .quantize import quantize_
 from .report import Report
 
 __all__ = ["liger_backend", "explain", "Options", "OptionsError", "PatternError", "Report",
-           "register_pattern"]
+           "register_pattern", "quantize_"]
 __version__ = "0.1.0"

@@ -25,8 +25,16 @@ last_report: Report | None = None
 
 
 def rewrite(gm: fx.GraphModule, options: Options) -> Report:
-    """Apply every enabled pattern to `gm` in place (patterns import the kernels they call)."""
-    return run_patterns(gm, enabled_patterns(options))
+    """Apply every enabled pattern to `gm` in place (patterns import the kernels they call), then
+    the quantization pass (which also counts linears packed by `ligerfx.quantize_`)."""
+    report = run_patterns(gm, enabled_patterns(options))
+    from .quantize_pass import run_quantize
+
+    q = run_quantize(gm, options)
+    if q.matches or q.near_misses:
+        report.matches = sorted(report.matches + q.matches, key=lambda m: m.position)
+        report.near_misses = sorted(report.near_misses + q.near_misses, key=lambda m: m.position)
+    return report
 
 
 def _inner(name: str, mode: str | None) -> Callable:

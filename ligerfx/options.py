@@ -21,12 +21,20 @@ class Options:
     patterns: names of the only patterns to apply (default: all registered patterns).
     exclude: names of patterns not to apply.
     log_report: log the rewrite report through the `ligerfx` logger (INFO) after each graph.
+    quantize: None, "int8", "int4" or "fp8": replace frozen linear layers by low-bit matmuls.
+    group_size: int4 group along K: 32, 64 or 128.
+    quantize_skip: module-name globs (fnmatch) of linears not to quantize.
+    quantize_lm_head: also quantize the lm head (skipped by default).
     """
 
     inner: str = "inductor"
     patterns: tuple | None = None
     exclude: tuple = ()
     log_report: bool = True
+    quantize: str | None = None
+    group_size: int = 128
+    quantize_skip: tuple = ()
+    quantize_lm_head: bool = False
     _extra: tuple = field(default=(), repr=False)
 
     @classmethod
@@ -43,7 +51,7 @@ class Options:
             raise OptionsError(f"unknown liger option(s) {', '.join(map(repr, unknown))}; "
                                f"valid options are: {', '.join(valid)}")
         kw = dict(options)
-        for key in ("patterns", "exclude"):
+        for key in ("patterns", "exclude", "quantize_skip"):
             if key in kw and kw[key] is not None:
                 kw[key] = _names(key, kw[key])
         opts = cls(**kw)
@@ -56,6 +64,15 @@ class Options:
                                f"got {self.inner!r}")
         if not isinstance(self.log_report, bool):
             raise OptionsError(f"option 'log_report' must be True or False, got {self.log_report!r}")
+        if not isinstance(self.quantize_lm_head, bool):
+            raise OptionsError(f"option 'quantize_lm_head' must be True or False, "
+                               f"got {self.quantize_lm_head!r}")
+        if self.quantize is None:
+            if self.group_size != 128 or self.quantize_skip or self.quantize_lm_head:
+                raise OptionsError("options 'group_size', 'quantize_skip' and 'quantize_lm_head' "
+                                   "need 'quantize' (one of " + ", ".join(QUANT_SCHEMES) + ")")
+        else:
+            validate_quantize(self.quantize, self.group_size)
         from .pattern import REGISTRY
         from . import builtins  # noqa: F401
 
@@ -69,13 +86,30 @@ class Options:
                                    f"{', '.join(known)}")
 
 
+QUANT_SCHEMES = ("int8", "int4", "fp8")
+GROUP_SIZES = (32, 64, 128)
+
+
+def validate_quantize(scheme: Any, group_size: Any) -> None:
+    """Check a quantization scheme and int4 group size (also used by `ligerfx.quantize_`)."""
+    if scheme not in QUANT_SCHEMES:
+        raise OptionsError(f"option 'quantize' must be one of {', '.join(QUANT_SCHEMES)}; got {scheme!r}")
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise OptionsError(f"option 'group_size' must be one of {', '.join(map(str, GROUP_SIZES))}; "
+                           f"got {group_size!r}")
+    if scheme != "int4" and group_size != 128:
+        raise OptionsError(f"option 'group_size' applies to quantize='int4' only (got "
+                           f"quantize={scheme!r}, group_size={group_size!r})")
+
+
 def _names(key: str, v: Any) -> tuple:
+    what = "module-name globs" if key == "quantize_skip" else "pattern names"
     if isinstance(v, str):
         v = [v]
     try:
         names = tuple(v)
     except TypeError:
-        raise OptionsError(f"option {key!r} must be a list of pattern names, got {v!r}") from None
+        raise OptionsError(f"option {key!r} must be a list of {what}, got {v!r}") from None
     if not all(isinstance(n, str) for n in names):
-        raise OptionsError(f"option {key!r} must be a list of pattern names, got {v!r}")
+        raise OptionsError(f"option {key!r} must be a list of {what}, got {v!r}")
     return names

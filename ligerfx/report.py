@@ -33,7 +33,7 @@ def _clean_module_path(path: str) -> str:
     # Dynamo spells module paths as L['self'].model.layers[0].mlp or L['self']._modules['x'].
     # (a forward wrapped by a decorator is reached through L['args'][0]).
     path = re.sub(r"^L\['[^']*'\](\[\d+\])*\.?", "", path)
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"(^|\.)_modules\['([^']*)'\]", r"\1\2", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
     return path.strip(".")

@@ -1,0 +1,194 @@
+"""W8A16 linear: int8 weights (symmetric, per output channel) times bf16/fp16/fp32 activations.
+
+Format (`pack_int8`): for a weight W [N, K], scale[n] = max_k |W[n, k]| / 127 (stored in the
+activation dtype, then used as stored), q = clamp(round(W / scale), -127, 127) as int8 [N, K].
+Dequantized weight: W' = q * scale.
+
+`liger::int8_linear(x, qweight, scale, bias)` computes y = x @ W'^T + bias: the kernel loads int8
+tiles, converts them in registers (int8 values are exact in bf16/fp16), accumulates x @ q^T in
+fp32 and applies the per-channel scale and the bias once in the epilogue; y is rounded once to
+x.dtype.  Few rows (M <= 16) split K over programs and reduce the fp32 partials in a second small
+kernel; many rows use large tiles.  The autograd formula gives the input (and bias) gradient;
+the weight is frozen.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .lowbit import (dot_precision, frozen_linear_backward, pick_config, rows_2d, splitk_reduce,
+                     upcast_dot)
+from .runtime import use_triton
+
+QMAX = 127
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack_int8(weight: torch.Tensor, scale_dtype: Optional[torch.dtype] = None):
+    """Quantize W [N, K] -> (qweight int8 [N, K], scale [N] in scale_dtype, default W's dtype)."""
+    scale_dtype = scale_dtype or weight.dtype
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / QMAX).to(scale_dtype)
+    s = scale.float()
+    q = torch.where(s[:, None] > 0, w / torch.where(s > 0, s, 1.0)[:, None], 0.0)
+    q = q.round().clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def unpack_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return (qweight.to(dtype) * scale.to(dtype)[:, None])
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _int8_mm_kernel(X, Q, S, B, Y, P, M, N, K, stride_xm, stride_qn, stride_ym, k_per_split,
+                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    # Program ids grouped along M so programs running together reuse the same weight tiles.
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    width = GROUP_M * n_n
+    first_m = (pid // width) * GROUP_M
+    group_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
+    pid_k = tl.program_id(1)
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mmask = rm < M
+    nmask = rn < N
+    x_rows = X + rm[:, None].to(tl.int64) * stride_xm
+    q_cols = Q + rn[None, :].to(tl.int64) * stride_qn
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BK):
+        rk = k0 + tl.arange(0, BK)
+        kmask = rk < k_hi
+        x = tl.load(x_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        q = tl.load(q_cols + rk[:, None], mask=kmask[:, None] & nmask[None, :], other=0)  # [BK, BN]
+        if UPCAST:
+            acc = tl.dot(x.to(tl.float32), q.to(tl.float32), acc, input_precision=PREC)
+        else:  # int8 values are exact in bf16/fp16: the tensor cores see x's dtype
+            acc = tl.dot(x, q.to(x.dtype), acc, input_precision=PREC)
+    if SPLIT == 1:
+        acc = acc * tl.load(S + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+    else:
+        offs = pid_k * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(P + offs, acc, mask=mmask[:, None] & nmask[None, :])
+
+
+def int8_matmul_triton(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                       bias: Optional[torch.Tensor], y: Optional[torch.Tensor] = None,
+                       split: Optional[int] = None) -> torch.Tensor:
+    """y[M, N] = x2[M, K] @ (qweight * scale)^T + bias, through the Triton kernel."""
+    M, K = x2.shape
+    N = qweight.shape[0]
+    if y is None:
+        y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    if M == 0:
+        return y
+    cfg = pick_config(M, N, K, x2.device, split=split)
+    partial = None
+    if cfg.split > 1:
+        partial = torch.empty((cfg.split, M, N), dtype=torch.float32, device=x2.device)
+    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), cfg.split)
+    _int8_mm_kernel[grid](x2, qweight, scale, bias if bias is not None else scale, y,
+                          partial if partial is not None else y, M, N, K, x2.stride(0),
+                          qweight.stride(0), y.stride(0), cfg.k_per_split,
+                          HAS_BIAS=bias is not None, SPLIT=cfg.split, PREC=dot_precision(x2.dtype),
+                          UPCAST=upcast_dot(x2.device),
+                          BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=8,
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if partial is not None:
+        splitk_reduce(partial, scale, bias, y)
+    return y
+
+
+def int8_matmul_reference(x2, qweight, scale, bias):
+    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    y = (x2.to(acc) @ qweight.to(acc).t()) * scale.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x2.dtype)
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def _check(x, qweight, scale, bias):
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise ValueError(f"int8_linear: qweight must be a 2-D int8 tensor, got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}")
+    if x.shape[-1] != qweight.shape[1]:
+        raise ValueError(f"int8_linear: x has {x.shape[-1]} features, weight expects {qweight.shape[1]}")
+    if scale.shape != (qweight.shape[0],) or (bias is not None and bias.shape != (qweight.shape[0],)):
+        raise ValueError("int8_linear: scale and bias must be [out_features] vectors")
+
+
+@torch.library.custom_op("liger::int8_linear", mutates_args=())
+def int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+    _check(x, qweight, scale, bias)
+    x2 = rows_2d(x)
+    if use_triton(x2, scale, bias) and qweight.stride(-1) == 1:
+        y = int8_matmul_triton(x2, qweight, scale, bias)
+    else:
+        y = int8_matmul_reference(x2, qweight, scale, bias)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+@int8_linear_op.register_fake
+def _(x, qweight, scale, bias):
+    _check(x, qweight, scale, bias)
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("liger::int8_linear_backward", mutates_args=())
+def int8_linear_backward_op(grad: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                            x_dtype: torch.dtype) -> torch.Tensor:
+    w = unpack_int8(qweight, scale, torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    return frozen_linear_backward(grad, w, x_dtype)
+
+
+@int8_linear_backward_op.register_fake
+def _(grad, qweight, scale, x_dtype):
+    return grad.new_empty((*grad.shape[:-1], qweight.shape[1]), dtype=x_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, qweight, scale, bias = inputs
+    ctx.save_for_backward(qweight, scale)
+    ctx.x_dtype = x.dtype
+
+
+def _backward(ctx, grad):
+    qweight, scale = ctx.saved_tensors
+    dx = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.liger.int8_linear_backward(grad, qweight, scale, ctx.x_dtype)
+    if ctx.needs_input_grad[3]:
+        dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return dx, None, None, dbias
+
+
+int8_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def int8_linear(x, qweight, scale, bias=None):
+    """y = x @ (qweight * scale[:, None])^T + bias (see the module docstring)."""
+    return torch.ops.liger.int8_linear(x, qweight, scale, bias)

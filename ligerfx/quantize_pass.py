@@ -1,0 +1,153 @@
+"""The quantization pass: frozen `linear` ops on module parameters -> `liger::<scheme>_linear`.
+
+For each `F.linear(x, w, b)` in Dynamo's graph whose weight is a module parameter (a lifted
+placeholder whose `grapharg.example` is the real `nn.Parameter`), the pass
+
+- skips it, with a near miss, when the graph needs the weight's gradient (grad mode was on at
+  compile time and the parameter requires grad), when its module name matches `quantize_skip`,
+  when it is the lm head (weight tied to an embedding of the graph, or out_features equal to an
+  embedding's vocabulary size) unless `quantize_lm_head`, or when the scheme cannot serve its
+  shape;
+- otherwise quantizes the parameter now (cached per parameter, see `ligerfx.quantize`) and
+  replaces the op by `liger::frozen_quantized_weight` (cache lookup, re-quantizing a parameter
+  changed in place) feeding `liger::<scheme>_linear`.
+
+Linears already packed by `ligerfx.quantize_` reach the graph as `liger::<scheme>_linear` calls;
+they are counted here too (detail "quantize_").
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import quantize as Q
+from .canonical import node_value
+from .report import MatchRecord, NearMiss, Report, _clean_module_path, locate
+
+_LINEAR = (F.linear, torch._C._nn.linear)
+_EMBEDDING = (F.embedding, torch.embedding)
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _param_of(node) -> tuple[str, torch.Tensor] | None:
+    """(module parameter path, the parameter) of a lifted parameter placeholder, else None."""
+    if not isinstance(node, fx.Node) or node.op != "placeholder":
+        return None
+    ga = node.meta.get("grapharg")
+    ex = getattr(ga, "example", None) if ga is not None else None
+    if not isinstance(ex, nn.Parameter):
+        return None
+    # Dynamo may spell the path L['self']._modules['up']._parameters['weight'].
+    path = ".".join(p for p in _clean_module_path(ga.source.name).split(".")
+                    if p not in ("_modules", "_parameters"))
+    return path, ex
+
+
+def _args(node: fx.Node, names: tuple) -> list:
+    out = list(node.args) + [None] * (len(names) - len(node.args))
+    for i, n in enumerate(names):
+        if n in node.kwargs:
+            out[i] = node.kwargs[n]
+    return out
+
+
+def _prequantized_ops() -> dict:
+    ops = {}
+    for name in Q.OP_NAMES.values():
+        packet = getattr(torch.ops.liger, name, None)
+        if packet is not None:
+            ops[packet] = ops[packet.default] = name
+    return ops
+
+
+def run_quantize(gm: fx.GraphModule, options) -> Report:
+    """Rewrite `gm` in place; a report of this graph's quantized linears and near misses."""
+    report = Report(graphs=1)
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    pre = _prequantized_ops()
+    for n in nodes:
+        if n.op == "call_function" and n.target in pre:
+            report.matches.append(MatchRecord(pre[n.target], locate(n), [n.name], detail="quantize_",
+                                              position=position[n]))
+    scheme = options.quantize
+    if scheme is None:
+        return report
+    if scheme == "fp8":
+        Q._fp8()  # a clear error until the fp8 kernels land
+    op_name = Q.OP_NAMES[scheme]
+    op = getattr(torch.ops.liger, op_name).default
+
+    tied, vocab = set(), set()
+    for n in nodes:
+        if n.op == "call_function" and n.target in _EMBEDDING:
+            w = _args(n, ("input", "weight"))[1] if n.target is F.embedding else n.args[0]
+            if isinstance(w, fx.Node):
+                tied.add(w)
+                v = node_value(w)
+                if isinstance(v, torch.Tensor) and v.dim() == 2:
+                    vocab.add(int(v.shape[0]))
+
+    grad_on = torch.is_grad_enabled()
+    changed = False
+    for n in nodes:
+        if n.op != "call_function" or n.target not in _LINEAR:
+            continue
+        x, w, b = _args(n, ("input", "weight", "bias"))
+        info = _param_of(w)
+        loc = locate(n)
+
+        def miss(reason):
+            report.near_misses.append(NearMiss(op_name, loc, reason, position=position[n]))
+
+        if info is None:
+            miss("the weight is not a module parameter (computed in the graph)")
+            continue
+        path, param = info
+        module = path.rsplit(".", 1)[0]
+        N, K = param.shape if param.dim() == 2 else (0, 0)
+        if Q.matches_any(module, options.quantize_skip):
+            miss(f"{module} matches quantize_skip")
+            continue
+        if not options.quantize_lm_head and (w in tied or N in vocab):
+            why = "tied to an embedding" if w in tied else f"out_features {N} = vocabulary size"
+            miss(f"lm head ({why}) is skipped by default; set quantize_lm_head=True to quantize it")
+            continue
+        if grad_on and param.requires_grad:
+            miss(f"the graph needs the gradient of {path}; freeze it ({module}.requires_grad_(False)) "
+                 "or run under torch.no_grad() / torch.inference_mode() to quantize it")
+            continue
+        reason = Q.unsupported_reason(scheme, N, K, options.group_size)
+        if reason is not None:
+            miss(reason)
+            continue
+        if scheme == "fp8":
+            Q.check_fp8_device(param.device)
+        xv = node_value(x) if isinstance(x, fx.Node) else None
+        sdt = xv.dtype if isinstance(xv, torch.Tensor) and xv.dtype in _FLOATS else param.dtype
+        key = Q.frozen_weight(param, scheme, options.group_size, sdt)
+        gs = options.group_size if scheme == "int4" else 0
+        with graph.inserting_before(n):
+            packed = graph.call_function(torch.ops.liger.frozen_quantized_weight.default,
+                                         (w, key, scheme, gs, sdt))
+            parts = [graph.call_function(operator.getitem, (packed, i))
+                     for i in range(3 if scheme == "int4" else 2)]
+            new = graph.call_function(op, (x, *parts, b))
+        for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if k in n.meta:
+                new.meta[k] = n.meta[k]
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        changed = True
+        report.matches.append(MatchRecord(op_name, loc, [n.name], detail=f"{scheme} {module}",
+                                          position=position[n]))
+    if changed:
+        graph.lint()
+        gm.recompile()
+    return report
