@@ -128,6 +128,60 @@ def run(kind, n, vocab, hidden, device, dtype, args, records, meta):
     del leaves
 
 
+# ----------------------------------------------------------------------------- run.py registry
+# benchmarks/run.py discovers OPS and measures them with benchmarks/harness.py.  Sizes are token
+# counts at vocab 128256 (Llama-3); the CPU smoke uses vocab 1000, hidden 64.
+
+from harness import Case, OpBench  # noqa: E402
+
+RUN_VOCAB = 128256
+RUN_TOKENS = (1024, 2048, 4096, 8192)
+
+
+def _dims(device):
+    return (1000, 64) if device.type == "cpu" else (RUN_VOCAB, HIDDEN)
+
+
+def _target(n, vocab, device):
+    target = torch.randint(0, vocab, (n,), device=device)
+    target[::17] = -100
+    return target
+
+
+def _ce_case(n, device, dtype):
+    vocab, _ = _dims(device)
+    logits = torch.randn(n, vocab, device=device, dtype=dtype, requires_grad=True)
+    elt = logits.element_size()
+    # fwd reads the logits; bwd reads them again and writes their gradient.
+    return Case(f"n{n}_v{vocab}", n, (logits, _target(n, vocab, device)), None,
+                n * vocab * elt, 2 * n * vocab * elt)
+
+
+def _flce_case(n, device, dtype):
+    vocab, hidden = _dims(device)
+    h = torch.randn(n, hidden, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device=device, dtype=dtype) * hidden**-0.5).requires_grad_()
+    mm = 2 * n * vocab * hidden
+    # fwd: the logits matmul; bwd: grad wrt hidden and wrt weight (two more matmuls of that size).
+    return Case(f"n{n}_v{vocab}_h{hidden}", n, (h, w, _target(n, vocab, device)), None,
+                fwd_flops=mm, bwd_flops=2 * mm)
+
+
+def _lk(i):
+    def make():
+        lk = liger_kernel()
+        return None if lk is None else lk[i]
+    return make
+
+
+OPS = [
+    OpBench("cross_entropy", "cross_entropy", _ce_case, RUN_TOKENS, (64,), "tokens", eager=eager_ce,
+            liger=ours_ce, liger_kernel=_lk(0)),
+    OpBench("fused_linear_cross_entropy", "fused_linear_cross_entropy", _flce_case, RUN_TOKENS, (64,),
+            "tokens", eager=eager_flce, liger=ours_flce, liger_kernel=_lk(1), bound="compute"),
+]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU")

@@ -142,6 +142,57 @@ def bench_case(op, rows, hidden, device, dtype, factories, args, env, records):
         del m, xg
 
 
+# ----------------------------------------------------------------------------- run.py registry
+# benchmarks/run.py discovers OPS and measures them with benchmarks/harness.py (functional
+# variants: the weights are arguments, so every variant sees the same tensors).
+
+from harness import Case, OpBench  # noqa: E402
+
+
+def _eager_rms(x, w):
+    dt = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+    return w * h.to(dt)
+
+
+def _eager_ln(x, w, b):
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, EPS)
+
+
+def _lk_rms():
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    return lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False)
+
+
+def _lk_ln():
+    from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+    return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, EPS)
+
+
+def _norm_case(op):
+    def make(hidden, device, dtype, rows=None):
+        rows = rows or (16 if device.type == "cpu" else ROWS)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+        w = (1.0 + 0.1 * torch.randn(hidden, generator=gen)).to(device, dtype).requires_grad_()
+        args = (x, w)
+        if op == "layer_norm":
+            args += ((0.1 * torch.randn(hidden, generator=gen)).to(device, dtype).requires_grad_(),)
+        f, fb = bytes_moved(op, rows, hidden, x.element_size(), w.element_size())
+        return Case(f"r{rows}_h{hidden}", hidden, args, (torch.randn_like(x),), f, fb - f)
+    return make
+
+
+OPS = [
+    OpBench("rms_norm", "rms_norm", _norm_case("rms_norm"), HIDDEN_SIZES, (64, 200), "hidden",
+            eager=_eager_rms, liger=lambda x, w: rms_norm(x, w, EPS, casting_mode="llama"),
+            liger_kernel=_lk_rms, smoke_inductor=True),
+    OpBench("layer_norm", "layer_norm", _norm_case("layer_norm"), HIDDEN_SIZES, (64, 200), "hidden",
+            eager=_eager_ln, liger=lambda x, w, b: layer_norm(x, w, b, EPS), liger_kernel=_lk_ln),
+]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(parser)

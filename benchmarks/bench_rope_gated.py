@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from ligerfx.kernels.gated_act import swiglu  # noqa: E402
+from ligerfx.kernels.gated_act import geglu, swiglu  # noqa: E402
 from ligerfx.kernels.rope import rope  # noqa: E402
 
 # Llama-3-8B
@@ -233,6 +233,64 @@ def versions():
     if torch.version.cuda:
         v["cuda"] = torch.version.cuda
     return v
+
+
+# ----------------------------------------------------------------------------- run.py registry
+# benchmarks/run.py discovers OPS and measures them with benchmarks/harness.py.
+
+from harness import Case, OpBench  # noqa: E402
+
+_SMOKE_CFG = dict(hq=4, hk=2, d=64, hidden=32, inter=96)
+_FULL_CFG = dict(hq=N_Q_HEADS, hk=N_KV_HEADS, d=HEAD_DIM, hidden=HIDDEN, inter=INTERMEDIATE)
+
+
+def _cfg(device):
+    return _SMOKE_CFG if device.type == "cpu" else _FULL_CFG
+
+
+def _rope_op_case(seq, device, dtype):
+    cfg = _cfg(device)
+    b, hq, hk, d = 1, cfg["hq"], cfg["hk"], cfg["d"]
+    # Leaves laid out as HF makes them: [b, t, h, d] projections seen as [b, h, t, d].
+    q = torch.randn(b, seq, hq, d, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, seq, hk, d, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+    inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=device).float() / d))
+    ang = torch.outer(torch.arange(seq, device=device).float(), inv)
+    emb = torch.cat((ang, ang), dim=-1)[None]
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    elt = q.element_size()
+    nbytes = 2 * (q.numel() + k.numel()) * elt + 2 * cos.numel() * elt
+    grads = (torch.randn(q.shape, device=device, dtype=dtype), torch.randn(k.shape, device=device, dtype=dtype))
+    return Case(f"b{b}_t{seq}_hq{hq}_hk{hk}_d{d}", seq, (q, k, cos, sin), grads, nbytes, nbytes)
+
+
+def _gated_op_case(seq, device, dtype):
+    n = _cfg(device)["inter"]
+    gate = torch.randn(seq, n, device=device, dtype=dtype, requires_grad=True)
+    up = torch.randn(seq, n, device=device, dtype=dtype, requires_grad=True)
+    elt = gate.element_size()
+    # fwd: read gate, up; write y.  bwd: read dy, gate, up; write dgate, dup.
+    return Case(f"t{seq}_n{n}", seq, (gate, up), (torch.randn_like(gate),),
+                3 * gate.numel() * elt, 5 * gate.numel() * elt)
+
+
+def _eager_geglu(gate, up):
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def _lk_geglu():
+    from liger_kernel.ops.geglu import LigerGELUMulFunction
+    return LigerGELUMulFunction.apply
+
+
+OPS = [
+    OpBench("rope", "rope", _rope_op_case, SEQS, (16, 32), "tokens", eager=hf_apply_rotary, liger=ours_rope,
+            liger_kernel=lambda: liger_variants().get("rope")),
+    OpBench("swiglu", "gated_act", _gated_op_case, SEQS, (16, 32), "tokens", eager=eager_swiglu, liger=swiglu,
+            liger_kernel=lambda: liger_variants().get("swiglu")),
+    OpBench("geglu", "gated_act", _gated_op_case, SEQS, (16,), "tokens", eager=_eager_geglu,
+            liger=lambda g, u: geglu(g, u, "tanh"), liger_kernel=_lk_geglu),
+]
 
 
 def main(argv=None) -> int:

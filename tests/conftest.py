@@ -10,8 +10,18 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib  # noqa: E402
+import pkgutil  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import ligerfx.kernels  # noqa: E402
+
+# Import every kernel module now, while TRITON_INTERPRET=1: a module first imported inside a test
+# that switched to the torch path would decorate its kernels for a GPU driver that is not here.
+for _m in pkgutil.iter_modules(ligerfx.kernels.__path__):
+    importlib.import_module(f"ligerfx.kernels.{_m.name}")
 
 
 @pytest.fixture(params=["torch", "triton"])
