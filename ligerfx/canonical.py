@@ -15,7 +15,12 @@ Rules (each is an identity of real arithmetic, so a match means the same math):
 - every dtype conversion is `cast`; a cast that changes nothing (and `contiguous`) is an identity
   cast, which the matcher always looks through; other casts only for patterns that allow them;
 - pure canonical nodes with equal ops and arguments are merged (common subexpressions), so code
-  that writes `(x - mu)` twice matches a pattern that names it once.
+  that writes `(x - mu)` twice matches a pattern that names it once;
+- a basic slice along one dim (`x[..., a:b]`, `x[:, :, a:b]`, `narrow`, and a piece of `chunk` /
+  `split` of a static size) is `slice(x, dim, start, end, step)`: a missing start is 0, a missing
+  step 1, and an end at or past a static dim size is None (so `chunk(2)[1]` is `x[..., h:]`);
+- `cat`, `stack` and `flatten` carry negative dims; a `view` / `reshape` / `unflatten` that splits one dim
+  in two with a static inner size is `unflatten(x, dim, inner)`.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ _FUNCTIONS: dict[Any, str] = {
     torch.squeeze: "squeeze", torch.flatten: "flatten",
     torch.view_as_complex: "view_as_complex", torch.view_as_real: "view_as_real",
     torch.softmax: "softmax", F.softmax: "softmax", torch.log_softmax: "log_softmax",
-    F.log_softmax: "log_softmax", F.pad: "pad",
+    F.log_softmax: "log_softmax", F.pad: "pad", torch.narrow: "narrow",
+    torch.unflatten: "unflatten",
 }
 _METHOD_ALIASES = {"__getitem__": "getitem", "concat": "cat", "multiply": "mul",
                    "subtract": "sub", "divide": "div", "true_divide": "div", "negative": "neg"}
@@ -79,14 +85,16 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "linear": ("weight", "bias=None"),
     "softmax": ("dim", "dtype=None"), "log_softmax": ("dim", "dtype=None"),
     "transpose": ("dim0", "dim1"), "unsqueeze": ("dim",),
+    "cat": ("dim=0",), "stack": ("dim=0",), "flatten": ("start_dim=0", "end_dim=-1"),
 }
 _UNARY = {"neg", "square", "sqrt", "rsqrt", "reciprocal", "exp", "log", "erf", "tanh", "sigmoid",
-          "abs", "relu"}
+          "abs", "relu", "view_as_complex", "view_as_real"}
 _REDUCTIONS = {"mean", "sum", "var"}
 # Ops whose canonical nodes may be merged when their arguments are equal (no randomness, no state).
 _PURE = _UNARY | _REDUCTIONS | {"add", "sub", "mul", "div", "pow", CAST, "silu", "gelu",
                                 "rms_norm", "layer_norm", "linear", "matmul", "getitem",
-                                "transpose", "unsqueeze"}
+                                "transpose", "unsqueeze", "slice", "unflatten", "cat",
+                                "stack", "flatten"}
 
 _NO_DEFAULT = object()
 
@@ -244,6 +252,9 @@ class View:
 
         if name in _CAST_METHODS or name in _IDENTITY_METHODS:
             return self._cast(node)
+        shaped = self._shape_op(node, name)
+        if shaped is not None:
+            return shaped
         bound = _bind(name, tuple(node.args), dict(node.kwargs))
         if bound is None:
             if name in _UNARY and len(node.args) == 1 and not node.kwargs:
@@ -336,12 +347,99 @@ class View:
             if isinstance(d, int) and d >= 0 and rank is not None:
                 d = d - (rank + 1)
             return self._mk(name, (x, d), node)
+        if name in ("cat", "stack"):
+            parts = a[0] if isinstance(a[0], tuple) else None
+            r = _rank(parts[0].value) if parts and isinstance(parts[0], CNode) else None
+            d = _norm_dims(a[1], None if r is None else r + (name == "stack"))
+            return None if parts is None or d is None else self._mk(name, (parts, d[0]), node)
+        if name == "flatten":
+            if rank is None or not all(isinstance(d, int) for d in a[1:3]):
+                return None
+            start, end = (d - max(rank, 1) if d >= 0 else d for d in a[1:3])
+            return self._mk(name, (x, start, end), node)
         if name == "transpose":
             d0, d1 = a[1], a[2]
             if rank is not None and isinstance(d0, int) and isinstance(d1, int):
                 d0, d1 = sorted((d0 - rank if d0 >= 0 else d0, d1 - rank if d1 >= 0 else d1))
             return self._mk(name, (x, d0, d1), node)
         return self._mk(name, tuple(a), node)
+
+    # -- slices and reshapes ------------------------------------------------------------------
+    def _shape_op(self, node: fx.Node, name: str) -> CNode | None:
+        """`slice` / `unflatten` canonical forms of indexing and reshaping nodes, or None."""
+        if name == "getitem" and len(node.args) == 2 and not node.kwargs:
+            src, idx = node.args
+            if not isinstance(src, fx.Node):
+                return None
+            if isinstance(idx, int) and not isinstance(idx, bool):
+                piece = _split_piece(src, idx)
+                return None if piece is None else self._slice(node, *piece)
+            return self._index_slice(node, src, idx)
+        if name == "narrow" and len(node.args) == 4 and not node.kwargs:
+            x, dim, start, length = node.args
+            if isinstance(x, fx.Node) and all(isinstance(v, int) for v in (dim, start, length)):
+                size = _static_size(x, dim)
+                end = start + length
+                if start >= 0 and size is not None and end >= size:
+                    end = None
+                return self._slice(node, x, dim, start, end, 1)
+            return None
+        if name in ("view", "reshape", "unflatten"):
+            return self._unflatten(node)
+        return None
+
+    def _slice(self, node, x, dim, start, end, step) -> CNode | None:
+        rank = _rank(node_value(x))
+        if rank is None or not isinstance(dim, int) or not -rank <= dim < rank:
+            return None
+        return self._mk("slice", (self._of[x], dim - rank if dim >= 0 else dim,
+                                  self._arg(start), self._arg(end), self._arg(step)), node)
+
+    def _index_slice(self, node, src, idx) -> CNode | None:
+        # Only basic slicing along one dim: slices and at most one Ellipsis, every other dim whole.
+        items = idx if isinstance(idx, tuple) else (idx,)
+        rank = _rank(node_value(src))
+        if rank is None or not all(isinstance(i, slice) or i is Ellipsis for i in items):
+            return None
+        n_ell = sum(i is Ellipsis for i in items)
+        if n_ell > 1 or len(items) - n_ell > rank:
+            return None
+        if n_ell:
+            at = items.index(Ellipsis)
+            fill = (slice(None),) * (rank - (len(items) - 1))
+            items = items[:at] + fill + items[at + 1:]
+        cut = [(d, s) for d, s in enumerate(items) if not _whole(s)]
+        if len(cut) != 1:
+            return None
+        d, s = cut[0]
+        start = 0 if s.start is None else s.start
+        step = 1 if s.step is None else s.step
+        end = s.stop
+        size = _static_size(src, d)
+        if isinstance(end, int) and size is not None and end >= size:
+            end = None
+        return self._slice(node, src, d, start, end, step)
+
+    def _unflatten(self, node: fx.Node) -> CNode | None:
+        # A reshape that splits exactly one dim into (outer, inner) with a static inner size.
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node):
+            return None
+        vin, vout = node_value(src), node_value(node)
+        if not isinstance(vin, torch.Tensor) or not isinstance(vout, torch.Tensor):
+            return None
+        si, so = tuple(vin.shape), tuple(vout.shape)
+        if len(so) != len(si) + 1:
+            return None
+        from .symbolic import known_equal, known_int
+
+        for d in range(len(si)):
+            if (all(known_equal(a, b) for a, b in zip(si[:d], so[:d]))
+                    and all(known_equal(a, b) for a, b in zip(si[d + 1:], so[d + 2:]))):
+                inner = known_int(so[d + 1])
+                if inner is not None and known_equal(so[d] * inner, si[d]):
+                    return self._mk("unflatten", (self._of[src], d - len(si), inner), node)
+        return None
 
     def _unary(self, name: str, x: Any, node: fx.Node) -> CNode:
         if name == "reciprocal" and isinstance(x, CNode) and x.op == "sqrt" and x.nodes:
@@ -374,6 +472,56 @@ class View:
         old.nodes.extend(n for n in c.nodes if n not in old.nodes)
         old.folded.extend(n for n in c.folded if n not in old.folded)
         return old
+
+
+def _whole(s: Any) -> bool:
+    return isinstance(s, slice) and s.start in (None, 0) and s.stop is None and s.step in (None, 1)
+
+
+def _static_size(x: fx.Node, dim: int) -> int | None:
+    from .symbolic import known_int
+
+    v = node_value(x)
+    if not isinstance(v, torch.Tensor) or not -v.dim() <= dim < v.dim():
+        return None
+    return known_int(v.shape[dim])
+
+
+_CHUNK = {torch.chunk: "chunk", torch.split: "split"}
+
+
+def _split_piece(src: fx.Node, i: int):
+    """(input, dim, start, end, 1) of piece i of a `chunk` / `split` node with static sizes."""
+    if src.op == "call_method" and src.target in ("chunk", "split"):
+        kind = src.target
+    elif src.op == "call_function" and src.target in _CHUNK:
+        kind = _CHUNK[src.target]
+    else:
+        return None
+    args, kw = list(src.args), dict(src.kwargs)
+    x = args.pop(0) if args else kw.pop("input", kw.pop("tensor", None))
+    how = args.pop(0) if args else kw.pop("chunks", kw.pop("split_size", kw.pop(
+        "split_size_or_sections", None)))
+    dim = args.pop(0) if args else kw.pop("dim", 0)
+    if args or kw or not isinstance(x, fx.Node) or not isinstance(dim, int) or i < 0:
+        return None
+    size = _static_size(x, dim)
+    if not size:
+        return None
+    if isinstance(how, int) and not isinstance(how, bool) and how > 0:
+        step = -(-size // how) if kind == "chunk" else how
+        bounds = [(s, min(s + step, size)) for s in range(0, size, step)]
+    elif kind == "split" and isinstance(how, (list, tuple)) and all(isinstance(h, int) for h in how):
+        if sum(how) != size:
+            return None
+        starts = [sum(how[:j]) for j in range(len(how))]
+        bounds = [(s, s + h) for s, h in zip(starts, how)]
+    else:
+        return None
+    if i >= len(bounds):
+        return None
+    start, end = bounds[i]
+    return x, dim, start, (None if end >= size else end), 1
 
 
 def _key(a: Any):

@@ -131,6 +131,8 @@ class Match:
     detail: str = ""  # constraints may note what they decided (e.g. a casting mode)
     params: dict = field(default_factory=dict)  # decisions constraints hand to the replacement
     replacements: list = field(default_factory=list)  # the new nodes, once rewritten
+    notes: list = field(default_factory=list)  # statements for the report (e.g. a dropped output)
+    options: Any = None  # the backend's Options, for patterns whose behaviour an option sets
 
     # -- helpers for constraints and replacements -------------------------------------------
     def __getitem__(self, name: str) -> Any:

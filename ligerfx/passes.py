@@ -9,14 +9,15 @@ reason.  Nodes claimed by one rewrite are never matched again in the same round.
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterable
 
 import torch
 import torch.fx as fx
 
 from . import rewriter
-from .canonical import View
-from .matcher import Match, match_at
+from .canonical import INPUT, CNode, View
+from .matcher import Match, _match, _State, match_at
 from .pattern import REGISTRY, Pattern
 from .report import MatchRecord, NearMiss, Report, locate
 
@@ -56,7 +57,7 @@ def _run_constraints(match: Match) -> str | None:
     return None
 
 
-def _candidates(view: View, pattern: Pattern, variant) -> list:
+def _candidates(view: View, pattern: Pattern, variant, claimed=frozenset()):
     """Anchor tuples for a variant: one candidate node per pattern output."""
     ops = [o.op for o in variant.outputs]
     by_op: dict[str, list] = {}
@@ -66,13 +67,151 @@ def _candidates(view: View, pattern: Pattern, variant) -> list:
     first = by_op.get(ops[0], [])
     if len(ops) == 1:
         return [(c,) for c in reversed(first)]
-    # Multi-output patterns (e.g. q and k rotated together): later outputs are searched among
-    # nodes of the right op; the shared bindings prune the search quickly.
-    import itertools
+    return _multi_candidates(view, pattern, variant, first, by_op, claimed)
 
-    rest = [by_op.get(op, []) for op in ops[1:]]
-    return [combo for combo in itertools.product(reversed(first), *rest)
-            if len({id(c) for c in combo}) == len(combo)]
+
+def _multi_candidates(view: View, pattern: Pattern, variant, first, by_op, claimed):
+    """Anchor tuples of a multi-output pattern (e.g. q and k rotated together), lazily.
+
+    The product of all candidates is quadratic in the graph.  Instead output 0 is matched alone
+    first; a later output must then lie within the pattern's reach below every input it shares
+    with output 0 (q and k share cos/sin), and no anchor may depend on another (one replacement
+    computes them all at once: pairing layer 1's q with layer 2's k could never be ordered).
+    The candidates nearest to output 0 in the program come first.
+    """
+    outs = variant.outputs
+    depths = [_input_depths(o) for o in outs]
+    users = _cnode_users(view)
+    pos = {n: i for i, n in enumerate(view.graph.nodes)}
+    below: dict = {}
+    # Outputs computed alike (q and k) would match each node set once per ordering: one will do.
+    symmetric = len({_shape_key(o) for o in outs}) == 1
+    seen_sets: set = set()
+    for c0 in reversed(first):
+        if any(n in claimed for n in c0.nodes):
+            continue
+        states = list(_match(outs[0], c0, _State({}, {}, [], []), pattern, variant))
+        if not states:
+            continue
+        p0 = pos.get(c0.nodes[0], 0)
+        lists = []
+        for i in range(1, len(outs)):
+            shared = [k for k in depths[i] if k in depths[0]]
+            found: dict = {}
+            for st in states:
+                allowed = None
+                for name in shared:
+                    b = st.bind.get(name)
+                    if not isinstance(b, CNode):
+                        continue
+                    key = (id(b), depths[i][name])
+                    if key not in below:
+                        # casts the pattern does not spell may sit on the way: some slack
+                        below[key] = _reach(b, 2 * depths[i][name] + 4, users)
+                    allowed = below[key] if allowed is None else allowed & below[key]
+                for c in by_op.get(outs[i].op, []):
+                    if c is not c0 and (allowed is None or id(c) in allowed):
+                        found[id(c)] = c
+            lists.append(sorted(found.values(), key=lambda c: abs(pos.get(c.nodes[0], p0) - p0)))
+        for combo in itertools.product(*lists):
+            if any(n in claimed for n in c0.nodes):
+                break
+            anchors = (c0, *combo)
+            if symmetric:
+                key = frozenset(id(c) for c in anchors)
+                if key in seen_sets:
+                    continue
+                seen_sets.add(key)
+                # any order fits: program order (q before k) reads best in reports
+                anchors = tuple(sorted(anchors, key=lambda c: pos.get(c.nodes[0], -1)))
+            if (len({id(c) for c in anchors}) == len(anchors)
+                    and not any(n in claimed for c in combo for n in c.nodes)
+                    and not _dependent(anchors, pos)):
+                yield anchors
+
+
+def _input_depths(out: CNode) -> dict:
+    """Pattern input name -> longest path (in canonical nodes) from it to `out`."""
+    best: dict = {}
+
+    def walk(c, d):
+        if isinstance(c, tuple):
+            for x in c:
+                walk(x, d)
+        elif isinstance(c, CNode):
+            if c.op == INPUT:
+                best[c.node.target] = max(best.get(c.node.target, 0), d)
+            else:
+                for a in c.args:
+                    walk(a, d + 1)
+
+    walk(out, 0)
+    return best
+
+
+def _shape_key(out: CNode):
+    """The structure of a pattern output with its inputs numbered by first use."""
+    names: dict = {}
+
+    def key(c):
+        if isinstance(c, tuple):
+            return tuple(key(x) for x in c)
+        if isinstance(c, CNode):
+            if c.op == INPUT:
+                return ("in", names.setdefault(c.node.target, len(names)))
+            return (c.op,) + tuple(key(a) for a in c.args)
+        return repr(c)
+
+    return key(out)
+
+
+def _cnode_users(view: View) -> dict:
+    users: dict = {}
+
+    def add(a, c):
+        if isinstance(a, tuple):
+            for x in a:
+                add(x, c)
+        elif isinstance(a, CNode):
+            users.setdefault(id(a), []).append(c)
+
+    for c in view.cnodes():
+        for a in c.args:
+            add(a, c)
+    return users
+
+
+def _reach(start: CNode, depth: int, users: dict) -> set:
+    """ids of canonical nodes at most `depth` uses below `start`."""
+    seen, frontier = {id(start)}, [start]
+    for _ in range(depth):
+        nxt = []
+        for c in frontier:
+            for u in users.get(id(c), ()):
+                if id(u) not in seen:
+                    seen.add(id(u))
+                    nxt.append(u)
+        frontier = nxt
+    return seen
+
+
+def _dependent(anchors, pos: dict) -> bool:
+    """Whether one anchor's value flows into another's (fx data flow, bounded by position)."""
+    nodes = sorted(((pos.get(a.nodes[0], -1), a) for a in anchors), key=lambda t: t[0])
+    for i, (_, a) in enumerate(nodes):
+        for limit, b in nodes[i + 1:]:
+            targets = set(b.nodes)
+            stack, seen = list(a.nodes), set(a.nodes)
+            while stack:
+                n = stack.pop()
+                for u in n.users:
+                    if u in targets:
+                        return True
+                    # nodes added by earlier rewrites have no position: always follow them
+                    if u not in seen and pos.get(u, -1) <= limit:
+                        seen.add(u)
+                        stack.append(u)
+    return False
 
 
 def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern]) -> Report:
@@ -88,7 +227,7 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern]) -> Report:
     for pattern in patterns:
         view = View(graph)
         for variant in pattern.variants:
-            for anchors in _candidates(view, pattern, variant):
+            for anchors in _candidates(view, pattern, variant, claimed):
                 if any(n in claimed for a in anchors for n in a.nodes):
                     continue
                 for match in match_at(pattern, variant, view, list(anchors)):

@@ -121,8 +121,10 @@ def check_replacement(pattern: Pattern) -> None:
 
 def call_replacement(pattern: Pattern, variant: TracedVariant, bound: dict, match) -> Any:
     """Call the replacement with the pattern's inputs; pass `match` if it asks for it."""
+    # Constraints may bind more values than the pattern's own inputs (e.g. the lm head found
+    # above a loss); the replacement receives every binding it names.
     sig = inspect.signature(pattern.replacement).parameters
-    kwargs = {k: bound[k] for k in variant.inputs if k in sig and k in bound}
+    kwargs = {k: v for k, v in bound.items() if k in sig}
     if "match" in sig:
         kwargs["match"] = match
     return pattern.replacement(**kwargs)

@@ -1,0 +1,262 @@
+"""`swiglu` / `geglu`: a gated MLP's `act(gate) * up` -> the fused `liger::gated_act` kernel.
+
+The patterns are the math: `silu(gate) * up` (also spelled `gate * sigmoid(gate) * up`) and
+`gelu(gate) * up`, exact or tanh-approximated (transformers' `gelu_pytorch_tanh` is `F.gelu(x,
+approximate="tanh")` once Dynamo inlines it; its `gelu_new` is the tanh formula written out, a
+variant here).  gate and up are whatever feeds them: two linears, or the two halves of one fused
+projection (`chunk` / `split` / slices, as Phi3 and grouped-expert MoEs do), which the canonical
+view spells as slices the kernel reads in place.
+
+The kernel computes act(gate) in fp32, rounds it to the input dtype and multiplies by up in fp32,
+exactly as eager `act(gate) * up` does in any one dtype.  Explicit casts are replayed outside the
+kernel when that reproduces eager's roundings (`check` works out how), otherwise the match is a
+near miss.  This module also holds the cast helpers the RoPE patterns share.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.proxy import Proxy
+
+import ligerfx.kernels.gated_act  # noqa: F401 - defines torch.ops.liger.gated_act
+from ligerfx.canonical import node_value
+from ligerfx.pattern import register
+from ligerfx.symbolic import known_equal
+
+# ---------------------------------------------------------------------------------------------
+# Cast helpers (shared with patterns/rope.py).
+
+_CAST_METHODS = ("to", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous")
+_LOW = (torch.bfloat16, torch.float16)
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def dtype_of(n):
+    return getattr(node_value(n), "dtype", None) if isinstance(n, fx.Node) else None
+
+
+def _is_cast(n) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_method" and n.target in _CAST_METHODS
+
+
+def cast_chain(use, bound) -> list | None:
+    """dtypes of the real casts from `bound` to `use` in program order; None if `use` is not
+    `bound` behind casts."""
+    steps = []
+    while use is not bound:
+        if not _is_cast(use):
+            return None
+        steps.append(use)
+        use = use.args[0]
+    chain, prev = [], dtype_of(bound)
+    for n in reversed(steps):
+        dt = dtype_of(n)
+        if dt != prev:
+            chain.append(dt)
+            prev = dt
+    return chain
+
+
+def use_chain(match, name: str) -> list | str:
+    """The cast chain between a bound input and every use of it inside the match, or a reason
+    when its uses see it cast differently."""
+    bound = match[name]
+    inside = set(match.covered)
+    chains = []
+    for n in match.covered:
+        # a cast's other arguments (`type_as(x)`) only give it a dtype
+        data = n.args[:1] if _is_cast(n) else n.all_input_nodes
+        for a in data:
+            if not isinstance(a, fx.Node) or a in inside:
+                continue
+            c = cast_chain(a, bound)
+            if c is not None and c not in chains:
+                chains.append(c)
+    if len(chains) > 1:
+        return f"`{name}` is cast differently at its uses ({chains})"
+    return chains[0] if chains else []
+
+
+def trailing_chain(match, i: int = 0) -> list:
+    """dtypes of the casts after output i that the match absorbed (program order)."""
+    return cast_chain(match.outputs[i], match.tops[i])
+
+
+def internal_casts(match) -> list:
+    """Real casts inside the match, not counting the trailing ones."""
+    trailing = set()
+    for top, out in zip(match.tops, match.outputs):
+        n = out
+        while n is not top:
+            trailing.add(n)
+            n = n.args[0]
+    return [c for c in match.casts if c not in trailing]
+
+
+def widens(a, b) -> bool:
+    """Every value of dtype a is exactly a value of dtype b."""
+    return a == b or (a in _LOW and b in (torch.float32, torch.float64)) or (
+        a == torch.float32 and b == torch.float64)
+
+
+def to_dtype(x, dt, value=None):
+    """x.to(dt) for a tensor or an fx Proxy.  A Proxy's new node gets its example value (the
+    rewriter fills them in only for call_function nodes), from x's or the given `value`."""
+    if dt is None:
+        return x
+    y = x.to(dt)
+    if isinstance(y, Proxy):
+        v = value if value is not None else node_value(x.node)
+        if v is not None:
+            y.node.meta["example_value"] = v.to(dt)
+    return y
+
+
+def apply_chain(x, chain, value=None):
+    for dt in chain:
+        x = to_dtype(x, dt, value)
+        value = None if value is None else value.to(dt)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Patterns.
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def swiglu(gate, up):
+    """SwiGLU: silu(gate) * up."""
+    return F.silu(gate) * up
+
+
+def swiglu_sigmoid(gate, up):
+    return gate * torch.sigmoid(gate) * up
+
+
+def geglu(gate, up, approximate):
+    """GeGLU: gelu(gate) * up, exact or tanh-approximated."""
+    return F.gelu(gate, approximate=approximate) * up
+
+
+def geglu_new(gate, up, tanh_form):
+    # transformers' NewGELUActivation ("gelu_new"), i.e. the tanh approximation written out.
+    # `tanh_form` is never bound by a match; its example value tells the replacement which gelu
+    # this spelling is when it runs on plain tensors (registration and check_pattern).
+    return 0.5 * gate * (1.0 + torch.tanh(_GELU_C * (gate + 0.044715 * torch.pow(gate, 3.0)))) * up
+
+
+def geglu_erf(gate, up):
+    # transformers' GELUActivation(use_gelu_python=True): exact gelu written with erf
+    return gate * 0.5 * (1.0 + torch.erf(gate / math.sqrt(2.0))) * up
+
+
+_ACT_OP = {swiglu: "silu", geglu: "gelu"}  # variants whose activation is one graph node
+
+
+def _activation(match) -> str:
+    fn = match.variant.fn
+    if fn in (swiglu, swiglu_sigmoid):
+        return "silu"
+    if fn is geglu_erf:
+        return "gelu"
+    if fn is geglu_new:
+        return "gelu_tanh"
+    return "gelu_tanh" if match["approximate"] == "tanh" else "gelu"
+
+
+def _act_side_dtype(match, act: fx.Node):
+    """dtype of act(gate) where it enters the final multiply (after any casts in between)."""
+    top = match.tops[0]
+    for a in top.all_input_nodes:
+        if cast_chain(a, act) is not None:
+            return dtype_of(a)
+    return None
+
+
+def check(match):
+    gate, up = match.value("gate"), match.value("up")
+    if "approximate" in match.bindings and match["approximate"] not in ("none", "tanh"):
+        return f"gelu approximate={match['approximate']!r} is not 'none' or 'tanh'"
+    if gate.dim() != up.dim() or not all(known_equal(a, b) for a, b in zip(gate.shape, up.shape)):
+        return (f"gate {tuple(gate.shape)} and up {tuple(up.shape)} do not have the same shape "
+                "(the product broadcasts)")
+    g_chain, u_chain = use_chain(match, "gate"), use_chain(match, "up")
+    for c in (g_chain, u_chain):
+        if isinstance(c, str):
+            return c
+    g_use = g_chain[-1] if g_chain else gate.dtype
+    u_use = u_chain[-1] if u_chain else up.dtype
+    prod = getattr(node_value(match.tops[0]), "dtype", None)
+    if prod not in _FLOATS or g_use not in _FLOATS:
+        return f"computes in {prod}, not a floating dtype the kernel handles"
+    if not widens(u_use, prod):
+        return f"up enters the product as {u_use} but the product is {prod}"
+    act_op = _ACT_OP.get(match.variant.fn)
+    note = ""
+    if act_op is None:
+        # act written out op by op: no cast may sit inside it
+        if internal_casts(match):
+            return "casts inside the written-out activation, which the kernel does not reproduce"
+        if g_use != prod:
+            return f"the activation computes in {g_use} but the product in {prod}"
+        gate_in = ("chain", g_chain)
+        if prod in _LOW:
+            note = f"; eager rounds each op to {str(prod).replace('torch.', '')}, the kernel once"
+    else:
+        act_node = match.nodes_of(act_op)[0]
+        a_dt = _act_side_dtype(match, act_node)
+        if g_use == prod and a_dt == prod:
+            gate_in = ("chain", g_chain)  # act in the product dtype: eager's roundings exactly
+        elif (a_dt == prod and g_use == torch.float32 and gate.dtype == prod
+              and all(widens(a, b) for a, b in zip([gate.dtype] + g_chain, g_chain))):
+            # act(gate.float()).to(prod): the kernel's fp32 act rounded to prod is the same
+            gate_in = ("chain", [])
+            note = "; fp32 activation"
+        else:
+            return (f"act(gate) is computed in {g_use} and enters the product as {a_dt}, the "
+                    f"product is {prod}: the kernel rounds act(gate) to the product dtype")
+    match.params.update(gate_chain=gate_in[1], up_chain=u_chain, dtype=prod,
+                        out_chain=trailing_chain(match), activation=_activation(match))
+    match.detail = f"{match.params['activation']}, {str(prod).replace('torch.', '')}{note}"
+    return None
+
+
+def replace(gate, up, approximate="none", tanh_form=False, *, match=None):
+    if match is None:  # registration check on plain tensors
+        act = "gelu_tanh" if approximate == "tanh" or tanh_form else "gelu"
+        return torch.ops.liger.gated_act(gate, up, act)
+    p = match.params
+    g = apply_chain(gate, p["gate_chain"])
+    if dtype_of(g.node) != p["dtype"]:
+        g = to_dtype(g, p["dtype"])
+    u = apply_chain(up, p["up_chain"])
+    if dtype_of(u.node) != p["dtype"]:
+        u = to_dtype(u, p["dtype"])
+    y = torch.ops.liger.gated_act(g, u, p["activation"])
+    return apply_chain(y, p["out_chain"], node_value(g.node))
+
+
+def _replace_silu(gate, up, *, match=None):
+    if match is None:  # the registration check runs the replacement on plain tensors
+        return torch.ops.liger.gated_act(gate, up, "silu")
+    return replace(gate, up, match=match)
+
+
+_EXAMPLES = {"gate": torch.randn(2, 3, 8), "up": torch.randn(2, 3, 8), "approximate": "none",
+             "tanh_form": True}
+
+register(
+    "swiglu", [swiglu, swiglu_sigmoid], _replace_silu, _EXAMPLES,
+    constraints=check, priority=5, allow_casts=True, builtin=True,
+    description="SwiGLU silu(gate) * up (two linears or one fused gate_up) -> liger::gated_act",
+)
+register(
+    "geglu", [geglu, geglu_new, geglu_erf], replace, _EXAMPLES,
+    constraints=check, priority=5, allow_casts=True, builtin=True,
+    description="GeGLU gelu(gate) * up (exact, tanh, gelu_new) -> liger::gated_act",
+)

@@ -1,0 +1,365 @@
+"""`rope`: rotary position embeddings of q and k -> one `liger::rope` launch per attention layer.
+
+Forms (each is the math, whatever the code's names):
+- rotate_half (Hugging Face, gpt-fast): `x * cos + cat(-x[..., h:], x[..., :h]) * sin`, with
+  rotate_half spelled by slicing or `chunk(2, -1)`;
+- partial rotary (GPT-NeoX, Phi, StableLM): the same on `x[..., :r]`, then `cat((rot, x[..., r:]))`;
+- complex (Meta's Llama reference, torchtitan): `view_as_real(view_as_complex(x.float() as pairs)
+  * freqs_cis).flatten(-2)`, usually `.type_as(x)` after: the interleaved convention;
+- interleaved pairs in real arithmetic (GPT-J, Cohere, GLM, also partial): `x * cos +
+  stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) * sin`, exact for the kernel's interleaved
+  mode only when each pair (2i, 2i+1) of cos/sin holds one angle, which `check` proves from how
+  the tables were built (a `repeat_interleave(.., 2, -1)` under elementwise ops).
+q and k rotated by the same tables form one `rope` match (two outputs, one launch).  A rotation
+left over (q and k with different tables, or only one of them rotated) is rewritten alone by
+`rope_single`.
+
+cos/sin are bound where they multiply x, so any way of building them works: [t, d] or [b, t, d]
+tables (position ids) unsqueezed for [b, h, t, d] or [b, t, h, d], GQA (k with fewer heads).
+`check` proves from the shapes alone (symbolically, no guards) that the tables broadcast the way
+the kernel indexes them and picks seq_dim; casts around the rotation are replayed exactly (an fp32
+upcast inside a bf16 model costs nothing: the kernel computes in fp32 anyway).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+import ligerfx.kernels.rope  # noqa: F401 - defines torch.ops.liger.rope
+from ligerfx.canonical import node_value
+from ligerfx.pattern import register
+from ligerfx.patterns.gated_act import (_CAST_METHODS, _FLOATS, _LOW, apply_chain, dtype_of,
+                                        internal_casts, trailing_chain, use_chain, widens)
+from ligerfx.symbolic import known_equal, known_int
+
+# ---------------------------------------------------------------------------------------------
+# Patterns.  Slices are written with scalar inputs (half, rot_end, pass_start) so one pattern
+# fits every head size; `check` proves they split the rotary dims in the middle.
+
+
+def _rotate_half(x, half):
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rot(x, cos, sin, half):
+    return x * cos + _rotate_half(x, half) * sin
+
+
+def _partial(x, cos, sin, half, rot_end, pass_start):
+    return torch.cat((_rot(x[..., :rot_end], cos, sin, half), x[..., pass_start:]), dim=-1)
+
+
+def _rot_pairs(x, cos, sin):
+    return x * cos + torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2) * sin
+
+
+def _partial_pairs(x, cos, sin, rot_end, pass_start):
+    return torch.cat((_rot_pairs(x[..., :rot_end], cos, sin), x[..., pass_start:]), dim=-1)
+
+
+def _complex(x, freqs):
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs).flatten(-2)
+
+
+def rope_partial(q, k, cos, sin, half, rot_end, pass_start):
+    """Partial rotary: rotate_half RoPE on the first rotary_dim channels, the rest passed on."""
+    return (_partial(q, cos, sin, half, rot_end, pass_start),
+            _partial(k, cos, sin, half, rot_end, pass_start))
+
+
+def rope_rotate_half(q, k, cos, sin, half):
+    """RoPE, rotate_half form: q * cos + rotate_half(q) * sin (and k)."""
+    return _rot(q, cos, sin, half), _rot(k, cos, sin, half)
+
+
+def rope_pairs_partial(q, k, cos, sin, rot_end, pass_start):
+    return (_partial_pairs(q, cos, sin, rot_end, pass_start),
+            _partial_pairs(k, cos, sin, rot_end, pass_start))
+
+
+def rope_pairs(q, k, cos, sin):
+    """RoPE on interleaved pairs in real arithmetic (GPT-J's rotate_every_two, Cohere)."""
+    return _rot_pairs(q, cos, sin), _rot_pairs(k, cos, sin)
+
+
+def rope_complex(q, k, freqs):
+    """RoPE, complex form: view_as_real(view_as_complex(q pairs) * freqs_cis) (and k)."""
+    return _complex(q, freqs), _complex(k, freqs)
+
+
+def rope_single_partial(q, cos, sin, half, rot_end, pass_start):
+    return _partial(q, cos, sin, half, rot_end, pass_start)
+
+
+def rope_single_rotate_half(q, cos, sin, half):
+    """RoPE of one tensor (its partner, if any, uses other tables)."""
+    return _rot(q, cos, sin, half)
+
+
+def rope_single_pairs_partial(q, cos, sin, rot_end, pass_start):
+    return _partial_pairs(q, cos, sin, rot_end, pass_start)
+
+
+def rope_single_pairs(q, cos, sin):
+    return _rot_pairs(q, cos, sin)
+
+
+def rope_single_complex(q, freqs):
+    return _complex(q, freqs)
+
+
+_COMPLEX = (rope_complex, rope_single_complex)
+_PAIRS = (rope_pairs, rope_pairs_partial, rope_single_pairs, rope_single_pairs_partial)
+_PARTIAL = (rope_partial, rope_single_partial, rope_pairs_partial, rope_single_pairs_partial)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks.
+
+
+def _layout(table, x, what: str):
+    """(seq_dim, dim of `table` to squeeze or None) such that `table` broadcast against the 4-D
+    `x` is what liger::rope reads: one row per (batch or none, position), shared by all heads."""
+    shape = tuple(table.shape)
+    if not 2 <= len(shape) <= 4:
+        return f"{what} is {len(shape)}-D; it must broadcast as [t, r] or [b, t, r] over the heads"
+    padded = (1,) * (4 - len(shape)) + shape
+    for seq_dim in (2, 1):
+        heads = 3 - seq_dim
+        if known_int(padded[heads]) != 1 or not known_equal(padded[seq_dim], x.shape[seq_dim]):
+            continue
+        if not (known_int(padded[0]) == 1 or known_equal(padded[0], x.shape[0])):
+            continue
+        sq = heads - (4 - len(shape))
+        return seq_dim, (sq if sq >= 0 else None)
+    return (f"{what} of shape {shape} does not broadcast over q {tuple(x.shape)} as one row per "
+            "(batch, position) shared by all heads")
+
+
+def _plan(match, name: str, i: int):
+    """How to feed tensor `name` (match output i) to the kernel so it reproduces eager's dtypes:
+    (in_chain, out_chain, note), or a reason."""
+    x = match.value(name)
+    chain = use_chain(match, name)
+    if isinstance(chain, str):
+        return chain
+    use = chain[-1] if chain else x.dtype
+    cdt = dtype_of(match.tops[i])
+    out = trailing_chain(match, i)
+    if cdt not in _FLOATS or use not in _FLOATS:
+        return f"rotates in {cdt}, not a floating dtype the kernel handles"
+    if cdt in _LOW:
+        if use != cdt:
+            return f"`{name}` enters the rotation as {use} but the rotation computes in {cdt}"
+        return chain, out, f"; eager rounds each op to {str(cdt).replace('torch.', '')}, the kernel once"
+    exact_in = all(widens(a, b) for a, b in zip([x.dtype] + chain, chain))
+    if cdt == torch.float32 and exact_in and x.dtype in _FLOATS:
+        if x.dtype == torch.float32:
+            return [], out, ""
+        if out and out[0] == x.dtype:
+            # x.float() ... .to(x.dtype): the kernel computes in fp32 and rounds once, the same
+            return [], out[1:], f"; fp32 math, {str(x.dtype).replace('torch.', '')} in/out"
+    return chain + ([cdt] if use != cdt else []), out, ""
+
+
+_ELEMENTWISE_FNS = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
+                    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.cos, torch.sin}
+_ELEMENTWISE_METHODS = {"mul", "add", "sub", "div", "neg", "cos", "sin"} | set(_CAST_METHODS)
+
+
+def _pairs_equal(n, depth: int = 12) -> bool:
+    """Whether the values of `n` along its last dim come in equal pairs (2i, 2i+1), proved from
+    the ops that built it: `repeat_interleave(t, 2, dim=-1)` under elementwise ops, casts,
+    broadcasts of a size-1 last dim, unsqueezes and indexing that leave the last dim whole."""
+    v = node_value(n) if isinstance(n, fx.Node) else None
+    if depth == 0 or not isinstance(v, torch.Tensor) or v.dim() == 0:
+        return False
+    rank = v.dim()
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", None)
+    args = list(n.args) + list(n.kwargs.values())
+    if name == "repeat_interleave" and n.op in ("call_method", "call_function"):
+        reps = n.args[1] if len(n.args) > 1 else n.kwargs.get("repeats")
+        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+        return reps == 2 and dim in (-1, rank - 1) and "output_size" not in n.kwargs
+    if (n.op == "call_function" and n.target in _ELEMENTWISE_FNS) or (
+            n.op == "call_method" and n.target in _ELEMENTWISE_METHODS):
+        if n.op == "call_method" and n.target == "type_as":
+            args = args[:1]
+        for a in args:
+            if isinstance(a, fx.Node):
+                av = node_value(a)
+                if not isinstance(av, torch.Tensor):
+                    return False
+                if (av.dim() == 0 or known_int(av.shape[-1]) == 1) and av.dim() <= rank:
+                    continue  # broadcast along the last dim
+                if not _pairs_equal(a, depth - 1):
+                    return False
+            elif not isinstance(a, (int, float, torch.dtype, torch.device, type(None))):
+                return False
+        return True
+    if name == "unsqueeze" and len(n.args) == 2 and isinstance(n.args[1], int):
+        if n.args[1] in (-1, rank - 1):
+            return False
+        return _pairs_equal(n.args[0], depth - 1)
+    if name == "getitem" and isinstance(n.args[0], fx.Node):
+        # indexing that keeps the last dim whole: fewer indices than dims, no Ellipsis
+        src, idx = n.args
+        sv = node_value(src)
+        items = idx if isinstance(idx, tuple) else (idx,)
+        if (isinstance(sv, torch.Tensor) and Ellipsis not in items and None not in items
+                and len(items) < sv.dim()):
+            return _pairs_equal(src, depth - 1)
+    return False
+
+
+def check(match):
+    fn = match.variant.fn
+    pair = "k" in match.bindings
+    q = match.value("q")
+    names = ["q", "k"] if pair else ["q"]
+    for n in names:
+        v = match.value(n)
+        if v.dim() != 4:
+            return (f"`{n}` is {v.dim()}-D; liger::rope takes 4-D [b, h, t, d] or [b, t, h, d] "
+                    "tensors")
+    d = q.shape[3]
+    complex_form = fn in _COMPLEX
+    tables = ["freqs"] if complex_form else ["cos", "sin"]
+    for t in tables:
+        if getattr(match.value(t), "requires_grad", False):
+            return (f"`{t}` requires grad (learned rotary tables); liger::rope gives cos/sin no "
+                    "gradient")
+    table = match.value(tables[0])
+    if complex_form:
+        if table.dtype not in (torch.complex64, torch.complex128):
+            return f"freqs_cis is {table.dtype}, not complex"
+        rot = table.shape[-1] * 2
+    else:
+        cos, sin = match.value("cos"), match.value("sin")
+        if cos.dim() != sin.dim() or not all(known_equal(a, b) for a, b in zip(cos.shape, sin.shape)):
+            return f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ in shape"
+        rot = cos.shape[-1]
+        if fn in _PAIRS:
+            if not (_pairs_equal(match["cos"]) and _pairs_equal(match["sin"])):
+                return ("rotates interleaved pairs, but cos/sin are not provably one angle per "
+                        "pair (2i, 2i+1) (built by repeat_interleave(.., 2, -1)), which the "
+                        "kernel's interleaved form needs")
+        else:
+            half = match.value("half")
+            if half is None or not known_equal(half * 2, rot):
+                return (f"rotate_half splits at {half}, not in the middle of the {rot} rotary "
+                        "channels")
+    layout = _layout(table, q, tables[0] if complex_form else "cos")
+    if isinstance(layout, str):
+        return layout
+    seq_dim, squeeze = layout
+    if fn in _PARTIAL:
+        end, start = match.value("rot_end"), match.value("pass_start")
+        if not (known_equal(start, rot) and (end is None and known_equal(rot, d)
+                                             or end is not None and known_equal(end, rot))):
+            return (f"slices q at [:{end}] and [{start}:] but cos/sin rotate {rot} channels")
+    elif not known_equal(rot, d):
+        return f"rotates {rot} channels of a head of {d}"
+    if pair:
+        k = match.value("k")
+        for i in (0, seq_dim, 3):
+            if not known_equal(k.shape[i], q.shape[i]):
+                return (f"q {tuple(q.shape)} and k {tuple(k.shape)} differ outside the heads "
+                        "dim")
+    plans = []
+    for i, n in enumerate(names):
+        p = _plan(match, n, i)
+        if isinstance(p, str):
+            return p
+        plans.append(p)
+    if pair and (dtype_of(match["q"]) != dtype_of(match["k"]) or plans[0] != plans[1]):
+        return "q and k are rotated in different dtypes"
+    if internal_casts(match):
+        return "casts inside the rotation, which the kernel does not reproduce"
+    chains = {}
+    for t in tables:
+        c = use_chain(match, t)
+        if isinstance(c, str):
+            return c
+        chains[t] = c
+    in_chain, out_chain, note = plans[0]
+    match.params.update(seq_dim=seq_dim, squeeze=squeeze, interleaved=complex_form or fn in _PAIRS,
+                        in_chain=in_chain, out_chain=out_chain, table_chains=chains)
+    layout_name = "[b, h, t, d]" if seq_dim == 2 else "[b, t, h, d]"
+    form = "complex" if complex_form else "pairs" if fn in _PAIRS else "rotate_half"
+    form = f"partial {form}" if fn in _PARTIAL else form
+    match.detail = f"{form}{'' if pair else ' alone'}, {layout_name}{note}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Replacement.
+
+
+def _table(t, chain, squeeze):
+    t = apply_chain(t, chain)
+    return t if squeeze is None else torch.squeeze(t, squeeze)
+
+
+def _run(q, k, cos, sin, p):
+    """liger::rope on (q, k) per the plan; k None rotates q alone (with a zero-head k)."""
+    qi = apply_chain(q, p["in_chain"])
+    ki = apply_chain(k, p["in_chain"]) if k is not None else torch.narrow(qi, 3 - p["seq_dim"], 0, 0)
+    out = torch.ops.liger.rope(qi, ki, cos, sin, p["seq_dim"], p["interleaved"])
+    res = []
+    for i, x in enumerate([q] if k is None else [q, k]):
+        like = node_value(x.node)  # the kernel's output looks like its (cast) input
+        for dt in p["in_chain"]:
+            like = like.to(dt)
+        res.append(apply_chain(out[i], p["out_chain"], like))
+    return res
+
+
+def _plain(q, k, cos, sin, interleaved):
+    """The registration-time check: plain tensors, [t, r] tables, [b, h, t, d] layout."""
+    single = k is None
+    kk = q[:, :0] if single else k
+    qo, ko = torch.ops.liger.rope(q, kk, cos, sin, 2, interleaved)
+    return qo if single else (qo, ko)
+
+
+def replace(q, k=None, cos=None, sin=None, freqs=None, *, match=None):
+    if freqs is not None:
+        cos, sin = None, None
+    if match is None:  # registration check: its tables have no pair structure, shapes only
+        if freqs is not None:
+            cos, sin = torch.real(freqs).contiguous(), torch.imag(freqs).contiguous()
+        return _plain(q, k, cos, sin, freqs is not None)
+    p = match.params
+    if freqs is not None:
+        f = _table(freqs, p["table_chains"]["freqs"], p["squeeze"])
+        cos, sin = torch.real(f), torch.imag(f)
+    else:
+        cos = _table(cos, p["table_chains"]["cos"], p["squeeze"])
+        sin = _table(sin, p["table_chains"]["sin"], p["squeeze"])
+        if p["interleaved"]:  # one angle per pair: the even channels
+            cos, sin = cos[..., ::2], sin[..., ::2]
+    res = _run(q, k, cos, sin, p)
+    return tuple(res) if k is not None else res[0]
+
+
+_EXAMPLES = {"q": torch.randn(2, 4, 5, 8), "k": torch.randn(2, 2, 5, 8), "cos": torch.randn(5, 8),
+             "sin": torch.randn(5, 8), "half": 4, "rot_end": 8, "pass_start": 8,
+             "freqs": torch.polar(torch.ones(5, 4), torch.randn(5, 4))}
+
+register(
+    "rope", [rope_partial, rope_pairs_partial, rope_rotate_half, rope_pairs, rope_complex],
+    replace, _EXAMPLES,
+    constraints=check, priority=5, allow_casts=True, builtin=True,
+    description="RoPE of q and k (rotate_half, partial rotary, complex) -> one liger::rope launch",
+)
+register(
+    "rope_single", [rope_single_partial, rope_single_pairs_partial, rope_single_rotate_half,
+                    rope_single_pairs, rope_single_complex],
+    replace, _EXAMPLES, constraints=check, priority=4, allow_casts=True, builtin=True,
+    description="RoPE of one tensor (tables not shared with another) -> liger::rope",
+)

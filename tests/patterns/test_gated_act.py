@@ -1,0 +1,145 @@
+"""swiglu / geglu patterns on real model code: counts, near misses, numerics, casting."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ligerfx
+import ligerfx.kernels.gated_act as gated_kernels
+from tests.compare import compare_training_step, rel_err
+from tests.models import HANDWRITTEN, HF_MODELS, hf_model
+from tests.models.extra_styles import EXTRA_STYLES, NEAR_MISSES
+
+GATED = ("swiglu", "geglu")
+OPTS = {"patterns": list(GATED)}
+
+
+def _counts(counts):
+    return {k: counts.get(k, 0) for k in GATED}
+
+
+def _explain(model, args):
+    return ligerfx.explain(model, **args) if isinstance(args, dict) else ligerfx.explain(model, *args)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gemma", "gemma2", "phi3",
+                                  "gpt_neox", "mixtral", "stablelm"])
+def test_hf_counts(name):
+    # gemma/gemma2: gelu_pytorch_tanh; phi3: fused gate_up chunk; mixtral: grouped experts;
+    # gpt_neox: a plain GELU MLP (no gate), so nothing
+    model, inputs = hf_model(name)
+    report = _explain(model, inputs)
+    assert _counts(report.counts) == _counts(HF_MODELS[name]["counts"])
+    assert not [m for m in report.near_misses if m.pattern in GATED]
+
+
+@pytest.mark.parametrize("name", ["gemma", "phi3"])
+def test_hf_training_step_matches_eager(name, kernel_path, monkeypatch):
+    launches = []
+    for fn_name in ("launch_forward", "launch_backward"):
+        orig = getattr(gated_kernels, fn_name)
+
+        def spy(*a, _orig=orig, _name=fn_name, **k):
+            launches.append(_name)
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(gated_kernels, fn_name, spy)
+    model, inputs = hf_model(name)
+    report = compare_training_step(model, inputs, options=OPTS)
+    assert _counts(report.counts) == _counts(HF_MODELS[name]["counts"])
+    if kernel_path == "triton":  # the interpreter really ran the kernels, both directions
+        assert launches.count("launch_forward") == 2 and launches.count("launch_backward") == 2
+    else:
+        assert not launches
+
+
+def test_llama_ref(kernel_path):
+    model, args, counts = HANDWRITTEN["llama_ref"]()
+    report = compare_training_step(model, args, options=OPTS)
+    assert _counts(report.counts) == _counts(counts)
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_replacement_matches_every_spelling(name):
+    # ligerfx.testing.check_pattern: each variant vs the replacement, forward and backward
+    from ligerfx.pattern import REGISTRY
+    from ligerfx.testing import check_pattern
+
+    assert check_pattern(name) == 2 * len(REGISTRY.get(name).variants)
+
+
+def test_gelu_alone_is_not_gated():
+    model, args, _ = HANDWRITTEN["nanogpt"]()
+    report = _explain(model, args)
+    assert _counts(report.counts) == {"swiglu": 0, "geglu": 0} and not report.near_misses
+
+
+@pytest.mark.parametrize("name", ["mlp_fused_split", "mlp_slices", "mlp_sigmoid", "mlp_gelu_new",
+                                  "mlp_gelu_erf"])
+def test_extra_styles(name, kernel_path):
+    # gate/up from `split` and from slices of one projection; silu and gelu written out
+    model, args, counts = EXTRA_STYLES[name]()
+    report = compare_training_step(model, args, options=OPTS)
+    assert _counts(report.counts) == _counts(counts)
+    assert not report.near_misses
+    expected = {"mlp_slices": "gelu_tanh", "mlp_gelu_new": "gelu_tanh", "mlp_gelu_erf": "gelu"}
+    assert {m.detail.split(",")[0] for m in report.matches} == {expected.get(name, "silu")}
+
+
+def test_broadcast_up_is_a_near_miss():
+    name = "mlp_broadcast"
+    model, args, _ = EXTRA_STYLES[name]()
+    report = _explain(model, args)
+    pattern, reason = NEAR_MISSES[name]
+    assert _counts(report.counts) == {"swiglu": 0, "geglu": 0}
+    reasons = [m.reason for m in report.near_misses if m.pattern == pattern]
+    assert reasons and all(reason in r for r in reasons), reasons
+
+
+# bf16 gate/up with casts written around the activation.  `exact`: the rewrite reproduces eager
+# bit for bit on the torch path; None: a near miss.
+def _act_in_dtype(g, u):
+    return F.silu(g) * u
+
+
+def _fp32_product(g, u):
+    return (F.silu(g.float()) * u.float()).to(g.dtype)
+
+
+def _fp32_act(g, u):
+    return F.silu(g.float()).to(g.dtype) * u
+
+
+def _rounded_then_fp32(g, u):
+    return F.silu(g).float() * u.float()
+
+
+def _gelu_tanh_fp32_out(g, u):
+    return (F.gelu(g, approximate="tanh") * u).float()
+
+
+CASTS = [(_act_in_dtype, "silu, bfloat16"), (_fp32_product, "silu, float32"),
+         (_fp32_act, "silu, bfloat16; fp32 activation"), (_rounded_then_fp32, None),
+         (_gelu_tanh_fp32_out, "gelu_tanh, bfloat16")]
+
+
+@pytest.mark.parametrize("fn,detail", CASTS, ids=[f.__name__ for f, _ in CASTS])
+def test_bf16_casts_reproduced_or_refused(fn, detail, torch_path):
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(4, 6, 40, generator=gen).bfloat16().requires_grad_()
+    u = torch.randn(4, 6, 40, generator=gen).bfloat16().requires_grad_()
+    report = ligerfx.explain(fn, g, u)
+    pattern = "geglu" if "gelu" in fn.__name__ else "swiglu"
+    if detail is None:
+        assert not report.matches
+        assert any("rounds act(gate)" in m.reason for m in report.near_misses), report.near_misses
+        return
+    assert [(m.pattern, m.detail) for m in report.matches] == [(pattern, detail)]
+    compiled = torch.compile(fn, backend="liger", options={"inner": "aot_eager", **OPTS})
+    out, ref = compiled(g, u), fn(g, u)
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+    cot = torch.randn(ref.shape, generator=gen).to(ref.dtype)
+    grads = torch.autograd.grad(out, (g, u), cot)
+    grads_ref = torch.autograd.grad(ref, (g, u), cot)
+    for a, b in zip(grads, grads_ref):
+        assert a.dtype == b.dtype and rel_err(a, b) < 1e-2
