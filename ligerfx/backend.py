@@ -27,7 +27,7 @@ last_report: Report | None = None
 def rewrite(gm: fx.GraphModule, options: Options) -> Report:
     """Apply every enabled pattern to `gm` in place (patterns import the kernels they call), then
     the quantization pass (which also counts linears packed by `ligerfx.quantize_`)."""
-    report = run_patterns(gm, enabled_patterns(options))
+    report = run_patterns(gm, enabled_patterns(options), options)
     from .quantize_pass import run_quantize
 
     q = run_quantize(gm, options)

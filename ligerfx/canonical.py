@@ -85,6 +85,8 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "linear": ("weight", "bias=None"),
     "softmax": ("dim", "dtype=None"), "log_softmax": ("dim", "dtype=None"),
     "transpose": ("dim0", "dim1"), "unsqueeze": ("dim",),
+    "cross_entropy": ("target", "weight=None", "size_average=None", "ignore_index=-100",
+                      "reduce=None", "reduction='mean'", "label_smoothing=0.0"),
     "cat": ("dim=0",), "stack": ("dim=0",), "flatten": ("start_dim=0", "end_dim=-1"),
 }
 _UNARY = {"neg", "square", "sqrt", "rsqrt", "reciprocal", "exp", "log", "erf", "tanh", "sigmoid",

@@ -25,6 +25,8 @@ class Options:
     group_size: int4 group along K: 32, 64 or 128.
     quantize_skip: module-name globs (fnmatch) of linears not to quantize.
     quantize_lm_head: also quantize the lm head (skipped by default).
+    skip_logits: when the lm head + loss is fused and the model also returns the logits, do not
+        compute them: that output becomes an empty tensor (the report says so).  Training only.
     """
 
     inner: str = "inductor"
@@ -35,6 +37,7 @@ class Options:
     group_size: int = 128
     quantize_skip: tuple = ()
     quantize_lm_head: bool = False
+    skip_logits: bool = False
     _extra: tuple = field(default=(), repr=False)
 
     @classmethod
@@ -62,8 +65,10 @@ class Options:
         if self.inner not in INNER_BACKENDS:
             raise OptionsError(f"option 'inner' must be one of {', '.join(INNER_BACKENDS)}; "
                                f"got {self.inner!r}")
-        if not isinstance(self.log_report, bool):
-            raise OptionsError(f"option 'log_report' must be True or False, got {self.log_report!r}")
+        for flag in ("log_report", "skip_logits"):
+            if not isinstance(getattr(self, flag), bool):
+                raise OptionsError(f"option {flag!r} must be True or False, "
+                                   f"got {getattr(self, flag)!r}")
         if not isinstance(self.quantize_lm_head, bool):
             raise OptionsError(f"option 'quantize_lm_head' must be True or False, "
                                f"got {self.quantize_lm_head!r}")

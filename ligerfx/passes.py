@@ -27,6 +27,11 @@ class Reject(Exception):
     """Raised by a constraint (or returned as a string) to refuse a match with a reason."""
 
 
+class Skip(Exception):
+    """Raised by a constraint when the match is simply not this pattern's business (no near miss:
+    e.g. a loss with no linear layer above it, which another pattern handles)."""
+
+
 def _kind_problem(match: Match) -> str | None:
     var = match.variant
     for name in var.inputs:
@@ -214,8 +219,11 @@ def _dependent(anchors, pos: dict) -> bool:
     return False
 
 
-def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern]) -> Report:
-    """Rewrite `gm` in place and return the report for this graph."""
+def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None) -> Report:
+    """Rewrite `gm` in place and return the report for this graph.
+
+    `options` (the backend's Options) is handed to constraints and replacements as
+    `match.options`, for patterns whose behaviour an option sets."""
     report = Report(graphs=1)
     graph = gm.graph
     claimed: set[fx.Node] = set()
@@ -233,8 +241,17 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern]) -> Report:
                 for match in match_at(pattern, variant, view, list(anchors)):
                     if any(n in claimed for n in match.covered):
                         continue
-                    problem = (_kind_problem(match) or match.safety_problem()
-                               or _run_constraints(match))
+                    match.options = options
+                    # Constraints run before the safety check: they may widen the match (a
+                    # pattern that absorbs a chain of steps above its anchor), and the safety
+                    # check must then cover what they added.
+                    try:
+                        problem = _kind_problem(match) or _run_constraints(match)
+                    except Skip:
+                        continue
+                    if problem is None and any(n in claimed for n in match.covered):
+                        continue
+                    problem = problem or match.safety_problem()
                     if problem is None and not rewriter.can_order(match):
                         problem = "its outputs are used before all of its inputs are computed"
                     if problem is not None:
@@ -259,6 +276,7 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern]) -> Report:
                     claimed.update(new)
                     replaced.update(zip(match.outputs, match.replacements))
                     report.matches.append(rec)
+                    report.notes.extend(n for n in match.notes if n not in report.notes)
                     break
         graph.lint()
     # Report in program order (candidates are scanned from the graph's end).

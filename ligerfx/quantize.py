@@ -26,7 +26,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
-from .kernels import int4_matmul, int8_matmul
+from .kernels import fp8_matmul, int4_matmul, int8_matmul
 from .kernels.int4_matmul import GROUP_SIZES
 
 SCHEMES = ("int8", "int4", "fp8")
@@ -35,11 +35,6 @@ OP_NAMES = {"int8": "int8_linear", "int4": "int4_linear", "fp8": "fp8_linear"}
 
 
 def _fp8():
-    try:
-        from .kernels import fp8_matmul
-    except ImportError:
-        raise NotImplementedError("quantize='fp8' is not implemented yet (kernels/fp8_matmul.py); "
-                                  "use 'int8' or 'int4'") from None
     return fp8_matmul
 
 
@@ -64,7 +59,7 @@ def pack(weight: torch.Tensor, scheme: str, group_size: int = 128,
     if scheme == "int4":
         return int4_matmul.pack_int4(weight, group_size, scale_dtype)
     if scheme == "fp8":
-        return _fp8().pack_fp8(weight)  # noqa: not yet available
+        return _fp8().pack_fp8(weight)  # fp32 scales whatever scale_dtype
     raise ValueError(f"unknown quantization scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
 
 
@@ -74,11 +69,8 @@ def linear(scheme: str, x: torch.Tensor, packed: tuple, bias: Optional[torch.Ten
 
 
 def check_fp8_device(device: torch.device) -> None:
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        raise RuntimeError(
-            f"quantize='fp8' needs a GPU with fp8 tensor cores (compute capability 8.9+: Ada, "
-            f"Hopper, Blackwell); {torch.cuda.get_device_name(device)} has "
-            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Use 'int8' instead.")
+    """Raise on CUDA GPUs without fp8 tensor cores (compute capability < 8.9)."""
+    _fp8().check_device(device)
 
 
 # ----------------------------------------------------------------------------- compile-time cache
@@ -94,7 +86,10 @@ class _Entry:
 
 
 _entries: dict[int, _Entry] = {}
-_keys: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+# id(param) -> {format: key}.  Not a WeakKeyDictionary: its lookups compare tensors with ==,
+# which is elementwise (a second graph using the same parameter raised "Boolean value of Tensor
+# ... is ambiguous").  A finalizer drops the entry when the parameter dies, before its id is reused.
+_keys: dict[int, dict] = {}
 _lock = threading.Lock()
 _counter = itertools.count(1)
 
@@ -120,7 +115,10 @@ def frozen_weight(param: torch.Tensor, scheme: str, group_size: int, scale_dtype
     """Quantize `param` now (once per parameter and format) and return its cache key."""
     args = (scheme, group_size if scheme == "int4" else 0, scale_dtype)
     with _lock:
-        per = _keys.setdefault(param, {})
+        per = _keys.get(id(param))
+        if per is None:
+            per = _keys[id(param)] = {}
+            weakref.finalize(param, _keys.pop, id(param), None)
         key = per.get(args)
         if key is None:
             key = per[args] = next(_counter)
@@ -254,8 +252,6 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterab
         if not isinstance(mod, nn.Linear):
             continue
         reason = None
-        if scheme == "fp8":
-            _fp8()
         if matches_any(name, skip):
             reason = "matches quantize_skip"
         elif name in heads:

@@ -79,8 +79,6 @@ def run_quantize(gm: fx.GraphModule, options) -> Report:
     scheme = options.quantize
     if scheme is None:
         return report
-    if scheme == "fp8":
-        Q._fp8()  # a clear error until the fp8 kernels land
     op_name = Q.OP_NAMES[scheme]
     op = getattr(torch.ops.liger, op_name).default
 

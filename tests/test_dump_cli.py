@@ -149,7 +149,11 @@ def test_hf_llama_json(capsys):
     assert rc == 0, err
     d = json.loads(out)
     assert d["target"] == "hf:llama" and d["counts"].get("rms_norm") == 5
-    assert all("modeling_llama.py" in m["location"]["file"] for m in d["matches"])
+    norms = [m for m in d["matches"] if m["pattern"] == "rms_norm"]
+    assert norms and all("modeling_llama.py" in m["location"]["file"] for m in norms)
+    # the other families are found in the same model (each points at the user's source)
+    assert d["counts"].get("rope") == 2 and d["counts"].get("swiglu") == 2
+    assert all(m["location"]["file"] and m["location"]["line"] > 0 for m in d["matches"])
 
 
 def test_hf_gpt_neox_text(capsys):

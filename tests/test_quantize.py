@@ -173,3 +173,36 @@ def test_bad_options():
         ligerfx.Options.from_any({"quantize": "int4", "group_size": 100})
     with pytest.raises(ligerfx.OptionsError, match="need 'quantize'"):
         ligerfx.Options.from_any({"quantize_skip": ["x"]})
+
+
+def test_recompile_reuses_the_weight_cache():
+    """A second graph on the same parameters (decode, then prefill) looks them up in the cache."""
+    model = Tiny().eval()
+    compiled = _compile(model, quantize="int8")
+    with torch.no_grad():
+        for seq in (1, 9):
+            ids = torch.randint(0, 100, (1, seq))
+            assert _rel(compiled(ids), model(ids)) < BOUND["int8"]
+            assert backend.last_report.counts.get("int8_linear") == 4
+
+
+def test_bench_quant_smoke(tmp_path, capsys):
+    """benchmarks/bench_quant.py --smoke (per-op table and e2e decode/prefill) runs in-process."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "benchmarks"))
+    import bench_quant
+
+    assert bench_quant.main(["--smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "FAILED" not in out, out
+    recs = json.loads((tmp_path / "bench_quant.json").read_text())
+    for s in ("int8", "int4", "fp8"):
+        err = [r["value"] for r in recs if r["variant"] == f"{s}_liger" and r["metric"] == "rel_l2_vs_bf16"]
+        assert err and max(err) < {"int8": 2e-2, "int4": 0.2, "fp8": 0.1}[s]
+        for phase in ("decode", "prefill"):
+            assert [r for r in recs if r["benchmark"] == "quant_e2e" and r["variant"] == f"{s}_liger"
+                    and r["shape"] == phase and r["metric"] == "tokens_per_s" and r["value"] > 0]

@@ -1,0 +1,349 @@
+"""`cross_entropy` and `fused_linear_cross_entropy`: the loss, and the lm head fused into it.
+
+Both anchor on `F.cross_entropy(logits, target, ...)`.  Above the loss, the logits usually pass
+through a short chain of row-wise steps: casts (`.float()`), reshapes that flatten the leading
+dims (`.view(-1, V)`), slices along the sequence (`[:, :-1]`, the label shift), scaling
+(`/ temperature`) and softcapping (`cap * tanh(x / cap)`, Gemma 2).  `_walk` reads that chain;
+`_parse_scale` proves the elementwise part equals `softcap * tanh(z * logit_scale / softcap)` (or
+`z * logit_scale`), which the kernels compute.
+
+- When the chain starts at a linear layer (`F.linear`, or `@` with a transposed weight), the
+  whole thing becomes `liger::fused_linear_cross_entropy`: the kernel walks the tokens in chunks,
+  so the [N, V] logits never exist for the loss.  Slices in the chain are applied to the hidden
+  states instead (a linear is row-wise).  If the model also returns the logits (Hugging Face
+  does), the op writes them in the same pass and the steps up to the returned value are replayed
+  on them; `skip_logits=True` drops them instead (they become an empty tensor: the report says so).
+- Otherwise the loss alone becomes `liger::cross_entropy`.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import ligerfx.kernels.cross_entropy  # noqa: F401 - defines torch.ops.liger.cross_entropy
+import ligerfx.kernels.fused_linear_cross_entropy  # noqa: F401
+from ligerfx.canonical import node_value
+from ligerfx.passes import Skip
+from ligerfx.pattern import register
+from ligerfx.symbolic import known_equal
+
+_CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous"}
+_RESHAPES = {"view", "reshape", "flatten"}
+_LINEARS = {F.linear, torch._C._nn.linear}
+
+
+def ce(logits, target, ignore_index, reduction, label_smoothing):
+    """Cross-entropy loss (F.cross_entropy / nn.CrossEntropyLoss), with its logits chain."""
+    return F.cross_entropy(logits, target, None, None, ignore_index, None, reduction,
+                           label_smoothing)
+
+
+def ce_weighted(logits, target, weight, ignore_index, reduction, label_smoothing):
+    return F.cross_entropy(logits, target, weight, None, ignore_index, None, reduction,
+                           label_smoothing)
+
+
+_EXAMPLES = {"logits": torch.randn(6, 10), "target": torch.randint(0, 10, (6,)),
+             "weight": torch.rand(10) + 0.5, "ignore_index": -100, "reduction": "mean",
+             "label_smoothing": 0.0}
+
+
+# -- reading the chain above the loss ------------------------------------------------------------
+
+def _val(n):
+    return node_value(n) if isinstance(n, fx.Node) else n
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _step(n: fx.Node):
+    """(kind, info, input node) for a row-wise step, or None."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_method", "call_function"):
+        return None
+    t, a = n.target, n.args
+    vin = _val(a[0]) if a else None
+    vout = _val(n)
+    if n.op == "call_method" and t in _CAST_METHODS and isinstance(a[0], fx.Node):
+        if getattr(vin, "device", None) != getattr(vout, "device", None):
+            return None
+        return "cast", vout.dtype, a[0]
+    is_reshape = (n.op == "call_method" and t in _RESHAPES) or t in (torch.reshape, torch.flatten)
+    if is_reshape and isinstance(a[0], fx.Node):
+        if (isinstance(vin, torch.Tensor) and isinstance(vout, torch.Tensor) and vout.dim() == 2
+                and vin.dim() >= 2 and known_equal(vin.shape[-1], vout.shape[-1])):
+            return "rows", None, a[0]
+        return None
+    if t is operator.getitem and isinstance(a[0], fx.Node) and isinstance(vin, torch.Tensor):
+        idx = a[1] if isinstance(a[1], tuple) else (a[1],)
+        if not all(isinstance(i, slice) or i is Ellipsis for i in idx):
+            return None
+        if Ellipsis in idx or len(idx) >= vin.dim():
+            last = idx[-1]
+            if not (isinstance(last, slice) and last == slice(None)):
+                return None
+        if not all(isinstance(v, (int, type(None))) for i in idx if isinstance(i, slice)
+                   for v in (i.start, i.stop, i.step)):
+            return None
+        return "slice", a[1], a[0]
+    if t in (operator.mul, torch.mul, operator.truediv, torch.div) or (
+            n.op == "call_method" and t in ("mul", "div")):
+        if n.kwargs or len(a) != 2:
+            return None
+        x, c = a
+        div = t in (operator.truediv, torch.div) or t == "div"
+        if not div and _is_num(x) and isinstance(c, fx.Node):
+            x, c = c, x
+        if isinstance(x, fx.Node) and _is_num(c) and c != 0:
+            return "scale", (1.0 / c if div else float(c)), x
+        return None
+    if (t is torch.tanh or (n.op == "call_method" and t == "tanh")) and not n.kwargs:
+        return "tanh", None, a[0]
+    return None
+
+
+def _walk(ce_node: fx.Node):
+    """Steps from the loss's logits upward: (top node, [(node, kind, info)] from top down)."""
+    steps = []
+    cur = ce_node.args[0]
+    while True:
+        s = _step(cur)
+        if s is None:
+            break
+        steps.append((cur, s[0], s[1]))
+        cur = s[2]
+    return cur, steps[::-1]
+
+
+def _parse_scale(steps):
+    """(logit_scale, softcap) such that the elementwise steps equal the kernels' transform."""
+    k, c, seen_tanh = 1.0, 1.0, False
+    for _, kind, info in steps:
+        if kind == "scale":
+            if seen_tanh:
+                c *= info
+            else:
+                k *= info
+        elif kind == "tanh":
+            if seen_tanh:
+                return None
+            seen_tanh = True
+    if not seen_tanh:
+        return k, 0.0
+    if c <= 0 or not math.isfinite(c) or not math.isfinite(k):
+        return None
+    return k * c, c  # c * tanh(k z) = softcap * tanh(z * logit_scale / softcap)
+
+
+def _linear(top: fx.Node):
+    """(hidden, weight, bias) when `top` is a linear layer, else None."""
+    if top.op == "call_function" and top.target in _LINEARS:
+        a = list(top.args) + [None] * (3 - len(top.args))
+        bias = top.kwargs.get("bias", a[2])
+        return a[0], a[1], bias
+    if top.op == "call_function" and top.target in (operator.matmul, torch.matmul):
+        h, wt = top.args
+        if isinstance(wt, fx.Node) and wt.op in ("call_method", "call_function"):
+            w = None
+            if wt.target in ("t", torch.t) or (wt.target in ("transpose", torch.transpose)
+                                                and set(wt.args[1:]) in ({0, 1}, {-1, -2})):
+                w = wt.args[0]
+            if w is not None and getattr(_val(w), "dim", lambda: 0)() == 2:
+                return h, w, None
+    return None
+
+
+def _escaping(nodes, inside):
+    return [n for n in nodes if any(u not in inside for u in n.users)]
+
+
+def _common_checks(match):
+    logits, target = match.value("logits"), match.value("target")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        return "the loss's input is not 2-D [tokens, classes] (class dim 1 of N-D input is not supported)"
+    if target.dim() != 1 or target.dtype not in (torch.int64, torch.int32):
+        return "the target is not a 1-D tensor of class indices (probability targets are not supported)"
+    if not isinstance(match["reduction"], str) or match["reduction"] not in ("mean", "sum", "none"):
+        return f"reduction {match['reduction']!r} is not mean, sum or none"
+    for name in ("ignore_index", "label_smoothing"):
+        if not _is_num(match[name]) and not isinstance(match[name], fx.Node):
+            return f"`{name}` is not a number"
+    return None
+
+
+def _cast_problem(steps, start_dtype):
+    # Upcasts are exact; a downcast inside the chain rounds values the kernel keeps in fp32.
+    dt = start_dtype
+    for _, kind, info in steps:
+        if kind == "cast":
+            if info.itemsize < dt.itemsize:
+                return f"the logits are cast down to {info} before the loss"
+            dt = info
+    return None
+
+
+# -- fused_linear_cross_entropy -------------------------------------------------------------
+
+def check_fused(match):
+    problem = _common_checks(match)
+    if problem:
+        return problem
+    ce_node = match.tops[0]
+    top, steps = _walk(ce_node)
+    lin = _linear(top)
+    if lin is None:
+        raise Skip  # no lm head in this graph: the plain cross_entropy pattern handles the loss
+    hidden, weight, bias = lin
+    hv, wv = _val(hidden), _val(weight)
+    if not isinstance(hv, torch.Tensor) or not isinstance(wv, torch.Tensor) or wv.dim() != 2:
+        return "the linear's weight is not a 2-D tensor"
+    if bias is not None and not isinstance(bias, fx.Node):
+        return "the linear's bias is not a tensor"
+    if not known_equal(wv.shape[1], hv.shape[-1]):
+        return "the linear's weight does not match the hidden size"
+    scale = _parse_scale(steps)
+    if scale is None:
+        return "the logits pass through elementwise steps other than scaling and softcapping"
+    problem = _cast_problem(steps, _val(top).dtype)
+    if problem:
+        return problem
+    slices = [info for _, kind, info in steps if kind in ("slice", "rows")]
+    kinds = [kind for _, kind, _ in steps if kind in ("slice", "rows")]
+    if "rows" in kinds and "slice" in kinds[kinds.index("rows"):]:
+        return "the logits are sliced after being flattened to rows"
+    chain = [top] + [n for n, _, _ in steps]
+    inside = set(chain) | {ce_node}
+    escaping = _escaping(chain, inside)
+    if len(escaping) > 1:
+        return (f"{len(escaping)} intermediate logits values are used outside the loss "
+                f"({', '.join(n.name for n in escaping)}); at most one can be returned")
+    skip_logits = bool(getattr(match.options, "skip_logits", False))
+    match.covered = list(dict.fromkeys(match.covered + chain))
+    match.params.update(logit_scale=scale[0], softcap=scale[1], slices=slices, kinds=kinds,
+                        replay=[], escaping=None, skip_logits=skip_logits, linear=top)
+    match.bindings.update(hidden=hidden, lm_weight=weight, lm_bias=bias)
+    if escaping:
+        e = escaping[0]
+        match.params["escaping"] = e
+        match.params["replay"] = chain[1:chain.index(e) + 1]
+        match.outputs = [match.outputs[0], e]
+        match.tops = [match.tops[0], e]
+        match.detail = ("logits dropped (skip_logits=True): the returned logits are an empty tensor"
+                        if skip_logits else "logits also returned, written by the same pass")
+        if skip_logits:
+            match.notes.append("skip_logits=True: the logits output of the fused lm head + loss "
+                               "is an empty tensor, not the logits")
+    return None
+
+
+def replace_fused(target, hidden, lm_weight, lm_bias=None, weight=None, ignore_index=-100,
+                  reduction="mean", label_smoothing=0.0, *, match=None):
+    p = match.params
+    h = hidden
+    # Slices of the logits (all before any flattening, checked) are slices of the hidden states;
+    # the op flattens leading dims itself, so the logits it returns keep the sliced shape.
+    for kind, info in zip(p["kinds"], p["slices"]):
+        if kind == "slice":
+            h = h[info]
+    hv, wv = match.value("hidden"), match.value("lm_weight")
+    bias_grad = lm_bias is not None and bool(getattr(_val(match["lm_bias"]), "requires_grad", False))
+    escaping = p["escaping"]
+    ret_logits = escaping is not None and not p["skip_logits"]
+    out = torch.ops.liger.fused_linear_cross_entropy(
+        h, lm_weight, lm_bias, target, weight, ignore_index, reduction, float(label_smoothing),
+        0.0, float(p["softcap"]), float(p["logit_scale"]), ret_logits,
+        bool(hv.requires_grad), bool(wv.requires_grad), bias_grad, 0)
+    loss = out[0].to(match.out_dtype)
+    if escaping is None:
+        return loss
+    if p["skip_logits"]:
+        ev = _val(escaping)
+        return loss, torch.empty(0, dtype=ev.dtype, device=ev.device)
+    logits = out[2]
+    prev = p["linear"]
+    for n in p["replay"]:  # the steps between the linear and the returned logits, on the op's logits
+        if _step(n)[0] != "slice":  # slices were already applied to the hidden states
+            args = tuple(logits if a is prev else a for a in n.args)
+            logits = logits.tracer.create_proxy(n.op, n.target, args, dict(n.kwargs))
+        prev = n
+    return loss, logits
+
+
+# -- cross_entropy (no lm head in reach) -----------------------------------------------------
+
+def check_plain(match):
+    problem = _common_checks(match)
+    if problem:
+        return problem
+    ce_node = match.tops[0]
+    _, steps = _walk(ce_node)
+    # Absorb the casts, flattening reshapes and scale/softcap steps right above the loss that
+    # nothing else reads; stop at the first slice (the op reads whole rows of its input).
+    absorbed = []
+    inside = {ce_node}
+    for n, kind, info in reversed(steps):
+        if kind == "slice" or any(u not in inside for u in n.users):
+            break
+        absorbed.append((n, kind, info))
+        inside.add(n)
+    absorbed.reverse()
+    while absorbed and absorbed[0][1] == "rows":  # keep the op's input as the user's tensor
+        absorbed.pop(0)
+    scale = _parse_scale(absorbed)
+    if scale is None:
+        absorbed, scale = [], (1.0, 0.0)
+    src = absorbed[0][0].args[0] if absorbed else ce_node.args[0]
+    problem = _cast_problem(absorbed, _val(src).dtype)
+    if problem:
+        absorbed, scale, src = [], (1.0, 0.0), ce_node.args[0]
+    match.covered = list(dict.fromkeys(match.covered + [n for n, _, _ in absorbed]))
+    match.bindings["source"] = src
+    match.params.update(logit_scale=scale[0], softcap=scale[1])
+    if scale[1]:
+        match.detail = f"softcap {scale[1]:g} fused"
+    return None
+
+
+def replace_plain(logits, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, source=None, *, match=None):
+    x = source if source is not None else logits
+    if match is None:  # registration check on the example inputs
+        p, need_grad = {"logit_scale": 1.0, "softcap": 0.0}, True
+    else:
+        p, need_grad = match.params, bool(match.value("source").requires_grad)
+    loss = torch.ops.liger.cross_entropy(
+        x.flatten(0, -2) if x.dim() != 2 else x, target, weight, ignore_index,
+        reduction, float(label_smoothing), 0.0, float(p["softcap"]), float(p["logit_scale"]),
+        need_grad)[0]
+    out_dtype = match.out_dtype if match is not None else logits.dtype
+    return loss.to(out_dtype)
+
+
+def _replace_fused_check(logits, target, weight=None, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, hidden=None, lm_weight=None, lm_bias=None,
+                         *, match=None):
+    if match is None:  # registration check on the example inputs: the plain op computes the same
+        return replace_plain(logits, target, weight, ignore_index, reduction, label_smoothing)
+    return replace_fused(target, hidden, lm_weight, lm_bias, weight, ignore_index, reduction,
+                         label_smoothing, match=match)
+
+
+register(
+    "fused_linear_cross_entropy", [ce, ce_weighted], _replace_fused_check,
+    example_inputs=_EXAMPLES, constraints=check_fused, priority=30,
+    description="lm-head linear (+cast/scale/softcap/shift) + cross-entropy -> chunked "
+                "liger::fused_linear_cross_entropy (no [N, V] logits for the loss)",
+    builtin=True,
+)
+register(
+    "cross_entropy", [ce, ce_weighted], replace_plain,
+    example_inputs=_EXAMPLES, constraints=check_plain, priority=20,
+    description="F.cross_entropy on [N, V] logits (+cast/scale/softcap) -> liger::cross_entropy",
+    builtin=True,
+)
