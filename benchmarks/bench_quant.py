@@ -43,8 +43,8 @@ from harness import Case, OpBench  # noqa: E402
 from ligerfx.kernels import fp8_matmul, int4_matmul, int8_matmul  # noqa: E402
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (out N, in K) of Llama-3-8B's linears
-DECODE_M = (1, 4, 16)
-PREFILL_M = (2048,)
+DECODE_M = (1, 4, 16)  # the issue asks for M = 1, 16, 256, 4096; 4 is a common decode batch
+PREFILL_M = (256, 2048, 4096)
 SCHEMES = ("int8", "int4", "fp8")
 GROUP = 128
 

@@ -36,13 +36,15 @@ def run(steps: int = 5, inner: str | None = None, device: str | None = None, lr:
     out("[2/3] tracing and rewriting (ligerfx.explain) ...")
     report = explain(model, ids, labels, options={"inner": inner})
     counts = report.counts
-    out("      pattern              count")
+    width = max([len(n) for n in counts] + [7])
+    out(f"      {'pattern':<{width}}  count")
     for name in sorted(counts):
-        out(f"      {name:<20} {counts[name]:>5}")
+        out(f"      {name:<{width}}  {counts[name]:>5}")
     out("      where:")
     for m in report.matches:
         loc = m.location
-        out(f"      - {m.pattern:<18} {loc.module or '-':<26} line {loc.line}: {loc.code.strip()}")
+        out(f"      - {m.pattern:<{width}}  {loc.module or '(top level)':<20} line {loc.line}: "
+            f"{loc.code.strip()}")
     for miss in report.near_misses:
         out(f"      near miss: {miss}")
     if not counts:
