@@ -35,10 +35,12 @@ def compare_training_step(model, args, *, options=None, rtol=1e-4, dynamic=None)
     ref = model
     test = copy.deepcopy(model)
     opts = {"inner": "aot_eager", **(options or {})}
+    ligerfx.backend.last_report = None  # so a stale report cannot pass for this compile
     compiled = torch.compile(test, backend="liger", options=opts, dynamic=dynamic)
     loss_ref = _loss(call(ref, args))
     loss_ref.backward()
     loss = _loss(call(compiled, args))
+    assert ligerfx.backend.last_report is not None, "Dynamo did not call the liger backend"
     loss.backward()
     assert torch.isfinite(loss).all()
     assert rel_err(loss.detach(), loss_ref.detach()) < rtol, (loss.item(), loss_ref.item())
