@@ -96,7 +96,8 @@ _REDUCTIONS = {"mean", "sum", "var"}
 _PURE = _UNARY | _REDUCTIONS | {"add", "sub", "mul", "div", "pow", CAST, "silu", "gelu",
                                 "rms_norm", "layer_norm", "linear", "matmul", "getitem",
                                 "transpose", "unsqueeze", "slice", "unflatten", "cat",
-                                "stack", "flatten"}
+                                "stack", "flatten", "view", "reshape", "expand", "permute",
+                                "squeeze"}
 
 _NO_DEFAULT = object()
 
@@ -238,7 +239,8 @@ class View:
     def _opaque(self, node: fx.Node, name: str) -> CNode:
         args = tuple(self._arg(a) for a in node.args)
         kw = tuple(sorted((k, self._arg(v)) for k, v in node.kwargs.items()))
-        return CNode(name, args + ((("kwargs", kw),) if kw else ()), nodes=[node])
+        # Pure ops merge even when the view has no canonical form for them (`x[..., 0]` twice).
+        return self._intern(CNode(name, args + ((("kwargs", kw),) if kw else ()), nodes=[node]))
 
     def _build(self, node: fx.Node) -> CNode:
         if node.op in ("placeholder", "get_attr"):

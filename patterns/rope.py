@@ -6,6 +6,8 @@ Forms (each is the math, whatever the code's names):
 - partial rotary (GPT-NeoX, Phi, StableLM): the same on `x[..., :r]`, then `cat((rot, x[..., r:]))`;
 - complex (Meta's Llama reference, torchtitan): `view_as_real(view_as_complex(x.float() as pairs)
   * freqs_cis).flatten(-2)`, usually `.type_as(x)` after: the interleaved convention;
+- pairs as a trailing dim of 2 (gpt-fast): `x.reshape(.., -1, 2)`, `stack([x0*c - x1*s,
+  x1*c + x0*s], -1).flatten(3)` with c, s one angle per pair;
 - interleaved pairs in real arithmetic (GPT-J, Cohere, GLM, also partial): `x * cos +
   stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) * sin`, exact for the kernel's interleaved
   mode only when each pair (2i, 2i+1) of cos/sin holds one angle, which `check` proves from how
@@ -60,6 +62,13 @@ def _partial_pairs(x, cos, sin, rot_end, pass_start):
     return torch.cat((_rot_pairs(x[..., :rot_end], cos, sin), x[..., pass_start:]), dim=-1)
 
 
+def _stack_pairs(x, cos, sin):
+    # gpt-fast: pairs as a trailing dim of 2, rotated with real arithmetic, stacked back
+    xs = x.unflatten(-1, (-1, 2))
+    x0, x1 = xs[..., 0], xs[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2)
+
+
 def _complex(x, freqs):
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * freqs).flatten(-2)
@@ -84,6 +93,17 @@ def rope_pairs_partial(q, k, cos, sin, rot_end, pass_start):
 def rope_pairs(q, k, cos, sin):
     """RoPE on interleaved pairs in real arithmetic (GPT-J's rotate_every_two, Cohere)."""
     return _rot_pairs(q, cos, sin), _rot_pairs(k, cos, sin)
+
+
+# The stacked form's tables are half as wide as the others' (one angle per pair), so they take
+# their own names (and example inputs); `check` renames them to cos/sin.
+def rope_stack(q, k, cos2, sin2):
+    """RoPE on pairs (x[2i], x[2i+1]) stacked back after a real rotation (gpt-fast)."""
+    return _stack_pairs(q, cos2, sin2), _stack_pairs(k, cos2, sin2)
+
+
+def rope_single_stack(q, cos2, sin2):
+    return _stack_pairs(q, cos2, sin2)
 
 
 def rope_complex(q, k, freqs):
@@ -113,6 +133,8 @@ def rope_single_complex(q, freqs):
 
 
 _COMPLEX = (rope_complex, rope_single_complex)
+# cos/sin hold one angle per pair already ([.., rotary_dim / 2]), as for the complex form
+_STACK = (rope_stack, rope_single_stack)
 _PAIRS = (rope_pairs, rope_pairs_partial, rope_single_pairs, rope_single_pairs_partial)
 _PARTIAL = (rope_partial, rope_single_partial, rope_pairs_partial, rope_single_pairs_partial)
 
@@ -218,6 +240,9 @@ def _pairs_equal(n, depth: int = 12) -> bool:
 
 def check(match):
     fn = match.variant.fn
+    if fn in _STACK:
+        match.bindings["cos"] = match.bindings.pop("cos2")
+        match.bindings["sin"] = match.bindings.pop("sin2")
     pair = "k" in match.bindings
     q = match.value("q")
     names = ["q", "k"] if pair else ["q"]
@@ -242,8 +267,10 @@ def check(match):
         cos, sin = match.value("cos"), match.value("sin")
         if cos.dim() != sin.dim() or not all(known_equal(a, b) for a, b in zip(cos.shape, sin.shape)):
             return f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ in shape"
-        rot = cos.shape[-1]
-        if fn in _PAIRS:
+        rot = cos.shape[-1] * (2 if fn in _STACK else 1)
+        if fn in _STACK:
+            pass
+        elif fn in _PAIRS:
             if not (_pairs_equal(match["cos"]) and _pairs_equal(match["sin"])):
                 return ("rotates interleaved pairs, but cos/sin are not provably one angle per "
                         "pair (2i, 2i+1) (built by repeat_interleave(.., 2, -1)), which the "
@@ -287,10 +314,13 @@ def check(match):
             return c
         chains[t] = c
     in_chain, out_chain, note = plans[0]
-    match.params.update(seq_dim=seq_dim, squeeze=squeeze, interleaved=complex_form or fn in _PAIRS,
+    match.params.update(seq_dim=seq_dim, squeeze=squeeze,
+                        interleaved=complex_form or fn in _PAIRS or fn in _STACK,
+                        one_angle_per_pair=fn in _STACK,
                         in_chain=in_chain, out_chain=out_chain, table_chains=chains)
     layout_name = "[b, h, t, d]" if seq_dim == 2 else "[b, t, h, d]"
-    form = "complex" if complex_form else "pairs" if fn in _PAIRS else "rotate_half"
+    form = ("complex" if complex_form else "pairs" if fn in _PAIRS else
+            "stacked pairs" if fn in _STACK else "rotate_half")
     form = f"partial {form}" if fn in _PARTIAL else form
     match.detail = f"{form}{'' if pair else ' alone'}, {layout_name}{note}"
     return None
@@ -327,13 +357,15 @@ def _plain(q, k, cos, sin, interleaved):
     return qo if single else (qo, ko)
 
 
-def replace(q, k=None, cos=None, sin=None, freqs=None, *, match=None):
+def replace(q, k=None, cos=None, sin=None, freqs=None, cos2=None, sin2=None, *, match=None):
+    if cos2 is not None:  # registration check of the stacked form
+        cos, sin = cos2, sin2
     if freqs is not None:
         cos, sin = None, None
     if match is None:  # registration check: its tables have no pair structure, shapes only
         if freqs is not None:
             cos, sin = torch.real(freqs).contiguous(), torch.imag(freqs).contiguous()
-        return _plain(q, k, cos, sin, freqs is not None)
+        return _plain(q, k, cos, sin, freqs is not None or cos.shape[-1] * 2 == q.shape[-1])
     p = match.params
     if freqs is not None:
         f = _table(freqs, p["table_chains"]["freqs"], p["squeeze"])
@@ -341,7 +373,7 @@ def replace(q, k=None, cos=None, sin=None, freqs=None, *, match=None):
     else:
         cos = _table(cos, p["table_chains"]["cos"], p["squeeze"])
         sin = _table(sin, p["table_chains"]["sin"], p["squeeze"])
-        if p["interleaved"]:  # one angle per pair: the even channels
+        if p["interleaved"] and not p["one_angle_per_pair"]:  # one angle per pair: the even channels
             cos, sin = cos[..., ::2], sin[..., ::2]
     res = _run(q, k, cos, sin, p)
     return tuple(res) if k is not None else res[0]
@@ -349,17 +381,19 @@ def replace(q, k=None, cos=None, sin=None, freqs=None, *, match=None):
 
 _EXAMPLES = {"q": torch.randn(2, 4, 5, 8), "k": torch.randn(2, 2, 5, 8), "cos": torch.randn(5, 8),
              "sin": torch.randn(5, 8), "half": 4, "rot_end": 8, "pass_start": 8,
+             "cos2": torch.randn(5, 4), "sin2": torch.randn(5, 4),
              "freqs": torch.polar(torch.ones(5, 4), torch.randn(5, 4))}
 
 register(
-    "rope", [rope_partial, rope_pairs_partial, rope_rotate_half, rope_pairs, rope_complex],
+    "rope", [rope_partial, rope_pairs_partial, rope_rotate_half, rope_pairs, rope_complex,
+             rope_stack],
     replace, _EXAMPLES,
     constraints=check, priority=5, allow_casts=True, builtin=True,
     description="RoPE of q and k (rotate_half, partial rotary, complex) -> one liger::rope launch",
 )
 register(
     "rope_single", [rope_single_partial, rope_single_pairs_partial, rope_single_rotate_half,
-                    rope_single_pairs, rope_single_complex],
+                    rope_single_pairs, rope_single_complex, rope_single_stack],
     replace, _EXAMPLES, constraints=check, priority=4, allow_casts=True, builtin=True,
     description="RoPE of one tensor (tables not shared with another) -> liger::rope",
 )

@@ -29,3 +29,12 @@ def test_unseen_architecture(model_type):
     assert counts.get("rope", 0) == layers, counts
     assert counts.get("fused_linear_cross_entropy", 0) == 1, counts
     assert not report.near_misses, [str(m) for m in report.near_misses]
+
+
+def test_gpt_fast_style(kernel_path):
+    from tests.models.gpt_fast import make_gpt_fast
+
+    model, args, expected = make_gpt_fast()
+    report = compare_training_step(model, args)
+    assert report.counts == expected
+    assert not report.near_misses, [str(m) for m in report.near_misses]
