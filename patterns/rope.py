@@ -1,7 +1,7 @@
 """`rope`: rotary position embeddings of q and k -> one `liger::rope` launch per attention layer.
 
 Forms (each is the math, whatever the code's names):
-- rotate_half (Hugging Face, gpt-fast): `x * cos + cat(-x[..., h:], x[..., :h]) * sin`, with
+- rotate_half (Hugging Face): `x * cos + cat(-x[..., h:], x[..., :h]) * sin`, with
   rotate_half spelled by slicing or `chunk(2, -1)`;
 - partial rotary (GPT-NeoX, Phi, StableLM): the same on `x[..., :r]`, then `cat((rot, x[..., r:]))`;
 - complex (Meta's Llama reference, torchtitan): `view_as_real(view_as_complex(x.float() as pairs)

@@ -1,66 +1,84 @@
-"""A gpt-fast-style Llama (written the way pytorch-labs/gpt-fast writes it, from memory of its
-style, not its code): RMSNorm via `_norm(x.float()).type_as(x)`, fused wqkv split, RoPE on pairs
-kept as a trailing dim of 2 and stacked back, SwiGLU, untied `output` head, loss on `.view(-1, V)`.
+"""A small Llama in the gpt-fast manner (our own code, in that project's idioms): RMSNorm via
+`_norm(x.float()).type_as(x)` with `torch.mean(x * x)`, one fused qkv projection split three
+ways, RoPE on channel pairs kept as a trailing dim of 2 and stacked back after a real rotation,
+SwiGLU, an untied `output` head and the loss on `.view(-1, V)` with ignore_index=-1.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-5):
-        super().__init__(); self.eps = eps; self.weight = nn.Parameter(torch.ones(dim))
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
     def _norm(self, x):
         return x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + self.eps)
+
     def forward(self, x):
-        output = self._norm(x.float()).type_as(x)
-        return output * self.weight
+        return self._norm(x.float()).type_as(x) * self.weight
 
-def precompute_freqs_cis(seq_len, n_elem, base=10000):
-    freqs = 1.0 / (base ** (torch.arange(0, n_elem, 2)[: (n_elem // 2)].float() / n_elem))
-    t = torch.arange(seq_len)
-    freqs = torch.outer(t, freqs)
-    freqs_cis = torch.polar(torch.ones_like(freqs), freqs)
-    return torch.stack([freqs_cis.real, freqs_cis.imag], dim=-1)
 
-def apply_rotary_emb(x, freqs_cis):
-    xshaped = x.float().reshape(*x.shape[:-1], -1, 2)
-    freqs_cis = freqs_cis.view(1, xshaped.size(1), 1, xshaped.size(3), 2)
-    x_out2 = torch.stack([
-        xshaped[..., 0] * freqs_cis[..., 0] - xshaped[..., 1] * freqs_cis[..., 1],
-        xshaped[..., 1] * freqs_cis[..., 0] + xshaped[..., 0] * freqs_cis[..., 1],
-    ], -1)
-    x_out2 = x_out2.flatten(3)
-    return x_out2.type_as(x)
+def rotary_table(max_len, head_dim, base=10000.0):
+    """[max_len, head_dim // 2, 2]: (cos, sin) of each position's angle for each channel pair."""
+    inv = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    ang = torch.arange(max_len).float()[:, None] * inv[None, :]
+    return torch.stack((ang.cos(), ang.sin()), dim=-1)
+
+
+def rotate_pairs(x, table):
+    """x [b, t, h, d]; each pair (2i, 2i+1) turned by table[t, i]."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    tab = table.view(1, pairs.size(1), 1, pairs.size(3), 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    c, s = tab[..., 0], tab[..., 1]
+    out = torch.stack((re * c - im * s, im * c + re * s), dim=-1)
+    return out.flatten(3).type_as(x)
+
 
 class Block(nn.Module):
-    def __init__(s, d=64, h=4):
-        super().__init__(); s.h = h; s.hd = d // h
-        s.wqkv = nn.Linear(d, 3 * d, bias=False); s.wo = nn.Linear(d, d, bias=False)
-        s.n1 = RMSNorm(d); s.n2 = RMSNorm(d)
-        s.w1 = nn.Linear(d, 128, bias=False); s.w3 = nn.Linear(d, 128, bias=False); s.w2 = nn.Linear(128, d, bias=False)
-    def forward(s, x, freqs_cis):
+    def __init__(self, dim=64, heads=4, hidden=128):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.attention_norm = RMSNorm(dim)
+        self.ffn_norm = RMSNorm(dim)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x, table):
         b, t, d = x.shape
-        q, k, v = s.wqkv(s.n1(x)).split([d, d, d], dim=-1)
-        q = q.view(b, t, s.h, s.hd); k = k.view(b, t, s.h, s.hd); v = v.view(b, t, s.h, s.hd)
-        q = apply_rotary_emb(q, freqs_cis); k = apply_rotary_emb(k, freqs_cis)
-        q, k, v = map(lambda z: z.transpose(1, 2), (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + s.wo(y.transpose(1, 2).contiguous().view(b, t, d))
-        h = s.n2(x)
-        return x + s.w2(F.silu(s.w1(h)) * s.w3(h))
+        q, k, v = self.wqkv(self.attention_norm(x)).split([d, d, d], dim=-1)
+        q, k, v = (z.view(b, t, self.heads, self.head_dim) for z in (q, k, v))
+        q, k = rotate_pairs(q, table), rotate_pairs(k, table)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True)
+        x = x + self.wo(y.transpose(1, 2).contiguous().view(b, t, d))
+        h = self.ffn_norm(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
 
 class GPTFast(nn.Module):
-    def __init__(s, v=256, d=64):
-        super().__init__(); s.tok = nn.Embedding(v, d); s.layers = nn.ModuleList([Block(), Block()])
-        s.norm = RMSNorm(d); s.output = nn.Linear(d, v, bias=False)
-        s.register_buffer("freqs_cis", precompute_freqs_cis(32, 16), persistent=False)
-    def forward(s, idx, targets):
-        x = s.tok(idx); fc = s.freqs_cis[: idx.shape[1]]
-        for l in s.layers: x = l(x, fc)
-        logits = s.output(s.norm(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+    def __init__(self, vocab=256, dim=64, layers=2, max_len=32):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(Block(dim) for _ in range(layers))
+        self.norm = RMSNorm(dim)
+        self.output = nn.Linear(dim, vocab, bias=False)
+        self.register_buffer("table", rotary_table(max_len, dim // 4), persistent=False)
 
+    def forward(self, idx, targets):
+        x = self.tok_embeddings(idx)
+        table = self.table[: idx.shape[1]]
+        for layer in self.layers:
+            x = layer(x, table)
+        logits = self.output(self.norm(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
 def make_gpt_fast(seed=0):
