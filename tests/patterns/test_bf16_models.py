@@ -1,0 +1,31 @@
+"""bf16 models with every pattern on: the compiled model is no further from the fp32 truth than
+eager bf16 is (loss, logits), and its gradients stay within bf16 noise of eager bf16's."""
+
+import copy
+
+import pytest
+import torch
+
+import ligerfx
+from tests.compare import rel_err
+from tests.models import hf_model
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "phi3", "gpt_neox"])
+def test_bf16_training_step_is_as_close_to_fp32_as_eager(name, kernel_path):
+    model, inputs = hf_model(name)
+    truth = model(**inputs)  # fp32
+    eager = copy.deepcopy(model).to(torch.bfloat16)
+    test = copy.deepcopy(model).to(torch.bfloat16)
+    c = torch.compile(test, backend="liger", options={"inner": "aot_eager", "log_report": False})
+    out, ref = c(**inputs), eager(**inputs)
+    counts = ligerfx.backend.last_report.counts
+    assert counts.get("fused_linear_cross_entropy") == 1 and counts.get("rope") == 2, counts
+    for field in ("logits", "loss"):
+        a, b, t = getattr(out, field), getattr(ref, field), getattr(truth, field).detach()
+        assert rel_err(a, t) <= 1.25 * rel_err(b, t) + 1e-4, (field, rel_err(a, t), rel_err(b, t))
+    out.loss.backward()
+    ref.loss.backward()
+    for (n, p), (_, q) in zip(test.named_parameters(), eager.named_parameters()):
+        if q.grad is not None:
+            assert rel_err(p.grad, q.grad) < 3e-2, n
