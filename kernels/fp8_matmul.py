@@ -35,7 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowbit import frozen_linear_backward, pick_config, rows_2d, splitk_reduce, upcast_dot
+from .lowbit import (check_per_channel, frozen_linear_backward, grouped_tile, pick_config,
+                     register_frozen_autograd, rows_2d, splitk_reduce, store_tile, tile_grid,
+                     upcast_dot)
 from .runtime import interpreting, next_pow2, use_triton
 
 FP8 = torch.float8_e4m3fn
@@ -134,15 +136,7 @@ def _quant_rows_kernel(X, XQ, XS, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr
 def _fp8_mm_kernel(XQ, XS, WQ, WS, B, Y, P, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    # Program ids grouped along M so programs running together reuse the same weight tiles.
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BM)
-    n_n = tl.cdiv(N, BN)
-    width = GROUP_M * n_n
-    first_m = (pid // width) * GROUP_M
-    group_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
+    pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
     pid_k = tl.program_id(1)
 
     rm = pid_m * BM + tl.arange(0, BM)
@@ -165,17 +159,11 @@ def _fp8_mm_kernel(XQ, XS, WQ, WS, B, Y, P, M, N, K, stride_xm, stride_wn, strid
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w, acc)
+    # The token scale goes on every tile (split-K partials included); the channel scale and the
+    # bias in the epilogue (or the reduce kernel).
     acc = acc * tl.load(XS + rm, mask=mmask, other=0.0)[:, None]
-    if SPLIT == 1:
-        acc = acc * tl.load(WS + rn, mask=nmask, other=0.0)[None, :]
-        if HAS_BIAS:
-            acc = acc + tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-                 mask=mmask[:, None] & nmask[None, :])
-    else:
-        # Token-scaled fp32 partials; the reduce kernel applies the channel scale and the bias.
-        offs = pid_k * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
-        tl.store(P + offs, acc, mask=mmask[:, None] & nmask[None, :])
+    store_tile(acc, WS, B, Y, P, rm, rn, M, N, stride_ym, pid_k, HAS_SCALE=True, HAS_BIAS=HAS_BIAS,
+               SPLIT=SPLIT)
 
 
 def quantize_rows_triton(x2: torch.Tensor, xq: Optional[torch.Tensor] = None,
@@ -209,10 +197,7 @@ def fp8_matmul_triton(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor,
     cfg = pick_config(M, N, K, xq.device, bk=128, bk_decode=256, split=split)
     if cfg.BK < 32:
         cfg = dataclasses.replace(cfg, BK=32, split=1, k_per_split=32)
-    partial = None
-    if cfg.split > 1:
-        partial = torch.empty((cfg.split, M, N), dtype=torch.float32, device=xq.device)
-    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), cfg.split)
+    grid, partial = tile_grid(cfg, M, N, xq.device)
     _fp8_mm_kernel[grid](xq, xs, qweight, scale, bias if bias is not None else scale, y,
                          partial if partial is not None else y, M, N, K, xq.stride(0),
                          qweight.stride(0), y.stride(0), cfg.k_per_split,
@@ -228,13 +213,7 @@ def fp8_matmul_triton(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor,
 
 
 def _check(x, qweight, scale, bias):
-    if qweight.dtype != FP8 or qweight.dim() != 2:
-        raise ValueError(f"fp8_linear: qweight must be a 2-D float8_e4m3fn tensor, got {qweight.dtype} "
-                         f"{tuple(qweight.shape)}")
-    if x.shape[-1] != qweight.shape[1]:
-        raise ValueError(f"fp8_linear: x has {x.shape[-1]} features, weight expects {qweight.shape[1]}")
-    if scale.shape != (qweight.shape[0],) or (bias is not None and bias.shape != (qweight.shape[0],)):
-        raise ValueError("fp8_linear: scale and bias must be [out_features] vectors")
+    check_per_channel("fp8_linear", x, qweight, FP8, scale, bias)
 
 
 @torch.library.custom_op("liger::fp8_linear", mutates_args=())
@@ -269,23 +248,7 @@ def _(grad, qweight, scale, x_dtype):
     return grad.new_empty((*grad.shape[:-1], qweight.shape[1]), dtype=x_dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    x, qweight, scale, bias = inputs
-    ctx.save_for_backward(qweight, scale)
-    ctx.x_dtype = x.dtype
-
-
-def _backward(ctx, grad):
-    qweight, scale = ctx.saved_tensors
-    dx = dbias = None
-    if ctx.needs_input_grad[0]:
-        dx = torch.ops.liger.fp8_linear_backward(grad, qweight, scale, ctx.x_dtype)
-    if ctx.needs_input_grad[3]:
-        dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return dx, None, None, dbias
-
-
-fp8_linear_op.register_autograd(_backward, setup_context=_setup_context)
+register_frozen_autograd(fp8_linear_op, torch.ops.liger.fp8_linear_backward)
 
 
 def fp8_linear(x, qweight, scale, bias=None):

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowbit import (dot_precision, frozen_linear_backward, pick_config, rows_2d, splitk_reduce,
+from .lowbit import (dot_precision, frozen_linear_backward, grouped_tile, pick_config,
+                     register_frozen_autograd, rows_2d, splitk_reduce, store_tile, tile_grid,
                      upcast_dot)
 from .runtime import use_triton
 
@@ -70,14 +71,7 @@ def _int4_mm_kernel(X, P, S, Z, B, Y, PART, M, N, K, stride_xm, stride_pn, strid
                     k_per_split, G: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                     PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BM)
-    n_n = tl.cdiv(N, BN)
-    width = GROUP_M * n_n
-    first_m = (pid // width) * GROUP_M
-    group_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
+    pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
     pid_k = tl.program_id(1)
 
     rm = pid_m * BM + tl.arange(0, BM)
@@ -106,14 +100,9 @@ def _int4_mm_kernel(X, P, S, Z, B, Y, PART, M, N, K, stride_xm, stride_pn, strid
                          input_precision=PREC)
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
-    omask = mmask[:, None] & nmask[None, :]
-    if SPLIT == 1:
-        if HAS_BIAS:
-            acc = acc + tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-                 mask=omask)
-    else:
-        tl.store(PART + pid_k * M * N + rm[:, None].to(tl.int64) * N + rn[None, :], acc, mask=omask)
+    # The group scales are already in w: no channel scale in the epilogue.
+    store_tile(acc, B, B, Y, PART, rm, rn, M, N, stride_ym, pid_k, HAS_SCALE=False,
+               HAS_BIAS=HAS_BIAS, SPLIT=SPLIT)
 
 
 def int4_matmul_triton(x2, packed, scale, offset, bias, y=None, split=None):
@@ -128,10 +117,7 @@ def int4_matmul_triton(x2, packed, scale, offset, bias, y=None, split=None):
     scale, offset = scale.contiguous(), offset.contiguous()  # [N, K/G]: tiny
     bk = min(G, 64)
     cfg = pick_config(M, N, K, x2.device, bk=bk, bk_decode=min(G, 128), split=split)
-    part = None
-    if cfg.split > 1:
-        part = torch.empty((cfg.split, M, N), dtype=torch.float32, device=x2.device)
-    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), cfg.split)
+    grid, part = tile_grid(cfg, M, N, x2.device)
     _int4_mm_kernel[grid](x2, packed, scale, offset, bias if bias is not None else scale, y,
                           part if part is not None else y, M, N, K, x2.stride(0), packed.stride(0),
                           scale.stride(0), y.stride(0), cfg.k_per_split, G=G,
@@ -201,23 +187,7 @@ def _(grad, packed, scale, offset, x_dtype):
     return grad.new_empty((*grad.shape[:-1], 2 * packed.shape[1]), dtype=x_dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    x, packed, scale, offset, bias = inputs
-    ctx.save_for_backward(packed, scale, offset)
-    ctx.x_dtype = x.dtype
-
-
-def _backward(ctx, grad):
-    packed, scale, offset = ctx.saved_tensors
-    dx = dbias = None
-    if ctx.needs_input_grad[0]:
-        dx = torch.ops.liger.int4_linear_backward(grad, packed, scale, offset, ctx.x_dtype)
-    if ctx.needs_input_grad[4]:
-        dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return dx, None, None, None, dbias
-
-
-int4_linear_op.register_autograd(_backward, setup_context=_setup_context)
+register_frozen_autograd(int4_linear_op, torch.ops.liger.int4_linear_backward)
 
 
 def int4_linear(x, packed, scale, offset, bias=None):

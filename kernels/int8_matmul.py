@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowbit import (dot_precision, frozen_linear_backward, pick_config, rows_2d, splitk_reduce,
-                     upcast_dot)
+from .lowbit import (check_per_channel, dot_precision, frozen_linear_backward, grouped_tile,
+                     pick_config, register_frozen_autograd, rows_2d, splitk_reduce, store_tile,
+                     tile_grid, upcast_dot)
 from .runtime import use_triton
 
 QMAX = 127
@@ -52,15 +53,7 @@ def unpack_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.float32)
 def _int8_mm_kernel(X, Q, S, B, Y, P, M, N, K, stride_xm, stride_qn, stride_ym, k_per_split,
                     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    # Program ids grouped along M so programs running together reuse the same weight tiles.
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BM)
-    n_n = tl.cdiv(N, BN)
-    width = GROUP_M * n_n
-    first_m = (pid // width) * GROUP_M
-    group_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
+    pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
     pid_k = tl.program_id(1)
 
     rm = pid_m * BM + tl.arange(0, BM)
@@ -81,15 +74,8 @@ def _int8_mm_kernel(X, Q, S, B, Y, P, M, N, K, stride_xm, stride_qn, stride_ym, 
             acc = tl.dot(x.to(tl.float32), q.to(tl.float32), acc, input_precision=PREC)
         else:  # int8 values are exact in bf16/fp16: the tensor cores see x's dtype
             acc = tl.dot(x, q.to(x.dtype), acc, input_precision=PREC)
-    if SPLIT == 1:
-        acc = acc * tl.load(S + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc = acc + tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-                 mask=mmask[:, None] & nmask[None, :])
-    else:
-        offs = pid_k * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
-        tl.store(P + offs, acc, mask=mmask[:, None] & nmask[None, :])
+    store_tile(acc, S, B, Y, P, rm, rn, M, N, stride_ym, pid_k, HAS_SCALE=True, HAS_BIAS=HAS_BIAS,
+               SPLIT=SPLIT)
 
 
 def int8_matmul_triton(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -103,10 +89,7 @@ def int8_matmul_triton(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     if M == 0:
         return y
     cfg = pick_config(M, N, K, x2.device, split=split)
-    partial = None
-    if cfg.split > 1:
-        partial = torch.empty((cfg.split, M, N), dtype=torch.float32, device=x2.device)
-    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), cfg.split)
+    grid, partial = tile_grid(cfg, M, N, x2.device)
     _int8_mm_kernel[grid](x2, qweight, scale, bias if bias is not None else scale, y,
                           partial if partial is not None else y, M, N, K, x2.stride(0),
                           qweight.stride(0), y.stride(0), cfg.k_per_split,
@@ -131,13 +114,7 @@ def int8_matmul_reference(x2, qweight, scale, bias):
 
 
 def _check(x, qweight, scale, bias):
-    if qweight.dtype != torch.int8 or qweight.dim() != 2:
-        raise ValueError(f"int8_linear: qweight must be a 2-D int8 tensor, got {qweight.dtype} "
-                         f"{tuple(qweight.shape)}")
-    if x.shape[-1] != qweight.shape[1]:
-        raise ValueError(f"int8_linear: x has {x.shape[-1]} features, weight expects {qweight.shape[1]}")
-    if scale.shape != (qweight.shape[0],) or (bias is not None and bias.shape != (qweight.shape[0],)):
-        raise ValueError("int8_linear: scale and bias must be [out_features] vectors")
+    check_per_channel("int8_linear", x, qweight, torch.int8, scale, bias)
 
 
 @torch.library.custom_op("liger::int8_linear", mutates_args=())
@@ -170,23 +147,7 @@ def _(grad, qweight, scale, x_dtype):
     return grad.new_empty((*grad.shape[:-1], qweight.shape[1]), dtype=x_dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    x, qweight, scale, bias = inputs
-    ctx.save_for_backward(qweight, scale)
-    ctx.x_dtype = x.dtype
-
-
-def _backward(ctx, grad):
-    qweight, scale = ctx.saved_tensors
-    dx = dbias = None
-    if ctx.needs_input_grad[0]:
-        dx = torch.ops.liger.int8_linear_backward(grad, qweight, scale, ctx.x_dtype)
-    if ctx.needs_input_grad[3]:
-        dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return dx, None, None, dbias
-
-
-int8_linear_op.register_autograd(_backward, setup_context=_setup_context)
+register_frozen_autograd(int8_linear_op, torch.ops.liger.int8_linear_backward)
 
 
 def int8_linear(x, qweight, scale, bias=None):

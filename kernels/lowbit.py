@@ -6,8 +6,12 @@
   tiles without split-K, grouped along M so neighbouring programs share weight tiles in L2.
 - `_splitk_reduce_kernel`: sums the fp32 split-K partials and applies the per-channel scale,
   bias and the cast to the output dtype.
+- `grouped_tile`, `store_tile`, `tile_grid`: the tile schedule and epilogue every low-bit
+  matmul kernel shares (grouped program ids; scale, bias and store, or the fp32 split-K partial).
 - `rows_2d`: flatten any leading shape to rows.
-- `frozen_linear_backward`: the input gradient through a frozen low-bit weight.
+- `check_per_channel`: argument checks of the per-output-channel schemes (int8, fp8).
+- `frozen_linear_backward`, `register_frozen_autograd`: the input gradient through a frozen
+  low-bit weight, and the autograd registration every low-bit linear op uses.
 """
 
 from __future__ import annotations
@@ -78,6 +82,47 @@ def _splitk_reduce_kernel(P, S, B, Y, M, N, stride_ym, SPLIT: tl.constexpr, HAS_
     tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def grouped_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program.  Ids are grouped along M so programs running together
+    reuse the same weight tiles (from L2)."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    width = GROUP_M * n_n
+    first_m = (pid // width) * GROUP_M
+    group_m = tl.minimum(n_m - first_m, GROUP_M)
+    return first_m + (pid % width) % group_m, (pid % width) // group_m
+
+
+@triton.jit
+def store_tile(acc, S, B, Y, P, rm, rn, M, N, stride_ym, pid_k, HAS_SCALE: tl.constexpr,
+               HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """Epilogue of a [BM, BN] fp32 tile: without split-K, y = cast(acc (* S[n]) (+ B[n])); with
+    it, the raw fp32 partial goes to P[pid_k] (`splitk_reduce` applies scale and bias)."""
+    mmask = rm < M
+    nmask = rn < N
+    omask = mmask[:, None] & nmask[None, :]
+    if SPLIT == 1:
+        if HAS_SCALE:
+            acc = acc * tl.load(S + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
+                 mask=omask)
+    else:
+        tl.store(P + pid_k * M * N + rm[:, None].to(tl.int64) * N + rn[None, :], acc, mask=omask)
+
+
+def tile_grid(cfg: Config, M: int, N: int, device: torch.device):
+    """(grid, partial) for a kernel using `grouped_tile`: partial is the fp32 [split, M, N]
+    split-K buffer, or None without split-K."""
+    partial = None
+    if cfg.split > 1:
+        partial = torch.empty((cfg.split, M, N), dtype=torch.float32, device=device)
+    return (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), cfg.split), partial
+
+
 def splitk_reduce(partial: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                   y: torch.Tensor) -> None:
     """y[M, N] = cast(sum_s partial[s] (* scale[n]) (+ bias[n]))."""
@@ -106,6 +151,17 @@ def rows_2d(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def check_per_channel(name: str, x, qweight, qdtype: torch.dtype, scale, bias) -> None:
+    """Shapes and dtype of a per-output-channel scheme: qweight [N, K] of qdtype, scale/bias [N]."""
+    if qweight.dtype != qdtype or qweight.dim() != 2:
+        raise ValueError(f"{name}: qweight must be a 2-D {str(qdtype).removeprefix('torch.')} tensor, "
+                         f"got {qweight.dtype} {tuple(qweight.shape)}")
+    if x.shape[-1] != qweight.shape[1]:
+        raise ValueError(f"{name}: x has {x.shape[-1]} features, weight expects {qweight.shape[1]}")
+    if scale.shape != (qweight.shape[0],) or (bias is not None and bias.shape != (qweight.shape[0],)):
+        raise ValueError(f"{name}: scale and bias must be [out_features] vectors")
+
+
 def frozen_linear_backward(grad: torch.Tensor, weight: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
     """dx = grad @ W for a dequantized [N, K] weight, accumulated in fp32, returned in x_dtype.
 
@@ -117,3 +173,24 @@ def frozen_linear_backward(grad: torch.Tensor, weight: torch.Tensor, x_dtype: to
     else:
         dx = g2.float() @ weight.float() if grad.dtype != torch.float64 else g2 @ weight.double()
     return dx.to(x_dtype).reshape(*grad.shape[:-1], weight.shape[1])
+
+
+def register_frozen_autograd(op, backward_op) -> None:
+    """Autograd of a low-bit linear op `op(x, *weight_tensors, bias)` with a frozen weight:
+    dx = `backward_op(grad, *weight_tensors, x.dtype)` (a custom op, so AOTAutograd can trace
+    the backward graph), dbias = grad summed over rows, no gradient for the weight tensors."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[1:-1])
+        ctx.x_dtype = inputs[0].dtype
+
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        dx = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = backward_op(grad, *saved, ctx.x_dtype)
+        if ctx.needs_input_grad[-1]:
+            dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return (dx, *(None,) * len(saved), dbias)
+
+    op.register_autograd(backward, setup_context=setup_context)

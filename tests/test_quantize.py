@@ -24,6 +24,33 @@ def _rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
+def _llama_with_ref():
+    """The tiny HF llama (eval), its inputs, the fp32 bytes of its linears but the lm head, and
+    its fp32 eager logits."""
+    model, inputs = hf_model("llama")
+    model.eval()
+    lin_bytes = sum(m.weight.numel() * 4 for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and n != "lm_head")
+    with torch.no_grad():
+        ref = model(input_ids=inputs["input_ids"]).logits
+    return model, inputs, lin_bytes, ref
+
+
+def _reload_matches(model, scheme, ids, eager, **kw):
+    """A fresh llama quantized the same way and loaded with model's state dict gives the same
+    logits, bit for bit.  Returns it."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    fresh, _ = hf_model("llama")
+    fresh.eval()
+    ligerfx.quantize_(fresh, scheme, **kw)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf))
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, eager)
+    return fresh
+
+
 class Tiny(nn.Module):
     """Hand-written LM: tied-free lm head named `output`, a tiny layer and a K=96 layer."""
 
@@ -136,13 +163,8 @@ def test_in_place_change_requantizes():
 
 @pytest.mark.parametrize("scheme,gs,ratio", [("int8", 128, 0.27), ("int4", 32, 0.2)])
 def test_quantize_eager_state_dict_and_compile(scheme, gs, ratio):
-    model, inputs = hf_model("llama")
-    model.eval()
+    model, inputs, lin_bytes, ref = _llama_with_ref()
     ids = inputs["input_ids"]
-    lin_bytes = sum(m.weight.numel() * 4 for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and n != "lm_head")
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits
     skipped = ligerfx.quantize_(model, scheme, group_size=gs)
     assert list(skipped) == ["lm_head"]
     qbytes = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, QuantizedLinear)
@@ -155,15 +177,7 @@ def test_quantize_eager_state_dict_and_compile(scheme, gs, ratio):
         compiled = _compile(model)(input_ids=ids).logits
     assert backend.last_report.counts.get(f"{scheme}_linear") == 14
     assert _rel(compiled, eager) < 1e-5
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    fresh, _ = hf_model("llama")
-    fresh.eval()
-    ligerfx.quantize_(fresh, scheme, group_size=gs)
-    buf.seek(0)
-    fresh.load_state_dict(torch.load(buf))
-    with torch.no_grad():
-        assert torch.equal(fresh(input_ids=ids).logits, eager)
+    _reload_matches(model, scheme, ids, eager, group_size=gs)
 
 
 def test_bad_options():

@@ -4,17 +4,14 @@ Without a GPU the fp8 op runs its torch path (e4m3 casts, fp32 matmul) or, under
 interpreter (the test session default), its Triton kernels on CPU tensors.
 """
 
-import io
-
 import pytest
 import torch
-import torch.nn as nn
 
 import ligerfx
 from ligerfx import backend
 from ligerfx.quantize import QuantizedLinear
 from tests.models import hf_model
-from tests.test_quantize import Tiny, _compile, _rel
+from tests.test_quantize import Tiny, _compile, _llama_with_ref, _rel, _reload_matches
 
 # Logits max|diff| / max|ref| against fp32 eager, measured (docs/quantization.md): 3.8e-3 (gemma)
 # to 4.7e-2 (qwen2).  e4m3 keeps 3 mantissa bits on weights AND activations (~2% rms per linear
@@ -47,13 +44,8 @@ def test_hf_inference(name):
 
 
 def test_quantize_eager_state_dict_compile_and_grads(kernel_path):
-    model, inputs = hf_model("llama")
-    model.eval()
+    model, inputs, lin_bytes, ref = _llama_with_ref()
     ids = inputs["input_ids"]
-    lin_bytes = sum(m.weight.numel() * 4 for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and n != "lm_head")
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits
     assert list(ligerfx.quantize_(model, "fp8")) == ["lm_head"]
     mods = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(mods) == 14 and all(m.qweight.dtype == torch.uint8 for m in mods)  # fp8 bits
@@ -69,15 +61,7 @@ def test_quantize_eager_state_dict_compile_and_grads(kernel_path):
     before = mods[0].qweight.clone()
     model.to(torch.float32)
     assert torch.equal(mods[0].qweight, before)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    fresh, _ = hf_model("llama")
-    fresh.eval()
-    ligerfx.quantize_(fresh, "fp8")
-    buf.seek(0)
-    fresh.load_state_dict(torch.load(buf))
-    with torch.no_grad():
-        assert torch.equal(fresh(input_ids=ids).logits, eager)
+    fresh = _reload_matches(model, "fp8", ids, eager)
     # QLoRA-style: trainable norms get gradients through the frozen fp8 linears
     for n, p in fresh.named_parameters():
         p.requires_grad_("norm" in n)
