@@ -293,7 +293,6 @@ class View:
         return self._intern(CNode(CAST, (inp, dout), nodes=[node], identity=same))
 
     def _canonical(self, node: fx.Node, name: str, a: list):
-        val = node_value(node)
         x = a[0]
         rank = _rank(x.value) if isinstance(x, CNode) else None
         if name in ("add", "sub"):

@@ -122,7 +122,7 @@ def frozen_weight(param: torch.Tensor, scheme: str, group_size: int, scale_dtype
         key = per.get(args)
         if key is None:
             key = per[args] = next(_counter)
-            entry = _entries[key] = _Entry(param, args)
+            _entries[key] = _Entry(param, args)
             weakref.finalize(param, _entries.pop, key, None)
         _refresh(_entries[key], param)
     return key

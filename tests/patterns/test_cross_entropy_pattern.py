@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import ligerfx
 from ligerfx.example_model import make_example
-from tests.compare import call, compare_training_step, rel_err
+from tests.compare import compare_training_step, rel_err
 from tests.models import HANDWRITTEN, hf_model
 
 LOSSES = ("cross_entropy", "fused_linear_cross_entropy")
