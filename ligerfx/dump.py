@@ -9,7 +9,6 @@ is rewritten on a copy and kept, so the output can show both graphs.  Formats: t
 
 from __future__ import annotations
 
-import contextlib
 import html
 import importlib
 import importlib.util
@@ -22,14 +21,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import rewriter
-from .backend import rewrite
-from .explain import _copy
+from .explain import trace_and_rewrite
 from .options import Options
 from .report import Report
+from .rewriter import PATTERN_META
 
 FORMATS = ("text", "json", "dot", "html")
-PATTERN_META = "ligerfx_pattern"  # node.meta key: the pattern whose rewrite created the node
 
 
 class DumpError(Exception):
@@ -122,50 +119,19 @@ def load_target(target: str) -> tuple[Any, tuple, dict]:
 
 # -- tracing -------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _tag_rewrites():
-    """Mark the nodes each rewrite creates with its pattern's name (for dot and html)."""
-    orig = rewriter.apply
-
-    def apply(match):
-        new = orig(match)
-        for n in new:
-            n.meta.setdefault(PATTERN_META, match.pattern.name)
-        return new
-
-    rewriter.apply = apply
-    try:
-        yield
-    finally:
-        rewriter.apply = orig
-
-
 def trace(model: Any, args: tuple = (), kwargs: dict | None = None, *,
           options: dict | Options | None = None, target: str = "") -> Dump:
     """Trace `model(*args, **kwargs)` like `ligerfx.explain`, keeping each graph before/after."""
     opts = Options.from_any(options)
-    dump = Dump(target, Report())
-
-    def capture(gm: fx.GraphModule, example_inputs):
-        before = _copy(gm)
-        work = _copy(gm)
-        r = rewrite(work, opts)
-        r.graphs_before.append(before.code)
-        r.graphs_after.append(work.code)
-        dump.report.extend(r)
-        dump.before.append(before)
-        dump.after.append(work)
-        return gm.forward
-
-    with torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20):
-        with _tag_rewrites():
-            torch._dynamo.reset()
-            try:
-                torch.compile(model, backend=capture)(*args, **(kwargs or {}))
-            except Exception as e:  # noqa: BLE001
-                raise DumpError(f"{target or 'the model'} did not trace: {_first_line(e)}") from e
-    if dump.report.graphs == 0:
-        dump.report.notes.append("Dynamo captured no graph (the call ran eagerly); nothing to rewrite")
+    pairs: list = []
+    torch._dynamo.reset()  # an offline tool: start from a clean Dynamo cache
+    try:
+        report = trace_and_rewrite(model, tuple(args), dict(kwargs or {}), opts, keep=pairs)
+    except Exception as e:  # noqa: BLE001
+        raise DumpError(f"{target or 'the model'} did not trace: {_first_line(e)}") from e
+    dump = Dump(target, report)
+    dump.before.extend(b for b, _ in pairs)
+    dump.after.extend(a for _, a in pairs)
     return dump
 
 

@@ -24,20 +24,20 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, g)
 
 
-def explain(model: Any, *args: Any, options: dict | Options | None = None, **kwargs: Any) -> Report:
-    """Trace `model(*args, **kwargs)` with Dynamo and report the rewrites the backend would make.
+def trace_and_rewrite(model: Any, args: tuple, kwargs: dict, options: Options,
+                      keep: list | None = None) -> Report:
+    """Trace like torch.compile, rewrite a copy of each graph, run the original once.
 
-    Returns a `Report` with `.counts`, `.matches`, `.near_misses`, `.to_dict()` and a readable
-    `str()`.  The model's forward runs once (its original graph, on the given inputs).
+    `keep`, when given, receives a (before, after) pair of GraphModules per captured graph.
     """
-    opts = Options.from_any(options)
     report = Report()
 
     def capture(gm: fx.GraphModule, example_inputs):
         work = _copy(gm)
-        before = gm.code
-        r = rewrite(work, opts)
-        r.graphs_before.append(before)
+        if keep is not None:
+            keep.append((_copy(gm), work))
+        r = rewrite(work, options)
+        r.graphs_before.append(gm.code)
         r.graphs_after.append(work.code)
         report.extend(r)
         return gm.forward
@@ -49,3 +49,12 @@ def explain(model: Any, *args: Any, options: dict | Options | None = None, **kwa
     if report.graphs == 0:
         report.notes.append("Dynamo captured no graph (the call ran eagerly); nothing to rewrite")
     return report
+
+
+def explain(model: Any, *args: Any, options: dict | Options | None = None, **kwargs: Any) -> Report:
+    """Trace `model(*args, **kwargs)` with Dynamo and report the rewrites the backend would make.
+
+    Returns a `Report` with `.counts`, `.matches`, `.near_misses`, `.to_dict()` and a readable
+    `str()`.  The model's forward runs once (its original graph, on the given inputs).
+    """
+    return trace_and_rewrite(model, args, kwargs, Options.from_any(options))

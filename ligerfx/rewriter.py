@@ -18,6 +18,7 @@ from .matcher import Match
 from .pattern import call_replacement
 
 _KEEP_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
+PATTERN_META = "ligerfx_pattern"  # node.meta key: the pattern whose rewrite created the node
 
 
 class ValueProxy(Proxy):
@@ -91,6 +92,8 @@ def apply(match: Match) -> list[fx.Node]:
         out = call_replacement(match.pattern, match.variant, bound, match)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     new_nodes = [n for n in graph.nodes if n not in before]
+    for n in new_nodes:
+        n.meta[PATTERN_META] = match.pattern.name
     _propagate_meta(graph, new_nodes, match)
     match.replacements = []
     for old, new in zip(match.outputs, outs):
