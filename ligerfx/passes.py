@@ -2,9 +2,9 @@
 
 Patterns run in priority order.  For each pattern and variant, every node whose canonical op is
 the pattern's output op is a candidate; a structural match must then pass three checks before it
-is rewritten: inputs of the right kind (tensor or scalar), safety (no intermediate value escapes
-the subgraph), and the pattern's own constraints.  A failure is recorded as a near miss with its
-reason.  Nodes claimed by one rewrite are never matched again in the same round.
+is rewritten: inputs of the right kind (tensor or scalar), the pattern's own constraints (which
+may widen the match), and safety (no intermediate value escapes the subgraph).  A failure is
+recorded as a near miss with its reason.  Nodes claimed by one rewrite are never matched again.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from .canonical import INPUT, CNode, View
 from .matcher import Match, _match, _State, match_at
 from .pattern import REGISTRY, Pattern
 from .report import MatchRecord, NearMiss, Report, locate
-
 
 
 class Reject(Exception):
