@@ -70,6 +70,9 @@ _METHOD_ALIASES = {"__getitem__": "getitem", "concat": "cat", "multiply": "mul",
                    "subtract": "sub", "divide": "div", "true_divide": "div", "negative": "neg"}
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
 _IDENTITY_METHODS = {"contiguous"}
+# Every method that converts a value without changing it beyond its dtype (patterns that walk
+# chains of casts by hand use this one list).
+CAST_METHODS = frozenset(_CAST_METHODS | _IDENTITY_METHODS)
 
 # Signatures (after `self`/`input`) used to put positional and keyword arguments in one order.
 # "name=default" gives a default; ops absent here keep their raw args.

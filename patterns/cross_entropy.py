@@ -27,12 +27,11 @@ import torch.nn.functional as F
 
 import ligerfx.kernels.cross_entropy  # noqa: F401 - defines torch.ops.liger.cross_entropy
 import ligerfx.kernels.fused_linear_cross_entropy  # noqa: F401
-from ligerfx.canonical import node_value
+from ligerfx.canonical import CAST_METHODS, node_value
 from ligerfx.passes import Skip
 from ligerfx.pattern import register
 from ligerfx.symbolic import known_equal
 
-_CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous"}
 _RESHAPES = {"view", "reshape", "flatten"}
 _LINEARS = {F.linear, torch._C._nn.linear}
 
@@ -70,7 +69,7 @@ def _step(n: fx.Node):
     t, a = n.target, n.args
     vin = _val(a[0]) if a else None
     vout = _val(n)
-    if n.op == "call_method" and t in _CAST_METHODS and isinstance(a[0], fx.Node):
+    if n.op == "call_method" and t in CAST_METHODS and isinstance(a[0], fx.Node):
         if getattr(vin, "device", None) != getattr(vout, "device", None):
             return None
         return "cast", vout.dtype, a[0]

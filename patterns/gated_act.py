@@ -23,14 +23,13 @@ import torch.nn.functional as F
 from torch.fx.proxy import Proxy
 
 import ligerfx.kernels.gated_act  # noqa: F401 - defines torch.ops.liger.gated_act
-from ligerfx.canonical import node_value
+from ligerfx.canonical import CAST_METHODS, node_value
 from ligerfx.pattern import register
 from ligerfx.symbolic import known_equal
 
 # ---------------------------------------------------------------------------------------------
 # Cast helpers (shared with patterns/rope.py).
 
-_CAST_METHODS = ("to", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous")
 _LOW = (torch.bfloat16, torch.float16)
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -40,7 +39,7 @@ def dtype_of(n):
 
 
 def _is_cast(n) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_method" and n.target in _CAST_METHODS
+    return isinstance(n, fx.Node) and n.op == "call_method" and n.target in CAST_METHODS
 
 
 def cast_chain(use, bound) -> list | None:

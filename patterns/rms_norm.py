@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import ligerfx.kernels.rms_norm  # noqa: F401 - defines torch.ops.liger.rms_norm
-from ligerfx.canonical import node_value
+from ligerfx.canonical import CAST_METHODS, node_value
 from ligerfx.pattern import register
 from ligerfx.symbolic import is_vector_over_last_dim, known_equal
 
@@ -67,12 +67,9 @@ def _dtype(n):
     return getattr(node_value(n), "dtype", None)
 
 
-_CASTS = ("to", "float", "half", "bfloat16", "type", "type_as", "double", "contiguous")
-
-
 def _reaches(arg, target):
     """`arg` is `target`, possibly behind casts."""
-    while arg is not target and getattr(arg, "op", None) == "call_method" and arg.target in _CASTS:
+    while arg is not target and getattr(arg, "op", None) == "call_method" and arg.target in CAST_METHODS:
         arg = arg.args[0]
     return arg is target
 

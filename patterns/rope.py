@@ -31,9 +31,9 @@ import torch
 import torch.fx as fx
 
 import ligerfx.kernels.rope  # noqa: F401 - defines torch.ops.liger.rope
-from ligerfx.canonical import node_value
+from ligerfx.canonical import CAST_METHODS, node_value
 from ligerfx.pattern import register
-from ligerfx.patterns.gated_act import (_CAST_METHODS, _FLOATS, _LOW, apply_chain, dtype_of,
+from ligerfx.patterns.gated_act import (_FLOATS, _LOW, apply_chain, dtype_of,
                                         internal_casts, trailing_chain, use_chain, widens)
 from ligerfx.symbolic import known_equal, known_int
 
@@ -190,7 +190,7 @@ def _plan(match, name: str, i: int):
 
 _ELEMENTWISE_FNS = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
                     torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.cos, torch.sin}
-_ELEMENTWISE_METHODS = {"mul", "add", "sub", "div", "neg", "cos", "sin"} | set(_CAST_METHODS)
+_ELEMENTWISE_METHODS = {"mul", "add", "sub", "div", "neg", "cos", "sin"} | CAST_METHODS
 
 
 def _pairs_equal(n, depth: int = 12) -> bool:

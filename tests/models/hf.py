@@ -13,52 +13,44 @@ from __future__ import annotations
 
 import torch
 
-# Every model: hidden 64, 2 layers, 4 heads of 16, intermediate 128, vocab 256.  use_cache=False
-# keeps KV-cache updates out of the training graph; the token ids keep special tokens in vocab.
-COMMON = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, max_position_embeddings=64, use_cache=False,
-    bos_token_id=1, eos_token_id=2, pad_token_id=0,
-)
-GQA = dict(num_key_value_heads=2)
+from ligerfx.hf_targets import small_config_kwargs
+
+# Every model: hidden 64, 2 layers, 4 heads of 16, intermediate 128, vocab 256, no KV cache.
+# The configs are the package's own tiny ones (also behind `ligerfx dump hf:TYPE`), so the zoo
+# and the CLI build the same models; the specs below add the family rules the tests check.
 
 # family rules: norm kind and count per layer, gated-MLP kind, nn.Linear modules per layer
 _SPECS = {
-    "llama": dict(cls="Llama", config=GQA, norm="rms", norms_per_layer=2, mlp="swiglu",
+    "llama": dict(cls="Llama", norm="rms", norms_per_layer=2, mlp="swiglu",
                   linears_per_layer=7),
-    "mistral": dict(cls="Mistral", config=dict(GQA, sliding_window=None), norm="rms",
+    "mistral": dict(cls="Mistral", norm="rms",
                     norms_per_layer=2, mlp="swiglu", linears_per_layer=7),
-    "qwen2": dict(cls="Qwen2", config=GQA, norm="rms", norms_per_layer=2, mlp="swiglu",
+    "qwen2": dict(cls="Qwen2", norm="rms", norms_per_layer=2, mlp="swiglu",
                   linears_per_layer=7, features=dict(qkv_bias=True)),
-    "gemma": dict(cls="Gemma", config=dict(GQA, head_dim=16, hidden_act="gelu_pytorch_tanh"),
-                  norm="rms", norms_per_layer=2, mlp="geglu", linears_per_layer=7,
+    "gemma": dict(cls="Gemma", norm="rms", norms_per_layer=2, mlp="geglu", linears_per_layer=7,
                   features=dict(rms_norm_offset=1.0, tied_embeddings=True, embed_scale=True)),
     # Gemma2 keeps its default softcapping (attn 50, final logits 30): both trace in one graph.
     # Softcapping rules out SDPA, so it runs eager attention.
     "gemma2": dict(cls="Gemma2",
-                   config=dict(GQA, head_dim=16, hidden_activation="gelu_pytorch_tanh",
-                               query_pre_attn_scalar=16, sliding_window=64),
                    norm="rms", norms_per_layer=4, mlp="geglu", linears_per_layer=7,
-                   attn="eager",
                    features=dict(rms_norm_offset=1.0, tied_embeddings=True, embed_scale=True,
                                  final_logit_softcapping=30.0, attn_logit_softcapping=50.0)),
     # Phi3: fused qkv_proj and gate_up_proj (gate, up = chunk(2)); full rotary.
-    "phi3": dict(cls="Phi3", config=GQA, norm="rms", norms_per_layer=2, mlp="swiglu",
+    "phi3": dict(cls="Phi3", norm="rms", norms_per_layer=2, mlp="swiglu",
                  linears_per_layer=4, features=dict(fused_qkv=True, fused_gate_up=True)),
     # GPT-NeoX: LayerNorm, rotary on the first 25% of each head (4 of 16), parallel residual,
     # plain GELU MLP, no GQA.
-    "gpt_neox": dict(cls="GPTNeoX", config=dict(rotary_pct=0.25), norm="layer",
+    "gpt_neox": dict(cls="GPTNeoX", norm="layer",
                      norms_per_layer=2, mlp=None, linears_per_layer=4,
                      features=dict(partial_rotary_factor=0.25, parallel_residual=True,
                                    fused_qkv=True)),
     # Mixtral: experts are 3-D parameters run through grouped_mm (transformers' default experts
     # implementation), so one act(gate) * up per layer covers all experts; the router uses
     # F.linear on a parameter, not an nn.Linear.
-    "mixtral": dict(cls="Mixtral", config=dict(GQA, num_local_experts=4, num_experts_per_tok=2),
-                    norm="rms", norms_per_layer=2, mlp="swiglu", linears_per_layer=4,
+    "mixtral": dict(cls="Mixtral", norm="rms", norms_per_layer=2, mlp="swiglu", linears_per_layer=4,
                     features=dict(moe=True, fused_gate_up=True)),
     # StableLM: LayerNorm, rotary on the first 25% of each head, SwiGLU MLP.
-    "stablelm": dict(cls="StableLm", config=GQA, norm="layer", norms_per_layer=2,
+    "stablelm": dict(cls="StableLm", norm="layer", norms_per_layer=2,
                      mlp="swiglu", linears_per_layer=7,
                      features=dict(partial_rotary_factor=0.25)),
 }
@@ -66,8 +58,7 @@ _CLASS_PREFIX = {name: spec["cls"] for name, spec in _SPECS.items()}
 
 
 def config_kwargs(name: str, **overrides) -> dict:
-    spec = _SPECS[name]
-    kw = dict(COMMON, **spec["config"], attn_implementation=spec.get("attn", "sdpa"))
+    kw = small_config_kwargs(name)
     kw.update(overrides)
     return kw
 
