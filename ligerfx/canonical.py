@@ -547,3 +547,15 @@ def _target_name(target: Any) -> str:
         return str(target) + ".default"
     mod = getattr(target, "__module__", None) or ""
     return f"{mod}.{getattr(target, '__qualname__', getattr(target, '__name__', repr(target)))}"
+
+
+def op_name(node: fx.Node) -> str:
+    """The canonical op name of one fx node, read without building a view (for reports/dumps):
+    `linear`, `mul`, `getitem`, a cast method's own name, or the full name of an unknown target."""
+    if node.op == "call_method":
+        return _METHOD_ALIASES.get(node.target, node.target)
+    if node.op == "call_function":
+        return _FUNCTIONS.get(node.target) or _target_name(node.target)
+    if node.op == "call_module":
+        return str(node.target)
+    return node.op

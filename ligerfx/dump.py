@@ -4,12 +4,12 @@ A target is `path/to/file.py:factory` or `package.module:factory` (the factory r
 args)` or `(model, args, kwargs)`), or `hf:MODEL_TYPE` / `hf:path/to/config.json` (see
 hf_targets).  The model is traced by Dynamo as `ligerfx.explain` traces it; each captured graph
 is rewritten on a copy and kept, so the output can show both graphs.  Formats: text, json, dot
-(Graphviz), html (one self-contained page).
+(Graphviz, rewrites as clusters), svg (the picture alone, dump_svg) and html (one self-contained
+page that draws the graph, dump_html); both pictures draw the graph model of dump_graph.
 """
 
 from __future__ import annotations
 
-import html
 import importlib
 import importlib.util
 import json
@@ -24,9 +24,8 @@ import torch.fx as fx
 from .explain import trace_and_rewrite
 from .options import Options
 from .report import Report
-from .rewriter import PATTERN_META
 
-FORMATS = ("text", "json", "dot", "html")
+FORMATS = ("text", "json", "dot", "svg", "html")
 
 
 class DumpError(Exception):
@@ -164,115 +163,32 @@ def to_text(d: Dump) -> str:
     return "\n".join(lines)
 
 
-def _covered_names(d: Dump, graph: int) -> dict:
-    return {n: m.pattern for m in d.report.matches if m.graph == graph for n in m.nodes}
-
-
-def _dot_label(n: fx.Node) -> str:
-    if n.op == "call_function":
-        if isinstance(n.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-            t = str(n.target)  # e.g. liger.rms_norm, aten.mm.default
-        else:
-            t = getattr(n.target, "__name__", None) or str(n.target)
-        return f"{n.name}\n{t}"
-    if n.op in ("call_method", "call_module", "get_attr"):
-        return f"{n.name}\n.{n.target}"
-    return n.name
-
-
-def _q(s: str) -> str:
-    """A DOT quoted string (newlines become DOT line breaks)."""
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
-def _dot_graph(gm: fx.GraphModule, prefix: str, title: str, labels: dict, out: list) -> None:
-    out.append(f"  subgraph cluster_{prefix} {{")
-    out.append(f"    label={_q(title)};")
-    for n in gm.graph.nodes:
-        pat = n.meta.get(PATTERN_META) or labels.get(n.name)
-        label = _dot_label(n) + (f"\n[{pat}]" if pat else "")
-        attrs = [f"label={_q(label)}"]
-        if pat:
-            attrs.append('style=filled, fillcolor="#ffd27f"')
-        elif n.op in ("placeholder", "output"):
-            attrs.append("shape=box")
-        out.append(f"    {_q(prefix + '_' + n.name)} [{', '.join(attrs)}];")
-    for n in gm.graph.nodes:
-        for a in n.all_input_nodes:
-            out.append(f"    {_q(prefix + '_' + a.name)} -> {_q(prefix + '_' + n.name)};")
-    out.append("  }")
-
-
 def to_dot(d: Dump) -> str:
-    """A Graphviz digraph: each captured graph before and after, rewritten nodes labelled."""
-    out = ["digraph ligerfx {", f"  label={_q('ligerfx dump ' + d.target)};",
-           "  node [shape=ellipse, fontsize=10];"]
-    for i, (b, a) in enumerate(zip(d.before, d.after)):
-        _dot_graph(b, f"g{i}_before", f"graph {i} before", _covered_names(d, i), out)
-        _dot_graph(a, f"g{i}_after", f"graph {i} after", {}, out)
-    out.append("}")
-    return "\n".join(out) + "\n"
+    from .dump_dot import to_dot as dot
+
+    return dot(d, models(d))
 
 
-_CSS = """body{font-family:sans-serif;margin:2em;max-width:100em}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;
-text-align:left;vertical-align:top}pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:12px}
-.rw{background:#ffd27f}code{font-size:12px}.cols{display:flex;gap:1em}.cols>div{flex:1;min-width:0}"""
+def models(d: Dump) -> list:
+    """The graph model (dump_graph.GraphModel) of each captured graph."""
+    from .dump_graph import build
+
+    return [build(d, i) for i in range(len(d.before))]
 
 
-def _loc(loc) -> str:
-    where = f"{loc.file}:{loc.line}" if loc.file else "&lt;unknown source&gt;"
-    if loc.file:
-        where = html.escape(where)
-    return (f"{where}<br><code>{html.escape(loc.code.strip())}</code>"
-            f"{'<br>' + html.escape(loc.module) if loc.module else ''}")
+def to_svg(d: Dump) -> str:
+    from .dump_svg import to_svg as svg
 
-
-def _code_html(code: str, mark: set) -> str:
-    # Lines that define or use a rewritten node are highlighted.
-    rows = []
-    for line in code.strip("\n").splitlines():
-        words = set(line.replace("(", " ").replace(")", " ").replace(",", " ").replace("=", " ").split())
-        cls = ' class="rw"' if words & mark else ""
-        rows.append(f"<span{cls}>{html.escape(line)}</span>")
-    return "<pre>" + "\n".join(rows) + "</pre>"
+    return svg(models(d), d.target)
 
 
 def to_html(d: Dump) -> str:
-    r = d.report
-    e = html.escape
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>ligerfx dump {e(d.target)}"
-             f"</title><style>{_CSS}</style></head><body>",
-             f"<h1>ligerfx dump <code>{e(d.target)}</code></h1>",
-             f"<p>{len(r.matches)} rewrite(s), {len(r.near_misses)} near miss(es) in {r.graphs} "
-             "graph(s)</p>", "<h2>Counts</h2><table><tr><th>pattern</th><th>rewrites</th></tr>"]
-    parts += [f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in sorted(r.counts.items())]
-    parts.append("</table><h2>Rewrites</h2><table><tr><th>pattern</th><th>graph</th>"
-                 "<th>source</th><th>nodes replaced</th></tr>")
-    for m in r.matches:
-        det = f" ({e(m.detail)})" if m.detail else ""
-        parts.append(f"<tr><td>{e(m.pattern)}{det}</td><td>{m.graph}</td><td>{_loc(m.location)}"
-                     f"</td><td>{e(', '.join(m.nodes))}</td></tr>")
-    parts.append("</table><h2>Near misses</h2><table><tr><th>pattern</th><th>graph</th>"
-                 "<th>source</th><th>reason</th></tr>")
-    for n in r.near_misses:
-        parts.append(f"<tr><td>{e(n.pattern)}</td><td>{n.graph}</td><td>{_loc(n.location)}</td>"
-                     f"<td>{e(n.reason)}</td></tr>")
-    parts.append("</table>")
-    if r.notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in r.notes) + "</ul>")
-    for i, (b, a) in enumerate(zip(r.graphs_before, r.graphs_after)):
-        covered = set(_covered_names(d, i))
-        new = ({n.name for n in d.after[i].graph.nodes if PATTERN_META in n.meta}
-               if i < len(d.after) else set())
-        parts.append(f"<h2>Graph {i}</h2><div class='cols'><div><h3>before</h3>"
-                     f"{_code_html(b, covered)}</div><div><h3>after</h3>{_code_html(a, new)}"
-                     "</div></div>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    from .dump_html import to_html as page
+
+    return page(d, models(d))
 
 
-RENDER = {"text": to_text, "json": to_json, "dot": to_dot, "html": to_html}
+RENDER = {"text": to_text, "json": to_json, "dot": to_dot, "svg": to_svg, "html": to_html}
 
 
 def render(d: Dump, fmt: str) -> str:
