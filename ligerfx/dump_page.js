@@ -113,7 +113,7 @@
     for (const r of rw) {
       if (r[6][0] === i) {
         const lab = r[2] ? `${r[1]} \u2192 ${r[2]}` : r[1];
-        s += `<text class="rlabel" x="${x + G.NODE_W - 4}" y="${y - 3}" text-anchor="end">${esc(short(lab, 40))}</text>`;
+        s += `<text class="rlabel" x="${x + G.NODE_W - 4}" y="${y - 3}" text-anchor="end">${esc(short(lab, 70))}</text>`;
       }
     }
     if (nm.length) s += `<text class="nmtext" x="${x + G.NODE_W - 5}" y="${y + 14}" text-anchor="end">\u26a0</text>`;

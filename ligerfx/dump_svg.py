@@ -184,7 +184,7 @@ def _node(model, name, x, y, palette) -> str:
         if r.nodes and r.nodes[0] == name:  # the region's output carries its label
             label = f"{r.pattern} \u2192 {r.kernel}" if r.kernel else r.pattern
             parts.append(f'<text class="rlabel" x="{x + NODE_W - 4:.0f}" y="{y - 3:.0f}" '
-                         f'text-anchor="end">{e(_short(label, 40))}</text>')
+                         f'text-anchor="end">{e(_short(label, 70))}</text>')
     if nm:
         parts.append(f'<text class="nmtext" x="{x + NODE_W - 5:.0f}" y="{y + 14:.0f}" '
                      'text-anchor="end">\u26a0</text>')

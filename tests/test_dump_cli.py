@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -175,9 +176,24 @@ def test_hf_config_json_html(tmp_path, capsys):
     assert rc == 0, err
     page = out_path.read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    assert "<script" not in page and "http" not in page.split("</style>")[0]  # self-contained
-    assert "<td>rms_norm</td><td>3</td>" in page
-    assert "modeling_qwen2.py" in page and 'class="rw"' in page
+    # Self-contained: no external script, style, image or font is loaded.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(""", page)
+    assert "<td><span class='sw' style='background:" in page  # the per-pattern summary
+    assert re.search(r"rms_norm</td><td class='num'>3</td><td><code>liger::rms_norm</code>", page)
+    assert "modeling_qwen2.py" in page and "window.LIGERFX_DUMP=" in page
+    data = json.loads(page.split("window.LIGERFX_DUMP=", 1)[1].split(";</script>", 1)[0])
+    (g,) = data["graphs"]
+    assert sum(r[0] == "rewrite" for r in g["regions"]) == 3 + 1 + 1 + 1  # norms, rope, swiglu, lce
+
+
+def test_svg_format_to_file(model_file, tmp_path, capsys):
+    out_path = tmp_path / "dump.svg"
+    rc, _, err = _run(capsys, "dump", f"{model_file}:make", "-f", "svg", "-o", str(out_path))
+    assert rc == 0, err
+    svg = out_path.read_text()
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+    assert svg.count('class="node rw"') >= 3 and 'class="node nm"' in svg
+    assert "rms_norm \u2192 liger::rms_norm" in svg
 
 
 @pytest.mark.parametrize("target, message", [

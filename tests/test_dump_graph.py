@@ -173,11 +173,11 @@ def test_node_cost_rules():
 
 
 def test_default_expansion_opens_layers_together():
-    model, ids, labels = make_example(seq=8, cfg=ExampleConfig(n_layers=12))
+    model, ids, labels = make_example(seq=8, cfg=ExampleConfig(n_layers=8))
     m = build(trace(model, (ids, labels)), 0)
     opened = default_expanded(m)
     layers = [p for p in m.groups if re.fullmatch(r"layers\.\d+", p)]
-    assert len(layers) == 12
+    assert len(layers) == 8
     assert "layers" in opened and "" in opened
     assert all(p in opened for p in layers) or not any(p in opened for p in layers)
     boxes = layout(m, opened)
