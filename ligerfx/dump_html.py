@@ -3,8 +3,8 @@
 At the top, the per-pattern summary (rewrites, kernel, share of the graph's FLOPs / bytes now in
 fused kernels, near misses), then each captured graph drawn by `dump_page.js` from its
 `GraphModel` (groups collapse and expand on click, search, details with source lines), the
-rewrites and near misses as tables that locate each one in the picture, and the FX code before
-and after.  The data is compact JSON (indices, shared source-location table) so a 32-layer model
+rewrites and near misses as tables that locate each one in the picture (the FX code is left to
+`-f text`, which would triple the page).  The data is compact JSON (indices, shared source-location table) so a 32-layer model
 stays a small page.
 """
 
@@ -27,7 +27,7 @@ border-right:1px solid #ddd}aside{width:27em;padding:.6em 1em;font-size:13px;hei
 #search{width:100%;font-size:14px;padding:.3em;box-sizing:border-box}#results{padding-left:1.1em;margin:.3em 0}
 #results li,[data-reveal]{cursor:pointer}#results li:hover,[data-reveal]:hover{background:#eef4ff}
 .rwbox{border-left:4px solid #c98a00;padding-left:.5em}.nmbox{border-left:4px solid #d62839;padding-left:.5em}
-.src code,code{font-size:12px}pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:12px}
+.src{overflow-wrap:anywhere}.src code,code{font-size:12px}pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:12px}
 section{padding:0 1.2em}button{font-size:12px;margin-right:.3em}h2{font-size:1.1em}
 .nm-row td:first-child{border-left:4px solid #d62839}"""
 
@@ -41,7 +41,8 @@ def _data(models: list, palette: dict) -> dict:
     loc_ids: dict = {}
 
     def loc_id(loc) -> int:
-        key = (loc.file, loc.line, loc.code, loc.module)
+        # The module is the node's group already: per source line, one entry for all layers.
+        key = (loc.file, loc.line, loc.code)
         if key not in loc_ids:
             loc_ids[key] = len(locs)
             locs.append(list(key))
@@ -174,10 +175,8 @@ def to_html(dump, models: list[GraphModel]) -> str:
                  "near misses have a red dashed frame and \u26a0. Hover for the source line."
                  "</p></div></aside></div><section>")
     parts.append(_tables(models))
-    for i, (b, a) in enumerate(zip(r.graphs_before, r.graphs_after)):
-        parts.append(f"<details><summary>graph {i}: FX code before and after</summary><h3>before"
-                     f"</h3><pre>{e(b.strip())}</pre><h3>after</h3><pre>{e(a.strip())}</pre>"
-                     "</details>")
+    parts.append("<p>The FX code of each graph before and after the rewrite: <code>ligerfx dump "
+                 f"{e(dump.target)} -f text</code>.</p>")
     parts.append(f"</section><script>window.LIGERFX_DUMP={_script_json(_data(models, palette))};"
                  f"</script><script>{js}</script></body></html>")
     return "\n".join(parts) + "\n"
