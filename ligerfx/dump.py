@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx as fx
 
 from .explain import trace_and_rewrite
 from .options import Options

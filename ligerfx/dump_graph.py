@@ -76,11 +76,6 @@ class GraphModel:
             path = self.groups[path].parent
         return chain[::-1]
 
-    def inside(self, path: str) -> list:
-        """Names of the fx nodes at any depth inside group `path`."""
-        return [n for n, a in self.graph.nodes(data=True)
-                if a["group"] == path or a["group"].startswith(path + ".") or path == ""]
-
     def group_regions(self, path: str) -> list:
         """Indices of the regions with at least one node inside group `path`."""
         return sorted(self.groups[path].regions)
@@ -148,22 +143,40 @@ def kernels(after: fx.GraphModule) -> dict:
     return out
 
 
-def _regions(dump, index: int, before: fx.GraphModule, names: set) -> list:
+def _anchor(nm, order: list, locs: dict) -> list:
+    """The before-graph node a near miss points at.  Its position indexes the graph the pass
+    saw, which is the graph before the rewrite for the patterns but not for a later pass (the
+    quantization pass runs on the rewritten graph), so the node there is taken only if it comes
+    from the near miss's module and source line; else the nearest node that does; else none."""
+    want = (nm.location.module, nm.location.file, nm.location.line)
+
+    def same(n) -> bool:
+        loc = locs[n.name]
+        return (loc.module, loc.file, loc.line) == want
+
+    if 0 <= nm.position < len(order) and same(order[nm.position]):
+        return [order[nm.position].name]
+    hits = [i for i, n in enumerate(order) if same(n)]
+    if not hits:
+        return []
+    return [order[min(hits, key=lambda i: abs(i - nm.position))].name]
+
+
+def _regions(dump, index: int, before: fx.GraphModule, locs: dict) -> list:
     after = dump.after[index] if index < len(dump.after) else None
     kern = kernels(after) if after is not None else {}
     order = list(before.graph.nodes)
     regions = []
     for m in dump.report.matches:
         if m.graph == index:
-            regions.append(Region(REWRITE, m.pattern, [n for n in m.nodes if n in names],
+            regions.append(Region(REWRITE, m.pattern, [n for n in m.nodes if n in locs],
                                   m.location, kernel=kern.get(m.pattern, ""), detail=m.detail))
     for nm in dump.report.near_misses:
         if nm.graph != index:
             continue
-        anchor = [n for n in (getattr(nm, "nodes", None) or []) if n in names]
-        if not anchor and 0 <= nm.position < len(order):
-            anchor = [order[nm.position].name]  # positions index the graph before rewriting
-        regions.append(Region(NEAR_MISS, nm.pattern, anchor, nm.location, reason=nm.reason))
+        anchor = [n for n in (getattr(nm, "nodes", None) or []) if n in locs]
+        regions.append(Region(NEAR_MISS, nm.pattern, anchor or _anchor(nm, order, locs),
+                              nm.location, reason=nm.reason))
     return regions
 
 
@@ -213,7 +226,7 @@ def build(dump, index: int = 0) -> GraphModel:
                    bytes=nbytes, regions=[])
         for a in n.all_input_nodes:
             g.add_edge(a.name, n.name)
-    regions = _regions(dump, index, before, set(g.nodes))
+    regions = _regions(dump, index, before, {n: a["location"] for n, a in g.nodes(data=True)})
     for i, r in enumerate(regions):
         for n in r.nodes:
             g.nodes[n]["regions"].append(i)
@@ -255,6 +268,12 @@ def build(dump, index: int = 0) -> GraphModel:
             qedges[parent].add((a, b))
     for p, grp in groups.items():
         grp.layers = _layers(list(units[p]), qedges[p], first)
+    for i, r in enumerate(regions):
+        if not r.nodes:  # no node to point at: mark the module it names (and those around it)
+            p = r.location.module if r.location.module in groups else ""
+            while p is not None:
+                groups[p].regions.add(i)
+                p = groups[p].parent
     return GraphModel(index, g, groups, regions)
 
 

@@ -97,7 +97,6 @@ def _where(loc) -> str:
 
 def draw(model: GraphModel, expanded: set | None = None, palette: dict | None = None) -> str:
     """The picture of one graph model as an <svg> element (no XML prolog)."""
-    e = html.escape
     expanded = default_expanded(model) if expanded is None else expanded
     palette = palette or colors([model])
     pos = layout(model, expanded)

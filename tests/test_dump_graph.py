@@ -119,6 +119,21 @@ def test_near_miss_is_marked_where_it_happened(example_dump):
     assert idx <= m.groups["layers.1"].regions and not idx & m.groups["layers.0"].regions
 
 
+def test_near_miss_of_a_later_pass_points_at_its_own_node():
+    # The quantization pass runs on the rewritten graph: its positions are not the graph's
+    # before the rewrite, so the anchor is found by module and source line.
+    model, ids, labels = make_example(seq=8)
+    d = trace(model, (ids, labels), options={"quantize": "int8"})  # gradients on: all refused
+    m = build(d, 0)
+    nm = [r for r in m.regions if r.kind == NEAR_MISS and r.pattern == "int8_linear"]
+    assert len(nm) == len(d.report.near_misses) >= 2 * 7
+    for r in nm:
+        (n,) = r.nodes
+        a = m.graph.nodes[n]
+        assert a["label"] == "linear" and a["group"] == r.location.module, (n, r.location)
+    assert len({r.nodes[0] for r in nm}) == len(nm)
+
+
 def test_summary_counts_the_fused_share(example_dump):
     m = build(example_dump, 0)
     s = m.summary()
