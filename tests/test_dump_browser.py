@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -19,6 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from ligerfx.dump_graph import build as build_model
+from ligerfx.dump_graph import default_expanded
+from ligerfx.dump_svg import layout
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "tmp" / "test-artifacts"
 
@@ -33,6 +38,12 @@ CHECK = """<script>
     r.labels = [...q(".rlabel")].map((e) => e.textContent);
     r.nm_titles = [...q(".node.nm > title"), ...q(".grp.has-nm > title")].map((e) => e.textContent);
     r.boxes_before = +document.querySelector("#graph-0").dataset.boxes;
+    r.rects = {};
+    for (const el of q("g[data-node], g[data-group]")) {
+      const b = el.querySelector("rect");
+      const key = el.dataset.node !== undefined ? "n:" + el.dataset.node : "g:" + el.dataset.group;
+      r.rects[key] = ["x", "y", "width", "height"].map((a) => Math.round(+b.getAttribute(a)));
+    }
     const path = "model.layers.1.self_attn";
     const grp = document.querySelector(`#graph-0 .grp[data-group="${path}"]`);
     r.was_collapsed = !!grp && !grp.classList.contains("open");
@@ -98,6 +109,11 @@ def test_html_dump_in_headless_chromium(tmp_path):
     assert m, f"the page's check did not run; chromium said:\n{out.stderr[-2000:]}"
     r = json.loads(html.unescape(m.group(1)))
     assert r["errors"] == []
+    # The first picture is the one `-f svg` draws: same boxes at the same places.
+    gm = build_model(d, 0)
+    want = {u: [math.floor(v + 0.5) for v in box]  # JS Math.round
+            for u, box in layout(gm, default_expanded(gm)).items()}
+    assert r["rects"] == want
     # Highlighted regions: the top layers are open, so the final norm and the loss are drawn
     # node by node, the decoder layers' rewrites as badges on their groups.
     assert r["rw_nodes"] > 0 and r["rw_groups"] > 0
