@@ -146,8 +146,9 @@ def _tables(models: list) -> str:
 
 
 def _script_json(data: dict) -> str:
-    # Inside <script>, "</" would end the element: escape it (JSON allows "\/").
-    return json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    # Inside <script>, "</script" or "<!--" in a source line would change how the page parses:
+    # every "<" is written as the JSON (and JS) escape \u003c.
+    return json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
 
 
 def to_html(dump, models: list[GraphModel]) -> str:

@@ -79,10 +79,10 @@
     const name = path || "(top level)";
     let s = `<g class="${cls}" data-group="${esc(path)}" data-gi="${j}"><title>${esc(name + ": " + size + " nodes" +
       (open ? " (click the header to collapse)" : " (click to expand)"))}</title>` +
-      `<rect x="${x}" y="${y}" width="${w}" height="${h}" rx="6"/>`;
+      `<rect class="frame" x="${x}" y="${y}" width="${w}" height="${h}" rx="6"/>`;
     if (open) return s + `<text x="${x + 6}" y="${y + 15}" class="ghead">${esc(short(name, 60))}</text></g>`;
     const tail = path ? path.split(".").pop() : name;
-    s += `<text x="${x + 8}" y="${y + 17}" class="gname">${esc(short(tail, 22))} <tspan class="gsize">${size} nodes</tspan></text>`;
+    s += `<text x="${x + 8}" y="${y + 17}" class="gname">${esc(short(tail, 18))} <tspan class="gsize">${size} nodes</tspan></text>`;
     const counts = new Map();
     for (const r of rw) counts.set(r[1], (counts.get(r[1]) || 0) + 1);
     let bx = x + 8;

@@ -133,12 +133,12 @@ def _group(model, path, x, y, w, h, is_open, palette) -> str:
     name = path or "(top level)"
     tip = f"{name}: {model.groups[path].size} nodes"
     parts = [f'<g class="{cls}" data-group="{e(path)}"><title>{e(tip)}</title>',
-             f'<rect x="{x:.0f}" y="{y:.0f}" width="{w:.0f}" height="{h:.0f}" rx="6"/>']
+             f'<rect class="frame" x="{x:.0f}" y="{y:.0f}" width="{w:.0f}" height="{h:.0f}" rx="6"/>']
     if is_open:
         parts.append(f'<text x="{x + 6:.0f}" y="{y + 15:.0f}" class="ghead">{e(_short(name, 60))}</text>')
     else:
         tail = path.rsplit(".", 1)[-1] if path else name
-        parts.append(f'<text x="{x + 8:.0f}" y="{y + 17:.0f}" class="gname">{e(_short(tail, 22))}'
+        parts.append(f'<text x="{x + 8:.0f}" y="{y + 17:.0f}" class="gname">{e(_short(tail, 18))}'
                      f' <tspan class="gsize">{model.groups[path].size} nodes</tspan></text>')
         counts: dict = {}
         for r in rw:
