@@ -4,8 +4,9 @@
 A script added to a copy of the page checks, after the page's own script ran, that the rewritten
 regions and the near miss are drawn, clicks a collapsed module group and checks it opened in
 place with its nodes, and searches for a module; `--dump-dom` hands the result back.  A
-screenshot is kept under tmp/test-artifacts/ (gitignored).  Skipped, saying so, where Chromium
-is not installed (`.ci/run` installs Debian's `chromium`).
+screenshot is kept under tmp/test-artifacts/ (gitignored).  A slow test does the same at scale
+(a 32-layer model).  Skipped, saying so, where Chromium is not installed (`.ci/run` installs
+Debian's `chromium`).
 """
 
 from __future__ import annotations
@@ -142,3 +143,48 @@ def test_html_dump_in_headless_chromium(tmp_path):
     out = _run(exe, tmp_path / "profile", "--window-size=1400,1000", f"--screenshot={shot}",
                "--virtual-time-budget=5000", (ARTIFACTS / "dump_llama.html").as_uri())
     assert shot.exists() and shot.stat().st_size > 20_000, out.stderr[-2000:]
+
+
+SCALE = """<script>
+(function () {
+  const r = {errors: window.__errors || []};
+  try {
+    const g = ligerfxDump.data.graphs[0];
+    r.boxes = +document.querySelector("#graph-0").dataset.boxes;
+    r.layers_open = g.groups.filter((gr, j) => /^layers\\.\\d+$/.test(gr[0]) && g.open.has(j)).length;
+    r.badges = document.querySelectorAll("#graph-0 .grp.has-rw:not(.open)").length;
+    document.querySelector("[data-all=open]").click();
+    r.all_boxes = +document.querySelector("#graph-0").dataset.boxes;
+    r.rw_nodes = document.querySelectorAll("#graph-0 .node.rw").length;
+  } catch (e) { r.errors.push(String(e)); }
+  const pre = document.createElement("pre");
+  pre.id = "selftest";
+  pre.textContent = JSON.stringify(r);
+  document.body.appendChild(pre);
+})();
+</script>"""
+
+
+@pytest.mark.slow
+def test_html_dump_of_32_layers_in_headless_chromium(tmp_path):
+    """The page of a 32-layer model stays small, opens on its layers (one box each, badged) and
+    draws every node when everything is expanded.  (Load time: docs/dump.md, measured.)"""
+    exe = _chromium()
+    from ligerfx.dump import render, trace
+    from ligerfx.example_model import ExampleConfig, make_example
+
+    model, ids, labels = make_example(seq=8, cfg=ExampleConfig(n_layers=32))
+    d = trace(model, (ids, labels))
+    page = render(d, "html")
+    assert len(page) < 1_000_000
+    probe = tmp_path / "probe32.html"
+    probe.write_text(page.replace("<head>", "<head>" + CATCH, 1).replace("</body>", SCALE + "</body>"))
+    out = _run(exe, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+    m = re.search(r'<pre id="selftest">(.*?)</pre>', out.stdout, re.S)
+    assert m, f"the page's check did not run; chromium said:\n{out.stderr[-2000:]}"
+    r = json.loads(html.unescape(m.group(1)))
+    assert r["errors"] == []
+    gm = build_model(d, 0)
+    assert r["layers_open"] == 0 and r["badges"] >= 32 and r["boxes"] <= 100
+    assert r["all_boxes"] == gm.graph.number_of_nodes() + len(gm.groups)
+    assert r["rw_nodes"] == sum(len(x.nodes) for x in gm.regions if x.kind == "rewrite")
