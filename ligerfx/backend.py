@@ -27,10 +27,14 @@ last_report: Report | None = None
 _frames = FrameReports()
 
 
-def rewrite(gm: fx.GraphModule, options: Options) -> Report:
+def rewrite(gm: fx.GraphModule, options: Options, upstream: list | tuple = (),
+            produced: list | None = None) -> Report:
     """Apply every enabled pattern to `gm` in place (patterns import the kernels they call), then
-    the quantization pass (which also counts linears packed by `ligerfx.quantize_`)."""
-    report = run_patterns(gm, enabled_patterns(options), options)
+    the quantization pass (which also counts linears packed by `ligerfx.quantize_`).
+    `upstream` / `produced`: what earlier graphs of the model return, and this one (before the
+    rewrite), so a pattern cut by a graph boundary is reported (ligerfx/boundary.py)."""
+    report = run_patterns(gm, enabled_patterns(options), options, upstream=upstream,
+                          produced=produced)
     from .quantize_pass import run_quantize
 
     q = run_quantize(gm, options)
@@ -62,8 +66,10 @@ def liger_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | 
     """torch.compile backend: rewrite `gm` with the enabled patterns, then compile it."""
     global last_report
     opts = Options.from_any(options)
-    report = rewrite(gm, opts)
-    last_report = _frames.add(report)
+    upstream = _frames.begin()
+    produced: list = []
+    report = rewrite(gm, opts, upstream, produced)
+    last_report = _frames.add(report, produced)
     if opts.log_report:
         log.info("%s", report)
         if last_report.graphs > 1:

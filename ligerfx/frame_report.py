@@ -51,11 +51,13 @@ class FrameReports:
 
     def __init__(self):
         self._owner: Any = None  # weakref to the owner, or None
-        self._graphs: list = []  # (frame_id, frame_compile_id, Report of one graph)
+        # (frame_id, frame_compile_id, Report of one graph, what it returns: boundary.signature)
+        self._graphs: list = []
         self._serial = 0  # graphs without a frame id (each one its own frame)
 
-    def add(self, report: Report) -> Report:
-        """Record one graph's report; returns the merged report of its owner's graphs."""
+    def begin(self) -> list:
+        """Start one graph: find its owner (a new owner starts afresh) and return what the
+        owner's earlier graphs return, for `boundary.cut_reason`."""
         owner = _owner()
         current = self._owner() if self._owner is not None else None
         if owner is None or owner is not current:
@@ -64,17 +66,22 @@ class FrameReports:
                 self._owner = weakref.ref(owner) if owner is not None else None
             except TypeError:
                 self._owner = None
+        frame, _ = _compile_id()
+        return [s for g in self._graphs if g[0] != frame for s in g[3]]
+
+    def add(self, report: Report, produced: list) -> Report:
+        """Record one graph's report; returns the merged report of its owner's graphs."""
         frame, attempt = _compile_id()
         if frame is None:
             self._serial += 1
             frame, attempt = ("graph", self._serial), 0
         # A recompile of a frame supersedes its earlier graphs (the new guards are the live ones).
         self._graphs = [g for g in self._graphs if g[0] != frame or g[1] == attempt]
-        self._graphs.append((frame, attempt, report))
+        self._graphs.append((frame, attempt, report, list(produced)))
         return self.merged()
 
     def merged(self) -> Report:
         out = Report()
-        for _, _, r in self._graphs:
-            out.extend(copy.deepcopy(r))  # extend renumbers graphs in place: keep ours intact
+        for g in self._graphs:
+            out.extend(copy.deepcopy(g[2]))  # extend renumbers graphs in place: keep ours intact
         return out

@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
-from . import rewriter
+from . import boundary, rewriter
 from .canonical import INPUT, CNode, View
 from .matcher import Match, _match, _State, match_at
 from .pattern import REGISTRY, Pattern
@@ -218,12 +218,17 @@ def _dependent(anchors, pos: dict) -> bool:
     return False
 
 
-def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None) -> Report:
+def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, *,
+                 upstream: list | tuple = (), produced: list | None = None) -> Report:
     """Rewrite `gm` in place and return the report for this graph.
 
     `options` (the backend's Options) is handed to constraints and replacements as
-    `match.options`, for patterns whose behaviour an option sets."""
+    `match.options`, for patterns whose behaviour an option sets.  `upstream`: what earlier graphs
+    of the same compiled model return (`boundary.signature`), to report patterns a graph
+    boundary cut in two; `produced`, when given, receives this graph's own signature (taken
+    before any rewrite)."""
     report = Report(graphs=1)
+    cut_misses: list = []  # (anchor fx node, NearMiss): kept only if nothing rewrote the anchor
     graph = gm.graph
     claimed: set[fx.Node] = set()
     # The view is built once per pattern; values a rewrite replaced are looked up here so a later
@@ -233,11 +238,15 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None) 
     position = {n: i for i, n in enumerate(graph.nodes)}
     for pattern in patterns:
         view = View(graph)
+        if produced is not None and not produced:
+            produced.extend(boundary.signature(view, graph))
         for variant in pattern.variants:
             for anchors in _candidates(view, pattern, variant, claimed):
                 if any(n in claimed for a in anchors for n in a.nodes):
                     continue
+                structural = False
                 for match in match_at(pattern, variant, view, list(anchors)):
+                    structural = True
                     if any(n in claimed for n in match.covered):
                         continue
                     match.options = options
@@ -277,7 +286,17 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None) 
                     report.matches.append(rec)
                     report.notes.extend(n for n in match.notes if n not in report.notes)
                     break
+                if not structural and upstream:
+                    anchor = anchors[0].nodes[0]
+                    key = (pattern.name, anchor, "boundary")
+                    why = None if key in seen_misses else boundary.cut_reason(
+                        pattern, variant, anchors[0], upstream)
+                    if why is not None:
+                        seen_misses.add(key)
+                        cut_misses.append((anchor, NearMiss(pattern.name, locate(anchor), why,
+                                                            position=position.get(anchor, -1))))
         graph.lint()
+    report.near_misses.extend(m for a, m in cut_misses if a not in claimed)
     # Report in program order (candidates are scanned from the graph's end).
     report.matches.sort(key=lambda m: m.position)
     report.near_misses.sort(key=lambda m: m.position)
