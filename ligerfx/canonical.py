@@ -560,16 +560,18 @@ def _schema_pure(name: str) -> bool:
     packet = getattr(torch.ops.aten, name, None) if name.isidentifier() else None
     pure = isinstance(packet, torch._ops.OpOverloadPacket) and "empty" not in name
     if pure:
-        bad_tags = {torch.Tag.nondeterministic_seeded, torch.Tag.maybe_aliasing_or_mutating}
-        for ov in packet.overloads():
-            op = getattr(packet, ov)
-            writes = [a for a in op._schema.arguments
-                      if a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only]
-            if writes or bad_tags.intersection(op.tags):
-                pure = False
-                break
+        pure = all(_overload_pure(getattr(packet, ov)) for ov in packet.overloads())
     _PURE_CACHE[name] = pure
     return pure
+
+
+def _overload_pure(op) -> bool:
+    """One overload (an aten op or a custom op such as liger::rope): no write to an argument
+    other than a keyword-only `out=`, no random numbers, not tagged as aliasing or mutating."""
+    writes = [a for a in op._schema.arguments
+              if a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only]
+    bad_tags = {torch.Tag.nondeterministic_seeded, torch.Tag.maybe_aliasing_or_mutating}
+    return not writes and not bad_tags.intersection(op.tags)
 
 
 _PURE_CACHE: dict[str, bool] = {}
@@ -586,7 +588,7 @@ def _node_pure(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
     if isinstance(t, torch._ops.OpOverload):
-        return _schema_pure(t._schema.name.split("::")[-1])
+        return _overload_pure(t)
     mod = getattr(t, "__module__", None) or ""
     qual = getattr(t, "__qualname__", "") or ""
     if mod.startswith("torch") or qual.startswith(("TensorBase.", "Tensor.")):

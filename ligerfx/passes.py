@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
-from . import boundary, rewriter
+from . import boundary, rewriter, schedule
 from .canonical import INPUT, CNode, View
 from .matcher import Match, _match, _State, match_at
 from .pattern import REGISTRY, Pattern
@@ -261,7 +261,8 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                         continue
                     problem = problem or match.safety_problem()
                     if problem is None and not rewriter.can_order(match):
-                        problem = "its outputs are used before all of its inputs are computed"
+                        # pure uses of an early output may move below the last input
+                        problem = schedule.make_room(match, rewriter.can_order)
                     if problem is not None:
                         key = (pattern.name, match.tops[0], problem)
                         if key not in seen_misses:
