@@ -140,6 +140,8 @@ class Match:
     replacements: list = field(default_factory=list)  # the new nodes, once rewritten
     notes: list = field(default_factory=list)  # statements for the report (e.g. a dropped output)
     options: Any = None  # the backend's Options, for patterns whose behaviour an option sets
+    # near misses of patterns tried earlier on nodes this match covers (set by the pass)
+    earlier_misses: list = field(default_factory=list)
 
     # -- helpers for constraints and replacements -------------------------------------------
     def __getitem__(self, name: str) -> Any:

@@ -323,7 +323,18 @@ def check(match):
             "stacked pairs" if fn in _STACK else "rotate_half")
     form = f"partial {form}" if fn in _PARTIAL else form
     match.detail = f"{form}{'' if pair else ' alone'}, {layout_name}{note}"
+    if not pair:
+        match.detail += f"; {_why_alone(match)}"
     return None
+
+
+def _why_alone(match) -> str:
+    """Why this rotation is rewritten alone: the refused pairing's reason, else no partner."""
+    refused = [m.reason for m in match.earlier_misses if m.pattern == "rope"]
+    if refused:
+        return f"not paired with another rotation: {refused[0]}"
+    return ("not paired: no other tensor in this graph is rotated by the same cos/sin "
+            "(an equal table computed differently, or in another graph, does not count)")
 
 
 # ---------------------------------------------------------------------------------------------
