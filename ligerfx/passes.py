@@ -134,7 +134,7 @@ def _multi_candidates(view: View, pattern: Pattern, variant, first, by_op, claim
                     and not any(n in claimed for c in combo for n in c.nodes)):
                 if not _dependent(anchors, pos):
                     yield anchors
-                elif rejected is not None and all(
+                elif rejected is not None and _same_call(anchors) and all(
                         list(_match(o, a, _State({}, {}, [], []), pattern, variant))
                         for o, a in zip(outs, anchors)):
                     rejected.append((anchors, _dependent_reason(anchors, pos)))
@@ -222,6 +222,13 @@ def _dependent(anchors, pos: dict) -> bool:
                         seen.add(u)
                         stack.append(u)
     return False
+
+
+def _same_call(anchors) -> bool:
+    # Only a dependence inside one module call is worth a near miss: layer 2's q is always
+    # computed from layer 1's, and they were never meant to be rotated together.
+    mods = {tuple(c.nodes[0].meta.get("nn_module_stack") or {}) for c in anchors}
+    return len(mods) == 1
 
 
 def _dependent_reason(anchors, pos: dict) -> str:

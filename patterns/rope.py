@@ -333,8 +333,9 @@ def _why_alone(match) -> str:
     refused = [m.reason for m in match.earlier_misses if m.pattern == "rope"]
     if refused:
         return f"not paired with another rotation: {refused[0]}"
-    return ("not paired: no other tensor in this graph is rotated by the same cos/sin "
-            "(an equal table computed differently, or in another graph, does not count)")
+    return ("not paired: no other rotation by the same cos/sin in this graph could join it "
+            "(a table equal in value but computed differently, or in another graph, is not "
+            "the same table)")
 
 
 # ---------------------------------------------------------------------------------------------
