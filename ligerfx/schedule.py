@@ -42,17 +42,21 @@ def make_room(match, order_ok) -> str | None:
     last = max(inputs, key=pos.__getitem__)
     limit = pos[last]
     covered = set(match.covered)
-    early = [u for o in match.outputs for u in o.users if u not in covered and pos[u] <= limit]
+    early = [(o, u) for o in match.outputs for u in o.users
+             if u not in covered and pos[u] <= limit]
+    if not early:
+        return "its outputs are used before all of its inputs are computed"
+    out, user = early[0]
     move: set = set()
-    stack = list(early)
+    stack = [u for _, u in early]
     while stack:
         n = stack.pop()
         if n in move:
             continue
         if not _movable(n):
-            return (f"output `{early[0].name}` is used by `{early[0].name}` before input "
-                    f"`{last.name}` is computed, and `{n.name}` on the way is not a pure op that "
-                    "could be moved below it")
+            return (f"output `{out.name}` is used by `{user.name}` before input `{last.name}` "
+                    f"is computed, and `{n.name}` on the way is not a pure op that could be "
+                    "moved below it")
         move.add(n)
         stack.extend(u for u in n.users if pos[u] <= limit and u not in covered)
     first = min(pos[n] for n in move)

@@ -305,3 +305,35 @@ def test_ligerfx_compile_runs_with_torch_kwargs():
     assert ligerfx.backend.last_report.counts == {"swiglu": 1}
     decorated = ligerfx.compile(inner="eager")(_f)
     torch.testing.assert_close(decorated(x), _f(x))
+
+
+class _QUsedEarly(nn.Module):
+    """q's rotation is used before k's input exists; `noisy` draws random numbers in between."""
+
+    def __init__(self, noisy):
+        super().__init__()
+        self.noisy = noisy
+        q, k, _, _ = _qk()
+        self.q, self.k = nn.Parameter(q), nn.Parameter(k)
+
+    def forward(self, cos, sin):
+        q = self.q * 1.5
+        qo = q * cos + _rot(q) * sin
+        y = qo * 2.0
+        k2 = self.k + torch.rand_like(self.k) if self.noisy else self.k * 0.5
+        return y.sum() + (k2 * cos + _rot(k2) * sin).pow(2).sum()
+
+
+def test_early_use_moves_below_the_partner(kernel_path):
+    _, _, cos, sin = _qk()
+    report = compare_training_step(_QUsedEarly(noisy=False), (cos, sin))
+    assert report.counts == {"rope": 1} and not report.near_misses
+
+
+def test_early_use_past_an_effect_is_a_near_miss():
+    _, _, cos, sin = _qk()
+    report = ligerfx.explain(_QUsedEarly(noisy=True), cos, sin)
+    assert report.counts == {"rope_single": 2}
+    (miss,) = report.near_misses
+    assert miss.pattern == "rope" and "may have effects" in miss.reason, miss.reason
+    assert "rand_like" in miss.reason
