@@ -5,8 +5,9 @@ a break as a separate resume function), one per DDP bucket, and new versions on 
 backend is called once per graph, so its report of one graph is only part of the answer.  Here the
 graphs are grouped by the compiled object being called (the `OptimizedModule` or compiled
 function whose Dynamo wrapper is the outermost on the Python stack while the backend runs) and by
-the frame Dynamo compiled (`CompileId.frame_id`): a recompile of a frame replaces that frame's
-graphs, graphs of one frame compile (DDP's buckets) are all kept, in order.
+the frame Dynamo compiled (`CompileId.frame_id`): a recompile of a frame, or a restart of its
+compile (a new trace attempt), replaces that frame's graphs; the graphs of one attempt (DDP's
+buckets) are all kept, in order.
 """
 
 from __future__ import annotations
@@ -35,15 +36,19 @@ def _owner() -> Any:
 
 
 def _compile_id() -> tuple:
+    """(frame id, which compile of that frame): a recompile or a restart of the same compile
+    (Dynamo retracing the frame, e.g. to specialise a constant) is a new second element."""
     try:
         from torch._guards import CompileContext
 
-        cid = CompileContext.current_compile_id()
+        trace = CompileContext.current_trace_id()
     except Exception:  # noqa: BLE001 - an older or newer torch without it: one graph per frame
-        cid = None
+        trace = None
+    cid = getattr(trace, "compile_id", None)
     if cid is None:
         return (None, None)
-    return (getattr(cid, "frame_id", None), getattr(cid, "frame_compile_id", None))
+    return (getattr(cid, "frame_id", None),
+            (getattr(cid, "frame_compile_id", None), getattr(trace, "attempt", 0)))
 
 
 class FrameReports:
