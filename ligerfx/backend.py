@@ -14,20 +14,27 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from .frame_report import FrameReports
 from .options import Options
 from .passes import enabled_patterns, run_patterns
 from .report import Report
 
 log = logging.getLogger("ligerfx")
 
-# The report of the most recent graph the backend compiled (handy in notebooks and tests).
+# The report of every graph of the model (or function) compiled most recently: all its graph
+# breaks, DDP buckets, the latest version of each recompiled frame (see frame_report.py).
 last_report: Report | None = None
+_frames = FrameReports()
 
 
-def rewrite(gm: fx.GraphModule, options: Options) -> Report:
+def rewrite(gm: fx.GraphModule, options: Options, upstream: list | tuple = (),
+            produced: list | None = None) -> Report:
     """Apply every enabled pattern to `gm` in place (patterns import the kernels they call), then
-    the quantization pass (which also counts linears packed by `ligerfx.quantize_`)."""
-    report = run_patterns(gm, enabled_patterns(options), options)
+    the quantization pass (which also counts linears packed by `ligerfx.quantize_`).
+    `upstream` / `produced`: what earlier graphs of the model return, and this one (before the
+    rewrite), so a pattern cut by a graph boundary is reported (ligerfx/boundary.py)."""
+    report = run_patterns(gm, enabled_patterns(options), options, upstream=upstream,
+                          produced=produced)
     from .quantize_pass import run_quantize
 
     q = run_quantize(gm, options)
@@ -59,8 +66,16 @@ def liger_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | 
     """torch.compile backend: rewrite `gm` with the enabled patterns, then compile it."""
     global last_report
     opts = Options.from_any(options)
-    report = rewrite(gm, opts)
-    last_report = report
+    upstream = _frames.begin()
+    produced: list = []
+    report = rewrite(gm, opts, upstream, produced)
+    last_report = _frames.add(report, produced)
     if opts.log_report:
         log.info("%s", report)
+        if last_report.graphs > 1:
+            counts = ", ".join(f"{k}={v}" for k, v in sorted(last_report.counts.items()))
+            log.info("ligerfx: this compiled model so far: %d rewrite(s), %d near miss(es) in "
+                     "%d graph(s)%s (ligerfx.backend.last_report has them all)",
+                     len(last_report.matches), len(last_report.near_misses), last_report.graphs,
+                     f"; counts: {counts}" if counts else "")
     return _inner(opts.inner, mode)(gm, example_inputs)

@@ -14,8 +14,11 @@ Rules (each is an identity of real arithmetic, so a match means the same math):
 - reductions carry a sorted tuple of negative dims and a bool keepdim; `var` carries a correction;
 - every dtype conversion is `cast`; a cast that changes nothing (and `contiguous`) is an identity
   cast, which the matcher always looks through; other casts only for patterns that allow them;
-- pure canonical nodes with equal ops and arguments are merged (common subexpressions), so code
-  that writes `(x - mu)` twice matches a pattern that names it once;
+- pure nodes with equal ops and arguments are merged (common subexpressions), so code that writes
+  `(x - mu)` twice matches a pattern that names it once, and q and k indexing or expanding one
+  table each in their own nodes (`freqs[:, :, None, :]`, `cos.repeat_interleave(2, -1)`) share
+  it; an op the view has no form for is pure when its aten schema writes nothing but `out=` and
+  is not random (`_schema_pure`);
 - a basic slice along one dim (`x[..., a:b]`, `x[:, :, a:b]`, `narrow`, and a piece of `chunk` /
   `split` of a static size) is `slice(x, dim, start, end, step)`: a missing start is 0, a missing
   step 1, and an end at or past a static dim size is None (so `chunk(2)[1]` is `x[..., h:]`);
@@ -242,8 +245,10 @@ class View:
     def _opaque(self, node: fx.Node, name: str) -> CNode:
         args = tuple(self._arg(a) for a in node.args)
         kw = tuple(sorted((k, self._arg(v)) for k, v in node.kwargs.items()))
-        # Pure ops merge even when the view has no canonical form for them (`x[..., 0]` twice).
-        return self._intern(CNode(name, args + ((("kwargs", kw),) if kw else ()), nodes=[node]))
+        # Pure ops merge even when the view has no canonical form for them (`x[..., 0]` twice,
+        # `cos.repeat_interleave(2, -1)` once per rotated tensor).
+        c = CNode(name, args + ((("kwargs", kw),) if kw else ()), nodes=[node])
+        return self._intern(c, pure=name in _PURE or _node_pure(node))
 
     def _build(self, node: fx.Node) -> CNode:
         if node.op in ("placeholder", "get_attr"):
@@ -463,8 +468,8 @@ class View:
     def _mk(self, name: str, args: tuple, node: fx.Node) -> CNode:
         return self._intern(CNode(name, tuple(args), nodes=[node]))
 
-    def _intern(self, c: CNode) -> CNode:
-        if c.op not in _PURE or not c.nodes:
+    def _intern(self, c: CNode, pure: bool | None = None) -> CNode:
+        if not (c.op in _PURE if pure is None else pure) or not c.nodes:
             return c
         key = (c.op, tuple(_key(a) for a in c.args))
         try:
@@ -535,9 +540,61 @@ def _key(a: Any):
         return ("n", id(a))
     if isinstance(a, tuple):
         return ("t",) + tuple(_key(x) for x in a)
+    if isinstance(a, slice):
+        # slices are unhashable before Python 3.12: without this, two `t[:, :, None, :]` nodes
+        # could never be merged
+        return ("sl", _key(a.start), _key(a.stop), _key(a.step))
     if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return ("s", id(a))
     return ("c", type(a).__name__, a)
+
+
+def _schema_pure(name: str) -> bool:
+    """Whether every overload of `aten::<name>` is free of effects: it writes no argument other
+    than a keyword-only `out=` (absent from the node, see `_node_pure`), draws no random numbers
+    and does not alias-or-mutate by its tags.  `empty*` values are uninitialised memory, never
+    equal to each other.  Unknown names are impure."""
+    got = _PURE_CACHE.get(name)
+    if got is not None:
+        return got
+    packet = getattr(torch.ops.aten, name, None) if name.isidentifier() else None
+    pure = isinstance(packet, torch._ops.OpOverloadPacket) and "empty" not in name
+    if pure:
+        pure = all(_overload_pure(getattr(packet, ov)) for ov in packet.overloads())
+    _PURE_CACHE[name] = pure
+    return pure
+
+
+def _overload_pure(op) -> bool:
+    """One overload (an aten op or a custom op such as liger::rope): no write to an argument
+    other than a keyword-only `out=`, no random numbers, not tagged as aliasing or mutating."""
+    writes = [a for a in op._schema.arguments
+              if a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only]
+    bad_tags = {torch.Tag.nondeterministic_seeded, torch.Tag.maybe_aliasing_or_mutating}
+    return not writes and not bad_tags.intersection(op.tags)
+
+
+_PURE_CACHE: dict[str, bool] = {}
+
+
+def _node_pure(node: fx.Node) -> bool:
+    """Whether an fx node computes a pure function of its arguments (torch functions, Tensor
+    methods and aten overloads judged by their schema; anything else, or an `out=`, is not)."""
+    if "out" in node.kwargs:
+        return False
+    t = node.target
+    if node.op == "call_method":
+        return isinstance(t, str) and _schema_pure(t)
+    if node.op != "call_function":
+        return False
+    if isinstance(t, torch._ops.OpOverload):
+        return _overload_pure(t)
+    mod = getattr(t, "__module__", None) or ""
+    qual = getattr(t, "__qualname__", "") or ""
+    if mod.startswith("torch") or qual.startswith(("TensorBase.", "Tensor.")):
+        name = getattr(t, "__name__", "")
+        return isinstance(name, str) and _schema_pure(name)
+    return False
 
 
 def _target_name(target: Any) -> str:

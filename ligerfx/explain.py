@@ -31,12 +31,15 @@ def trace_and_rewrite(model: Any, args: tuple, kwargs: dict, options: Options,
     `keep`, when given, receives a (before, after) pair of GraphModules per captured graph.
     """
     report = Report()
+    returned: list = []  # what the graphs so far return (a later one may start where they end)
 
     def capture(gm: fx.GraphModule, example_inputs):
         work = _copy(gm)
         if keep is not None:
             keep.append((_copy(gm), work))
-        r = rewrite(work, options)
+        produced: list = []
+        r = rewrite(work, options, list(returned), produced)
+        returned.extend(produced)
         r.graphs_before.append(gm.code)
         r.graphs_after.append(work.code)
         report.extend(r)

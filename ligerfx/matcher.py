@@ -26,9 +26,13 @@ class _State:
     pmap: dict  # id(pattern CNode) -> target CNode
     covered: list  # fx nodes the match replaces (internal nodes and the output)
     casts: list  # real cast fx nodes looked through inside the match
+    # (pattern CNode, graph input CNode) where a graph input stands for a pattern op; only a
+    # matcher asked to look for graph boundaries (ligerfx/boundary.py) sets a list here
+    cuts: list | None = None
 
     def copy(self) -> "_State":
-        return _State(dict(self.bind), dict(self.pmap), list(self.covered), list(self.casts))
+        return _State(dict(self.bind), dict(self.pmap), list(self.covered), list(self.casts),
+                      None if self.cuts is None else list(self.cuts))
 
 
 def _strip(t: CNode, allow_casts: bool, st: _State, record: bool) -> CNode:
@@ -85,6 +89,9 @@ def _match(p: Any, t: Any, st: _State, pat: Pattern, var: TracedVariant) -> Iter
     st = st.copy()
     t = _strip(t, pat.allow_casts, st, record=True)
     if t.op != p.op or len(t.args) != len(p.args):
+        if st.cuts is not None and t.op == INPUT and t.nodes and t.nodes[0].op == "placeholder":
+            st.cuts.append((p, t))
+            yield st
         return
     prev = st.pmap.get(id(p))
     if prev is not None:
@@ -133,6 +140,8 @@ class Match:
     replacements: list = field(default_factory=list)  # the new nodes, once rewritten
     notes: list = field(default_factory=list)  # statements for the report (e.g. a dropped output)
     options: Any = None  # the backend's Options, for patterns whose behaviour an option sets
+    # near misses of patterns tried earlier on nodes this match covers (set by the pass)
+    earlier_misses: list = field(default_factory=list)
 
     # -- helpers for constraints and replacements -------------------------------------------
     def __getitem__(self, name: str) -> Any:

@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
-from . import rewriter
+from . import boundary, rewriter, schedule
 from .canonical import INPUT, CNode, View
 from .matcher import Match, _match, _State, match_at
 from .pattern import REGISTRY, Pattern
@@ -61,8 +61,9 @@ def _run_constraints(match: Match) -> str | None:
     return None
 
 
-def _candidates(view: View, pattern: Pattern, variant, claimed=frozenset()):
-    """Anchor tuples for a variant: one candidate node per pattern output."""
+def _candidates(view: View, pattern: Pattern, variant, claimed=frozenset(), rejected=None):
+    """Anchor tuples for a variant: one candidate node per pattern output.  `rejected`, when
+    given, receives (anchors, reason) for pairings refused before matching."""
     ops = [o.op for o in variant.outputs]
     by_op: dict[str, list] = {}
     for c in view.cnodes():
@@ -71,10 +72,11 @@ def _candidates(view: View, pattern: Pattern, variant, claimed=frozenset()):
     first = by_op.get(ops[0], [])
     if len(ops) == 1:
         return [(c,) for c in reversed(first)]
-    return _multi_candidates(view, pattern, variant, first, by_op, claimed)
+    return _multi_candidates(view, pattern, variant, first, by_op, claimed, rejected)
 
 
-def _multi_candidates(view: View, pattern: Pattern, variant, first, by_op, claimed):
+def _multi_candidates(view: View, pattern: Pattern, variant, first, by_op, claimed,
+                      rejected=None):
     """Anchor tuples of a multi-output pattern (e.g. q and k rotated together), lazily.
 
     The product of all candidates is quadratic in the graph.  Instead output 0 is matched alone
@@ -129,9 +131,13 @@ def _multi_candidates(view: View, pattern: Pattern, variant, first, by_op, claim
                 # any order fits: program order (q before k) reads best in reports
                 anchors = tuple(sorted(anchors, key=lambda c: pos.get(c.nodes[0], -1)))
             if (len({id(c) for c in anchors}) == len(anchors)
-                    and not any(n in claimed for c in combo for n in c.nodes)
-                    and not _dependent(anchors, pos)):
-                yield anchors
+                    and not any(n in claimed for c in combo for n in c.nodes)):
+                if not _dependent(anchors, pos):
+                    yield anchors
+                elif rejected is not None and _same_call(anchors) and all(
+                        list(_match(o, a, _State({}, {}, [], []), pattern, variant))
+                        for o, a in zip(outs, anchors)):
+                    rejected.append((anchors, _dependent_reason(anchors, pos)))
 
 
 def _input_depths(out: CNode) -> dict:
@@ -218,12 +224,33 @@ def _dependent(anchors, pos: dict) -> bool:
     return False
 
 
-def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None) -> Report:
+def _same_call(anchors) -> bool:
+    # Only a dependence inside one module call is worth a near miss: layer 2's q is always
+    # computed from layer 1's, and they were never meant to be rotated together.
+    mods = {tuple(c.nodes[0].meta.get("nn_module_stack") or {}) for c in anchors}
+    return len(mods) == 1
+
+
+def _dependent_reason(anchors, pos: dict) -> str:
+    a, b = sorted(anchors, key=lambda c: pos.get(c.nodes[0], -1))[:2]
+    return (f"its partner `{b.nodes[0].name}` is computed from this output `{a.nodes[0].name}` "
+            "(one replacement computes both outputs at once, so neither can wait for the other)")
+
+
+def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, *,
+                 upstream: list | tuple = (), produced: list | None = None) -> Report:
     """Rewrite `gm` in place and return the report for this graph.
 
     `options` (the backend's Options) is handed to constraints and replacements as
-    `match.options`, for patterns whose behaviour an option sets."""
+    `match.options`, for patterns whose behaviour an option sets.  `upstream`: what earlier graphs
+    of the same compiled model return (`boundary.signature`), to report patterns a graph
+    boundary cut in two; `produced`, when given, receives this graph's own signature (taken
+    before any rewrite)."""
     report = Report(graphs=1)
+    # near misses by the nodes their match covered: a later, smaller rewrite of those nodes
+    # (q rotated alone after the q/k pair was refused) can say why the larger one was not made
+    misses_at: dict[fx.Node, list] = {}
+    cut_misses: list = []  # (anchor fx node, NearMiss): kept only if nothing rewrote the anchor
     graph = gm.graph
     claimed: set[fx.Node] = set()
     # The view is built once per pattern; values a rewrite replaced are looked up here so a later
@@ -233,14 +260,21 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None) 
     position = {n: i for i, n in enumerate(graph.nodes)}
     for pattern in patterns:
         view = View(graph)
+        if produced is not None and not produced:
+            produced.extend(boundary.signature(view, graph))
         for variant in pattern.variants:
-            for anchors in _candidates(view, pattern, variant, claimed):
+            rejected: list = []
+            for anchors in _candidates(view, pattern, variant, claimed, rejected):
                 if any(n in claimed for a in anchors for n in a.nodes):
                     continue
+                structural = False
                 for match in match_at(pattern, variant, view, list(anchors)):
+                    structural = True
                     if any(n in claimed for n in match.covered):
                         continue
                     match.options = options
+                    match.earlier_misses = list({id(m): m for n in match.covered
+                                                 for m in misses_at.get(n, ())}.values())
                     # Constraints run before the safety check: they may widen the match (a
                     # pattern that absorbs a chain of steps above its anchor), and the safety
                     # check must then cover what they added.
@@ -252,14 +286,17 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None) 
                         continue
                     problem = problem or match.safety_problem()
                     if problem is None and not rewriter.can_order(match):
-                        problem = "its outputs are used before all of its inputs are computed"
+                        # pure uses of an early output may move below the last input
+                        problem = schedule.make_room(match, rewriter.can_order)
                     if problem is not None:
                         key = (pattern.name, match.tops[0], problem)
                         if key not in seen_misses:
                             seen_misses.add(key)
-                            report.near_misses.append(
-                                NearMiss(pattern.name, locate(match.tops[0]), problem,
-                                         position=position.get(match.tops[0], -1)))
+                            miss = NearMiss(pattern.name, locate(match.tops[0]), problem,
+                                            position=position.get(match.tops[0], -1))
+                            report.near_misses.append(miss)
+                            for n in match.covered:
+                                misses_at.setdefault(n, []).append(miss)
                         continue
                     rec = MatchRecord(pattern.name, locate(match.tops[0]),
                                       [n.name for n in match.covered],
@@ -277,7 +314,28 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None) 
                     report.matches.append(rec)
                     report.notes.extend(n for n in match.notes if n not in report.notes)
                     break
+                if not structural and upstream:
+                    anchor = anchors[0].nodes[0]
+                    key = (pattern.name, anchor, "boundary")
+                    why = None if key in seen_misses else boundary.cut_reason(
+                        pattern, variant, anchors[0], upstream)
+                    if why is not None:
+                        seen_misses.add(key)
+                        cut_misses.append((anchor, NearMiss(pattern.name, locate(anchor), why,
+                                                            position=position.get(anchor, -1))))
+            for anchors, why in rejected:
+                top = anchors[0].nodes[0]
+                if (pattern.name, top, why) in seen_misses or any(
+                        n in claimed for a in anchors for n in a.nodes):
+                    continue
+                seen_misses.add((pattern.name, top, why))
+                miss = NearMiss(pattern.name, locate(top), why, position=position.get(top, -1))
+                report.near_misses.append(miss)
+                for a in anchors:
+                    for n in a.covers:
+                        misses_at.setdefault(n, []).append(miss)
         graph.lint()
+    report.near_misses.extend(m for a, m in cut_misses if a not in claimed)
     # Report in program order (candidates are scanned from the graph's end).
     report.matches.sort(key=lambda m: m.position)
     report.near_misses.sort(key=lambda m: m.position)

@@ -29,14 +29,23 @@ class Location:
         return f"{where}{mod}{code}"
 
 
+# Containers Dynamo walks through on the way to a submodule or parameter: not part of the names
+# `model.named_modules()` / `named_parameters()` give (nn.Module reserves these attribute names).
+_CONTAINERS = frozenset({"__dict__", "_modules", "_parameters", "_buffers"})
+_PART = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.?(\w+)")
+
+
 def _clean_module_path(path: str) -> str:
-    # Dynamo spells module paths as L['self'].model.layers[0].mlp or L['self']._modules['x'].
-    # (a forward wrapped by a decorator is reached through L['args'][0]).
+    """A Dynamo source path as the name `named_modules()` gives it.
+
+    Dynamo spells paths as L['self'].model.layers[0].mlp, L['self']._modules['x'], and through a
+    module that forwards attributes with its own `__getattr__` (PEFT) as
+    L['self'].__dict__['_modules']['base_model'].__dict__['_modules']['model'].layers[0]; a
+    forward wrapped by a decorator is reached through L['args'][0].
+    """
     path = re.sub(r"^L\['[^']*'\](\[\d+\])*\.?", "", path)
-    path = re.sub(r"(^|\.)_modules\['([^']*)'\]", r"\1\2", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\['([^']*)'\]", r".\1", path)
-    return path.strip(".")
+    names = [a or b or c for a, b, c in _PART.findall(path)]
+    return ".".join(n for n in names if n not in _CONTAINERS)
 
 
 def locate(node: fx.Node) -> Location:

@@ -323,7 +323,19 @@ def check(match):
             "stacked pairs" if fn in _STACK else "rotate_half")
     form = f"partial {form}" if fn in _PARTIAL else form
     match.detail = f"{form}{'' if pair else ' alone'}, {layout_name}{note}"
+    if not pair:
+        match.detail += f"; {_why_alone(match)}"
     return None
+
+
+def _why_alone(match) -> str:
+    """Why this rotation is rewritten alone: the refused pairing's reason, else no partner."""
+    refused = [m.reason for m in match.earlier_misses if m.pattern == "rope"]
+    if refused:
+        return f"not paired with another rotation: {refused[0]}"
+    return ("not paired: no other rotation by the same cos/sin in this graph could join it "
+            "(a table equal in value but computed differently, or in another graph, is not "
+            "the same table)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def compare_training_step(model, args, *, options=None, rtol=1e-4, dynamic=None):
     """One forward+backward eager and compiled; asserts loss and every grad agree.
 
-    Returns the backend's report for the (last) compiled graph.
+    Returns the backend's report for the compiled model (every graph it made).
     """
     ref = model
     test = copy.deepcopy(model)
