@@ -3,7 +3,8 @@
 Patterns run in priority order.  For each pattern and variant, every node whose canonical op is
 the pattern's output op is a candidate; a structural match must then pass three checks before it
 is rewritten: inputs of the right kind (tensor or scalar), the pattern's own constraints (which
-may widen the match), and safety (no intermediate value escapes the subgraph).  A failure is
+may widen the match), and safety (no intermediate value escapes the subgraph, nothing it reads
+is written while it runs: ligerfx/mutation.py).  A failure is
 recorded as a near miss with its reason.  Nodes claimed by one rewrite are never matched again.
 """
 
@@ -18,6 +19,7 @@ import torch.fx as fx
 from . import rewriter
 from .canonical import INPUT, CNode, View
 from .matcher import Match, _match, _State, match_at
+from .mutation import Memory
 from .pattern import REGISTRY, Pattern
 from .report import MatchRecord, NearMiss, Report, locate
 
@@ -231,6 +233,7 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None) 
     replaced: dict[fx.Node, fx.Node] = {}
     seen_misses: set = set()
     position = {n: i for i, n in enumerate(graph.nodes)}
+    memory = None
     for pattern in patterns:
         view = View(graph)
         for variant in pattern.variants:
@@ -250,7 +253,10 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None) 
                         continue
                     if problem is None and any(n in claimed for n in match.covered):
                         continue
-                    problem = problem or match.safety_problem()
+                    if problem is None and memory is None:
+                        memory = Memory(graph)  # writes and aliases, rebuilt after each rewrite
+                    problem = problem or match.safety_problem(memory,
+                                                              rewriter.insertion_point(match))
                     if problem is None and not rewriter.can_order(match):
                         problem = "its outputs are used before all of its inputs are computed"
                     if problem is not None:
@@ -272,6 +278,7 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None) 
                             v = replaced[v]
                         match.bindings[k] = v
                     new = rewriter.apply(match)
+                    memory = None
                     claimed.update(new)
                     replaced.update(zip(match.outputs, match.replacements))
                     report.matches.append(rec)

@@ -61,7 +61,7 @@ def _fake_mode(values) -> Any:
     return None
 
 
-def _insertion_point(match: Match) -> fx.Node | None:
+def insertion_point(match: Match) -> fx.Node | None:
     """A node before which every replacement output can be computed, or None if none exists."""
     order = {n: i for i, n in enumerate(match.graph.nodes)}
     if len(match.tops) == 1:
@@ -81,7 +81,7 @@ def _insertion_point(match: Match) -> fx.Node | None:
 def apply(match: Match) -> list[fx.Node]:
     """Rewrite the graph; returns the new nodes.  The match must already be checked."""
     graph = match.graph
-    where = _insertion_point(match)
+    where = insertion_point(match)
     if where is None:
         raise RuntimeError("no insertion point")  # callers check `can_order` first
     before = set(graph.nodes)
@@ -107,7 +107,7 @@ def apply(match: Match) -> list[fx.Node]:
 
 
 def can_order(match: Match) -> bool:
-    return _insertion_point(match) is not None
+    return insertion_point(match) is not None
 
 
 def _propagate_meta(graph: fx.Graph, nodes: list[fx.Node], match: Match) -> None:
