@@ -299,7 +299,8 @@ def match_problem(match, where: fx.Node | None, memory: Memory) -> str | None:
             return f"{describe(w, r)}, which the pattern reads between its uses"
     # The replacement returns new tensors: an output that was a view of an input (or of another
     # output) would stop sharing its memory.
-    inputs = [b for b in bound if isinstance(node_value(b), torch.Tensor)]
+    # (a binding a pattern's constraints absorbed into the match is no input of the replacement)
+    inputs = [b for b in bound - covered if isinstance(node_value(b), torch.Tensor)]
     seen: dict = {}
     for o in match.outputs:
         ok = memory.keys(o)

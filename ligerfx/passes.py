@@ -253,12 +253,25 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None) 
                         continue
                     if problem is None and any(n in claimed for n in match.covered):
                         continue
-                    if problem is None and memory is None:
-                        memory = Memory(graph)  # writes and aliases, rebuilt after each rewrite
-                    problem = problem or match.safety_problem(memory,
-                                                              rewriter.insertion_point(match))
+                    if problem is None:
+                        # Inputs computed by an earlier rewrite now come from its new nodes; the
+                        # safety and ordering checks must see those, not the erased ones.
+                        for k, v in match.bindings.items():
+                            while isinstance(v, fx.Node) and v in replaced:
+                                v = replaced[v]
+                            match.bindings[k] = v
+                        if memory is None:
+                            memory = Memory(graph)  # writes and aliases, rebuilt after a rewrite
+                        problem = match.safety_problem(memory, rewriter.insertion_point(match))
                     if problem is None and not rewriter.can_order(match):
                         problem = "its outputs are used before all of its inputs are computed"
+                    if problem is None:
+                        # The replacement's outputs must take the layout of what they replace;
+                        # the rewriter restores strides it can and refuses the rest.
+                        try:
+                            new = rewriter.apply(match)
+                        except rewriter.LayoutMismatch as e:
+                            problem = str(e)
                     if problem is not None:
                         key = (pattern.name, match.tops[0], problem)
                         if key not in seen_misses:
@@ -273,11 +286,6 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None) 
                                       position=position.get(match.tops[0], -1))
                     claimed.update(match.covered)
                     claimed.update(match.outputs)
-                    for k, v in match.bindings.items():
-                        while isinstance(v, fx.Node) and v in replaced:
-                            v = replaced[v]
-                        match.bindings[k] = v
-                    new = rewriter.apply(match)
                     memory = None
                     claimed.update(new)
                     replaced.update(zip(match.outputs, match.replacements))
