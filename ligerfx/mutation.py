@@ -44,6 +44,9 @@ _INPLACE_DUNDERS = frozenset({
 })
 # Trailing-underscore methods that change a tensor's autograd metadata, not its values.
 _METADATA_ONLY = frozenset({"requires_grad_", "retain_grad_", "share_memory_"})
+# Higher-order ops whose subgraphs Dynamo traced without side effects on their inputs.
+_PURE_HOPS = frozenset({"tag_activation_checkpoint", "wrap", "autograd_function_apply",
+                        "flex_attention", "flex_attention_backward"})
 # Modules whose functions are pure unless their name or arguments say otherwise.
 _PURE_MODULES = ("torch", "_operator", "operator", "builtins", "math")
 
@@ -135,6 +138,10 @@ def written_args(node: fx.Node) -> list:
         return [args[0]]
     if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return _schema_writes(t, args, kwargs) + out
+    if isinstance(t, torch._ops.HigherOrderOperator):
+        # Dynamo refuses bodies of these that write their inputs; any other (a user Triton
+        # kernel's wrapper, ...) may write what it is given.
+        return [] if t.name() in _PURE_HOPS else _tensor_args(node)
     name = getattr(t, "__name__", "")
     owner = getattr(t, "__objclass__", None)
     if owner is not None and issubclass(owner, torch._C.TensorBase):  # torch.Tensor.add_(x, y)
@@ -260,6 +267,9 @@ def _bridges(covered: set, bound: set, limit: int = 8) -> set:
         if n in bound:
             return True
         if depth == 0 or n.op in ("placeholder", "get_attr") or n in covered:
+            return False
+        v = node_value(n)
+        if v is not None and not isinstance(v, torch.Tensor):  # a size: reads no memory
             return False
         if n not in memo:
             memo[n] = False

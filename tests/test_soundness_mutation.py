@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mutation
 
 import ligerfx
 import ligerfx.backend
@@ -269,7 +270,8 @@ def _node(target, *args, op="call_function", **kwargs):
     y = g.placeholder("y")
     env = {"x": x, "y": y}
     args = tuple(env.get(a, a) if isinstance(a, str) else a for a in args)
-    kwargs = {k: env.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    kwargs = {k: fx.node.map_aggregate(v, lambda a: env.get(a, a) if isinstance(a, str) else a)
+              for k, v in kwargs.items()}
     return g.create_node(op, target, args, kwargs), x, y
 
 
@@ -287,6 +289,7 @@ def _node(target, *args, op="call_function", **kwargs):
     (F.embedding, ("y", "x"), {"max_norm": 1.0}, "call_function", ["x"]),
     (F.batch_norm, ("y", "x", "x"), {"training": True}, "call_function", ["x", "x"]),
     (_opaque_scale, ("x",), {}, "call_function", ["x"]),
+    (triton_kernel_wrapper_mutation, (), {"kwargs": {"a": "x"}}, "call_function", ["x"]),
     # pure: never writes
     (F.linear, ("x", "y"), {}, "call_function", []),
     (F.scaled_dot_product_attention, ("x", "x", "y"), {}, "call_function", []),
@@ -294,6 +297,7 @@ def _node(target, *args, op="call_function", **kwargs):
     (F.softmax, ("x", -1), {}, "call_function", []),
     (F.batch_norm, ("y", "x", "x"), {"training": False}, "call_function", []),
     (torch.ops.aten.add.Tensor, ("x", "y"), {}, "call_function", []),
+    (torch.ops.higher_order.tag_activation_checkpoint, ("y", "x"), {}, "call_function", []),
     (operator.add, ("x", "y"), {}, "call_function", []),
     ("softmax", ("x", -1), {}, "call_method", []),
     ("requires_grad_", ("x",), {}, "call_method", []),
