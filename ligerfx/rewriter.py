@@ -158,6 +158,8 @@ def _propagate_meta(graph: fx.Graph, nodes: list[fx.Node], match: Match) -> None
 def drop_in(graph: fx.Graph, old: fx.Node, new: fx.Node, match: Match) -> fx.Node:
     """`new`, or nodes restriding it, so that it has the layout of `old` (ligerfx/layout.py);
     raises LayoutMismatch when that cannot be done."""
+    if not isinstance(new, fx.Node):  # a constant the pattern chose (skip_logits' empty logits)
+        return new
     vo, vn = node_value(old), node_value(new)
     if not isinstance(vo, torch.Tensor) or not isinstance(vn, torch.Tensor):
         return new
