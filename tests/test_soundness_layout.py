@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import ligerfx
 from ligerfx import layout
 from ligerfx.hf_targets import small_config_kwargs
 from tests.compare import compare_training_step
