@@ -212,6 +212,12 @@ class View:
         self.strip_casts = strip_casts
         self._of: dict[fx.Node, CNode] = {}
         self._memo: dict[tuple, CNode] = {}
+        # Equal expressions are one value only when nothing they read is written between them;
+        # the writes are looked up only in graphs that have some.  (Imported here: mutation reads
+        # node values from this module.)
+        from . import mutation
+
+        self._memory = mutation.Memory(graph) if mutation.has_writes(graph) else None
         for node in graph.nodes:
             if node.op != "output":
                 self._of[node] = self._build(node)
@@ -480,6 +486,11 @@ class View:
         if old is None:
             self._memo[key] = c
             return c
+        if self._memory is not None:
+            from .mutation import cse_blocked
+
+            if any(cse_blocked(self._memory, a, b) for a in old.nodes for b in c.nodes):
+                return c
         old.nodes.extend(n for n in c.nodes if n not in old.nodes)
         old.folded.extend(n for n in c.folded if n not in old.folded)
         return old

@@ -4,8 +4,9 @@ Matching starts at a candidate output node and walks the pattern's arguments upw
 bind to whatever value sits there (the same placeholder must bind to the same value everywhere);
 `add` and `mul` are tried in both argument orders; identity casts are always looked through, and
 real casts too when the pattern allows casts (its constraints then judge the dtypes).  A structural
-match is then checked for safety (`Match.safety_problem`) and by the pattern's constraints; a
-failure there is a near miss with a reason, never a rewrite.
+match is then checked for safety (`Match.safety_problem`: no escaping intermediate, no write to
+what it reads while it runs) and by the pattern's constraints; a failure there is a near miss with
+a reason, never a rewrite.
 """
 
 from __future__ import annotations
@@ -168,8 +169,10 @@ class Match:
                 out.append(t.node)
         return out
 
-    def safety_problem(self) -> str | None:
-        """Why replacing the covered nodes would change the program, or None."""
+    def safety_problem(self, memory=None, where: fx.Node | None = None) -> str | None:
+        """Why replacing the covered nodes (by a replacement inserted before `where`) would change
+        the program, or None: an intermediate that escapes, or a write to memory the match reads
+        while it runs (ligerfx/mutation.py; `memory` is the graph's `mutation.Memory`)."""
         inside = set(self.covered)
         outs = set(self.outputs)
         for n in self.covered:
@@ -180,10 +183,9 @@ class Match:
                     where = "a graph output" if u.op == "output" else f"`{u.name}`"
                     return (f"intermediate value `{n.name}` is also used by {where} outside the "
                             "pattern, so the subgraph cannot be replaced")
-        for n in self.covered:
-            if n.op == "call_method" and str(n.target).endswith("_"):
-                return f"`{n.name}` is an in-place operation"
-        return None
+        from . import mutation  # (mutation imports the canonical view, as this module does)
+
+        return mutation.match_problem(self, where, memory or mutation.Memory(self.graph))
 
 
 def _absorb_trailing_casts(node: fx.Node, view: View, allow_casts: bool, covered: list,

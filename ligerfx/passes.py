@@ -3,7 +3,8 @@
 Patterns run in priority order.  For each pattern and variant, every node whose canonical op is
 the pattern's output op is a candidate; a structural match must then pass three checks before it
 is rewritten: inputs of the right kind (tensor or scalar), the pattern's own constraints (which
-may widen the match), and safety (no intermediate value escapes the subgraph).  A failure is
+may widen the match), and safety (no intermediate value escapes the subgraph, nothing it reads
+is written while it runs: ligerfx/mutation.py).  A failure is
 recorded as a near miss with its reason.  Nodes claimed by one rewrite are never matched again.
 """
 
@@ -18,6 +19,7 @@ import torch.fx as fx
 from . import boundary, rewriter, schedule
 from .canonical import INPUT, CNode, View
 from .matcher import Match, _match, _State, match_at
+from .mutation import Memory
 from .pattern import REGISTRY, Pattern
 from .report import MatchRecord, NearMiss, Report, locate
 
@@ -258,6 +260,7 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
     replaced: dict[fx.Node, fx.Node] = {}
     seen_misses: set = set()
     position = {n: i for i, n in enumerate(graph.nodes)}
+    memory = None
     for pattern in patterns:
         view = View(graph)
         if produced is not None and not produced:
@@ -284,10 +287,31 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                         continue
                     if problem is None and any(n in claimed for n in match.covered):
                         continue
-                    problem = problem or match.safety_problem()
+                    if problem is None:
+                        # Inputs computed by an earlier rewrite now come from its new nodes; the
+                        # safety and ordering checks must see those, not the erased ones.
+                        for k, v in match.bindings.items():
+                            while isinstance(v, fx.Node) and v in replaced:
+                                v = replaced[v]
+                            match.bindings[k] = v
+                        if memory is None:
+                            memory = Memory(graph)  # writes and aliases, rebuilt after a rewrite
+                        problem = match.safety_problem(memory, rewriter.insertion_point(match))
                     if problem is None and not rewriter.can_order(match):
                         # pure uses of an early output may move below the last input
                         problem = schedule.make_room(match, rewriter.can_order)
+                        if problem is None:
+                            # the graph was reordered: check writes again at the new place
+                            memory = Memory(graph)
+                            problem = match.safety_problem(memory,
+                                                           rewriter.insertion_point(match))
+                    if problem is None:
+                        # The replacement's outputs must take the layout of what they replace;
+                        # the rewriter restores strides it can and refuses the rest.
+                        try:
+                            new = rewriter.apply(match)
+                        except rewriter.LayoutMismatch as e:
+                            problem = str(e)
                     if problem is not None:
                         key = (pattern.name, match.tops[0], problem)
                         if key not in seen_misses:
@@ -304,11 +328,7 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                                       position=position.get(match.tops[0], -1))
                     claimed.update(match.covered)
                     claimed.update(match.outputs)
-                    for k, v in match.bindings.items():
-                        while isinstance(v, fx.Node) and v in replaced:
-                            v = replaced[v]
-                        match.bindings[k] = v
-                    new = rewriter.apply(match)
+                    memory = None
                     claimed.update(new)
                     replaced.update(zip(match.outputs, match.replacements))
                     report.matches.append(rec)

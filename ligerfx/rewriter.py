@@ -3,16 +3,21 @@
 The replacement function is called on fx Proxies of the bound inputs, so whatever torch code it
 runs (usually one `torch.ops.liger.*` call) is recorded as new nodes right where the pattern's
 output was.  New nodes get fake example values (later passes and inductor read them) and the
-source metadata of the node they replace (so reports still point at the user's code).
+source metadata of the node they replace (so reports still point at the user's code).  Each
+output must be drop-in for the value it replaces: same shape, dtype, device and strides; strides
+are restored by a restride when needed (`drop_in`), and a rewrite that cannot be made drop-in is
+refused (LayoutMismatch) with the graph left unchanged.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
+from . import layout
 from .canonical import node_value
 from .matcher import Match
 from .pattern import call_replacement
@@ -61,7 +66,7 @@ def _fake_mode(values) -> Any:
     return None
 
 
-def _insertion_point(match: Match) -> fx.Node | None:
+def insertion_point(match: Match) -> fx.Node | None:
     """A node before which every replacement output can be computed, or None if none exists."""
     order = {n: i for i, n in enumerate(match.graph.nodes)}
     if len(match.tops) == 1:
@@ -78,10 +83,17 @@ def _insertion_point(match: Match) -> fx.Node | None:
     return nodes[last_input + 1]
 
 
+class LayoutMismatch(Exception):
+    """The replacement cannot give an output the layout of the value it replaces (the rewrite is
+    refused with this reason; the graph is left as it was)."""
+
+
 def apply(match: Match) -> list[fx.Node]:
-    """Rewrite the graph; returns the new nodes.  The match must already be checked."""
+    """Rewrite the graph; returns the new nodes.  The match must already be checked.
+
+    Raises LayoutMismatch (graph unchanged) when an output cannot be made drop-in."""
     graph = match.graph
-    where = _insertion_point(match)
+    where = insertion_point(match)
     if where is None:
         raise RuntimeError("no insertion point")  # callers check `can_order` first
     before = set(graph.nodes)
@@ -92,12 +104,20 @@ def apply(match: Match) -> list[fx.Node]:
         out = call_replacement(match.pattern, match.variant, bound, match)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     new_nodes = [n for n in graph.nodes if n not in before]
+    _propagate_meta(graph, new_nodes, match)
+    outs = [new.node if isinstance(new, Proxy) else new for new in outs]
+    try:
+        with graph.inserting_before(where):
+            outs = [drop_in(graph, old, new, match) for old, new in zip(match.outputs, outs)]
+    except LayoutMismatch:
+        for n in reversed([n for n in graph.nodes if n not in before]):
+            graph.erase_node(n)
+        raise
+    new_nodes = [n for n in graph.nodes if n not in before]
     for n in new_nodes:
         n.meta[PATTERN_META] = match.pattern.name
-    _propagate_meta(graph, new_nodes, match)
     match.replacements = []
-    for old, new in zip(match.outputs, outs):
-        new_node = new.node if isinstance(new, Proxy) else new
+    for old, new_node in zip(match.outputs, outs):
         old.replace_all_uses_with(new_node)
         match.replacements.append(new_node)
     for n in reversed(list(graph.nodes)):
@@ -107,7 +127,7 @@ def apply(match: Match) -> list[fx.Node]:
 
 
 def can_order(match: Match) -> bool:
-    return _insertion_point(match) is not None
+    return insertion_point(match) is not None
 
 
 def _propagate_meta(graph: fx.Graph, nodes: list[fx.Node], match: Match) -> None:
@@ -118,7 +138,7 @@ def _propagate_meta(graph: fx.Graph, nodes: list[fx.Node], match: Match) -> None
         for k in _KEEP_META:
             if k in src.meta and k not in n.meta:
                 n.meta[k] = src.meta[k]
-        if mode is None or n.op != "call_function":
+        if mode is None or n.op not in ("call_function", "call_method"):
             continue
 
         def val(a: Any):
@@ -126,9 +146,39 @@ def _propagate_meta(graph: fx.Graph, nodes: list[fx.Node], match: Match) -> None
 
         args = fx.node.map_aggregate(n.args, val)
         kwargs = fx.node.map_aggregate(n.kwargs, val)
+        fn = n.target if n.op == "call_function" else getattr(type(args[0]), n.target, None)
         try:
             with mode:
-                n.meta["example_value"] = n.target(*args, **kwargs)
+                n.meta["example_value"] = fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - metadata is best effort; the graph is still valid
             import logging
             logging.getLogger("ligerfx").debug("no example value for %s: %s", n, e)
+
+
+def drop_in(graph: fx.Graph, old: fx.Node, new: fx.Node, match: Match) -> fx.Node:
+    """`new`, or nodes restriding it, so that it has the layout of `old` (ligerfx/layout.py);
+    raises LayoutMismatch when that cannot be done."""
+    if not isinstance(new, fx.Node):  # a constant the pattern chose (skip_logits' empty logits)
+        return new
+    vo, vn = node_value(old), node_value(new)
+    if not isinstance(vo, torch.Tensor) or not isinstance(vn, torch.Tensor):
+        return new
+    try:
+        order = layout.restride_plan(vo, vn)
+    except ValueError as e:
+        raise LayoutMismatch(f"output `{old.name}`: {e}") from None
+    if order is None:
+        return new
+    if order == list(range(vo.dim())):
+        nodes = [graph.call_method("contiguous", (new,))]
+    else:
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        p = graph.call_method("permute", (new, *order))
+        c = graph.call_method("contiguous", (p,))
+        nodes = [p, c, graph.call_method("permute", (c, *inverse))]
+    _propagate_meta(graph, nodes, match)
+    vr = node_value(nodes[-1])
+    if not isinstance(vr, torch.Tensor) or not layout.same_strides(vo, vr):
+        raise LayoutMismatch(f"output `{old.name}`: its strides {tuple(vo.stride())} could not be "
+                             "restored on the fused op's output")
+    return nodes[-1]
