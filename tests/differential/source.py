@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import linecache
 import re
+import textwrap
 from dataclasses import dataclass, field
 
 import torch
@@ -64,10 +65,21 @@ class Src:
 
 
 @dataclass
+class Written:
+    """A module written out by hand (the regression tests), used where a generated `Src` is."""
+
+    code: str  # the whole `class M(nn.Module)` text
+    inputs: list  # Input
+
+    def text(self) -> str:
+        return textwrap.dedent(self.code).strip() + "\n"
+
+
+@dataclass
 class Case:
     """A module source plus the patterns it is about, its dtype and what kind of case it is."""
 
-    src: Src
+    src: Src | Written
     patterns: tuple  # pattern names that count as rewriting this case's subgraph
     kind: str = SPELLING
     dtype: torch.dtype = torch.float32

@@ -22,7 +22,7 @@ def mean(draw, v: str, rank: int, keepdim: bool = True) -> str:
 
 
 def square(draw, v: str) -> str:
-    return draw(st.sampled_from((f"{v}.pow(2)", f"{v} * {v}", f"torch.square({v})", f"{v} ** 2")))
+    return draw(st.sampled_from((f"{v}.pow(2)", f"({v} * {v})", f"torch.square({v})", f"({v} ** 2)")))
 
 
 def upcast(draw, v: str) -> str:
