@@ -127,13 +127,13 @@ def compare(what: str, got, low, ref, dtype) -> str | None:
     return None
 
 
-def _fail(case: Case, exc: type, msg: str) -> None:
+def _fail(case: Case, seed: int, exc: type, msg: str) -> None:
     survey = os.environ.get("LIGERFX_DIFF_SURVEY")
-    full = f"{msg}\ngenerated case {case}"
+    full = f"{msg}\ngenerated case (input seed {seed}) {case}"
     if survey:
         with open(survey, "a") as f:
             f.write(json.dumps({"patterns": case.patterns, "kind": case.kind, "what": case.what,
-                                "dtype": str(case.dtype), "failure": exc.__name__,
+                                "dtype": str(case.dtype), "failure": exc.__name__, "seed": seed,
                                 "message": msg, "source": case.source}) + "\n")
         return
     raise exc(full)
@@ -171,7 +171,7 @@ def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
             try:
                 got_out, got_grads = _run(compiled, test_in, test_leaves, cot)
             except Exception as e:
-                return _fail(case, Crash, f"{path} path: {type(e).__name__}: {str(e)[:2000]}") or reports
+                return _fail(case, seed, Crash, f"{path} path: {type(e).__name__}: {str(e)[:2000]}") or reports
         problems = [compare(f"output {i}", a, b, c, case.dtype)
                     for i, (a, b, c) in enumerate(zip(got_out, low_out, ref_out))]
         if cot is not None:
@@ -182,7 +182,7 @@ def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
                          for n, a, b, c in zip(names, got_grads, low_grads, ref_grads)]
         problems = [p for p in problems if p]
         if problems:
-            return _fail(case, WrongAnswer, f"{path} path: " + "; ".join(problems) + "\n"
+            return _fail(case, seed, WrongAnswer, f"{path} path: " + "; ".join(problems) + "\n"
                          + _summary(reports)) or reports
     rewritten = any(m.pattern in case.patterns for r in reports for m in r.matches)
     reported = any(n.pattern in case.patterns for r in reports for n in r.near_misses)
@@ -191,7 +191,7 @@ def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
     broke = bool(torch._dynamo.utils.counters["graph_break"])
     if case.kind in (SPELLING, SAFETY) and not rewritten and not reported and not broke:
         what = "spelling" if case.kind == SPELLING else "refused look-alike"
-        return _fail(case, SilentMiss, f"{what} not rewritten and no near miss for {case.patterns}\n"
+        return _fail(case, seed, SilentMiss, f"{what} not rewritten and no near miss for {case.patterns}\n"
                      + _summary(reports)) or reports
     assert case.kind in (SPELLING, SAFETY, MATH)
     return reports

@@ -97,6 +97,29 @@ def test_layer_norm_write_through_view_between_uses():
     """, ("layer_norm", "rms_norm"), SAFETY), seed=6)
 
 
+# mut: the upcast input written through a view after the mean read it, before the variance
+# reads it: the whole layer norm is rewritten with one value of hf
+def test_layer_norm_write_between_mean_and_variance():
+    check(_norm("""
+        hf = h.float()
+        mu = torch.mean(hf, 2, keepdim=True)
+        xc = hf - mu
+        hf.view(-1)[:3].add_(1.0)
+        var = torch.var(hf, dim=-1, correction=0, keepdim=True)
+        return ((xc * torch.rsqrt(var + 1e-06)).type_as(h),)
+    """, ("layer_norm",), SAFETY, F16), seed=11)
+
+
+# cast: the input rounded through bf16 (`h.to(bf16).to(h.dtype)`) is looked through: the kernel
+# reads the unrounded value.  (Found in an fp16 model; shown in fp32, where eager's own error
+# against float64 is small enough that the skipped rounding stands out.)
+def test_layer_norm_input_rounded_through_bf16():
+    check(_norm("""
+        hb = h.to(torch.bfloat16).to(h.dtype)
+        return (F.layer_norm(hb, (16,), None, None, 1e-05),)
+    """, ("layer_norm",), SAFETY), seed=12)
+
+
 # -- rope ----------------------------------------------------------------------------------------
 
 _ROPE_INIT = """
@@ -164,3 +187,23 @@ def test_flce_nll_of_log_softmax():
         lp = F.log_softmax(self.head(h).view(-1, 40), dim=-1)
         return (F.nll_loss(lp, labels.view(-1), ignore_index=-100),)
     """, ("fused_linear_cross_entropy",)), seed=9)
+
+
+# mut: q and k rotated together (one `rope` launch); q's fp32 copy written through a flat view
+# between the two half-slice reads
+def test_rope_pair_write_through_flat_view_between_slices():
+    check(_rope("""
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos().unsqueeze(-2)
+        sin = emb.sin().unsqueeze(-2)
+        q = self.wq(x).view(2, 4, 2, 8)
+        qf = q.to(torch.float32)
+        qf1 = qf[..., :4]
+        qf.view(-1)[:3].add_(1.0)
+        qf2 = qf[..., 4:]
+        qo = (qf * cos + torch.cat((-qf2, qf1), dim=-1) * sin).to(q.dtype)
+        k = self.wk(x).view(2, 4, 2, 8).float()
+        k1, k2 = k.chunk(2, dim=-1)
+        ko = (k * cos + torch.cat((-k2, k1), dim=-1) * sin).to(q.dtype)
+        return (qo, ko)
+    """, ("rope",), SAFETY, BF16), seed=10)
