@@ -47,6 +47,16 @@ def test_rms_norm_statistic_unsqueezed_before_eps():
     """, ("rms_norm",), dtype=BF16), seed=1)
 
 
+# other (rms_norm variants, not fixed): the weight multiplied in first (`(w * x) / sqrt(..)`)
+# with a keepdim=False statistic put back by indexing: no variant covers the combination
+def test_rms_norm_weight_first_with_unsqueezed_statistic():
+    check(_norm("""
+        var = torch.mean(torch.square(h), dim=-1)[..., None]
+        n = ((1.0 + self.weight) * h) / torch.sqrt(var + 1e-05)
+        return (n,)
+    """, ("rms_norm",)), seed=13)
+
+
 # canonical (fixed here): `t[..., None]` is unsqueeze(-1); it was an opaque getitem (silent miss)
 def test_rms_norm_statistic_indexed_with_none():
     check(_norm("""
@@ -159,16 +169,17 @@ _HEAD_INIT = """
 class M(nn.Module):
     def __init__(self):
         super().__init__()
-        self.head = nn.Linear(16, 40, bias=False)
+        self.head = nn.Linear(16, 40, bias=BIAS)
 
     def forward(self, h, labels):
 """
 _HEAD_INPUTS = [Input("h", (2, 5, 16)), Input("labels", (2, 5), kind="labels", high=40)]
 
 
-def _head(body, patterns, kind=SPELLING, dtype=F32):
+def _head(body, patterns, kind=SPELLING, dtype=F32, bias=False):
     lines = "".join(f"        {line.strip()}\n" for line in body.strip().splitlines())
-    return _case(_HEAD_INIT + lines, patterns, kind, dtype, list(_HEAD_INPUTS))
+    head = _HEAD_INIT.replace("BIAS", str(bias))
+    return _case(head + lines, patterns, kind, dtype, list(_HEAD_INPUTS))
 
 
 # cast: logits through int32 and back are accepted above the loss (loss off by 2%, and a
@@ -207,3 +218,17 @@ def test_rope_pair_write_through_flat_view_between_slices():
         ko = (k * cos + torch.cat((-k2, k1), dim=-1) * sin).to(q.dtype)
         return (qo, ko)
     """, ("rope",), SAFETY, BF16), seed=10)
+
+
+# other (fused_linear_cross_entropy kernel precision in bf16, root cause not found): the lm-head
+# bias gradient is further from float64 than eager bf16 (here 1.6x; on 26 of 30 random seeds of
+# the bare op, median 1.26x), so not rounding noise
+def test_flce_bf16_bias_gradient_precision():
+    case = _head("""
+        l = self.head(h).to(torch.float32)
+        lv = l[:, :-1, :].contiguous().flatten(0, 1)
+        tv = labels[:, :-1].contiguous().reshape(-1)
+        lsum = F.cross_entropy(lv, tv, ignore_index=-100, reduction='sum')
+        return (lsum / (tv != -100).sum().clamp_min(1),)
+    """, ("fused_linear_cross_entropy",), SPELLING, BF16, bias=True)
+    check(case, seed=250)
