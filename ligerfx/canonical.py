@@ -416,6 +416,8 @@ class View:
         # Only basic slicing along one dim: slices and at most one Ellipsis, every other dim whole.
         items = idx if isinstance(idx, tuple) else (idx,)
         rank = _rank(node_value(src))
+        if rank is not None and any(i is None for i in items):
+            return self._index_unsqueeze(node, src, items, rank)
         if rank is None or not all(isinstance(i, slice) or i is Ellipsis for i in items):
             return None
         n_ell = sum(i is Ellipsis for i in items)
@@ -436,6 +438,20 @@ class View:
         if isinstance(end, int) and size is not None and end >= size:
             end = None
         return self._slice(node, src, d, start, end, step)
+
+    def _index_unsqueeze(self, node, src, items, rank) -> CNode | None:
+        # `x[..., None]`, `x[:, None]`: one new dim of size 1 and nothing cut is unsqueeze.
+        ell = [k for k, i in enumerate(items) if i is Ellipsis]
+        if sum(i is None for i in items) != 1 or len(ell) > 1:
+            return None
+        if not all(i is None or i is Ellipsis or (isinstance(i, slice) and _whole(i)) for i in items):
+            return None
+        fill = rank - (len(items) - 1 - len(ell))
+        if fill < 0:
+            return None
+        at = ell[0] if ell else len(items)
+        items = items[:at] + (slice(None),) * fill + items[at + 1:] if ell else items + (slice(None),) * fill
+        return self._mk("unsqueeze", (self._of[src], items.index(None) - (rank + 1)), node)
 
     def _unflatten(self, node: fx.Node) -> CNode | None:
         # A reshape that splits exactly one dim into (outer, inner) with a static inner size.

@@ -51,6 +51,20 @@ def rms_norm_plain_unsqueeze(x, eps, dim, udim):
     return _normed_unsqueezed(x, eps, dim, udim)
 
 
+def _normed_stat_unsqueezed(x, eps, dim, udim):
+    # keepdim=False, the reduced dim put back before eps is added (unsqueeze commutes with the
+    # elementwise `+ eps` and rsqrt, so this is the same value as the form above)
+    return x * torch.rsqrt(x.pow(2).mean(dim).unsqueeze(udim) + eps)
+
+
+def rms_norm_weight_stat_unsqueeze(x, weight, eps, dim, udim):
+    return _normed_stat_unsqueezed(x, eps, dim, udim) * weight
+
+
+def rms_norm_plain_stat_unsqueeze(x, eps, dim, udim):
+    return _normed_stat_unsqueezed(x, eps, dim, udim)
+
+
 def rms_norm_plain(x, eps, dim):
     return _normed(x, eps, dim)
 
@@ -160,7 +174,8 @@ def replace(x, weight=None, eps=None, offset=0.0, *, match=None):
 register(
     "rms_norm",
     [rms_norm_offset_weight, rms_norm_weight, rms_norm_weight_first, rms_norm_weight_unsqueeze,
-     rms_norm_plain, rms_norm_plain_unsqueeze,
+     rms_norm_plain, rms_norm_plain_unsqueeze, rms_norm_weight_stat_unsqueeze,
+     rms_norm_plain_stat_unsqueeze,
      rms_norm_functional, rms_norm_functional_no_weight],
     replace,
     example_inputs={"x": torch.randn(2, 3, 8), "weight": torch.randn(8), "eps": 1e-6,

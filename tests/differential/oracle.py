@@ -1,0 +1,201 @@
+"""The differential oracle: eager-equal in every output and gradient, or left alone with a reason.
+
+`check(case, seed)` runs the generated module three ways on the same fresh random inputs:
+- the float64 reference (the same code in float64, see `Case.build`);
+- eager in the case's dtype (what the user gets without ligerfx);
+- `torch.compile(backend="liger", options={"inner": "aot_eager"})`, compiled once and run on the
+  torch path and on the Triton interpreter path (the op picks its path per call from
+  TRITON_INTERPRET, like the `kernel_path` fixture).
+"Equal" means, for each output and each gradient: the same non-finite positions and values as
+eager in that dtype, and elsewhere no further from float64 than eager is (times 1.25, plus a
+small floor: 2e-5 in fp32, 5% of the format's eps in bf16/fp16).  Then the rewrite decision is
+judged by the case's kind (source.SPELLING / SAFETY / MATH): a spelling or a safety perturbation
+that is not rewritten must be reported as a near miss of its pattern (a silent miss fails).
+
+Set LIGERFX_DIFF_SURVEY=path to record failures as JSON lines there instead of raising (how the
+catalogue of holes in test_regressions.py was collected, with LIGERFX_DIFF_EXAMPLES=40).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import torch
+from hypothesis import assume
+
+import ligerfx.backend
+from tests.differential.source import MATH, SAFETY, SPELLING, Case, make_inputs
+
+
+class WrongAnswer(AssertionError):
+    """The compiled module's result differs from eager's."""
+
+
+class SilentMiss(AssertionError):
+    """A spelling of the pattern (or a refused look-alike) left alone without a near miss."""
+
+
+class Crash(AssertionError):
+    """Compiling or running the rewritten module raised where eager does not."""
+
+
+@contextlib.contextmanager
+def kernel_path(path: str):
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if path == "triton" else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@contextlib.contextmanager
+def collect_reports(into: list):
+    """Every report the backend makes while compiling (one per graph, whatever the frame)."""
+    inner = ligerfx.backend.rewrite
+
+    def rewrite(gm, options):
+        report = inner(gm, options)
+        into.append(report)
+        return report
+
+    ligerfx.backend.rewrite = rewrite
+    try:
+        yield
+    finally:
+        ligerfx.backend.rewrite = inner
+
+
+def _leaves(case: Case, masters, model, dtype):
+    inputs = [m.to(dtype).requires_grad_() if i.kind == "float" else m
+              for i, m in zip(case.src.inputs, masters)]
+    return inputs, [x for x in inputs if x.requires_grad] + list(model.parameters())
+
+
+def _run(model, inputs, leaves, cotangents):
+    """Outputs and gradients (None where autograd cannot give them: then forward only)."""
+    outs = [o for o in model(*inputs)]
+    floats = [o for o in outs if o.is_floating_point() and o.requires_grad]
+    if cotangents is None:
+        return outs, None
+    try:
+        grads = torch.autograd.grad([o for o in floats], leaves,
+                                    [c.to(o.dtype) for o, c in zip(floats, cotangents)],
+                                    allow_unused=True)
+    except RuntimeError:  # e.g. eager's own "modified by an inplace operation": forward only
+        return outs, None
+    return outs, list(grads)
+
+
+def _err(x, ref, mask):
+    x, ref = x.double()[mask], ref.double()[mask]
+    if ref.numel() == 0:
+        return 0.0
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def compare(what: str, got, low, ref, dtype) -> str | None:
+    """None when `got` is as good as eager's `low` against float64 `ref`, else the reason."""
+    if low is None:
+        if got is not None and got.abs().sum() != 0:
+            return f"{what}: a gradient where eager has none"
+        return None
+    if got is None:
+        return f"{what}: no gradient where eager has one"
+    if got.shape != low.shape or got.dtype != low.dtype:
+        return f"{what}: {tuple(got.shape)} {got.dtype}, eager gives {tuple(low.shape)} {low.dtype}"
+    if not got.is_floating_point():
+        return None if torch.equal(got, low) else f"{what}: integer values differ"
+    fin_g, fin_l = torch.isfinite(got), torch.isfinite(low)
+    if not torch.equal(fin_g, fin_l):
+        return (f"{what}: {int((~fin_g).sum())} non-finite values, eager has "
+                f"{int((~fin_l).sum())} (at other positions)")
+    nonfin = ~fin_l
+    same = (got[nonfin] == low[nonfin]) | (got[nonfin].isnan() & low[nonfin].isnan())
+    if not same.all():
+        return f"{what}: inf/nan values differ from eager's"
+    mask = fin_l & torch.isfinite(ref)
+    e_got, e_low = _err(got, ref, mask), _err(low, ref, mask)
+    floor = 2e-5 if dtype in (torch.float32, torch.float64) else 0.05 * torch.finfo(dtype).eps
+    if e_got > 1.25 * e_low + floor:
+        return f"{what}: relative error {e_got:.3g} vs float64, eager {dtype} has {e_low:.3g}"
+    return None
+
+
+def _fail(case: Case, seed: int, exc: type, msg: str) -> None:
+    survey = os.environ.get("LIGERFX_DIFF_SURVEY")
+    full = f"{msg}\ngenerated case (input seed {seed}) {case}"
+    if survey:
+        with open(survey, "a") as f:
+            f.write(json.dumps({"patterns": case.patterns, "kind": case.kind, "what": case.what,
+                                "dtype": str(case.dtype), "failure": exc.__name__, "seed": seed,
+                                "message": msg, "source": case.source}) + "\n")
+        return
+    raise exc(full)
+
+
+def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
+    """Run the oracle on one case; returns the reports (raises WrongAnswer / SilentMiss / Crash)."""
+    masters = make_inputs(case, seed)
+    ref_model, low_model, test_model = case.build(True), case.build(), case.build()
+    ref_in, ref_leaves = _leaves(case, masters, ref_model, torch.float64)
+    try:
+        ref_out = [o for o in ref_model(*ref_in)]
+        g = torch.Generator().manual_seed(seed + 1)
+        cot = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref_out
+               if o.is_floating_point() and o.requires_grad]
+        ref_out, ref_grads = _run(ref_model, ref_in, ref_leaves, cot)
+        low_in, low_leaves = _leaves(case, masters, low_model, case.dtype)
+        low_out, low_grads = _run(low_model, low_in, low_leaves, cot)
+    except Exception as e:  # the generated code is not valid eager code: not a case
+        assume(False)
+        raise AssertionError("unreachable") from e
+    if low_grads is None or ref_grads is None:
+        # eager's backward raises (a write to a saved value): judge the forward alone, traced
+        # without autograd (plain Dynamo would hit the same backward error)
+        cot = None
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    reports: list = []
+    compiled = torch.compile(test_model, backend="liger",
+                             options={"inner": "aot_eager", "log_report": False})
+    for path in paths:
+        grad_mode = torch.enable_grad() if cot is not None else torch.no_grad()
+        with kernel_path(path), collect_reports(reports), grad_mode:
+            test_in, test_leaves = _leaves(case, masters, test_model, case.dtype)
+            try:
+                got_out, got_grads = _run(compiled, test_in, test_leaves, cot)
+            except Exception as e:
+                return _fail(case, seed, Crash, f"{path} path: {type(e).__name__}: {str(e)[:2000]}") or reports
+        problems = [compare(f"output {i}", a, b, c, case.dtype)
+                    for i, (a, b, c) in enumerate(zip(got_out, low_out, ref_out))]
+        if cot is not None:
+            names = [f"grad of input {i}" for i in range(len(test_leaves) - len(list(test_model.parameters())))]
+            names += [f"grad of {n}" for n, _ in test_model.named_parameters()]
+            got_grads = got_grads or [None] * len(names)
+            problems += [compare(n, a, b, c, case.dtype)
+                         for n, a, b, c in zip(names, got_grads, low_grads, ref_grads)]
+        problems = [p for p in problems if p]
+        if problems:
+            return _fail(case, seed, WrongAnswer, f"{path} path: " + "; ".join(problems) + "\n"
+                         + _summary(reports)) or reports
+    rewritten = any(m.pattern in case.patterns for r in reports for m in r.matches)
+    reported = any(n.pattern in case.patterns for r in reports for n in r.near_misses)
+    # A call Dynamo itself runs eagerly (a graph break, e.g. F.layer_norm with a tensor eps)
+    # never reaches the backend: nothing ligerfx could rewrite or report.
+    broke = bool(torch._dynamo.utils.counters["graph_break"])
+    if case.kind in (SPELLING, SAFETY) and not rewritten and not reported and not broke:
+        what = "spelling" if case.kind == SPELLING else "refused look-alike"
+        return _fail(case, seed, SilentMiss, f"{what} not rewritten and no near miss for {case.patterns}\n"
+                     + _summary(reports)) or reports
+    assert case.kind in (SPELLING, SAFETY, MATH)
+    return reports
+
+
+def _summary(reports) -> str:
+    return "\n".join(str(r) for r in reports) or "(the backend was not called)"
