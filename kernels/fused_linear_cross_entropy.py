@@ -250,6 +250,12 @@ def fused_linear_cross_entropy_backward_op(
     h2, t = _flat(hidden, target)
     N, V = h2.shape[0], weight.shape[0]
     gl2 = grad_logits.reshape(N, V) if grad_logits is not None else None
+    if gl2 is not None and gl2.device.type == "cpu" and not gl2.any():
+        # AOTAutograd hands an unused output (HF returns the logits next to the loss) a gradient
+        # of materialized zeros: adding its products (two [N, V] GEMMs) changes nothing but the
+        # sign of zeros, and eager, which has one GEMM over (CE grad + 0), never does them. One
+        # read pass (no device sync on the CPU) instead.
+        gl2 = None
     need_gb = need_grad_bias and bias is not None
     ct = compute_dtype(hidden.dtype)
     if recompute:

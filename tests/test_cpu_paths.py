@@ -96,3 +96,34 @@ def test_aot_eager_runs_the_op_on_cpu(torch_path, monkeypatch):
     report = compare_training_step(model, inputs, options={"inner": "aot_eager"})
     assert calls.get("_rms_norm_torch", 0) >= 1
     assert all(m.path == "" for m in report.matches)
+
+
+def test_flce_backward_skips_a_zero_logits_gradient(torch_path, monkeypatch):
+    # AOTAutograd materializes zeros as the gradient of the returned (unused) logits; the CPU
+    # backward must not spend two [N, V] GEMMs adding them, and must equal the no-gradient result.
+    N, H, V = 24, 8, 40
+    h, w = torch.randn(N, H), torch.randn(V, H)
+    t = torch.randint(0, V, (N,))
+    out = torch.ops.liger.fused_linear_cross_entropy(h, w, None, t, None, -100, "mean", 0.0, 0.0,
+                                                     0.0, 1.0, True, True, True, False, 0)
+    gh, gw, gb = out[3], out[4], out[5]
+    g = torch.tensor(0.37)
+    args = lambda gl: (g, gl, gh, gw, gb, h, w, None, t, None, -100, "mean", 0.0, 0.0, 0.0, 1.0,
+                       False, True, True, False, 0)
+    ref = torch.ops.liger.fused_linear_cross_entropy_backward(*args(None))
+    n = {"addmm_": 0}
+    orig = torch.Tensor.addmm_
+
+    def counting(self, *a, **k):
+        n["addmm_"] += 1
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "addmm_", counting)
+    got = torch.ops.liger.fused_linear_cross_entropy_backward(*args(torch.zeros(N, V)))
+    assert n["addmm_"] == 0
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    gl = torch.randn(N, V)  # a real gradient is still added
+    got = torch.ops.liger.fused_linear_cross_entropy_backward(*args(gl))
+    assert n["addmm_"] == 2
+    assert torch.allclose(got[0].double(), ref[0].double() + gl.double() @ w.double(), atol=1e-5)
+    assert torch.allclose(got[1].double(), ref[1].double() + gl.double().t() @ h.double(), atol=1e-5)
