@@ -11,6 +11,7 @@ equal eager's; and that the interpreter / other inner backends keep the ops (ker
 
 import copy
 
+import pytest
 import torch
 
 import ligerfx.backend as backend
@@ -42,6 +43,7 @@ def test_every_decomposed_op_has_forward_and_backward():
     assert torch.ops.liger.fused_linear_cross_entropy.default not in table
 
 
+@pytest.mark.slow  # an inductor compile of forward + backward (as test_backend's)
 def test_llama_on_cpu_inductor_decomposes_norms_rope_mlp(torch_path, monkeypatch):
     model, inputs = build("llama", num_hidden_layers=1)
     test = copy.deepcopy(model)
