@@ -5,6 +5,7 @@
     python benchmarks/run.py --ops none --e2e llama3_8b --seqs 2048 4096
     python benchmarks/run.py --smoke                  # tiny sizes on CPU in < 2 min: proves it runs
     python benchmarks/run.py --list                   # registered op benchmarks and e2e models
+    python benchmarks/run.py --cpu                    # CPU training step: eager/inductor/liger (cpu_step.py)
 
 Op benchmarks are discovered from `OPS` lists in benchmarks/bench_*.py (see harness.py); a kernel
 family in kernels/ without one is reported.  Output goes to --out (default on a GPU:
@@ -86,6 +87,12 @@ def _names(arg, everything):
 
 
 def main(argv=None, log=print) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--cpu" in argv:  # its own options, see benchmarks/cpu_step.py
+        import cpu_step
+
+        cpu_step.main(argv, log=log)
+        return 0
     args = parse(argv)
     all_ops = harness.discover()
     if args.list:

@@ -292,19 +292,30 @@ def ce_rows_torch(
     a_all, b_all, w_tot = stats[0], stats[1], stats[2]
     for s in range(0, N, chunk_rows):
         e = min(N, s + chunk_rows)
-        z = logits[s:e].to(ct) * logit_scale
+        x = logits[s:e]
+        # No copy and no multiply by 1 when the logits already have the compute dtype (exact).
+        z = x if x.dtype == ct and logit_scale == 1.0 else x.to(ct) * logit_scale
         if softcap > 0:
             th = torch.tanh(z / softcap)
             z = th * softcap
         tgt = target[s:e]
         valid = tgt != ignore_index
         t_safe = torch.where(valid, tgt, 0).unsqueeze(1)
-        lse = torch.logsumexp(z, dim=-1)
+        # Every read of z happens before exp(z - max) is written, because that buffer is the
+        # gradient's, which may be the logits themselves (the fused lm head's chunk buffer).
+        m = z.amax(-1) if V > 0 else z.new_zeros(e - s)
+        m = torch.where(torch.isfinite(m), m, 0)  # as logsumexp: an all -inf row stays -inf
         z_t = z.gather(1, t_safe).squeeze(1)
+        if eps > 0:
+            sum_wz = (z * w).sum(-1) if w is not None else z.sum(-1)
+        g = grad_out[s:e] if grad_out is not None and grad_out.dtype == ct else torch.empty_like(z)
+        torch.sub(z, m.unsqueeze(1), out=g)
+        g.exp_()
+        sum_exp = g.sum(-1)
+        lse = m + torch.log(sum_exp)
         w_t = w[t_safe.squeeze(1)] if w is not None else torch.ones_like(lse)
         ce = (1.0 - eps) * w_t * (lse - z_t)
         if eps > 0:
-            sum_wz = (z * w).sum(-1) if w is not None else z.sum(-1)
             ce = ce + eps / V * (lse * w_tot - sum_wz)
         loss_rows[s:e] = torch.where(valid, ce, 0)
         z_rows[s:e] = torch.where(valid, lse_square_scale * lse * lse, 0)
@@ -317,13 +328,16 @@ def ce_rows_torch(
             r = row_scale[s:e].to(ct)
             a, b = a * r, b * r
         p_coef = a * ((1.0 - eps) * w_t + eps * w_tot / V) + b * 2.0 * lse_square_scale * lse
-        g = torch.exp(z - lse.unsqueeze(1)).mul_(p_coef.unsqueeze(1))
+        g.mul_((p_coef / sum_exp).unsqueeze(1))  # softmax * coefficient, in one pass
         if eps > 0:
             g -= (a * eps / V).unsqueeze(1) * (w if w is not None else 1.0)
         g.scatter_add_(1, t_safe, (-(a * (1.0 - eps) * w_t)).unsqueeze(1))
         if softcap > 0:
             g.mul_(1.0 - th * th)
-        grad_out[s:e] = g.mul_(logit_scale)
+        if logit_scale != 1.0:
+            g.mul_(logit_scale)
+        if g.dtype != grad_out.dtype:
+            grad_out[s:e] = g
 
 
 def _rows_2d(logits: Tensor, target: Tensor):

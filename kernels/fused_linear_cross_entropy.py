@@ -37,7 +37,7 @@ then the GEMMs. hidden / weight / bias are saved for that path (they are alive a
 
 Chunking: C rows per step, C = chunk_size if > 0, else the module-level FLCE_CHUNK_ROWS if set,
 else the largest multiple of 16 with C * V * element size <= 256 MiB on CUDA (V=256k, bf16:
-C=512), C * V * 4 <= 32 MiB on CPU.
+C=512), C * V * 4 <= 64 MiB on CPU.
 The chunk's logits buffer (hidden dtype) is overwritten in place by its gradient (the CE kernel
 reads each block before writing it). On CUDA/interpreter the CE part is the Triton kernel of
 cross_entropy.py, on the CPU torch path its torch twin; the matmuls are torch's (cuBLAS).
@@ -61,9 +61,10 @@ FLCE_CHUNK_ROWS: Optional[int] = None
 # Chunk buffer budget. CUDA: the [C, V] logits/grad buffer in the hidden dtype (the Triton CE
 # kernel works in place, no other [C, V] temporary). Larger chunks also mean fewer passes over the
 # fp32 [V, H] grad_weight accumulator (read + written once per chunk), which dominates at 256k
-# vocab when C is small. CPU torch path: a few fp32 [C, V] temporaries of this size each.
+# vocab when C is small. CPU torch path: the chunk buffer only for fp32 (no [C, V] temporaries;
+# bf16/fp16 add fp32 copies of the chunk), and fewer, larger chunks keep the GEMMs efficient.
 _CUDA_CHUNK_BYTES = 256 << 20
-_CPU_CHUNK_BYTES = 32 << 20
+_CPU_CHUNK_BYTES = 64 << 20
 
 
 def chunk_rows(N: int, V: int, device: torch.device, elem_bytes: int, chunk_size: int = 0) -> int:
@@ -99,8 +100,17 @@ def _cuda_fp32_out_addmm_ok(device_index: int) -> bool:
         return False
 
 
-def _acc_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with acc possibly wider (fp32) than a, b."""
+def _acc_mm_(acc: Tensor, a: Tensor, b: Tensor, first: bool = False) -> None:
+    """acc += a @ b with acc possibly wider (fp32) than a, b; `first`: acc holds garbage, set it.
+
+    On the first chunk of a same-dtype accumulation the product is written straight into acc
+    (no zero fill, no read of a [V, H] buffer of zeros).
+    """
+    if first and a.dtype == acc.dtype:
+        torch.mm(a, b, out=acc)
+        return
+    if first:
+        acc.zero_()
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif acc.is_cuda and _cuda_fp32_out_addmm_ok(acc.device.index or 0):
@@ -126,6 +136,8 @@ def _chunk_loop(h2, weight, bias, t, ce_weight, stats, loss_rows, z_rows, *, log
     """
     N, V = h2.shape[0], weight.shape[0]
     compute_grad = gh is not None or gw_acc is not None or gb_acc is not None
+    if N == 0 and gw_acc is not None:
+        gw_acc.zero_()  # no chunk will write it
     buf = h2.new_empty(min(C, N), V)
     triton_ce = use_triton(h2, weight)
     for s in range(0, N, C):
@@ -148,7 +160,7 @@ def _chunk_loop(h2, weight, bias, t, ce_weight, stats, loss_rows, z_rows, *, log
         if gh is not None:
             torch.mm(g, weight, out=gh[s:e])
         if gw_acc is not None:
-            _acc_mm_(gw_acc, g.t(), hc)
+            _acc_mm_(gw_acc, g.t(), hc, first=s == 0)
         if gb_acc is not None:
             gb_acc += torch.sum(g, 0, dtype=gb_acc.dtype)
 
@@ -184,8 +196,8 @@ def fused_linear_cross_entropy_op(
     fwd_grads = reduction != "none"  # per-row grad_output: backward recomputes instead
     want_gb = fwd_grads and need_grad_bias and bias is not None
     gh = torch.empty_like(h2) if fwd_grads and need_grad_hidden else None
-    gw_acc = torch.zeros(weight.shape, dtype=ct, device=weight.device) \
-        if fwd_grads and need_grad_weight else None
+    gw_acc = torch.empty(weight.shape, dtype=ct, device=weight.device) \
+        if fwd_grads and need_grad_weight else None  # the first chunk sets it
     gb_acc = torch.zeros(V, dtype=ct, device=weight.device) if want_gb else None
     logits = h2.new_empty(N, V) if return_logits else None
     _chunk_loop(h2, weight, bias, t, ce_weight, stats, loss_rows, z_rows, logits_out=logits,
@@ -238,12 +250,18 @@ def fused_linear_cross_entropy_backward_op(
     h2, t = _flat(hidden, target)
     N, V = h2.shape[0], weight.shape[0]
     gl2 = grad_logits.reshape(N, V) if grad_logits is not None else None
+    if gl2 is not None and gl2.device.type == "cpu" and not gl2.any():
+        # AOTAutograd hands an unused output (HF returns the logits next to the loss) a gradient
+        # of materialized zeros: adding its products (two [N, V] GEMMs) changes nothing but the
+        # sign of zeros, and eager, which has one GEMM over (CE grad + 0), never does them. One
+        # read pass (no device sync on the CPU) instead.
+        gl2 = None
     need_gb = need_grad_bias and bias is not None
     ct = compute_dtype(hidden.dtype)
     if recompute:
         gh = h2.new_empty(h2.shape) if need_grad_hidden else None
-        gw_acc = torch.zeros(weight.shape, dtype=ct, device=weight.device) \
-            if need_grad_weight else None
+        gw_acc = torch.empty(weight.shape, dtype=ct, device=weight.device) \
+            if need_grad_weight else None  # the first chunk sets it
         gb_acc = torch.zeros(V, dtype=ct, device=weight.device) if need_gb else None
         if grad_loss is None:
             row_scale = torch.zeros(N, dtype=ct, device=h2.device)

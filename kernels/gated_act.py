@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ligerfx.kernels.rounding import cast_rne
-from ligerfx.kernels.runtime import next_pow2, use_triton
+from ligerfx.kernels.runtime import cpu_decomposition, next_pow2, use_triton
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 _MAX_BLOCK = 2048
@@ -185,6 +185,11 @@ def gated_act_op(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch
         out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
         launch_forward(gate, up, out, activation)
         return out
+    return _gated_act_torch(gate, up, activation)
+
+
+def _gated_act_torch(gate, up, activation):
+    _check(gate, up, activation)
     return gated_act_reference(gate, up, activation)
 
 
@@ -203,6 +208,11 @@ def gated_act_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
         dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
         launch_backward(dy, gate, up, dgate, dup, activation)
         return dgate, dup
+    return _gated_act_backward_torch(dy, gate, up, activation)
+
+
+def _gated_act_backward_torch(dy, gate, up, activation):
+    _check(gate, up, activation)
     return gated_act_backward_reference(dy, gate, up, activation)
 
 
@@ -225,6 +235,9 @@ def _backward(ctx, dy):
 
 
 gated_act_op.register_autograd(_backward, setup_context=_setup_context)
+# On CPU, inductor fuses the torch path better than it runs as separate aten calls (runtime.py).
+cpu_decomposition(torch.ops.liger.gated_act)(_gated_act_torch)
+cpu_decomposition(torch.ops.liger.gated_act_backward)(_gated_act_backward_torch)
 
 
 def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:

@@ -19,7 +19,7 @@ import triton.language as tl
 from . import rms_norm as _rms
 from .rms_norm import _num_warps, _row_chunks, _rows_view
 from .rounding import round_to
-from .runtime import KERNEL_DTYPES, next_pow2, use_triton
+from .runtime import KERNEL_DTYPES, cpu_decomposition, next_pow2, use_triton
 
 # Tunables, read at call time (tests shrink them to reach the looped paths with small shapes).
 MAX_FUSED_D = 8192
@@ -303,6 +303,11 @@ def layer_norm_op(
     _check(x, weight, bias)
     if _kernel_ok(x, weight, bias, out_dtype):
         return layer_norm_forward_triton(x, weight, bias, eps, out_dtype)
+    return _layer_norm_torch(x, weight, bias, eps, out_dtype)
+
+
+def _layer_norm_torch(x, weight, bias, eps, out_dtype):
+    _check(x, weight, bias)
     return layer_norm_reference(x, weight, bias, eps, out_dtype)
 
 
@@ -326,8 +331,13 @@ def layer_norm_backward_op(
     _check(x, weight, bias)
     if _kernel_ok(x, weight, bias) and use_triton(dy):
         dx, dw, db = layer_norm_backward_triton(dy, x, weight, bias, mean, rstd, weight_grad, bias_grad)
-    else:
-        dx, dw, db = layer_norm_backward_reference(dy, x, weight, bias, mean, rstd, weight_grad, bias_grad)
+        return dx, dw if dw is not None else _empty_grad(x, weight), db if db is not None else _empty_grad(x, bias)
+    return _layer_norm_backward_torch(dy, x, weight, bias, mean, rstd, weight_grad, bias_grad)
+
+
+def _layer_norm_backward_torch(dy, x, weight, bias, mean, rstd, weight_grad, bias_grad):
+    _check(x, weight, bias)
+    dx, dw, db = layer_norm_backward_reference(dy, x, weight, bias, mean, rstd, weight_grad, bias_grad)
     return dx, dw if dw is not None else _empty_grad(x, weight), db if db is not None else _empty_grad(x, bias)
 
 
@@ -357,6 +367,9 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+# On CPU, inductor fuses the torch path better than it runs as separate aten calls (runtime.py).
+cpu_decomposition(torch.ops.liger.layer_norm)(_layer_norm_torch)
+cpu_decomposition(torch.ops.liger.layer_norm_backward)(_layer_norm_backward_torch)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5, out_dtype=None):

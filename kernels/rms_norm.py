@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .rounding import round_to
-from .runtime import KERNEL_DTYPES, next_pow2, num_programs_hint, use_triton
+from .runtime import KERNEL_DTYPES, cpu_decomposition, next_pow2, num_programs_hint, use_triton
 
 CASTING_MODES = ("llama", "fp32")
 
@@ -339,6 +339,19 @@ def _check(x, weight, casting_mode):
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match width {x.shape[-1]}")
 
 
+def _rms_norm_torch(x, weight, eps, offset, casting_mode, out_dtype):
+    _check(x, weight, casting_mode)
+    return rms_norm_reference(x, weight, eps, offset, casting_mode, out_dtype)
+
+
+def _rms_norm_backward_torch(dy, x, weight, rstd, offset, casting_mode, weight_grad):
+    _check(x, weight, casting_mode)
+    dx, dw = rms_norm_backward_reference(dy, x, weight, rstd, offset, casting_mode, weight_grad)
+    if dw is None:
+        dw = x.new_empty((0,), dtype=weight.dtype if weight is not None else x.dtype)
+    return dx, dw
+
+
 def _kernel_ok(x, weight, out_dtype=None):
     return use_triton(x, weight) and x.numel() > 0 and (out_dtype is None or out_dtype in KERNEL_DTYPES)
 
@@ -351,7 +364,7 @@ def rms_norm_op(
     _check(x, weight, casting_mode)
     if _kernel_ok(x, weight, out_dtype):
         return rms_norm_forward_triton(x, weight, eps, offset, casting_mode, out_dtype)
-    return rms_norm_reference(x, weight, eps, offset, casting_mode, out_dtype)
+    return _rms_norm_torch(x, weight, eps, offset, casting_mode, out_dtype)
 
 
 @rms_norm_op.register_fake
@@ -369,11 +382,10 @@ def rms_norm_backward_op(
     _check(x, weight, casting_mode)
     if _kernel_ok(x, weight) and use_triton(dy):
         dx, dw = rms_norm_backward_triton(dy, x, weight, rstd, offset, casting_mode, weight_grad)
-    else:
-        dx, dw = rms_norm_backward_reference(dy, x, weight, rstd, offset, casting_mode, weight_grad)
-    if dw is None:
-        dw = x.new_empty((0,), dtype=weight.dtype if weight is not None else x.dtype)
-    return dx, dw
+        if dw is None:
+            dw = x.new_empty((0,), dtype=weight.dtype if weight is not None else x.dtype)
+        return dx, dw
+    return _rms_norm_backward_torch(dy, x, weight, rstd, offset, casting_mode, weight_grad)
 
 
 @rms_norm_backward_op.register_fake
@@ -404,6 +416,9 @@ def _backward(ctx, dy, _drstd):
 
 
 rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+# On CPU, inductor fuses the torch path better than it runs as separate aten calls (runtime.py).
+cpu_decomposition(torch.ops.liger.rms_norm)(_rms_norm_torch)
+cpu_decomposition(torch.ops.liger.rms_norm_backward)(_rms_norm_backward_torch)
 
 
 def default_out_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], casting_mode: str) -> torch.dtype:

@@ -21,12 +21,14 @@ cos/sin row once for all heads in its block.  Strides are passed explicitly, so 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ligerfx.kernels.rounding import cast_rne
-from ligerfx.kernels.runtime import next_pow2, use_triton
+from ligerfx.kernels.runtime import cpu_decomposition, next_pow2, use_triton
 
 # Elements (heads x rotary lanes) one program handles; more heads are split over the grid.
 _MAX_TILE = 2048
@@ -206,6 +208,23 @@ def _table(c: torch.Tensor, x: torch.Tensor, seq_dim: int, dtype: torch.dtype) -
 
 def rope_reference(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool = False) -> torch.Tensor:
     """Rotate one tensor in fp32 (or wider); `backward` applies the transpose map."""
+    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward)
+    out = torch.empty_like(x)  # same strides as the fake impl promises
+    out[..., :rot] = o
+    out[..., rot:] = x[..., rot:]
+    return out
+
+
+def rope_functional(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool = False) -> torch.Tensor:
+    """rope_reference without writes into a buffer (a decomposition must be functional); its
+    result is contiguous instead of laid out like x, which inductor accounts for."""
+    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward)
+    o = o.to(x.dtype)
+    return o if rot == x.shape[-1] else torch.cat((o, x[..., rot:]), dim=-1)
+
+
+def _rotated(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool):
+    """The rotated first `rot` features of x (compute dtype) and `rot`."""
     cdt = torch.promote_types(x.dtype, torch.float32)
     rot = cos.shape[-1] * (2 if interleaved else 1)
     xr = x[..., :rot].to(cdt)
@@ -223,10 +242,7 @@ def rope_reference(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool 
     else:
         oa, ob = xa * ca - xb * sa, xb * cb + xa * sb
     o = torch.stack((oa, ob), dim=-1).flatten(-2) if interleaved else torch.cat((oa, ob), dim=-1)
-    out = torch.empty_like(x)  # same strides as the fake impl promises
-    out[..., :rot] = o
-    out[..., rot:] = x[..., rot:]
-    return out
+    return o, rot
 
 
 def _rope_impl(q, k, cos, sin, seq_dim, interleaved, backward):
@@ -235,8 +251,13 @@ def _rope_impl(q, k, cos, sin, seq_dim, interleaved, backward):
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
         _launch(q, k, cos, sin, q_out, k_out, seq_dim, interleaved, backward)
         return q_out, k_out
-    return (rope_reference(q, cos, sin, seq_dim, interleaved, backward),
-            rope_reference(k, cos, sin, seq_dim, interleaved, backward))
+    return _rope_torch(q, k, cos, sin, seq_dim, interleaved, backward)
+
+
+def _rope_torch(q, k, cos, sin, seq_dim, interleaved, backward=False, rotate=rope_reference):
+    _check(q, k, cos, sin, seq_dim, interleaved)
+    return (rotate(q, cos, sin, seq_dim, interleaved, backward),
+            rotate(k, cos, sin, seq_dim, interleaved, backward))
 
 
 # ----------------------------------------------------------------------------- torch ops
@@ -283,6 +304,10 @@ def _backward(ctx, dq_out, dk_out):
 
 
 rope_op.register_autograd(_backward, setup_context=_setup_context)
+# On CPU, inductor fuses the torch path better than it runs as separate aten calls (runtime.py).
+cpu_decomposition(torch.ops.liger.rope)(functools.partial(_rope_torch, rotate=rope_functional))
+cpu_decomposition(torch.ops.liger.rope_backward)(
+    functools.partial(_rope_torch, backward=True, rotate=rope_functional))
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

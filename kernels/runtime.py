@@ -56,3 +56,27 @@ def num_programs_hint(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+# ----------------------------------------------------------------------------- CPU decompositions
+# On CPU tensors (no interpreter) an op's torch path is a handful of unfused aten calls, each a
+# full pass over memory; inductor fuses the same math into one C++ loop.  An op whose kernel buys
+# nothing on CPU but speed registers its torch implementation here, and the backend hands these
+# to inductor as decompositions when the graph runs on the CPU (see ligerfx/backend.py), so the
+# forward and backward ops are inlined and fused.  Ops that also save memory (the chunked lm head
+# + loss) do not register: they keep their own CPU path.
+_CPU_DECOMPOSITIONS: dict = {}
+
+
+def cpu_decomposition(*ops):
+    """Decorator: `fn` (same signature as each op) is what inductor inlines for `ops` on CPU."""
+    def deco(fn):
+        for op in ops:
+            _CPU_DECOMPOSITIONS[op.default if hasattr(op, "default") else op] = fn
+        return fn
+    return deco
+
+
+def cpu_decompositions() -> dict:
+    """OpOverload -> torch implementation, for every registered op (a copy)."""
+    return dict(_CPU_DECOMPOSITIONS)

@@ -44,7 +44,38 @@ def rewrite(gm: fx.GraphModule, options: Options, upstream: list | tuple = (),
     return report
 
 
-def _inner(name: str, mode: str | None) -> Callable:
+def _on_cpu(example_inputs) -> bool:
+    """Every tensor the graph takes is on the CPU (and Triton's interpreter is not requested)."""
+    from .kernels.runtime import interpreting
+
+    devs = {x.device.type for x in example_inputs if isinstance(x, torch.Tensor)}
+    return devs <= {"cpu"} and not interpreting()
+
+
+def cpu_paths(gm: fx.GraphModule, report: Report) -> dict:
+    """On a CPU graph compiled by inductor: the decompositions to hand to inductor (every
+    `liger::` op that registered one, see kernels/runtime.py; inductor inlines those present), and
+    each match's `path` set to what runs on the CPU for it."""
+    from .kernels.runtime import cpu_decompositions
+    from .rewriter import PATTERN_META
+
+    table = cpu_decompositions()
+    paths: dict = {}
+    for n in gm.graph.nodes:
+        pattern = n.meta.get(PATTERN_META)
+        op = n.target
+        if isinstance(op, torch._ops.OpOverloadPacket):  # the rewriter calls torch.ops.liger.x
+            op = op.default
+        if pattern and n.op == "call_function" and isinstance(op, torch._ops.OpOverload) \
+                and op.namespace == "liger":
+            paths[pattern] = "CPU: decomposed for inductor" if op in table \
+                else f"CPU: {op.name()}'s own CPU implementation"
+    for m in report.matches:
+        m.path = paths.get(m.pattern, m.path)
+    return table
+
+
+def _inner(name: str, mode: str | None, decompositions: dict | None = None) -> Callable:
     if name == "eager":
         return lambda gm, example_inputs: gm.forward
     if name == "aot_eager":
@@ -56,7 +87,12 @@ def _inner(name: str, mode: str | None) -> Callable:
         from torch._inductor.compile_fx import compile_fx
 
         patches = torch._inductor.list_mode_options(mode) if mode else None
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        if not decompositions:
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        from torch._inductor.decomposition import select_decomp_table
+
+        table = {**select_decomp_table(), **decompositions}
+        return compile_fx(gm, example_inputs, config_patches=patches, decompositions=table)
 
     return inductor
 
@@ -69,6 +105,9 @@ def liger_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | 
     upstream = _frames.begin()
     produced: list = []
     report = rewrite(gm, opts, upstream, produced)
+    decomps = None
+    if opts.inner == "inductor" and _on_cpu(example_inputs):
+        decomps = cpu_paths(gm, report)
     last_report = _frames.add(report, produced)
     if opts.log_report:
         log.info("%s", report)
@@ -78,4 +117,4 @@ def liger_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | 
                      "%d graph(s)%s (ligerfx.backend.last_report has them all)",
                      len(last_report.matches), len(last_report.near_misses), last_report.graphs,
                      f"; counts: {counts}" if counts else "")
-    return _inner(opts.inner, mode)(gm, example_inputs)
+    return _inner(opts.inner, mode, decomps)(gm, example_inputs)

@@ -74,10 +74,12 @@ class MatchRecord:
     graph: int = 0  # which captured graph (a model with graph breaks has several)
     detail: str = ""  # e.g. the casting mode the rewrite chose
     position: int = field(default=-1, repr=False)  # node index in its graph, for ordering
+    path: str = ""  # what runs, when the backend decided it (e.g. "CPU: decomposed for inductor")
 
     def __str__(self) -> str:
         d = f" ({self.detail})" if self.detail else ""
-        return f"{self.pattern}{d} at {self.location}: replaced {len(self.nodes)} nodes"
+        p = f" [{self.path}]" if self.path else ""
+        return f"{self.pattern}{d} at {self.location}: replaced {len(self.nodes)} nodes{p}"
 
 
 @dataclass

@@ -1,0 +1,131 @@
+"""On CPU tensors with inner="inductor", the memory-bound `liger::` ops are decomposed for inductor.
+
+kernels/runtime.py keeps a table of ops whose torch implementation inductor inlines on the CPU
+(norms, RoPE, gated activations); the backend hands it to inductor when every input of the graph is
+a CPU tensor and Triton's interpreter is off, and records in each match what runs there.  The
+fused lm head + loss keeps its own chunked CPU implementation (it saves the [N, V] logits).
+These tests prove: which path each rewrite takes, that the decomposed ops' bodies are not called
+at run time (inductor inlined them) while the kept op's is, and that loss and gradients still
+equal eager's; and that the interpreter / other inner backends keep the ops (kernel coverage).
+"""
+
+import copy
+
+import pytest
+import torch
+
+import ligerfx.backend as backend
+from ligerfx.kernels import fused_linear_cross_entropy as flce
+from ligerfx.kernels import gated_act, rms_norm, rope
+from ligerfx.kernels.runtime import cpu_decompositions
+
+from tests.compare import call, compare_training_step, rel_err
+from tests.models.hf import build
+
+DECOMPOSED = {"rms_norm", "rope", "swiglu"}
+
+
+def _count_calls(monkeypatch, module, name, counter):
+    orig = getattr(module, name)
+
+    def wrapped(*a, **k):
+        counter[name] = counter.get(name, 0) + 1
+        return orig(*a, **k)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_every_decomposed_op_has_forward_and_backward():
+    table = cpu_decompositions()
+    for op in ("rms_norm", "layer_norm", "rope", "gated_act"):
+        assert getattr(torch.ops.liger, op).default in table, op
+        assert getattr(torch.ops.liger, op + "_backward").default in table, op
+    assert torch.ops.liger.fused_linear_cross_entropy.default not in table
+
+
+@pytest.mark.slow  # an inductor compile of forward + backward (as test_backend's)
+def test_llama_on_cpu_inductor_decomposes_norms_rope_mlp(torch_path, monkeypatch):
+    model, inputs = build("llama", num_hidden_layers=1)
+    test = copy.deepcopy(model)
+    compiled = torch.compile(test, backend="liger", options={"inner": "inductor", "log_report": False})
+    call(compiled, inputs).loss.backward()  # compiles forward and backward
+    report = backend.last_report
+    paths = {m.pattern: m.path for m in report.matches}
+    assert DECOMPOSED <= set(paths), paths
+    for p in DECOMPOSED:
+        assert paths[p] == "CPU: decomposed for inductor", (p, paths[p])
+    assert paths["fused_linear_cross_entropy"] == \
+        "CPU: liger::fused_linear_cross_entropy's own CPU implementation"
+    assert "[CPU: decomposed for inductor]" in str(report)
+
+    # A second step, counting run-time calls of the ops' torch bodies (the decomposition table
+    # holds the original functions, and compiling is over, so only the compiled code counts).
+    calls: dict = {}
+    for mod, name in ((rms_norm, "_rms_norm_torch"), (rms_norm, "_rms_norm_backward_torch"),
+                      (rope, "_rope_torch"), (gated_act, "_gated_act_torch"),
+                      (gated_act, "_gated_act_backward_torch"), (flce, "_chunk_loop")):
+        _count_calls(monkeypatch, mod, name, calls)
+    test.zero_grad(set_to_none=True)
+    loss = call(compiled, inputs).loss
+    loss.backward()
+    assert calls.get("_chunk_loop", 0) >= 1, calls  # the kept op ran its own implementation
+    inlined = {k: v for k, v in calls.items() if k != "_chunk_loop"}
+    assert not inlined, f"decomposed ops still called at run time: {inlined}"
+
+    # Loss and every gradient equal eager's, computed in float64.
+    ref = copy.deepcopy(model).double()
+    loss_ref = call(ref, inputs).loss
+    loss_ref.backward()
+    assert rel_err(loss.detach(), loss_ref.detach()) < 1e-5
+    for (name, p_ref), (_, p) in zip(ref.named_parameters(), test.named_parameters()):
+        if p_ref.grad is not None:
+            assert rel_err(p.grad, p_ref.grad) < 1e-4, name
+
+
+def test_interpreter_and_other_inner_backends_keep_the_ops(monkeypatch):
+    cpu = [torch.randn(3, 4)]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not backend._on_cpu(cpu)  # the interpreted kernels stay under test
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backend._on_cpu(cpu)
+    assert not backend._on_cpu(cpu + [torch.empty(2, device="meta")])
+
+
+def test_aot_eager_runs_the_op_on_cpu(torch_path, monkeypatch):
+    model, inputs = build("llama", num_hidden_layers=1)
+    calls: dict = {}
+    _count_calls(monkeypatch, rms_norm, "_rms_norm_torch", calls)
+    report = compare_training_step(model, inputs, options={"inner": "aot_eager"})
+    assert calls.get("_rms_norm_torch", 0) >= 1
+    assert all(m.path == "" for m in report.matches)
+
+
+def test_flce_backward_skips_a_zero_logits_gradient(torch_path, monkeypatch):
+    # AOTAutograd materializes zeros as the gradient of the returned (unused) logits; the CPU
+    # backward must not spend two [N, V] GEMMs adding them, and must equal the no-gradient result.
+    N, H, V = 24, 8, 40
+    h, w = torch.randn(N, H), torch.randn(V, H)
+    t = torch.randint(0, V, (N,))
+    out = torch.ops.liger.fused_linear_cross_entropy(h, w, None, t, None, -100, "mean", 0.0, 0.0,
+                                                     0.0, 1.0, True, True, True, False, 0)
+    gh, gw, gb = out[3], out[4], out[5]
+    g = torch.tensor(0.37)
+    args = lambda gl: (g, gl, gh, gw, gb, h, w, None, t, None, -100, "mean", 0.0, 0.0, 0.0, 1.0,
+                       False, True, True, False, 0)
+    ref = torch.ops.liger.fused_linear_cross_entropy_backward(*args(None))
+    n = {"addmm_": 0}
+    orig = torch.Tensor.addmm_
+
+    def counting(self, *a, **k):
+        n["addmm_"] += 1
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "addmm_", counting)
+    got = torch.ops.liger.fused_linear_cross_entropy_backward(*args(torch.zeros(N, V)))
+    assert n["addmm_"] == 0
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    gl = torch.randn(N, V)  # a real gradient is still added
+    got = torch.ops.liger.fused_linear_cross_entropy_backward(*args(gl))
+    assert n["addmm_"] == 2
+    assert torch.allclose(got[0].double(), ref[0].double() + gl.double() @ w.double(), atol=1e-5)
+    assert torch.allclose(got[1].double(), ref[1].double() + gl.double().t() @ h.double(), atol=1e-5)
