@@ -59,8 +59,8 @@ def collect_reports(into: list):
     """Every report the backend makes while compiling (one per graph, whatever the frame)."""
     inner = ligerfx.backend.rewrite
 
-    def rewrite(gm, options):
-        report = inner(gm, options)
+    def rewrite(gm, options, *args, **kwargs):
+        report = inner(gm, options, *args, **kwargs)
         into.append(report)
         return report
 
