@@ -59,7 +59,7 @@ _FUNCTIONS: dict[Any, str] = {
     F.rms_norm: "rms_norm", torch.rms_norm: "rms_norm",
     F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm",
     F.linear: "linear", torch._C._nn.linear: "linear",
-    F.cross_entropy: "cross_entropy",
+    F.cross_entropy: "cross_entropy", F.nll_loss: "nll_loss",
     torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
     torch.stack: "stack", torch.chunk: "chunk", torch.split: "split",
     torch.reshape: "reshape", torch.transpose: "transpose", torch.unsqueeze: "unsqueeze",
@@ -93,6 +93,8 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "transpose": ("dim0", "dim1"), "unsqueeze": ("dim",),
     "cross_entropy": ("target", "weight=None", "size_average=None", "ignore_index=-100",
                       "reduce=None", "reduction='mean'", "label_smoothing=0.0"),
+    "nll_loss": ("target", "weight=None", "size_average=None", "ignore_index=-100",
+                 "reduce=None", "reduction='mean'"),
     "cat": ("dim=0",), "stack": ("dim=0",), "flatten": ("start_dim=0", "end_dim=-1"),
 }
 _UNARY = {"neg", "square", "sqrt", "rsqrt", "reciprocal", "exp", "log", "erf", "tanh", "sigmoid",
