@@ -183,6 +183,8 @@ def _bind(op: str, args: tuple, kwargs: dict):
     if sig is None:
         return None
     first, rest = args[0], list(args[1:])
+    # `_stacklevel` (F.softmax / log_softmax, as fx records them) only sets a warning's frame
+    kwargs = {k: v for k, v in kwargs.items() if k != "_stacklevel"}
     out = [first]
     names = []
     for spec in sig:
