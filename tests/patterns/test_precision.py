@@ -234,3 +234,43 @@ def test_bf16_scaling_before_the_upcast_is_refused():
 def test_options_reject_a_non_bool_upcast_statistics():
     with pytest.raises(ligerfx.OptionsError, match="upcast_statistics"):
         ligerfx.Options.from_any({"upcast_statistics": "yes"})
+
+
+# -- RoPE in bf16: eager rounds each product and the sum; the kernel's round_steps does too ----------
+
+def _rotate_half(x):
+    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+
+
+class HalfRope(nn.Module):
+    def forward(self, q, k, cos, sin):
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # Hugging Face casts the tables to q's dtype
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+class HalfRopeStack(nn.Module):
+    def forward(self, q, k, cos, sin):
+        def rot(x):
+            xs = x.unflatten(-1, (-1, 2))
+            x0, x1 = xs[..., 0], xs[..., 1]
+            return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2)
+        return rot(q), rot(k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("model", [HalfRope, HalfRopeStack])
+def test_half_precision_rope_is_bit_equal_forward_and_backward(model, dtype, kernel_path):
+    t, d = 5, 8
+    q = torch.randn(2, 4, t, d, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 2, t, d, dtype=dtype, requires_grad=True)
+    ang = torch.randn(t, d // 2 if model is HalfRopeStack else d) * 3
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    m = model()
+    c = _compiled(m)
+    out, ref = c(q, k, cos, sin), m(q, k, cos, sin)
+    assert ligerfx.backend.last_report.counts.get("rope") == 1, ligerfx.backend.last_report
+    g = [torch.randn_like(o) for o in ref]
+    ref_grads = torch.autograd.grad(ref, (q, k), g)
+    out_grads = torch.autograd.grad(out, (q, k), g)
+    for a, b in zip(list(out) + list(out_grads), list(ref) + list(ref_grads)):
+        assert torch.equal(a, b), (a - b).abs().max()
