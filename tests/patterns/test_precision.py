@@ -274,3 +274,19 @@ def test_half_precision_rope_is_bit_equal_forward_and_backward(model, dtype, ker
     out_grads = torch.autograd.grad(out, (q, k), g)
     for a, b in zip(list(out) + list(out_grads), list(ref) + list(ref_grads)):
         assert torch.equal(a, b), (a - b).abs().max()
+
+
+# -- gated activations written out op by op in bf16 -----------------------------------------------
+
+def _silu_written_out(g, u):
+    return g * torch.sigmoid(g) * u
+
+
+def test_written_out_bf16_activation_is_refused():
+    g, u = torch.randn(4, 8).bfloat16(), torch.randn(4, 8).bfloat16()
+    ref = _silu_written_out(g, u)
+    fused = (F.silu(g.float()).bfloat16().float() * u.float()).bfloat16()
+    assert not torch.equal(ref, fused)  # what the kernel would compute differs from eager
+    r = ligerfx.explain(_silu_written_out, g, u)
+    assert not r.counts.get("swiglu")
+    assert any("rounds each op" in m.reason for m in r.near_misses if m.pattern == "swiglu")
