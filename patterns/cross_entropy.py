@@ -203,28 +203,35 @@ def _cast_problem(steps, start_dtype, match=None):
     softcap there) would not reproduce the chain's dtypes, or None.  Every cast must be free
     (value-preserving: `.to(int32)`, bf16 -> fp16 and narrowing casts are not), the scaling and
     softcap must compute in the compute dtype, and so must the loss itself (a loss on fp16/bf16
-    logits rounds its log-softmax there: only under option upcast_statistics)."""
+    logits rounds its log-softmax there).  Under option upcast_statistics the loss, with the
+    scaling / softcap feeding it, may be computed in fp32 where the code uses fp16/bf16."""
     ct = compute_dtype(start_dtype)
     dts = [start_dtype] + [info for _, kind, info in steps if kind == "cast"]
     problem = chain_problem(dts, "the logits")
     if problem:
         return problem
-    dt = start_dtype
+    dt, lower = start_dtype, None
     for n, kind, info in steps:
         if kind == "cast":
             dt = info
         elif kind in ("scale", "tanh") and dt != ct:
-            return (f"the logits are scaled/softcapped in {short(dt)} at `{n.name}`; the kernel "
-                    f"does that in {short(ct)} after upcasting")
+            if dt not in LOW or ct != torch.float32:
+                return (f"the logits are scaled/softcapped in {short(dt)} at `{n.name}`; the "
+                        f"kernel does that in {short(ct)}")
+            lower = lower or (f"scales/softcaps the logits in {short(dt)} at `{n.name}`")
     if dt != ct:
-        if dt in LOW and getattr(getattr(match, "options", None), "upcast_statistics", False):
-            match.notes.append(f"upcast_statistics: {match.pattern.name} at "
-                               f"`{match.tops[0].name}` computes the loss in {short(ct)} where "
-                               f"the code computes it in {short(dt)} (not bit-equal)")
-            return None
-        return (f"the loss is computed on {short(dt)} logits (eager rounds its log-softmax to "
-                f"{short(dt)}); the kernel computes it in {short(ct)}: set option "
-                "upcast_statistics=True to accept that")
+        if dt not in LOW or ct != torch.float32:
+            return f"the loss reads {short(dt)} logits; the kernel computes in {short(ct)}"
+        lower = lower or f"computes the loss on {short(dt)} logits"
+    if lower is None:
+        return None
+    if not getattr(getattr(match, "options", None), "upcast_statistics", False):
+        return (f"the code {lower} (eager rounds there); the kernel computes in {short(ct)}: "
+                "set option upcast_statistics=True to accept that")
+    note = (f"upcast_statistics: {match.pattern.name} at `{match.tops[0].name}` computes in "
+            f"{short(ct)} where the code {lower} (not bit-equal)")
+    if note not in match.notes:
+        match.notes.append(note)
     return None
 
 

@@ -148,9 +148,10 @@ def _precision(match):
     inside = set(match.covered)
     rstd = match.nodes_of("rsqrt")[0]
     stat = ancestors_within(rstd, inside)
-    products = [u for u in match.nodes_of("mul") if any(_reaches(a, rstd) for a in u.args)]
-    for u in products:  # the normalising product takes rstd as computed (no rounding cast)
-        a = next(a for a in u.args if _reaches(a, rstd))
+    # the normalising product: the multiply reading x (`x * rstd`; `weight * x` for weight-first)
+    products = [u for u in match.nodes_of("mul") if any(_reaches(a, match["x"]) for a in u.args)]
+    for u in products:  # rstd enters it as computed (no rounding cast on the way)
+        a = next((a for a in u.args if _reaches(a, rstd)), None)
         _, steps = through_casts(a)
         for s in steps:
             if s in inside and getattr(node_value(s), "dtype", None) != node_value(rstd).dtype:

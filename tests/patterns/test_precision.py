@@ -89,8 +89,15 @@ class HalfProductNoWeight(nn.Module):
         return x.half() * rstd.half()
 
 
-def test_half_product_of_rounded_rstd_is_refused():
-    r = _explain(HalfProductNoWeight(), torch.randn(4, D))
+class HalfProductUnsqueezed(nn.Module):
+    def forward(self, x):
+        rstd = torch.rsqrt(x.pow(2).mean(-1) + EPS).unsqueeze(-1)
+        return x.half() * rstd.half()
+
+
+@pytest.mark.parametrize("model", [HalfProductNoWeight, HalfProductUnsqueezed])
+def test_half_product_of_rounded_rstd_is_refused(model):
+    r = _explain(model(), torch.randn(4, D))
     assert r.counts.get("rms_norm", 0) == 0
     assert any("float16" in s for s in _reasons(r, "rms_norm")), r.near_misses
 
@@ -228,7 +235,8 @@ def test_bf16_scaling_before_the_upcast_is_refused():
     h, t = _head_inputs(torch.bfloat16)
     r = _explain(m, h, t)
     assert r.counts.get("fused_linear_cross_entropy", 0) == 0
-    assert any("scaled" in s for s in _reasons(r, "fused_linear_cross_entropy"))
+    assert any("scales/softcaps the logits in bfloat16" in s and "upcast_statistics" in s
+               for s in _reasons(r, "fused_linear_cross_entropy")), r.near_misses
 
 
 def test_options_reject_a_non_bool_upcast_statistics():
