@@ -255,7 +255,7 @@ def _rope_impl(q, k, cos, sin, seq_dim, interleaved, backward, round_steps=False
     round_steps = round_steps and q.dtype in (torch.bfloat16, torch.float16)
     if use_triton(q, k, cos, sin):
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-        _launch(q, k, cos, sin, q_out, k_out, seq_dim, interleaved, backward, round_steps)
+        _launch(q, k, cos, sin, q_out, k_out, seq_dim, interleaved, backward, round_steps=round_steps)
         return q_out, k_out
     return (rope_reference(q, cos, sin, seq_dim, interleaved, backward, round_steps),
             rope_reference(k, cos, sin, seq_dim, interleaved, backward, round_steps))
