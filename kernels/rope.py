@@ -7,6 +7,12 @@ Two conventions, both with partial rotary (channels past rotary_dim pass through
   * interleaved (original Llama / torchtitan complex form), cos/sin last dim = r/2:
         out[2i] = x[2i] c_i - x[2i+1] s_i,   out[2i+1] = x[2i] s_i + x[2i+1] c_i
 
+`round_steps` (for q/k in bf16/fp16 with tables of the same dtype): eager code computing the
+rotation in that dtype rounds each product and the sum to it (each elementwise op computes in fp32
+and rounds); with round_steps the kernel does exactly that, forward and backward (the backward of
+eager's ops rounds the same way: two products, then their sum), so it is bit-equal to eager.
+Without it, the rotation is computed in fp32 and rounded once.
+
 q/k are 4-D, [b, h, t, d] (seq_dim=2) or [b, t, h, d] (seq_dim=1); k may have fewer heads (GQA).
 cos/sin are [t, r'], [1, t, r'] or [b, t, r'], fp32 or the activation dtype.  The backward is the
 exact transpose of the forward map (it does not assume the two cos halves are equal), so random
@@ -27,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ligerfx.kernels.rounding import cast_rne
+from ligerfx.kernels.rounding import cast_rne, round_to
 from ligerfx.kernels.runtime import cpu_decomposition, next_pow2, use_triton
 
 # Elements (heads x rotary lanes) one program handles; more heads are split over the grid.
@@ -43,7 +49,7 @@ def _rope_heads(
     c_a, c_b, s_a, s_b,
     HALF: tl.constexpr, D: tl.constexpr,
     BH: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-    INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, ROUND_STEPS: tl.constexpr,
 ):
     """Rotate heads [h0, h0 + BH) of one token of x into o.
 
@@ -73,7 +79,15 @@ def _rope_heads(
     c_b = c_b[None, :]
     s_a = s_a[None, :]
     s_b = s_b[None, :]
-    if BACKWARD:
+    if ROUND_STEPS:
+        ODT = o_ptr.dtype.element_ty
+        if BACKWARD:
+            oa = round_to(round_to(xa * c_a, ODT) + round_to(xb * s_b, ODT), ODT)
+            ob = round_to(round_to(xb * c_b, ODT) - round_to(xa * s_a, ODT), ODT)
+        else:
+            oa = round_to(round_to(xa * c_a, ODT) - round_to(xb * s_a, ODT), ODT)
+            ob = round_to(round_to(xb * c_b, ODT) + round_to(xa * s_b, ODT), ODT)
+    elif BACKWARD:
         # Transpose of [[C_a, -S_a], [S_b, C_b]].
         oa = xa * c_a + xb * s_b
         ob = xb * c_b - xa * s_a
@@ -105,7 +119,7 @@ def _rope_kernel(
     T, HQ, HK,
     HALF: tl.constexpr, D: tl.constexpr,
     BHQ: tl.constexpr, BHK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-    INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, ROUND_STEPS: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -130,11 +144,11 @@ def _rope_kernel(
     if blk < n_qblk:
         _rope_heads(q_ptr, qo_ptr, q_sb, q_sh, q_st, q_sd, qo_sb, qo_sh, qo_st, qo_sd,
                     bi, ti, blk * BHQ, HQ, c_a, c_b, s_a, s_b,
-                    HALF, D, BHQ, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, BACKWARD)
+                    HALF, D, BHQ, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, BACKWARD, ROUND_STEPS)
     else:
         _rope_heads(k_ptr, ko_ptr, k_sb, k_sh, k_st, k_sd, ko_sb, ko_sh, ko_st, ko_sd,
                     bi, ti, (blk - n_qblk) * BHK, HK, c_a, c_b, s_a, s_b,
-                    HALF, D, BHK, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, BACKWARD)
+                    HALF, D, BHK, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, BACKWARD, ROUND_STEPS)
 
 
 def _bhtd_strides(x: torch.Tensor, seq_dim: int) -> tuple[int, int, int, int]:
@@ -169,7 +183,8 @@ def _check(q, k, cos, sin, seq_dim, interleaved) -> int:
     return rot
 
 
-def _launch(q, k, cos, sin, q_out, k_out, seq_dim: int, interleaved: bool, backward: bool) -> None:
+def _launch(q, k, cos, sin, q_out, k_out, seq_dim: int, interleaved: bool, backward: bool,
+            round_steps: bool = False) -> None:
     """Launch the kernel: rotate q into q_out and k into k_out (forward, or transpose if backward)."""
     b, t, d = q.shape[0], q.shape[seq_dim], q.shape[3]
     hq, hk = q.shape[3 - seq_dim], k.shape[3 - seq_dim]
@@ -190,7 +205,7 @@ def _launch(q, k, cos, sin, q_out, k_out, seq_dim: int, interleaved: bool, backw
         *_cos_strides(cos), *_cos_strides(sin),
         t, hq, hk,
         HALF=half, D=d, BHQ=bhq, BHK=bhk, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
-        INTERLEAVED=interleaved, BACKWARD=backward,
+        INTERLEAVED=interleaved, BACKWARD=backward, ROUND_STEPS=round_steps,
         num_warps=8 if tile >= 4096 else 4 if tile >= 512 else 2,
     )
 
@@ -206,26 +221,34 @@ def _table(c: torch.Tensor, x: torch.Tensor, seq_dim: int, dtype: torch.dtype) -
     return c.unsqueeze(1) if seq_dim == 2 else c.unsqueeze(2)
 
 
-def rope_reference(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool = False) -> torch.Tensor:
-    """Rotate one tensor in fp32 (or wider); `backward` applies the transpose map."""
-    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward)
+def rope_reference(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool = False,
+                   round_steps: bool = False) -> torch.Tensor:
+    """Rotate one tensor in fp32 (or wider); `backward` applies the transpose map;
+    `round_steps` rounds each product and the sum to x's dtype (see the module docstring)."""
+    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward, round_steps)
     out = torch.empty_like(x)  # same strides as the fake impl promises
     out[..., :rot] = o
     out[..., rot:] = x[..., rot:]
     return out
 
 
-def rope_functional(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool = False) -> torch.Tensor:
+def rope_functional(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool = False,
+                    round_steps: bool = False) -> torch.Tensor:
     """rope_reference without writes into a buffer (a decomposition must be functional); its
     result is contiguous instead of laid out like x, which inductor accounts for."""
-    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward)
+    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward, round_steps)
     o = o.to(x.dtype)
     return o if rot == x.shape[-1] else torch.cat((o, x[..., rot:]), dim=-1)
 
 
-def _rotated(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool):
+def _rotated(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool,
+             round_steps: bool = False):
     """The rotated first `rot` features of x (compute dtype) and `rot`."""
     cdt = torch.promote_types(x.dtype, torch.float32)
+
+    def r(v):
+        return v.to(x.dtype).to(cdt) if round_steps else v
+
     rot = cos.shape[-1] * (2 if interleaved else 1)
     xr = x[..., :rot].to(cdt)
     c, s = _table(cos, x, seq_dim, cdt), _table(sin, x, seq_dim, cdt)
@@ -238,26 +261,31 @@ def _rotated(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool):
         xa, xb = xr[..., :half], xr[..., half:]
         ca, cb, sa, sb = c[..., :half], c[..., half:], s[..., :half], s[..., half:]
     if backward:
-        oa, ob = xa * ca + xb * sb, xb * cb - xa * sa
+        oa, ob = r(r(xa * ca) + r(xb * sb)), r(r(xb * cb) - r(xa * sa))
     else:
-        oa, ob = xa * ca - xb * sa, xb * cb + xa * sb
+        oa, ob = r(r(xa * ca) - r(xb * sa)), r(r(xb * cb) + r(xa * sb))
     o = torch.stack((oa, ob), dim=-1).flatten(-2) if interleaved else torch.cat((oa, ob), dim=-1)
     return o, rot
 
 
-def _rope_impl(q, k, cos, sin, seq_dim, interleaved, backward):
+def _rope_impl(q, k, cos, sin, seq_dim, interleaved, backward, round_steps=False):
     _check(q, k, cos, sin, seq_dim, interleaved)
+    round_steps = round_steps and q.dtype in (torch.bfloat16, torch.float16)
     if use_triton(q, k, cos, sin):
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-        _launch(q, k, cos, sin, q_out, k_out, seq_dim, interleaved, backward)
+        _launch(q, k, cos, sin, q_out, k_out, seq_dim, interleaved, backward, round_steps=round_steps)
         return q_out, k_out
-    return _rope_torch(q, k, cos, sin, seq_dim, interleaved, backward)
+    return _rope_torch(q, k, cos, sin, seq_dim, interleaved, round_steps, backward=backward)
 
 
-def _rope_torch(q, k, cos, sin, seq_dim, interleaved, backward=False, rotate=rope_reference):
+def _rope_torch(q, k, cos, sin, seq_dim, interleaved, round_steps=False, *, backward=False,
+                rotate=rope_reference):
+    # positional order of the ops' schema (q, k, cos, sin, seq_dim, interleaved, round_steps):
+    # the CPU decompositions below are called with it
     _check(q, k, cos, sin, seq_dim, interleaved)
-    return (rotate(q, cos, sin, seq_dim, interleaved, backward),
-            rotate(k, cos, sin, seq_dim, interleaved, backward))
+    round_steps = round_steps and q.dtype in (torch.bfloat16, torch.float16)
+    return (rotate(q, cos, sin, seq_dim, interleaved, backward, round_steps),
+            rotate(k, cos, sin, seq_dim, interleaved, backward, round_steps))
 
 
 # ----------------------------------------------------------------------------- torch ops
@@ -265,42 +293,45 @@ def _rope_torch(q, k, cos, sin, seq_dim, interleaved, backward=False, rotate=rop
 
 @torch.library.custom_op("liger::rope", mutates_args=())
 def rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            seq_dim: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope_impl(q, k, cos, sin, seq_dim, interleaved, backward=False)
+            seq_dim: int, interleaved: bool, round_steps: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_impl(q, k, cos, sin, seq_dim, interleaved, False, round_steps)
 
 
 @rope_op.register_fake
-def _(q, k, cos, sin, seq_dim, interleaved):
+def _(q, k, cos, sin, seq_dim, interleaved, round_steps=False):
     _check(q, k, cos, sin, seq_dim, interleaved)
     return torch.empty_like(q), torch.empty_like(k)
 
 
 @torch.library.custom_op("liger::rope_backward", mutates_args=())
 def rope_backward_op(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     seq_dim: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope_impl(dq_out, dk_out, cos, sin, seq_dim, interleaved, backward=True)
+                     seq_dim: int, interleaved: bool, round_steps: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_impl(dq_out, dk_out, cos, sin, seq_dim, interleaved, True, round_steps)
 
 
 @rope_backward_op.register_fake
-def _(dq_out, dk_out, cos, sin, seq_dim, interleaved):
+def _(dq_out, dk_out, cos, sin, seq_dim, interleaved, round_steps=False):
     _check(dq_out, dk_out, cos, sin, seq_dim, interleaved)
     return torch.empty_like(dq_out), torch.empty_like(dk_out)
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, cos, sin, seq_dim, interleaved = inputs
+    _, _, cos, sin, seq_dim, interleaved, round_steps = inputs
     if cos.requires_grad or sin.requires_grad:
         raise RuntimeError(
             "liger::rope does not compute gradients for cos/sin; detach them "
             "(they are normally derived from a frozen inv_freq buffer)")
     ctx.save_for_backward(cos, sin)
-    ctx.seq_dim, ctx.interleaved = seq_dim, interleaved
+    ctx.seq_dim, ctx.interleaved, ctx.round_steps = seq_dim, interleaved, round_steps
 
 
 def _backward(ctx, dq_out, dk_out):
     cos, sin = ctx.saved_tensors
-    dq, dk = torch.ops.liger.rope_backward(dq_out, dk_out, cos, sin, ctx.seq_dim, ctx.interleaved)
-    return dq, dk, None, None, None, None
+    dq, dk = torch.ops.liger.rope_backward(dq_out, dk_out, cos, sin, ctx.seq_dim, ctx.interleaved,
+                                           ctx.round_steps)
+    return dq, dk, None, None, None, None, None
 
 
 rope_op.register_autograd(_backward, setup_context=_setup_context)
@@ -311,6 +342,7 @@ cpu_decomposition(torch.ops.liger.rope_backward)(
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-         seq_dim: int = 2, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+         seq_dim: int = 2, interleaved: bool = False, round_steps: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply rotary embeddings to q and k (see the module docstring); returns (q_out, k_out)."""
-    return torch.ops.liger.rope(q, k, cos, sin, seq_dim, interleaved)
+    return torch.ops.liger.rope(q, k, cos, sin, seq_dim, interleaved, round_steps)

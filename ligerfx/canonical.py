@@ -14,6 +14,8 @@ Rules (each is an identity of real arithmetic, so a match means the same math):
 - reductions carry a sorted tuple of negative dims and a bool keepdim; `var` carries a correction;
 - every dtype conversion is `cast`; a cast that changes nothing (and `contiguous`) is an identity
   cast, which the matcher always looks through; other casts only for patterns that allow them;
+- arithmetic that is the identity for every input (`x * 1`, `x / 1`, `x - 0`, `x + -0.0`, with a
+  Python number, keeping dtype and shape) is an identity cast too (see `noop_source`);
 - pure nodes with equal ops and arguments are merged (common subexpressions), so code that writes
   `(x - mu)` twice matches a pattern that names it once, and q and k indexing or expanding one
   table each in their own nodes (`freqs[:, :, None, :]`, `cos.repeat_interleave(2, -1)`) share
@@ -28,6 +30,7 @@ Rules (each is an identity of real arithmetic, so a match means the same math):
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +62,7 @@ _FUNCTIONS: dict[Any, str] = {
     F.rms_norm: "rms_norm", torch.rms_norm: "rms_norm",
     F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm",
     F.linear: "linear", torch._C._nn.linear: "linear",
-    F.cross_entropy: "cross_entropy",
+    F.cross_entropy: "cross_entropy", F.nll_loss: "nll_loss",
     torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
     torch.stack: "stack", torch.chunk: "chunk", torch.split: "split",
     torch.reshape: "reshape", torch.transpose: "transpose", torch.unsqueeze: "unsqueeze",
@@ -93,6 +96,8 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "transpose": ("dim0", "dim1"), "unsqueeze": ("dim",),
     "cross_entropy": ("target", "weight=None", "size_average=None", "ignore_index=-100",
                       "reduce=None", "reduction='mean'", "label_smoothing=0.0"),
+    "nll_loss": ("target", "weight=None", "size_average=None", "ignore_index=-100",
+                 "reduce=None", "reduction='mean'"),
     "cat": ("dim=0",), "stack": ("dim=0",), "flatten": ("start_dim=0", "end_dim=-1"),
 }
 _UNARY = {"neg", "square", "sqrt", "rsqrt", "reciprocal", "exp", "log", "erf", "tanh", "sigmoid",
@@ -181,6 +186,8 @@ def _bind(op: str, args: tuple, kwargs: dict):
     if sig is None:
         return None
     first, rest = args[0], list(args[1:])
+    # `_stacklevel` (F.softmax / log_softmax, as fx records them) only sets a warning's frame
+    kwargs = {k: v for k, v in kwargs.items() if k != "_stacklevel"}
     out = [first]
     names = []
     for spec in sig:
@@ -270,6 +277,13 @@ class View:
 
         if name in _CAST_METHODS or name in _IDENTITY_METHODS:
             return self._cast(node)
+        if name in _NOOP_OPS:
+            src = noop_source(node)
+            if src is not None:
+                if self.strip_casts:
+                    return self._of[src]
+                return self._intern(CNode(CAST, (self._of[src], _dtype(node_value(node))),
+                                          nodes=[node], identity=True))
         shaped = self._shape_op(node, name)
         if shaped is not None:
             return shaped
@@ -510,6 +524,57 @@ class View:
         old.nodes.extend(n for n in c.nodes if n not in old.nodes)
         old.folded.extend(n for n in c.folded if n not in old.folded)
         return old
+
+
+_NOOP_OPS = frozenset({"add", "sub", "mul", "div"})
+_NOOP_TARGETS = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
+                 operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div"}
+
+
+def _is_number(c: Any) -> bool:
+    return isinstance(c, (int, float)) and not isinstance(c, bool)
+
+
+def noop_source(node: fx.Node) -> fx.Node | None:
+    """The input of `node` when `node` is arithmetic that returns its input unchanged for every
+    value, else None: `x * 1`, `1 * x`, `x / 1`, `x - 0`, `x + -0.0`, `-0.0 + x` with a Python
+    number (a tensor operand could broadcast or promote), no keywords (`alpha`), and the same
+    dtype, shape and device in and out (an int tensor `* 1.0` promotes: not a no-op).
+
+    `x + 0` (and `x - -0.0`) is NOT a no-op: it maps -0.0 to +0.0.  Every pattern here passes its
+    input's sign of zero on to its output (RMSNorm/LayerNorm `x * rstd`, RoPE's products, the
+    gated product), so folding it would change the sign of zero outputs; it stays opaque."""
+    if node.op == "call_method":
+        name = _METHOD_ALIASES.get(node.target, node.target)
+    elif node.op == "call_function":
+        name = _NOOP_TARGETS.get(node.target)
+    else:
+        return None
+    if name not in _NOOP_OPS or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if isinstance(a, fx.Node) and _is_number(b):
+        x, c, first = a, b, True
+    elif isinstance(b, fx.Node) and _is_number(a) and name in ("add", "mul"):
+        x, c, first = b, a, False
+    else:
+        return None
+    neg_zero = isinstance(c, float) and c == 0 and math.copysign(1.0, c) < 0
+    pos_zero = c == 0 and not neg_zero
+    ok = ((name == "mul" and c == 1) or (name == "div" and first and c == 1)
+          or (name == "sub" and first and pos_zero) or (name == "add" and neg_zero))
+    if not ok:
+        return None
+    vin, vout = node_value(x), node_value(node)
+    if not (isinstance(vin, torch.Tensor) and isinstance(vout, torch.Tensor)):
+        return None
+    if vin.dtype != vout.dtype or vin.device != vout.device or vin.dim() != vout.dim():
+        return None
+    from .symbolic import known_equal
+
+    if not all(known_equal(p, q) for p, q in zip(vin.shape, vout.shape)):
+        return None
+    return x
 
 
 def _whole(s: Any) -> bool:

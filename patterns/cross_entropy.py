@@ -28,8 +28,10 @@ import torch.nn.functional as F
 import ligerfx.kernels.cross_entropy  # noqa: F401 - defines torch.ops.liger.cross_entropy
 import ligerfx.kernels.fused_linear_cross_entropy  # noqa: F401
 from ligerfx.canonical import CAST_METHODS, node_value
+from ligerfx.kernels.cross_entropy import compute_dtype
 from ligerfx.passes import Skip
 from ligerfx.pattern import register
+from ligerfx.precision import LOW, chain_problem, short
 from ligerfx.symbolic import known_equal
 
 _RESHAPES = {"view", "reshape", "flatten"}
@@ -46,6 +48,19 @@ def ce_weighted(logits, target, weight, ignore_index, reduction, label_smoothing
     return F.cross_entropy(logits, target, weight, None, ignore_index, None, reduction,
                            label_smoothing)
 
+
+def nll_log_softmax(logits, target, ignore_index, reduction):
+    # F.cross_entropy is exactly nll_loss(log_softmax(logits, class dim)) in torch
+    return F.nll_loss(F.log_softmax(logits, -1), target, None, None, ignore_index, None, reduction)
+
+
+def nll_log_softmax_weighted(logits, target, weight, ignore_index, reduction):
+    return F.nll_loss(F.log_softmax(logits, -1), target, weight, None, ignore_index, None,
+                      reduction)
+
+
+_NLL = (nll_log_softmax, nll_log_softmax_weighted)
+_VARIANTS = [ce, ce_weighted, nll_log_softmax, nll_log_softmax_weighted]
 
 _EXAMPLES = {"logits": torch.randn(6, 10), "target": torch.randint(0, 10, (6,)),
              "weight": torch.rand(10) + 0.5, "ignore_index": -100, "reduction": "mean",
@@ -107,10 +122,16 @@ def _step(n: fx.Node):
     return None
 
 
-def _walk(ce_node: fx.Node):
+def _loss_input(match) -> fx.Node:
+    """The logits the loss reads (the log-softmax's input for nll_loss(log_softmax(...)))."""
+    n = match.nodes_of("log_softmax")[0] if match.variant.fn in _NLL else match.tops[0]
+    return n.args[0]
+
+
+def _walk(match):
     """Steps from the loss's logits upward: (top node, [(node, kind, info)] from top down)."""
     steps = []
-    cur = ce_node.args[0]
+    cur = _loss_input(match)
     while True:
         s = _step(cur)
         if s is None:
@@ -171,19 +192,46 @@ def _common_checks(match):
     if not isinstance(match["reduction"], str) or match["reduction"] not in ("mean", "sum", "none"):
         return f"reduction {match['reduction']!r} is not mean, sum or none"
     for name in ("ignore_index", "label_smoothing"):
-        if not _is_num(match[name]) and not isinstance(match[name], fx.Node):
+        v = match.bindings.get(name, 0.0)
+        if not _is_num(v) and not isinstance(v, fx.Node):
             return f"`{name}` is not a number"
     return None
 
 
-def _cast_problem(steps, start_dtype):
-    # Upcasts are exact; a downcast inside the chain rounds values the kernel keeps in fp32.
-    dt = start_dtype
-    for _, kind, info in steps:
+def _cast_problem(steps, start_dtype, match=None):
+    """Why the kernels (which read the logits, upcast them to the compute dtype, then scale and
+    softcap there) would not reproduce the chain's dtypes, or None.  Every cast must be free
+    (value-preserving: `.to(int32)`, bf16 -> fp16 and narrowing casts are not), the scaling and
+    softcap must compute in the compute dtype, and so must the loss itself (a loss on fp16/bf16
+    logits rounds its log-softmax there).  Under option upcast_statistics the loss, with the
+    scaling / softcap feeding it, may be computed in fp32 where the code uses fp16/bf16."""
+    ct = compute_dtype(start_dtype)
+    dts = [start_dtype] + [info for _, kind, info in steps if kind == "cast"]
+    problem = chain_problem(dts, "the logits")
+    if problem:
+        return problem
+    dt, lower = start_dtype, None
+    for n, kind, info in steps:
         if kind == "cast":
-            if info.itemsize < dt.itemsize:
-                return f"the logits are cast down to {info} before the loss"
             dt = info
+        elif kind in ("scale", "tanh") and dt != ct:
+            if dt not in LOW or ct != torch.float32:
+                return (f"the logits are scaled/softcapped in {short(dt)} at `{n.name}`; the "
+                        f"kernel does that in {short(ct)}")
+            lower = lower or (f"scales/softcaps the logits in {short(dt)} at `{n.name}`")
+    if dt != ct:
+        if dt not in LOW or ct != torch.float32:
+            return f"the loss reads {short(dt)} logits; the kernel computes in {short(ct)}"
+        lower = lower or f"computes the loss on {short(dt)} logits"
+    if lower is None:
+        return None
+    if not getattr(getattr(match, "options", None), "upcast_statistics", False):
+        return (f"the code {lower} (eager rounds there); the kernel computes in {short(ct)}: "
+                "set option upcast_statistics=True to accept that")
+    note = (f"upcast_statistics: {match.pattern.name} at `{match.tops[0].name}` computes in "
+            f"{short(ct)} where the code {lower} (not bit-equal)")
+    if note not in match.notes:
+        match.notes.append(note)
     return None
 
 
@@ -193,8 +241,7 @@ def check_fused(match):
     problem = _common_checks(match)
     if problem:
         return problem
-    ce_node = match.tops[0]
-    top, steps = _walk(ce_node)
+    top, steps = _walk(match)
     lin = _linear(top)
     if lin is None:
         raise Skip  # no lm head in this graph: the plain cross_entropy pattern handles the loss
@@ -209,7 +256,7 @@ def check_fused(match):
     scale = _parse_scale(steps)
     if scale is None:
         return "the logits pass through elementwise steps other than scaling and softcapping"
-    problem = _cast_problem(steps, _val(top).dtype)
+    problem = _cast_problem(steps, _val(top).dtype, match)
     if problem:
         return problem
     slices = [info for _, kind, info in steps if kind in ("slice", "rows")]
@@ -217,7 +264,7 @@ def check_fused(match):
     if "rows" in kinds and "slice" in kinds[kinds.index("rows"):]:
         return "the logits are sliced after being flattened to rows"
     chain = [top] + [n for n, _, _ in steps]
-    inside = set(chain) | {ce_node}
+    inside = set(chain) | set(match.covered)
     escaping = _escaping(chain, inside)
     if len(escaping) > 1:
         return (f"{len(escaping)} intermediate logits values are used outside the loss "
@@ -280,12 +327,11 @@ def check_plain(match):
     problem = _common_checks(match)
     if problem:
         return problem
-    ce_node = match.tops[0]
-    _, steps = _walk(ce_node)
+    _, steps = _walk(match)
     # Absorb the casts, flattening reshapes and scale/softcap steps right above the loss that
     # nothing else reads; stop at the first slice (the op reads whole rows of its input).
     absorbed = []
-    inside = {ce_node}
+    inside = set(match.covered)
     for n, kind, info in reversed(steps):
         if kind == "slice" or any(u not in inside for u in n.users):
             break
@@ -297,10 +343,15 @@ def check_plain(match):
     scale = _parse_scale(absorbed)
     if scale is None:
         absorbed, scale = [], (1.0, 0.0)
-    src = absorbed[0][0].args[0] if absorbed else ce_node.args[0]
-    problem = _cast_problem(absorbed, _val(src).dtype)
+    src = absorbed[0][0].args[0] if absorbed else _loss_input(match)
+    problem = _cast_problem(absorbed, _val(src).dtype, match)
     if problem:
-        absorbed, scale, src = [], (1.0, 0.0), ce_node.args[0]
+        # the steps stay in the graph; the op reads the loss's own input, which must then be in
+        # the compute dtype itself
+        absorbed, scale, src = [], (1.0, 0.0), _loss_input(match)
+        problem = _cast_problem([], _val(src).dtype, match)
+        if problem:
+            return problem
     match.covered = list(dict.fromkeys(match.covered + [n for n, _, _ in absorbed]))
     match.bindings["source"] = src
     match.params.update(logit_scale=scale[0], softcap=scale[1])
@@ -334,14 +385,14 @@ def _replace_fused_check(logits, target, weight=None, ignore_index=-100, reducti
 
 
 register(
-    "fused_linear_cross_entropy", [ce, ce_weighted], _replace_fused_check,
+    "fused_linear_cross_entropy", _VARIANTS, _replace_fused_check,
     example_inputs=_EXAMPLES, constraints=check_fused, priority=30,
     description="lm-head linear (+cast/scale/softcap/shift) + cross-entropy -> chunked "
                 "liger::fused_linear_cross_entropy (no [N, V] logits for the loss)",
     builtin=True,
 )
 register(
-    "cross_entropy", [ce, ce_weighted], replace_plain,
+    "cross_entropy", _VARIANTS, replace_plain,
     example_inputs=_EXAMPLES, constraints=check_plain, priority=20,
     description="F.cross_entropy on [N, V] logits (+cast/scale/softcap) -> liger::cross_entropy",
     builtin=True,

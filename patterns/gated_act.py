@@ -25,6 +25,7 @@ from torch.fx.proxy import Proxy
 import ligerfx.kernels.gated_act  # noqa: F401 - defines torch.ops.liger.gated_act
 from ligerfx.canonical import CAST_METHODS, node_value
 from ligerfx.pattern import register
+from ligerfx.precision import is_free_cast
 from ligerfx.symbolic import known_equal
 
 # ---------------------------------------------------------------------------------------------
@@ -96,10 +97,7 @@ def internal_casts(match) -> list:
     return [c for c in match.casts if c not in trailing]
 
 
-def widens(a, b) -> bool:
-    """Every value of dtype a is exactly a value of dtype b."""
-    return a == b or (a in _LOW and b in (torch.float32, torch.float64)) or (
-        a == torch.float32 and b == torch.float64)
+widens = is_free_cast  # every value of dtype a is exactly a value of dtype b (precision.py)
 
 
 def to_dtype(x, dt, value=None):
@@ -203,9 +201,12 @@ def check(match):
             return "casts inside the written-out activation, which the kernel does not reproduce"
         if g_use != prod:
             return f"the activation computes in {g_use} but the product in {prod}"
-        gate_in = ("chain", g_chain)
         if prod in _LOW:
-            note = f"; eager rounds each op to {str(prod).replace('torch.', '')}, the kernel once"
+            # eager rounds after every op of the written-out activation; the kernel computes the
+            # activation in fp32 and rounds once: not the same values
+            return (f"the written-out activation computes in {str(prod).replace('torch.', '')}, "
+                    "where eager rounds each op; the kernel rounds once (not reproduced)")
+        gate_in = ("chain", g_chain)
     else:
         act_node = match.nodes_of(act_op)[0]
         a_dt = _act_side_dtype(match, act_node)

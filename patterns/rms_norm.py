@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import ligerfx.kernels.rms_norm  # noqa: F401 - defines torch.ops.liger.rms_norm
-from ligerfx.canonical import CAST_METHODS, node_value
+from ligerfx.canonical import node_value
 from ligerfx.pattern import register
+from ligerfx.precision import (ancestors_within, compute_problem, input_chain_problems,
+                               kernel_compute_dtype, short, through_casts)
 from ligerfx.symbolic import is_vector_over_last_dim, known_equal
 
 
@@ -69,6 +71,19 @@ def rms_norm_plain(x, eps, dim):
     return _normed(x, eps, dim)
 
 
+def _normed_sum(x, eps, dim, n):
+    # the mean written as a sum divided by the width (n proven equal to it by `check`)
+    return x * torch.rsqrt(x.pow(2).sum(dim, keepdim=True) / n + eps)
+
+
+def rms_norm_sum_weight(x, weight, eps, dim, n):
+    return _normed_sum(x, eps, dim, n) * weight
+
+
+def rms_norm_sum_plain(x, eps, dim, n):
+    return _normed_sum(x, eps, dim, n)
+
+
 def rms_norm_functional(x, normalized_shape, weight, eps):
     return F.rms_norm(x, normalized_shape, weight, eps)
 
@@ -82,10 +97,8 @@ def _dtype(n):
 
 
 def _reaches(arg, target):
-    """`arg` is `target`, possibly behind casts."""
-    while arg is not target and getattr(arg, "op", None) == "call_method" and arg.target in CAST_METHODS:
-        arg = arg.args[0]
-    return arg is target
+    """`arg` is `target`, possibly behind casts (or no-op arithmetic)."""
+    return arg is target or through_casts(arg)[0] is target
 
 
 def _offset_add(match):
@@ -108,7 +121,10 @@ def _casting(match):
     """Choose the kernel's casting mode, or reject the match with the reason."""
     x = match.value("x")
     w = match.value("weight") if "weight" in match.bindings else None
-    if w is None or match.variant.fn in (rms_norm_functional,):
+    if match.variant.fn is rms_norm_functional:
+        # F.rms_norm computes in fp32 and multiplies by the weight before rounding once
+        return "fp32"
+    if w is None:
         return "llama"
     if match.variant.fn is rms_norm_weight_first:
         top_dt = _dtype(match.tops[0])
@@ -131,8 +147,49 @@ def _casting(match):
     return None
 
 
+_FUNCTIONAL = (rms_norm_functional, rms_norm_functional_no_weight)
+
+
+def _precision(match):
+    """The kernel computes rstd = rsqrt(mean(xf^2) + eps) and n = xf * rstd in fp32 from the exact
+    x: the code must do the same (or, with upcast_statistics, compute them in fp16/bf16)."""
+    x = match.value("x")
+    cdt = kernel_compute_dtype(x.dtype)
+    if cdt is None:
+        return f"x is {short(x.dtype)}; the kernel computes in fp32, which would round it"
+    if match.variant.fn in _FUNCTIONAL:
+        return None  # F.rms_norm computes in fp32 internally, as the kernel does
+    inside = set(match.covered)
+    rstd = match.nodes_of("rsqrt")[0]
+    stat = ancestors_within(rstd, inside)
+    # the normalising product: the multiply reading x (`x * rstd`; `weight * x` for weight-first)
+    products = [u for u in match.nodes_of("mul") if any(_reaches(a, match["x"]) for a in u.args)]
+    for u in products:  # rstd enters it as computed (no rounding cast on the way)
+        a = next((a for a in u.args if _reaches(a, rstd)), None)
+        _, steps = through_casts(a)
+        for s in steps:
+            if s in inside and getattr(node_value(s), "dtype", None) != node_value(rstd).dtype:
+                return (f"rstd is cast to {short(node_value(s).dtype)} at `{s.name}` before the "
+                        "product; the kernel keeps it in fp32")
+    problem = (input_chain_problems(match, stat + products, ["x", "weight"])
+               or compute_problem(match, stat, cdt, "the RMS statistic", statistic=True)
+               or compute_problem(match, products, cdt, "the normalised value x * rstd",
+                                  statistic=True))
+    if not problem and match.variant.fn is rms_norm_weight_first:
+        # (weight * x) is rounded where eager computes it; the kernel multiplies in fp32
+        problem = compute_problem(match, match.nodes_of("mul"), cdt, "weight * x",
+                                  statistic=False)
+    return problem
+
+
 def check(match):
     x = match.value("x")
+    if "n" in match.bindings:
+        n = match.value("n")
+        if isinstance(n, float) and n.is_integer():
+            n = int(n)
+        if not known_equal(n, x.shape[-1]):
+            return f"the sum of squares is divided by {n}, not by the width {x.shape[-1]}"
     if "dim" in match.bindings and match["dim"] != (-1,):
         return f"normalises over dim {match['dim']}, not the last dim"
     if "udim" in match.bindings and match["udim"] != -1:
@@ -151,6 +208,9 @@ def check(match):
         dt = _dtype(c)
         if dt not in (torch.float32, x.dtype, match.out_dtype):
             return f"casts to {dt} inside the norm, which the kernel does not reproduce"
+    problem = _precision(match)
+    if problem:
+        return problem
     mode = _casting(match)
     if mode is None:
         return ("mixes dtypes in a way the kernel does not reproduce (normalised value and "
@@ -175,11 +235,11 @@ register(
     "rms_norm",
     [rms_norm_offset_weight, rms_norm_weight, rms_norm_weight_first, rms_norm_weight_unsqueeze,
      rms_norm_plain, rms_norm_plain_unsqueeze, rms_norm_weight_stat_unsqueeze,
-     rms_norm_plain_stat_unsqueeze,
+     rms_norm_plain_stat_unsqueeze, rms_norm_sum_weight, rms_norm_sum_plain,
      rms_norm_functional, rms_norm_functional_no_weight],
     replace,
     example_inputs={"x": torch.randn(2, 3, 8), "weight": torch.randn(8), "eps": 1e-6,
-                    "offset": 1.0, "dim": -1, "udim": -1, "normalized_shape": (8,)},
+                    "offset": 1.0, "dim": -1, "udim": -1, "n": 8, "normalized_shape": (8,)},
     constraints=check,
     priority=10,
     allow_casts=True,

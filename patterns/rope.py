@@ -177,7 +177,8 @@ def _plan(match, name: str, i: int):
     if cdt in _LOW:
         if use != cdt:
             return f"`{name}` enters the rotation as {use} but the rotation computes in {cdt}"
-        return chain, out, f"; eager rounds each op to {str(cdt).replace('torch.', '')}, the kernel once"
+        # eager rounds each product and the sum to cdt: the kernel's round_steps does the same
+        return chain, out, f"; {str(cdt).replace('torch.', '')} rounded per op"
     exact_in = all(widens(a, b) for a, b in zip([x.dtype] + chain, chain))
     if cdt == torch.float32 and exact_in and x.dtype in _FLOATS:
         if x.dtype == torch.float32:
@@ -317,7 +318,8 @@ def check(match):
     match.params.update(seq_dim=seq_dim, squeeze=squeeze,
                         interleaved=complex_form or fn in _PAIRS or fn in _STACK,
                         one_angle_per_pair=fn in _STACK,
-                        in_chain=in_chain, out_chain=out_chain, table_chains=chains)
+                        in_chain=in_chain, out_chain=out_chain, table_chains=chains,
+                        round_steps=dtype_of(match.tops[0]) in _LOW)
     layout_name = "[b, h, t, d]" if seq_dim == 2 else "[b, t, h, d]"
     form = ("complex" if complex_form else "pairs" if fn in _PAIRS else
             "stacked pairs" if fn in _STACK else "rotate_half")
@@ -351,7 +353,8 @@ def _run(q, k, cos, sin, p):
     """liger::rope on (q, k) per the plan; k None rotates q alone (with a zero-head k)."""
     qi = apply_chain(q, p["in_chain"])
     ki = apply_chain(k, p["in_chain"]) if k is not None else torch.narrow(qi, 3 - p["seq_dim"], 0, 0)
-    out = torch.ops.liger.rope(qi, ki, cos, sin, p["seq_dim"], p["interleaved"])
+    out = torch.ops.liger.rope(qi, ki, cos, sin, p["seq_dim"], p["interleaved"],
+                               p["round_steps"])
     res = []
     for i, x in enumerate([q] if k is None else [q, k]):
         like = node_value(x.node)  # the kernel's output looks like its (cast) input
