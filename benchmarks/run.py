@@ -74,6 +74,8 @@ def parse(argv):
     p.add_argument("--seqs", type=int, nargs="*", default=None, help="e2e sequence lengths")
     p.add_argument("--no-convergence", action="store_true", help="skip the bf16 convergence check")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--sizes-per-op", type=int, default=0,
+                   help="run only this many of each op's sizes (smallest and largest first)")
     p.add_argument("--list", action="store_true", help="list the registered benchmarks and exit")
     return p.parse_args(argv)
 
@@ -131,6 +133,13 @@ def main(argv=None, log=print) -> int:
 
     op_names = _names(args.ops, [o.name for o in all_ops])
     ops = harness.discover(op_names) if op_names else []
+    if args.sizes_per_op > 0:  # the quick device check: the ends of each op's size range
+        import dataclasses
+
+        def ends(sizes):
+            return tuple(sorted({sizes[0], sizes[-1]}, key=sizes.index))[:args.sizes_per_op]
+        ops = [dataclasses.replace(op, sizes=ends(op.sizes), smoke_sizes=ends(op.smoke_sizes))
+               for op in ops]
     missing = harness.uncovered_families(all_ops)
     if missing:
         log(f"warning: kernel families without a benchmark (add OPS to a benchmarks/bench_*.py): "

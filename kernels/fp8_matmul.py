@@ -28,14 +28,13 @@ The autograd formula gives the input (and bias) gradient through the dequantized
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .lowbit import (check_per_channel, frozen_linear_backward, grouped_tile, pick_config,
+from .lowbit import (Operands, check_per_channel, frozen_linear_backward, grouped_tile, pick_config,
                      register_frozen_autograd, rows_2d, splitk_reduce, store_tile, tile_grid,
                      upcast_dot)
 from .runtime import interpreting, next_pow2, use_triton
@@ -134,7 +133,7 @@ def _quant_rows_kernel(X, XQ, XS, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr
 
 @triton.jit
 def _fp8_mm_kernel(XQ, XS, WQ, WS, B, Y, P, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
-                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
     pid_k = tl.program_id(1)
@@ -163,7 +162,7 @@ def _fp8_mm_kernel(XQ, XS, WQ, WS, B, Y, P, M, N, K, stride_xm, stride_wn, strid
     # bias in the epilogue (or the reduce kernel).
     acc = acc * tl.load(XS + rm, mask=mmask, other=0.0)[:, None]
     store_tile(acc, WS, B, Y, P, rm, rn, M, N, stride_ym, pid_k, HAS_SCALE=True, HAS_BIAS=HAS_BIAS,
-               SPLIT=SPLIT)
+               SPLIT_K=SPLIT_K)
 
 
 def quantize_rows_triton(x2: torch.Tensor, xq: Optional[torch.Tensor] = None,
@@ -194,14 +193,15 @@ def fp8_matmul_triton(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor,
     if M == 0:
         return y
     # fp8 tiles: twice the K of a bf16 tile for the same bytes; at least 32 (the fp8 MMA's K).
-    cfg = pick_config(M, N, K, xq.device, bk=128, bk_decode=256, split=split)
-    if cfg.BK < 32:
-        cfg = dataclasses.replace(cfg, BK=32, split=1, k_per_split=32)
+    # fp8 x fp8 straight into the tensor cores (no fp32 FMA path, no conversion); K blocks of at
+    # least 32, the fp8 MMA's K.
+    cfg = pick_config(M, N, K, xq.device, Operands(1, 1, convert_w=False), bk=128, bk_decode=256,
+                      split=split, min_bk=32)
     grid, partial = tile_grid(cfg, M, N, xq.device)
     _fp8_mm_kernel[grid](xq, xs, qweight, scale, bias if bias is not None else scale, y,
                          partial if partial is not None else y, M, N, K, xq.stride(0),
                          qweight.stride(0), y.stride(0), cfg.k_per_split,
-                         HAS_BIAS=bias is not None, SPLIT=cfg.split, UPCAST=upcast_dot(xq.device),
+                         HAS_BIAS=bias is not None, SPLIT_K=cfg.split > 1, UPCAST=upcast_dot(xq.device),
                          BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=8,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial is not None:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowbit import (dot_precision, frozen_linear_backward, grouped_tile, pick_config,
+from .lowbit import (dot_precision, frozen_linear_backward, grouped_tile, operands, pick_config,
                      register_frozen_autograd, rows_2d, splitk_reduce, store_tile, tile_grid,
                      upcast_dot)
 from .runtime import use_triton
@@ -68,7 +68,7 @@ def unpack_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
 
 @triton.jit
 def _int4_mm_kernel(X, P, S, Z, B, Y, PART, M, N, K, stride_xm, stride_pn, stride_sn, stride_ym,
-                    k_per_split, G: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                    k_per_split, G: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                     PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
@@ -102,7 +102,7 @@ def _int4_mm_kernel(X, P, S, Z, B, Y, PART, M, N, K, stride_xm, stride_pn, strid
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
     # The group scales are already in w: no channel scale in the epilogue.
     store_tile(acc, B, B, Y, PART, rm, rn, M, N, stride_ym, pid_k, HAS_SCALE=False,
-               HAS_BIAS=HAS_BIAS, SPLIT=SPLIT)
+               HAS_BIAS=HAS_BIAS, SPLIT_K=SPLIT_K)
 
 
 def int4_matmul_triton(x2, packed, scale, offset, bias, y=None, split=None):
@@ -116,12 +116,13 @@ def int4_matmul_triton(x2, packed, scale, offset, bias, y=None, split=None):
         return y
     scale, offset = scale.contiguous(), offset.contiguous()  # [N, K/G]: tiny
     bk = min(G, 64)
-    cfg = pick_config(M, N, K, x2.device, bk=bk, bk_decode=min(G, 128), split=split)
+    cfg = pick_config(M, N, K, x2.device, operands(x2.dtype, 0.5), bk=bk, bk_decode=min(G, 128),
+                      split=split)
     grid, part = tile_grid(cfg, M, N, x2.device)
     _int4_mm_kernel[grid](x2, packed, scale, offset, bias if bias is not None else scale, y,
                           part if part is not None else y, M, N, K, x2.stride(0), packed.stride(0),
                           scale.stride(0), y.stride(0), cfg.k_per_split, G=G,
-                          HAS_BIAS=bias is not None, SPLIT=cfg.split, PREC=dot_precision(x2.dtype),
+                          HAS_BIAS=bias is not None, SPLIT_K=cfg.split > 1, PREC=dot_precision(x2.dtype),
                           UPCAST=upcast_dot(x2.device), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=8,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if part is not None:

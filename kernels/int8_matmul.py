@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .lowbit import (check_per_channel, dot_precision, frozen_linear_backward, grouped_tile,
-                     pick_config, register_frozen_autograd, rows_2d, splitk_reduce, store_tile,
+                     operands, pick_config, register_frozen_autograd, rows_2d, splitk_reduce, store_tile,
                      tile_grid, upcast_dot)
 from .runtime import use_triton
 
@@ -51,7 +51,7 @@ def unpack_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.float32)
 
 @triton.jit
 def _int8_mm_kernel(X, Q, S, B, Y, P, M, N, K, stride_xm, stride_qn, stride_ym, k_per_split,
-                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
     pid_k = tl.program_id(1)
@@ -75,7 +75,7 @@ def _int8_mm_kernel(X, Q, S, B, Y, P, M, N, K, stride_xm, stride_qn, stride_ym, 
         else:  # int8 values are exact in bf16/fp16: the tensor cores see x's dtype
             acc = tl.dot(x, q.to(x.dtype), acc, input_precision=PREC)
     store_tile(acc, S, B, Y, P, rm, rn, M, N, stride_ym, pid_k, HAS_SCALE=True, HAS_BIAS=HAS_BIAS,
-               SPLIT=SPLIT)
+               SPLIT_K=SPLIT_K)
 
 
 def int8_matmul_triton(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -88,12 +88,12 @@ def int8_matmul_triton(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
         y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     if M == 0:
         return y
-    cfg = pick_config(M, N, K, x2.device, split=split)
+    cfg = pick_config(M, N, K, x2.device, operands(x2.dtype, 1), split=split)
     grid, partial = tile_grid(cfg, M, N, x2.device)
     _int8_mm_kernel[grid](x2, qweight, scale, bias if bias is not None else scale, y,
                           partial if partial is not None else y, M, N, K, x2.stride(0),
                           qweight.stride(0), y.stride(0), cfg.k_per_split,
-                          HAS_BIAS=bias is not None, SPLIT=cfg.split, PREC=dot_precision(x2.dtype),
+                          HAS_BIAS=bias is not None, SPLIT_K=cfg.split > 1, PREC=dot_precision(x2.dtype),
                           UPCAST=upcast_dot(x2.device),
                           BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=8,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)

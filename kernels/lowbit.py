@@ -1,9 +1,12 @@
 """Shared pieces of the low-bit linear kernels (int8, int4, fp8 weight matmuls).
 
-- `pick_config`: block sizes and split-K for a [M, K] x [N, K]^T product.  Few rows (decode,
-  M <= 16) are memory-bound on the weight: 16-row tiles, narrow N tiles and K split over several
-  programs so every SM streams weight bytes.  Many rows (prefill, training) use large square-ish
-  tiles without split-K, grouped along M so neighbouring programs share weight tiles in L2.
+- `pick_config`: block sizes and split-K for a [M, K] x [N, K]^T product, per chip and dtype.
+  Few rows (decode, M <= 16) are memory-bound on the weight: 16-row tiles, narrow N tiles and K
+  split over several programs so every SM streams weight bytes.  Many rows (prefill, training)
+  use large square-ish tiles without split-K, grouped along M so neighbouring programs share
+  weight tiles in L2.  fp32 activations (FMA dots) get small K blocks; the pipeline depth fits
+  the device's shared memory (`shared_memory_budget`).  tests/gpu_compile compiles every choice
+  for sm_80/sm_89/sm_90 and checks shared memory, registers and spills.
 - `_splitk_reduce_kernel`: sums the fp32 split-K partials and applies the per-channel scale,
   bias and the cast to the output dtype.
 - `grouped_tile`, `store_tile`, `tile_grid`: the tile schedule and epilogue every low-bit
@@ -39,41 +42,85 @@ class Config:
     num_stages: int
 
 
-def pick_config(M: int, N: int, K: int, device: torch.device, bk: int = 64,
-                bk_decode: int = 128, split: Optional[int] = None) -> Config:
+@dataclass(frozen=True)
+class Operands:
+    """What a kernel feeds tl.dot, for sizing tiles: bytes per element of the activation tile as
+    loaded and as multiplied, bytes per weight element as loaded (0.5 for packed int4), and
+    whether the weight tile is converted to the activation dtype in registers (which stages it
+    through shared memory once more)."""
+    x_bytes: int
+    w_bytes: float
+    convert_w: bool = True
+    fma: bool = False  # fp32 "ieee" dots run on FMA units, not tensor cores
+
+
+def operands(x_dtype: torch.dtype, w_bytes: float, convert_w: bool = True) -> Operands:
+    size = torch.empty((), dtype=x_dtype).element_size()
+    return Operands(size, w_bytes, convert_w, fma=x_dtype == torch.float32)
+
+
+def shared_memory_budget(device: torch.device) -> int:
+    """Bytes of shared memory one block may use: the device's opt-in limit (227 KB on sm_90,
+    163 KB on sm_80, 99 KB on sm_86/sm_89), less 1 KB Triton keeps for itself."""
+    if device.type != "cuda":
+        return 99 << 10  # the interpreter has no limit; size CPU tiles like the smallest GPU's
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", 0) or (48 << 10)
+    return limit - (1 << 10)
+
+
+def shared_memory_estimate(BM: int, BN: int, BK: int, stages: int, ops: Operands) -> int:
+    """Triton's software pipeline keeps stages-1 copies of the x and weight tiles in shared memory,
+    plus the converted weight tile (measured by the offline compile: exact for these kernels)."""
+    tiles = BM * BK * ops.x_bytes + int(BK * BN * ops.w_bytes)
+    return (stages - 1) * tiles + (BK * BN * ops.x_bytes if ops.convert_w else 0)
+
+
+def pick_config(M: int, N: int, K: int, device: torch.device, ops: Operands, bk: int = 64,
+                bk_decode: int = 128, split: Optional[int] = None, min_bk: int = 16) -> Config:
     """Blocks for this product.  `bk`/`bk_decode` may be fixed by the caller (int4 ties BK to the
-    quantisation group); `split` forces a split-K factor (tests reach the split path with it)."""
+    quantisation group); `split` forces a split-K factor (tests reach the split path with it).
+
+    fp32 activations multiply on FMA units, whose dot keeps each thread's slice of both operand
+    tiles in registers for the whole K block: BK stays at 16 there (wider blocks spill, measured
+    by the offline compile).  The pipeline depth is then cut until the tiles fit the device's
+    shared memory."""
     if M <= DECODE_MAX_M:
         BM, BN, BK = 16, 64, bk_decode
-        BK = min(BK, max(16, next_pow2(K)))
-        n_tiles = triton.cdiv(N, BN)
-        k_blocks = triton.cdiv(K, BK)
-        if split is None:
-            # Enough programs to keep every SM streaming weights (about 4 waves).
-            split = max(1, min(k_blocks, triton.cdiv(4 * num_programs_hint(device), n_tiles)))
-        warps, stages = 4, 4
+        # fp32 at M = 1 with 4 warps spills a 16 B stack frame under triton 3.6: 8 warps halve
+        # each thread's share of the operand tiles.
+        warps, stages = (8 if ops.fma else 4), 4
     else:
-        BM = 64 if M <= 64 else 128
-        BN = 128 if N >= 128 else 64
-        BK = min(bk, max(16, next_pow2(K)))
-        k_blocks = triton.cdiv(K, BK)
-        split = split or 1
-        warps, stages = (8 if BM * BN >= 128 * 128 else 4), 3
-    split = max(1, min(split, k_blocks))
+        BM = 64 if M <= 64 or ops.fma else 128
+        BN = 128 if N >= 128 and not ops.fma else 64
+        BK = bk
+        warps, stages = (8 if BM * BN >= 128 * 128 or ops.fma else 4), 3
+    if ops.fma:
+        BK = min(BK, 16)
+    BK = max(min_bk, min(BK, next_pow2(K)))
+    budget = shared_memory_budget(device)
+    while stages > 2 and shared_memory_estimate(BM, BN, BK, stages, ops) > budget:
+        stages -= 1
+    k_blocks = triton.cdiv(K, BK)
+    if M <= DECODE_MAX_M and split is None:
+        # Enough programs to keep every SM streaming weights (about 4 waves).
+        split = max(1, min(k_blocks, triton.cdiv(4 * num_programs_hint(device), triton.cdiv(N, BN))))
+    split = max(1, min(split or 1, k_blocks))
     k_per_split = triton.cdiv(k_blocks, split) * BK
     split = triton.cdiv(K, k_per_split)
     return Config(BM, BN, BK, split, k_per_split, warps, stages)
 
 
 @triton.jit
-def _splitk_reduce_kernel(P, S, B, Y, M, N, stride_ym, SPLIT: tl.constexpr, HAS_SCALE: tl.constexpr,
+def _splitk_reduce_kernel(P, S, B, Y, M, N, stride_ym, n_split, HAS_SCALE: tl.constexpr,
                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # n_split is a runtime value: every split factor shares one binary.
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     offs = rm[:, None].to(tl.int64) * N + rn[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for s in range(SPLIT):
+    for s in range(n_split):
         acc += tl.load(P + s * M * N + offs, mask=mask, other=0.0)
     if HAS_SCALE:
         acc = acc * tl.load(S + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -97,13 +144,13 @@ def grouped_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr
 
 @triton.jit
 def store_tile(acc, S, B, Y, P, rm, rn, M, N, stride_ym, pid_k, HAS_SCALE: tl.constexpr,
-               HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Epilogue of a [BM, BN] fp32 tile: without split-K, y = cast(acc (* S[n]) (+ B[n])); with
     it, the raw fp32 partial goes to P[pid_k] (`splitk_reduce` applies scale and bias)."""
     mmask = rm < M
     nmask = rn < N
     omask = mmask[:, None] & nmask[None, :]
-    if SPLIT == 1:
+    if not SPLIT_K:
         if HAS_SCALE:
             acc = acc * tl.load(S + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
@@ -130,8 +177,8 @@ def splitk_reduce(partial: torch.Tensor, scale: Optional[torch.Tensor], bias: Op
     BLOCK_M, BLOCK_N = min(16, next_pow2(M)), min(256, next_pow2(N))
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _splitk_reduce_kernel[grid](partial, scale if scale is not None else partial,
-                                bias if bias is not None else partial, y, M, N, y.stride(0),
-                                SPLIT=split, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+                                bias if bias is not None else partial, y, M, N, y.stride(0), split,
+                                HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
                                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 

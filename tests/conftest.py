@@ -8,13 +8,16 @@ between the plain torch implementation and the interpreted Triton kernels inside
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
+
+# Interpreted kernels on a CPU-only machine; on a CUDA machine the kernels are compiled for the GPU
+# (the `pytest -m cuda` suite; tests/kernels/conftest.py skips the interpreter path there).
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import importlib  # noqa: E402
 import pkgutil  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import ligerfx.kernels  # noqa: E402
 

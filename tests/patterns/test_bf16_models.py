@@ -13,7 +13,13 @@ from tests.models import hf_model
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "phi3", "gpt_neox"])
 def test_bf16_training_step_is_as_close_to_fp32_as_eager(name, kernel_path):
+    check_bf16_step(name, inner="aot_eager")
+
+
+def check_bf16_step(name, inner, device="cpu"):
+    """The test body, also run on CUDA with inductor (tests/cuda/test_models_cuda.py)."""
     model, inputs = hf_model(name)
+    model, inputs = model.to(device), {k: v.to(device) for k, v in inputs.items()}
     truth = model(**inputs)  # fp32
     eager = copy.deepcopy(model).to(torch.bfloat16)
     test = copy.deepcopy(model).to(torch.bfloat16)
@@ -21,7 +27,7 @@ def test_bf16_training_step_is_as_close_to_fp32_as_eager(name, kernel_path):
     # that in fp32, which only upcast_statistics accepts (and notes); without it the loss alone
     # is rewritten.
     upcast = name == "gemma2"
-    c = torch.compile(test, backend="liger", options={"inner": "aot_eager", "log_report": False,
+    c = torch.compile(test, backend="liger", options={"inner": inner, "log_report": False,
                                                       "upcast_statistics": upcast})
     out, ref = c(**inputs), eager(**inputs)
     report = ligerfx.backend.last_report
