@@ -66,8 +66,15 @@ def unsupported_reason(out_features: int, in_features: int, min_features: int) -
 
 
 def not_24_message(weight: torch.Tensor) -> str:
-    return (f"weight is not 2:4 sparse: {broken_fraction(weight):.1%} of its groups of 4 along "
-            "in_features have more than 2 non-zeros (prune it first: ligerfx.sparsify_)")
+    msg = (f"weight is not 2:4 sparse: {broken_fraction(weight):.1%} of its groups of 4 along "
+           "in_features have more than 2 non-zeros (prune it first: ligerfx.sparsify_)")
+    N, K = weight.shape
+    by_value = ((weight.detach() != 0).reshape(N, K // 4, 4).sum(-1) > 2).float().mean().item()
+    if by_value < broken_fraction(weight):
+        # -0.0 is kept because dropping it can flip the sign of an exactly-zero output
+        msg += (f"; counting -0.0 as non-zero (e.g. after a negative in-place scale), only "
+                f"{by_value:.1%} break the pattern: write +0.0 there (w[w == 0] = 0.0)")
+    return msg
 
 
 def prune_24(weight: torch.Tensor) -> torch.Tensor:
