@@ -13,11 +13,12 @@ with the median forward time, the achieved GB/s from the bytes an ideal kernel m
 scales, x, y: decode is bound by them) and TFLOP/s (prefill).  The 2:4 schemes ("2:4", "2:4+int8";
 variants sparse24_* and sparse24_int8_*) run on the weight magnitude-pruned to 2:4: their error is
 against `bf16_24` (F.linear with that pruned weight), their bytes count values, positions and
-scales, and their TFLOP/s count the dense 2MNK (the kernel expands each tile and executes them all).  End to end: forward only, under
-torch.no_grad(), of a Llama-3-8B-shaped model cut to --layers decoder layers, decode (1 token,
-no KV cache: it streams every weight once) and prefill (2048 tokens), compiled with
-backend="liger" and options quantize=int8/int4/fp8 against bf16 (inductor, and liger without
-quantization); the 2:4 variants go through `ligerfx.sparsify_` first (lossy pruning).  The lm head stays bf16 (skipped by default).  fp8 needs compute capability 8.9+.
+scales, and their TFLOP/s count the dense 2MNK (the kernel expands each tile and executes them
+all).  End to end: forward only, under torch.no_grad(), of a Llama-3-8B-shaped model cut to
+--layers decoder layers, decode (1 token, no KV cache: it streams every weight once) and prefill
+(2048 tokens), compiled with backend="liger" and options quantize=int8/int4/fp8 against bf16
+(inductor, and liger without quantization); the 2:4 variants go through `ligerfx.sparsify_` first
+(lossy pruning).  The lm head stays bf16 (skipped by default).  fp8 needs compute capability 8.9+.
 
     python benchmarks/bench_quant.py            # CUDA; on a CPU-only machine it says so and exits 0
     python benchmarks/bench_quant.py --smoke    # tiny sizes on CPU (Triton interpreter): proves it runs

@@ -78,16 +78,19 @@ def run_quantize(gm: fx.GraphModule, options) -> Report:
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     pre = _prequantized_ops()
+    sparse_stored = [0, 0]  # compressed bytes, dense bytes of the 2:4 linears
     for n in nodes:
         if n.op == "call_function" and n.target in pre:
             report.matches.append(MatchRecord(pre[n.target], locate(n), [n.name], detail="quantize_",
                                               position=position[n]))
+            if pre[n.target] in (Q.OP_NAMES[s] for s in Q.SPARSE_SCHEMES):
+                _count_sparsified(n, sparse_stored)
     scheme = options.quantize
     sparsity = options.sparsity
     if scheme is None and sparsity is None:
+        _note_sparse(report, sparse_stored)
         return report
     op_name = Q.OP_NAMES[scheme or sparsity]  # the name of the shared near misses
-    sparse_stored = [0, 0]  # compressed bytes, dense bytes
 
     tied, vocab = set(), set()
     for n in nodes:
@@ -134,14 +137,16 @@ def run_quantize(gm: fx.GraphModule, options) -> Report:
             sparse_op = Q.OP_NAMES[sparsity]
             reason = SP.frozen_reason(param)
             if reason is None:
-                _replace_linear(graph, n, x, w, b, Q.frozen_weight(param, sparsity, 0, sdt), sparsity, 0, sdt)
+                key = Q.frozen_weight(param, sparsity, 0, sdt)
+                _replace_linear(graph, n, x, w, b, key, sparsity, 0, sdt)
                 stored, dense = SP.bytes_stored(sparsity, param, sdt)
                 sparse_stored[0] += stored
                 sparse_stored[1] += dense
                 changed = True
                 report.matches.append(MatchRecord(
                     sparse_op, loc, [n.name], position=position[n],
-                    detail=f"{sparsity} {module}: {stored} bytes stored vs {dense} dense ({stored / dense:.2f}x)"))
+                    detail=f"{sparsity} {module}: {stored} bytes stored vs {dense} dense "
+                           f"({stored / dense:.2f}x)"))
                 continue
             report.near_misses.append(NearMiss(sparse_op, loc, reason, position=position[n]))
             if scheme is None:
@@ -158,10 +163,7 @@ def run_quantize(gm: fx.GraphModule, options) -> Report:
         changed = True
         report.matches.append(MatchRecord(op_name, loc, [n.name], detail=f"{scheme} {module}",
                                           position=position[n]))
-    if sparse_stored[1]:
-        report.notes.append(f"2:4 sparsity ({sparsity}): {sparse_stored[0]} bytes of linear weights "
-                            f"stored against {sparse_stored[1]} dense "
-                            f"({sparse_stored[0] / sparse_stored[1]:.2f}x)")
+    _note_sparse(report, sparse_stored)
     if changed:
         graph.lint()
         gm.recompile()
@@ -182,3 +184,17 @@ def _replace_linear(graph: fx.Graph, n: fx.Node, x, w, b, key: int, scheme: str,
             new.meta[k] = n.meta[k]
     n.replace_all_uses_with(new)
     graph.erase_node(n)
+
+
+def _count_sparsified(n: fx.Node, totals: list) -> None:
+    """Add the stored and dense bytes of a `sparsify_`'d linear call (x, values, meta[, scale], b)."""
+    x, *packed = [node_value(a) if isinstance(a, fx.Node) else None for a in n.args[:-1]]
+    if isinstance(x, torch.Tensor) and all(isinstance(t, torch.Tensor) for t in packed):
+        totals[0] += sum(t.numel() * t.element_size() for t in packed)
+        totals[1] += packed[0].shape[0] * 2 * packed[0].shape[1] * x.element_size()
+
+
+def _note_sparse(report: Report, totals: list) -> None:
+    if totals[1]:
+        report.notes.append(f"2:4 sparsity: {totals[0]} bytes of linear weights stored against "
+                            f"{totals[1]} dense ({totals[0] / totals[1]:.2f}x)")

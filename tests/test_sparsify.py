@@ -78,6 +78,7 @@ def test_sparsify_eager_compile_and_state_dict(scheme):
                 m.weight.copy_(prune_24(m.weight))
     if scheme == "2:4+int8":
         ligerfx.quantize_(pruned, "int8")  # 2:4+int8 == int8 of the 2:4 weight
+    dense = _dense_linear_bytes(model)
     skipped = ligerfx.sparsify_(model, scheme)
     assert list(skipped) == ["lm_head"]
     assert not any(isinstance(m, nn.Linear) for n, m in model.named_modules() if n != "lm_head")
@@ -88,6 +89,8 @@ def test_sparsify_eager_compile_and_state_dict(scheme):
         compiled = _compile(model)(input_ids=ids).logits
     op = "sparse24_linear" if scheme == "2:4" else "sparse24_int8_linear"
     assert backend.last_report.counts.get(op) == 14
+    note = f"{_sparse_bytes(model)} bytes of linear weights stored against {dense} dense"
+    assert any(note in n for n in backend.last_report.notes), backend.last_report.notes
     assert _rel(compiled, eager) < 1e-5
     # state_dict round trip into a fresh model that went through the same call
     buf = io.BytesIO()
@@ -186,3 +189,14 @@ def test_bad_options():
     with pytest.raises(ligerfx.OptionsError, match="need 'quantize'"):
         ligerfx.Options.from_any({"sparsity": "2:4", "group_size": 64})
     assert ligerfx.sparsify_(Small(), skip=["a"]) == {"a": "matches skip"}
+
+
+@pytest.mark.parametrize("scheme", ["2:4", "2:4+int8"])
+def test_empty_sparse_linear_loads_a_state_dict(scheme):
+    lin = Small().a
+    src = SparseLinear.from_weight(lin.weight.detach(), lin.bias, scheme)
+    dst = SparseLinear(32, 48, scheme)
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(4, 32)
+    assert torch.equal(dst(x), src(x))
+    assert _rel(src(x), lin(x)) < (1e-5 if scheme == "2:4" else 2e-2)
