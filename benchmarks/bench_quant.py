@@ -1,4 +1,4 @@
-"""Benchmark the low-bit linears (int8 / int4 weight-only, fp8 W8A8) against bf16, per op and end to end.
+"""Benchmark the low-bit linears (int8 / int4 weight-only, fp8 W8A8, 2:4 sparse [+int8]) against bf16.
 
 Per op, for the Llama-3-8B linear shapes (out x in: 4096x4096, 14336x4096, 4096x14336) at decode
 (M = 1, 4, 16 rows) and prefill (M = 2048) in bf16:
@@ -10,11 +10,15 @@ Per op, for the Llama-3-8B linear shapes (out x in: 4096x4096, 14336x4096, 4096x
     <s>_torchao     torchao's matching scheme (compiled), when torchao is importable
 
 with the median forward time, the achieved GB/s from the bytes an ideal kernel moves (packed weight,
-scales, x, y: decode is bound by them) and TFLOP/s (prefill).  End to end: forward only, under
-torch.no_grad(), of a Llama-3-8B-shaped model cut to --layers decoder layers, decode (1 token,
-no KV cache: it streams every weight once) and prefill (2048 tokens), compiled with
-backend="liger" and options quantize=int8/int4/fp8 against bf16 (inductor, and liger without
-quantization).  The lm head stays bf16 (skipped by default).  fp8 needs compute capability 8.9+.
+scales, x, y: decode is bound by them) and TFLOP/s (prefill).  The 2:4 schemes ("2:4", "2:4+int8";
+variants sparse24_* and sparse24_int8_*) run on the weight magnitude-pruned to 2:4: their error is
+against `bf16_24` (F.linear with that pruned weight), their bytes count values, positions and
+scales, and their TFLOP/s count the dense 2MNK (the kernel expands each tile and executes them
+all).  End to end: forward only, under torch.no_grad(), of a Llama-3-8B-shaped model cut to
+--layers decoder layers, decode (1 token, no KV cache: it streams every weight once) and prefill
+(2048 tokens), compiled with backend="liger" and options quantize=int8/int4/fp8 against bf16
+(inductor, and liger without quantization); the 2:4 variants go through `ligerfx.sparsify_` first
+(lossy pruning).  The lm head stays bf16 (skipped by default).  fp8 needs compute capability 8.9+.
 
     python benchmarks/bench_quant.py            # CUDA; on a CPU-only machine it says so and exits 0
     python benchmarks/bench_quant.py --smoke    # tiny sizes on CPU (Triton interpreter): proves it runs
@@ -40,13 +44,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from harness import Case, OpBench  # noqa: E402
 
-from ligerfx.kernels import fp8_matmul, int4_matmul, int8_matmul  # noqa: E402
+from ligerfx.kernels import fp8_matmul, int4_matmul, int8_matmul, sparse24_matmul  # noqa: E402
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (out N, in K) of Llama-3-8B's linears
 DECODE_M = (1, 4, 16)  # the issue asks for M = 1, 16, 256, 4096; 4 is a common decode batch
 PREFILL_M = (256, 2048, 4096)
-SCHEMES = ("int8", "int4", "fp8")
+SCHEMES = ("int8", "int4", "fp8", "2:4", "2:4+int8")
+SPARSE = {"2:4": "sparse24", "2:4+int8": "sparse24_int8"}  # scheme -> variant / op name prefix
 GROUP = 128
+
+
+def variant_of(scheme: str) -> str:
+    return SPARSE.get(scheme, scheme)
 
 
 def fp8_supported(device) -> bool:
@@ -57,6 +66,11 @@ def fp8_supported(device) -> bool:
 
 
 def pack(scheme, w, group):
+    """Packed tensors of w (the 2:4 schemes prune it first, see `weight_for`)."""
+    if scheme == "2:4":
+        return sparse24_matmul.pack_24(weight_for(scheme, w))
+    if scheme == "2:4+int8":
+        return sparse24_matmul.pack_24_int8(weight_for(scheme, w), w.dtype)
     if scheme == "int8":
         return int8_matmul.pack_int8(w, w.dtype)
     if scheme == "int4":
@@ -64,8 +78,15 @@ def pack(scheme, w, group):
     return fp8_matmul.pack_fp8(w)
 
 
+def weight_for(scheme, w):
+    """The dense weight a scheme serves: w, or w magnitude-pruned to 2:4."""
+    return sparse24_matmul.prune_24(w) if scheme in SPARSE else w
+
+
 def eager_fn(scheme):
     """Plain PyTorch: dequantize, then F.linear (fp8: x fake-quantized per token, straight-through)."""
+    if scheme in SPARSE:
+        return lambda x, v, m, *s: F.linear(x, sparse24_matmul.unpack_24(v, m, *s, dtype=x.dtype))
     if scheme == "int8":
         return lambda x, q, s: F.linear(x, int8_matmul.unpack_int8(q, s, x.dtype))
     if scheme == "int4":
@@ -80,7 +101,8 @@ def eager_fn(scheme):
 
 def liger_fn(scheme):
     return {"int8": int8_matmul.int8_linear, "int4": int4_matmul.int4_linear,
-            "fp8": fp8_matmul.fp8_linear}[scheme]
+            "fp8": fp8_matmul.fp8_linear, "2:4": sparse24_matmul.sparse24_linear,
+            "2:4+int8": sparse24_matmul.sparse24_int8_linear}[scheme]
 
 
 def nbytes(*ts) -> int:
@@ -89,6 +111,8 @@ def nbytes(*ts) -> int:
 
 def torchao_linear(scheme, w):
     """A compiled nn.Linear quantized by torchao's matching config, or None."""
+    if scheme in SPARSE:  # not compared here
+        return None
     try:
         import torchao.quantization as tq
     except Exception:
@@ -125,23 +149,28 @@ def bench_ops(device, shapes, ms, schemes, args, env, records, with_compile, wit
             x = torch.randn(M, K, device=device, dtype=dtype)
             io_bytes = nbytes(x) + M * N * x.element_size()
             runs = [("bf16", lambda: F.linear(x, w), nbytes(w))]
+            if any(s in SPARSE for s in schemes):  # the reference of the 2:4 variants
+                runs.append(("bf16_24", lambda w24=weight_for("2:4", w): F.linear(x, w24), nbytes(w)))
             for s in schemes:
                 wb = nbytes(*packed[s])
                 eager = eager_fn(s)
-                runs.append((f"{s}_eager", lambda e=eager, p=packed[s]: e(x, *p), wb))
+                v = variant_of(s)
+                runs.append((f"{v}_eager", lambda e=eager, p=packed[s]: e(x, *p), wb))
                 if with_compile:
                     comp = torch.compile(eager, dynamic=False)
-                    runs.append((f"{s}_inductor", lambda c=comp, p=packed[s]: c(x, *p), wb))
-                runs.append((f"{s}_liger", lambda f=liger_fn(s), p=packed[s]: f(x, *p), wb))
+                    runs.append((f"{v}_inductor", lambda c=comp, p=packed[s]: c(x, *p), wb))
+                runs.append((f"{v}_liger", lambda f=liger_fn(s), p=packed[s]: f(x, *p), wb))
                 ao = torchao_linear(s, w) if with_torchao else None
                 if ao is not None:
-                    runs.append((f"{s}_torchao", lambda m=ao: m(x), wb))
-            ref = None
+                    runs.append((f"{v}_torchao", lambda m=ao: m(x), wb))
+            refs = {}
             for name, fn, wbytes in runs:
                 try:
                     with torch.no_grad():
                         y = fn().float()
-                        ref = y if ref is None else ref
+                        if name in ("bf16", "bf16_24"):
+                            refs[name] = y
+                        ref = refs["bf16_24" if name.startswith("sparse24") else "bf16"]
                         err = ((y - ref).norm() / ref.norm()).item()
                         t = common.time_ms(lambda: fn(), device, args.warmup, args.reps)
                 except Exception as e:
@@ -168,16 +197,24 @@ def bench_e2e(device, layers, smoke, schemes, args, env, records):
     phases = (("decode", 1, 1), ("prefill", 1, 32 if smoke else 2048))
     # (inductor compiles take ~15 s on a CPU: the smoke run keeps liger without quantization)
     variants = ([] if smoke else [("bf16_inductor", None)]) + [("bf16_liger", {})]
-    variants += [(f"{s}_liger", {"quantize": s, **({"group_size": group} if s == "int4" else {})})
-                 for s in schemes]
+    variants += [(f"{variant_of(s)}_liger", {} if s in SPARSE else
+                  {"quantize": s, **({"group_size": group} if s == "int4" else {})}) for s in schemes]
+    if smoke:  # the op table covers 2:4+int8; one sparsify_'d model proves the e2e path
+        variants = [v for v in variants if v[0] != "sparse24_int8_liger"]
+    sparsify = {f"{variant_of(s)}_liger": s for s in schemes if s in SPARSE}
     print(f"\nend to end: llama3_8b-shaped, {layers} layers, forward under no_grad, {dtype}")
     for vname, opts in variants:
         torch._dynamo.reset()
         model, _, vocab = e2e.build("llama3_8b", layers, smoke, device, dtype)
         model.eval().requires_grad_(False)
+        if vname in sparsify:  # prune + compress the weights; the graph then calls the 2:4 ops
+            import ligerfx
+
+            ligerfx.sparsify_(model, sparsify[vname])
         fn = (torch.compile(model) if opts is None else
               torch.compile(model, backend="liger", options={"inner": inner, "log_report": False, **opts}))
         wbytes = nbytes(*model.parameters())
+        stored = wbytes + nbytes(*model.buffers())  # + packed weights of sparsify_'d linears
         for phase, batch, seq in phases:
             ids = torch.randint(3, vocab, (batch, seq), device=device)
             try:
@@ -195,7 +232,8 @@ def bench_e2e(device, layers, smoke, schemes, args, env, records):
             tps = batch * seq / (t * 1e-3)
             for metric, value, unit in (("fwd_time", t, "ms"), ("tokens_per_s", tps, "tokens/s"),
                                         ("first_call_time", first, "s"),
-                                        ("bf16_weight_bytes", wbytes, "B")):
+                                        ("bf16_weight_bytes", wbytes, "B"),
+                                        ("stored_weight_bytes", stored, "B")):
                 records.append(common.record("quant_e2e", vname, phase, metric, value, unit, env))
             print(f"  {vname:14s} {phase:8s} {t:9.3f} ms  {tps:10.1f} tokens/s  (first call {first:.1f} s)")
         del model, fn
@@ -207,6 +245,7 @@ def bench_e2e(device, layers, smoke, schemes, args, env, records):
 
 
 def _case(scheme):
+    """Inputs of one run.py size (the 2:4 schemes prune the weight inside `pack`)."""
     def make(M, device, dtype):
         N, K = (14336, 4096) if device.type == "cuda" else (48, 64)
         group = GROUP if device.type == "cuda" else 32
@@ -220,8 +259,9 @@ def _case(scheme):
     return make
 
 
-OPS = [OpBench(f"{s}_linear", f"{s}_matmul", _case(s), DECODE_M + PREFILL_M, (1, 20), "rows",
-               eager=eager_fn(s), liger=liger_fn(s)) for s in SCHEMES]
+OPS = [OpBench(f"{variant_of(s)}_linear", "sparse24_matmul" if s in SPARSE else f"{s}_matmul", _case(s),
+               DECODE_M + PREFILL_M, (1, 20), "rows", eager=eager_fn(s), liger=liger_fn(s))
+       for s in SCHEMES]
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,8 @@ from .options import Options, OptionsError
 from .pattern import PatternError
 from .quantize import quantize_
 from .report import Report
+from .sparsify import sparsify_
 
 __all__ = ["liger_backend", "compile", "explain", "Options", "OptionsError", "PatternError", "Report",
-           "register_pattern", "quantize_"]
+           "register_pattern", "quantize_", "sparsify_"]
 __version__ = "0.1.0"

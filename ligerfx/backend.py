@@ -41,6 +41,7 @@ def rewrite(gm: fx.GraphModule, options: Options, upstream: list | tuple = (),
     if q.matches or q.near_misses:
         report.matches = sorted(report.matches + q.matches, key=lambda m: m.position)
         report.near_misses = sorted(report.near_misses + q.near_misses, key=lambda m: m.position)
+    report.notes.extend(q.notes)  # e.g. the bytes 2:4 sparsity stores against dense
     return report
 
 

@@ -23,8 +23,11 @@ class Options:
     log_report: log the rewrite report through the `ligerfx` logger (INFO) after each graph.
     quantize: None, "int8", "int4" or "fp8": replace frozen linear layers by low-bit matmuls.
     group_size: int4 group along K: 32, 64 or 128.
-    quantize_skip: module-name globs (fnmatch) of linears not to quantize.
-    quantize_lm_head: also quantize the lm head (skipped by default).
+    quantize_skip: module-name globs (fnmatch) of linears not to quantize (or sparsify).
+    quantize_lm_head: also quantize (or sparsify) the lm head (skipped by default).
+    sparsity: None, "2:4" or "2:4+int8": serve frozen linears whose weights are already 2:4
+        sparse from compressed storage (lossless; "+int8" also quantizes the kept values); the
+        others are left alone (or quantized by `quantize`) with a near miss.
     skip_logits: when the lm head + loss is fused and the model also returns the logits, do not
         compute them: that output becomes an empty tensor (the report says so).  Training only.
     upcast_statistics: statistics (norm statistics, the loss's log-softmax) that the code computes
@@ -43,6 +46,7 @@ class Options:
     quantize_lm_head: bool = False
     skip_logits: bool = False
     upcast_statistics: bool = False
+    sparsity: str | None = None
     _extra: tuple = field(default=(), repr=False)
 
     @classmethod
@@ -77,10 +81,14 @@ class Options:
         if not isinstance(self.quantize_lm_head, bool):
             raise OptionsError(f"option 'quantize_lm_head' must be True or False, "
                                f"got {self.quantize_lm_head!r}")
+        if self.sparsity is not None:
+            validate_sparsity(self.sparsity)
         if self.quantize is None:
-            if self.group_size != 128 or self.quantize_skip or self.quantize_lm_head:
+            if self.group_size != 128 or (self.sparsity is None and (self.quantize_skip or self.quantize_lm_head)):
                 raise OptionsError("options 'group_size', 'quantize_skip' and 'quantize_lm_head' "
-                                   "need 'quantize' (one of " + ", ".join(QUANT_SCHEMES) + ")")
+                                   "need 'quantize' (one of " + ", ".join(QUANT_SCHEMES) + ")"
+                                   + ("" if self.sparsity is not None else
+                                      " or, for the last two, 'sparsity'"))
         else:
             validate_quantize(self.quantize, self.group_size)
         from .pattern import REGISTRY
@@ -110,6 +118,16 @@ def validate_quantize(scheme: Any, group_size: Any) -> None:
     if scheme != "int4" and group_size != 128:
         raise OptionsError(f"option 'group_size' applies to quantize='int4' only (got "
                            f"quantize={scheme!r}, group_size={group_size!r})")
+
+
+SPARSITY_SCHEMES = ("2:4", "2:4+int8")
+
+
+def validate_sparsity(scheme: Any) -> None:
+    """Check a sparsity scheme (also used by `ligerfx.sparsify_`)."""
+    if scheme not in SPARSITY_SCHEMES:
+        raise OptionsError(f"option 'sparsity' must be one of {', '.join(map(repr, SPARSITY_SCHEMES))}; "
+                           f"got {scheme!r}")
 
 
 def _names(key: str, v: Any) -> tuple:

@@ -26,12 +26,14 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
-from .kernels import fp8_matmul, int4_matmul, int8_matmul
+from .kernels import fp8_matmul, int4_matmul, int8_matmul, sparse24_matmul
 from .kernels.int4_matmul import GROUP_SIZES
 
 SCHEMES = ("int8", "int4", "fp8")
 MIN_FEATURES = 16  # layers narrower than a 16-wide tensor-core tile are left alone
-OP_NAMES = {"int8": "int8_linear", "int4": "int4_linear", "fp8": "fp8_linear"}
+SPARSE_SCHEMES = ("2:4", "2:4+int8")
+OP_NAMES = {"int8": "int8_linear", "int4": "int4_linear", "fp8": "fp8_linear",
+            "2:4": "sparse24_linear", "2:4+int8": "sparse24_int8_linear"}
 
 
 def _fp8():
@@ -60,6 +62,15 @@ def pack(weight: torch.Tensor, scheme: str, group_size: int = 128,
         return int4_matmul.pack_int4(weight, group_size, scale_dtype)
     if scheme == "fp8":
         return _fp8().pack_fp8(weight)  # fp32 scales whatever scale_dtype
+    if scheme in SPARSE_SCHEMES:
+        try:
+            if scheme == "2:4":
+                return sparse24_matmul.pack_24(weight)
+            return sparse24_matmul.pack_24_int8(weight, scale_dtype)
+        except ValueError as e:  # only reachable after an in-place change (the pass checked it)
+            raise ValueError(f"{e}. A compiled graph serves this frozen weight 2:4-compressed and it "
+                             "no longer is 2:4 (changed in place?): keep it 2:4 or recompile "
+                             "(torch._dynamo.reset())") from None
     raise ValueError(f"unknown quantization scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
 
 
@@ -150,6 +161,10 @@ def _(weight, key, scheme, group_size, scale_dtype):
         return [weight.new_empty((N, K // 2), dtype=torch.uint8),
                 weight.new_empty((N, K // group_size), dtype=scale_dtype),
                 weight.new_empty((N, K // group_size), dtype=scale_dtype)]
+    if scheme in SPARSE_SCHEMES:
+        values = weight.new_empty((N, K // 2), dtype=torch.int8 if scheme == "2:4+int8" else weight.dtype)
+        meta = weight.new_empty((N, K // 8), dtype=torch.uint8)
+        return [values, meta] if scheme == "2:4" else [values, meta, weight.new_empty((N,), dtype=scale_dtype)]
     return [weight.new_empty((N, K), dtype=torch.float8_e4m3fn),
             weight.new_empty((N,), dtype=torch.float32)]
 

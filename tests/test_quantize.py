@@ -220,3 +220,9 @@ def test_bench_quant_smoke(tmp_path, capsys):
         for phase in ("decode", "prefill"):
             assert [r for r in recs if r["benchmark"] == "quant_e2e" and r["variant"] == f"{s}_liger"
                     and r["shape"] == phase and r["metric"] == "tokens_per_s" and r["value"] > 0]
+    # 2:4 schemes: error against F.linear with the same pruned weight (lossless; +int8: int8 noise)
+    for v, bound in (("sparse24_liger", 1e-5), ("sparse24_int8_liger", 2e-2)):
+        err = [r["value"] for r in recs if r["variant"] == v and r["metric"] == "rel_l2_vs_bf16"]
+        assert err and max(err) < bound, (v, err)
+    assert [r for r in recs if r["benchmark"] == "quant_e2e" and r["variant"] == "sparse24_liger"
+            and r["metric"] == "tokens_per_s" and r["value"] > 0]
