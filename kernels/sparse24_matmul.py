@@ -28,12 +28,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from .int8_matmul import pack_int8
-from .lowbit import (dot_precision, frozen_linear_backward, grouped_tile, pick_config,
+from .lowbit import (dot_precision, frozen_linear_backward, grouped_tile, operands, pick_config,
                      register_frozen_autograd, rows_2d, splitk_reduce, store_tile, tile_grid,
                      upcast_dot)
 from .runtime import use_triton
@@ -141,7 +143,7 @@ def unpack_24(values: torch.Tensor, meta: torch.Tensor, scale: Optional[torch.Te
 @triton.jit
 def _sparse24_mm_kernel(X, V, MT, S, B, Y, P, M, N, K, stride_xm, stride_vn, stride_mn, stride_ym,
                         k_per_split, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        SPLIT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                        SPLIT_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
     pid_k = tl.program_id(1)
@@ -183,7 +185,7 @@ def _sparse24_mm_kernel(X, V, MT, S, B, Y, P, M, N, K, stride_xm, stride_vn, str
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
     store_tile(acc, S, B, Y, P, rm, rn, M, N, stride_ym, pid_k, HAS_SCALE=HAS_SCALE,
-               HAS_BIAS=HAS_BIAS, SPLIT=SPLIT)
+               HAS_BIAS=HAS_BIAS, SPLIT_K=SPLIT_K)
 
 
 def sparse24_matmul_triton(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
@@ -196,7 +198,14 @@ def sparse24_matmul_triton(x2: torch.Tensor, values: torch.Tensor, meta: torch.T
         y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     if M == 0:
         return y
-    cfg = pick_config(M, N, K, x2.device, split=split)  # BK >= 16, a power of two: whole bytes
+    # per dense weight element: half a kept value plus an eighth of a byte of positions (BK >= 16, a
+    # power of two: whole bytes of positions per tile)
+    w_bytes = 0.5 * values.element_size() + 0.125
+    cfg = pick_config(M, N, K, x2.device, operands(x2.dtype, w_bytes), split=split)
+    if x2.dtype == torch.float32 and cfg.BM > 16:
+        # the fp32 (FMA) tiles also hold the expanded weight tile: a third pipeline stage spills
+        # on sm_90 (found by the offline compile, tests/gpu_compile)
+        cfg = dataclasses.replace(cfg, num_stages=2)
     grid, partial = tile_grid(cfg, M, N, x2.device)
     dummy = values
     _sparse24_mm_kernel[grid](x2, values, meta, scale if scale is not None else dummy,
@@ -204,7 +213,7 @@ def sparse24_matmul_triton(x2: torch.Tensor, values: torch.Tensor, meta: torch.T
                               partial if partial is not None else y, M, N, K, x2.stride(0),
                               values.stride(0), meta.stride(0), y.stride(0), cfg.k_per_split,
                               HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-                              SPLIT=cfg.split, PREC=dot_precision(x2.dtype),
+                              SPLIT_K=cfg.split > 1, PREC=dot_precision(x2.dtype),
                               UPCAST=upcast_dot(x2.device), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
                               GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial is not None:

@@ -151,7 +151,8 @@ def _losses():
 
 
 def _matmuls(chip: Chip):
-    i8, i4, f8 = (op_body(f"liger::{s}_linear") for s in ("int8", "int4", "fp8"))
+    i8, i4, f8, s24, s24i8 = (op_body(f"liger::{s}_linear")
+                              for s in ("int8", "int4", "fp8", "sparse24", "sparse24_int8"))
     fp8 = chip.capability >= MIN_CAPABILITY
 
     def int8(dt, M, N, K, bias):
@@ -172,6 +173,16 @@ def _matmuls(chip: Chip):
             f8(x, _e(N, K, dtype=FP8), _e(N, dtype=FP32), b)
         return f"fp8_linear {dt} M={M} N={N} K={K} bias={bias}", run
 
+    def sparse24(dt, M, N, K, bias, int8=False):
+        def run():
+            x, b = _e(M, K, dtype=dt), (_e(N, dtype=dt) if bias else None)
+            meta = _e(N, K // 8, dtype=torch.uint8)
+            if int8:
+                s24i8(x, _e(N, K // 2, dtype=torch.int8), meta, _e(N, dtype=dt), b)
+            else:
+                s24(x, _e(N, K // 2, dtype=dt), meta, b)
+        return f"sparse24{'_int8' if int8 else ''}_linear {dt} M={M} N={N} K={K} bias={bias}", run
+
     # Tiles depend on the activation dtype and M (decode / prefill); split-K on N, K and the SM
     # count: every linear shape at every M in bf16 and fp32; fp16 and bias at the Llama shapes.
     for dt in (BF16, FP32):
@@ -182,12 +193,16 @@ def _matmuls(chip: Chip):
                     yield int4(dt, M, N, K, False, G)
                 if fp8:
                     yield fp8_(dt, M, N, K, False)
+                if (N, K) == LINEARS[0]:
+                    yield sparse24(dt, M, N, K, False)
+                    yield sparse24(dt, M, N, K, False, int8=True)
     for dt, bias in ((FP16, False), (BF16, True)):
         for M in (16, 4096):
             yield int8(dt, M, 4096, 4096, bias)
             yield int4(dt, M, 4096, 4096, bias, 128)
             if fp8:
                 yield fp8_(dt, M, 4096, 4096, bias)
+            yield sparse24(dt, M, 4096, 4096, bias, int8=bias)
 
 
 # Chips on which the chip-independent kernels are compiled.  Their launchers read no device
