@@ -24,12 +24,16 @@ Tensor grad_weight, Tensor grad_bias)``
   Differentiable: a gradient arriving on it is added in backward.
 * ``grad_hidden`` / ``grad_weight`` / ``grad_bias``: d(loss)/d(input) computed in the forward,
   each only when its ``need_grad_*`` flag is set (and, for bias, a bias is given) and reduction
-  is not "none"; otherwise empty. grad_weight / grad_bias accumulate over chunks in fp32 and are
-  returned in the weight's dtype. Saved for backward; not differentiable.
+  is not "none"; otherwise empty. All three stay in the compute dtype (fp32 for bf16/fp16
+  inputs, fp32 GEMM accumulation): backward multiplies them by grad_output and only then rounds
+  to the input dtype, once, as eager does (eager scales the fp32 CE gradient before its GEMMs
+  round). Rounding here and again after the scale would add a second bf16 rounding (about
+  sqrt(2) x eager's error once grad_output is not a power of two, e.g. "sum" / token count).
+  Saved for backward; not differentiable.
 
 ``liger::fused_linear_cross_entropy_backward(...) -> (grad_hidden, grad_weight, grad_bias)``
-scales the saved gradients by grad_output (so "sum" followed by a division by a token count in
-the graph is exact) and adds the contribution of a gradient on ``logits``
+scales the saved gradients by grad_output in fp32 and rounds once (so "sum" followed by a
+division by a token count in the graph is as precise as eager) and adds the contribution of a gradient on ``logits``
 (g @ W, g^T @ hidden, g.sum(0): single GEMMs, no N x V temporary beyond g itself). With
 reduction "none" (per-row grad_output) or when a needed gradient was not computed in the forward
 (need_grad_* False), backward recomputes the chunks instead: logits, CE gradient scaled per row,
@@ -65,6 +69,9 @@ FLCE_CHUNK_ROWS: Optional[int] = None
 # bf16/fp16 add fp32 copies of the chunk), and fewer, larger chunks keep the GEMMs efficient.
 _CUDA_CHUNK_BYTES = 256 << 20
 _CPU_CHUNK_BYTES = 64 << 20
+# Bound on the fp32 copies _acc_mm_ makes of low-precision GEMM operands where no fp32-output
+# GEMM exists (CPU).
+_UPCAST_BYTES = 32 << 20
 
 
 def chunk_rows(N: int, V: int, device: torch.device, elem_bytes: int, chunk_size: int = 0) -> int:
@@ -101,23 +108,35 @@ def _cuda_fp32_out_addmm_ok(device_index: int) -> bool:
 
 
 def _acc_mm_(acc: Tensor, a: Tensor, b: Tensor, first: bool = False) -> None:
-    """acc += a @ b with acc possibly wider (fp32) than a, b; `first`: acc holds garbage, set it.
+    """acc += a @ b with acc possibly wider (fp32) than a and/or b; `first`: acc holds garbage.
 
-    On the first chunk of a same-dtype accumulation the product is written straight into acc
-    (no zero fill, no read of a [V, H] buffer of zeros).
+    On the first chunk the product is written straight into acc (no zero fill, no read of a
+    [V, H] buffer of zeros) wherever torch has a GEMM for the dtypes.
     """
-    if first and a.dtype == acc.dtype:
-        torch.mm(a, b, out=acc)
+    if a.dtype == b.dtype == acc.dtype:
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
         return
-    if first:
-        acc.zero_()
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif acc.is_cuda and _cuda_fp32_out_addmm_ok(acc.device.index or 0):
+    if a.dtype == b.dtype and acc.is_cuda and _cuda_fp32_out_addmm_ok(acc.device.index or 0):
+        if first:
+            acc.zero_()
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        # Chunk-sized upcasts only (a is [V, C] or [C, V]); slower but exact fp32 accumulation.
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        return
+    # Upcast slices of the inner dimension only, so the fp32 copies stay bounded even when b is
+    # the whole [V, H] weight (grad_hidden = g @ W): exact fp32 accumulation, as eager's
+    # low-precision GEMMs; the caller rounds the result once.
+    K = a.shape[1]
+    step = max(1, _UPCAST_BYTES // max(1, (a.shape[0] + b.shape[1]) * 4))
+    for k in range(0, K, step):
+        ak, bk = a[:, k:k + step].to(acc.dtype), b[k:k + step].to(acc.dtype)
+        if first and k == 0:
+            torch.mm(ak, bk, out=acc)
+        else:
+            acc.addmm_(ak, bk)
+    if first and K == 0:
+        acc.zero_()
 
 
 def _linear_into(h: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> None:
@@ -128,23 +147,30 @@ def _linear_into(h: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor)
 
 
 def _chunk_loop(h2, weight, bias, t, ce_weight, stats, loss_rows, z_rows, *, logits_out,
-                grad_logits, gh, gw_acc, gb_acc, row_scale, C, ce_kw):
+                grad_logits, gh, gw_acc, gb_acc, row_scale, C, ce_kw, grad_dtype=None):
     """One pass over the token chunks: logits, CE (+ its gradient), then the gradient GEMMs.
 
     gh / gw_acc / gb_acc: outputs to fill (None = not needed). grad_logits: an incoming gradient
     on the logits, added to the chunk's CE gradient. row_scale: per-row grad_output (or None).
     """
     N, V = h2.shape[0], weight.shape[0]
+    grad_dtype = grad_dtype or h2.dtype
     compute_grad = gh is not None or gw_acc is not None or gb_acc is not None
     if N == 0 and gw_acc is not None:
         gw_acc.zero_()  # no chunk will write it
     buf = h2.new_empty(min(C, N), V)
+    # The logits gradient in grad_dtype: the input dtype (eager's: it rounds the scaled CE
+    # gradient once) or fp32, kept unrounded for the forward's grad_output = 1 gradients.
+    if compute_grad and grad_dtype != h2.dtype:
+        gbuf = h2.new_empty(min(C, N), V, dtype=grad_dtype)
+    else:
+        gbuf = buf
     triton_ce = use_triton(h2, weight)
     for s in range(0, N, C):
         e = min(N, s + C)
         hc = h2[s:e]
-        g = buf[: e - s]
-        z = logits_out[s:e] if logits_out is not None else g
+        g = gbuf[: e - s]
+        z = logits_out[s:e] if logits_out is not None else buf[: e - s]
         _linear_into(hc, weight, bias, z)
         rs = row_scale[s:e] if row_scale is not None else None
         args = (z, t[s:e], ce_weight, stats, loss_rows[s:e], z_rows[s:e],
@@ -157,12 +183,26 @@ def _chunk_loop(h2, weight, bias, t, ce_weight, stats, loss_rows, z_rows, *, log
             continue
         if grad_logits is not None:
             g += grad_logits[s:e]
-        if gh is not None:
-            torch.mm(g, weight, out=gh[s:e])
+        if gh is not None:  # gh may be fp32 (forward) or the input dtype (recompute)
+            _acc_mm_(gh[s:e], g, weight, first=True)
         if gw_acc is not None:
             _acc_mm_(gw_acc, g.t(), hc, first=s == 0)
         if gb_acc is not None:
             gb_acc += torch.sum(g, 0, dtype=gb_acc.dtype)
+
+
+def _fwd_grad_dtype(h2: Tensor, ct: torch.dtype) -> torch.dtype:
+    """Dtype of the logits gradient behind the forward's (unscaled) gradients.
+
+    Eager rounds the CE gradient to the input dtype after scaling it by grad_output; the forward
+    does not know grad_output yet, so rounding there rounds a different value (round(g) * s is
+    not round(g * s) unless s is a power of two): as often worse as better than eager. Off CUDA
+    the gradient stays fp32 (the CPU chunk budget already counts fp32 [C, V] copies; the GEMMs
+    there upcast anyway), so the result is rounded once, at the end, and is never further from
+    the exact value than eager's. On CUDA it is rounded (bf16 tensor-core GEMMs; fp32 x bf16 has
+    no cuBLAS GEMM), which is eager's error statistically, not bit for bit.
+    """
+    return ct if h2.device.type != "cuda" else h2.dtype
 
 
 def _flat(hidden: Tensor, target: Tensor):
@@ -195,7 +235,8 @@ def fused_linear_cross_entropy_op(
     z_rows = h2.new_empty(N, dtype=ct)
     fwd_grads = reduction != "none"  # per-row grad_output: backward recomputes instead
     want_gb = fwd_grads and need_grad_bias and bias is not None
-    gh = torch.empty_like(h2) if fwd_grads and need_grad_hidden else None
+    # fp32 (ct) so that backward's scale by grad_output comes before the one rounding
+    gh = h2.new_empty(h2.shape, dtype=ct) if fwd_grads and need_grad_hidden else None
     gw_acc = torch.empty(weight.shape, dtype=ct, device=weight.device) \
         if fwd_grads and need_grad_weight else None  # the first chunk sets it
     gb_acc = torch.zeros(V, dtype=ct, device=weight.device) if want_gb else None
@@ -203,6 +244,7 @@ def fused_linear_cross_entropy_op(
     _chunk_loop(h2, weight, bias, t, ce_weight, stats, loss_rows, z_rows, logits_out=logits,
                 grad_logits=None, gh=gh, gw_acc=gw_acc, gb_acc=gb_acc, row_scale=None,
                 C=chunk_rows(N, V, h2.device, h2.element_size(), chunk_size),
+                grad_dtype=_fwd_grad_dtype(h2, ct),
                 ce_kw=_ce_kwargs(ignore_index, label_smoothing, lse_square_scale, softcap,
                                  logit_scale))
     loss, z = reduce_rows(loss_rows, z_rows, denom_ce, denom_z, reduction, target.shape,
@@ -212,8 +254,8 @@ def fused_linear_cross_entropy_op(
         loss, z,
         logits.view(*hidden.shape[:-1], V) if logits is not None else empty.clone(),
         gh.view(hidden.shape) if gh is not None else empty.clone(),
-        gw_acc.to(weight.dtype) if gw_acc is not None else empty.clone(),
-        gb_acc.to(bias.dtype) if gb_acc is not None else empty.clone(),
+        gw_acc if gw_acc is not None else empty.clone(),
+        gb_acc if gb_acc is not None else empty.clone(),
     )
 
 
@@ -230,10 +272,11 @@ def _(hidden, weight, bias, target, ce_weight=None, ignore_index=-100, reduction
         hidden.new_empty(shape, dtype=ct),
         hidden.new_empty(shape, dtype=ct),
         hidden.new_empty((*hidden.shape[:-1], V)) if return_logits else hidden.new_empty(0),
-        hidden.new_empty(hidden.shape) if fwd_grads and need_grad_hidden else hidden.new_empty(0),
-        weight.new_empty(weight.shape) if fwd_grads and need_grad_weight
+        hidden.new_empty(hidden.shape, dtype=ct) if fwd_grads and need_grad_hidden
         else hidden.new_empty(0),
-        bias.new_empty(bias.shape) if fwd_grads and need_grad_bias and bias is not None
+        weight.new_empty(weight.shape, dtype=ct) if fwd_grads and need_grad_weight
+        else hidden.new_empty(0),
+        bias.new_empty(bias.shape, dtype=ct) if fwd_grads and need_grad_bias and bias is not None
         else hidden.new_empty(0),
     )
 
@@ -277,22 +320,29 @@ def fused_linear_cross_entropy_backward_op(
         gw = gw_acc.to(weight.dtype) if gw_acc is not None else None
         gb = gb_acc.to(bias.dtype) if gb_acc is not None else None
     else:
-        # Saved gradients are d(loss)/d(input) for grad_output = 1; loss is a scalar here.
+        # Saved gradients are d(loss)/d(input) for grad_output = 1, in the compute dtype; loss
+        # is a scalar here. Scale (and add a logits gradient's GEMM) in fp32, round once.
         s = grad_loss.reshape(()) if grad_loss is not None else None
 
-        def scaled(saved, like):
-            return saved * s if s is not None else torch.zeros_like(like)
+        def scaled(saved, like, add):
+            out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            if add is None:
+                if s is None:
+                    return out.zero_()
+                return torch.mul(saved, s, out=out)  # fp32 product, rounded on the store
+            acc = saved * s if s is not None else torch.zeros_like(saved)
+            add(acc)
+            return out.copy_(acc)
 
-        gh = scaled(saved_grad_hidden, hidden).reshape(N, -1) if need_grad_hidden else None
-        gw = scaled(saved_grad_weight, weight) if need_grad_weight else None
-        gb = scaled(saved_grad_bias, bias) if need_gb else None
-        if gl2 is not None:
-            if gh is not None:
-                gh.addmm_(gl2, weight)
-            if gw is not None:
-                gw.addmm_(gl2.t(), h2)
-            if gb is not None:
-                gb += gl2.sum(0)
+        def mm_into(a, b):
+            return None if gl2 is None else (lambda acc: _acc_mm_(acc, a, b))
+
+        gh = scaled(saved_grad_hidden.reshape(N, -1), h2, mm_into(gl2, weight)) \
+            if need_grad_hidden else None
+        gw = scaled(saved_grad_weight, weight, mm_into(gl2.t() if gl2 is not None else None,
+                                                       h2)) if need_grad_weight else None
+        gb = scaled(saved_grad_bias, bias, None if gl2 is None else
+                    (lambda acc: acc.add_(gl2.sum(0, dtype=acc.dtype)))) if need_gb else None
     empty = hidden.new_empty(0)
     return (
         gh.view(hidden.shape) if gh is not None else empty.clone(),
