@@ -232,3 +232,74 @@ def test_flce_bf16_bias_gradient_precision():
         return (lsum / (tv != -100).sum().clamp_min(1),)
     """, ("fused_linear_cross_entropy",), SPELLING, BF16, bias=True)
     check(case, seed=250)
+
+
+# -- an input rounded on the way in, in every pattern family --------------------------------------
+
+# cast (fixed in the matcher): a bound input binds to the value after a lossy cast chain, so each
+# kernel reads the rounded value eager reads (`h.to(bf16).to(h.dtype)`), in every family
+_ROUNDED = "hb = h.to(torch.bfloat16).to(h.dtype)"
+
+
+def test_rms_norm_functional_input_rounded_through_bf16():
+    check(_norm(f"""
+        {_ROUNDED}
+        return (F.rms_norm(hb, (16,), self.weight, 1e-06),)
+    """, ("rms_norm",), SAFETY), seed=14)
+
+
+def test_hand_written_norms_input_rounded_through_fp16():
+    check(_norm("""
+        hb = h.to(torch.float16).to(torch.float32)
+        r = hb * torch.rsqrt(hb.pow(2).mean(-1, keepdim=True) + 1e-06) * self.weight
+        xc = hb - hb.mean(-1, keepdim=True)
+        ln = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-05) * self.weight + self.bias
+        return (r, ln)
+    """, ("rms_norm", "layer_norm"), SAFETY), seed=15)
+
+
+_GATED_INIT = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Linear(16, 32, bias=False)
+        self.u = nn.Linear(16, 32, bias=False)
+
+    def forward(self, x):
+"""
+
+
+def test_gated_act_inputs_rounded_through_bf16():
+    body = """
+        g = self.g(x).to(torch.bfloat16).to(torch.float32)
+        u = self.u(x).to(torch.bfloat16).float()
+        return (F.silu(g) * u,)
+    """
+    lines = "".join(f"        {line.strip()}\n" for line in body.strip().splitlines())
+    check(_case(_GATED_INIT + lines, ("swiglu",), SAFETY), seed=16)
+
+
+def test_rope_input_rounded_through_bf16():
+    check(_rope("""
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos().unsqueeze(-2)
+        sin = emb.sin().unsqueeze(-2)
+        q = self.wq(x).view(2, 4, 2, 8).to(torch.bfloat16).to(torch.float32)
+        q1, q2 = q.chunk(2, dim=-1)
+        return (q * cos + torch.cat((-q2, q1), dim=-1) * sin,)
+    """, ("rope", "rope_single"), SAFETY), seed=17)
+
+
+def test_flce_hidden_rounded_through_bf16():
+    check(_head("""
+        hb = h.to(torch.bfloat16).to(h.dtype)
+        return (F.cross_entropy(self.head(hb).view(-1, 40), labels.view(-1)),)
+    """, ("fused_linear_cross_entropy", "cross_entropy"), SAFETY), seed=18)
+
+
+def test_cross_entropy_logits_rounded_through_bf16():
+    check(_head("""
+        l = self.head(h)
+        lb = l.to(torch.bfloat16).to(l.dtype)
+        return (F.cross_entropy(lb.view(-1, 40), labels.view(-1)), l)
+    """, ("cross_entropy", "fused_linear_cross_entropy"), SAFETY), seed=19)
