@@ -47,14 +47,43 @@ def test_rms_norm_statistic_unsqueezed_before_eps():
     """, ("rms_norm",), dtype=BF16), seed=1)
 
 
-# other (rms_norm variants, not fixed): the weight multiplied in first (`(w * x) / sqrt(..)`)
-# with a keepdim=False statistic put back by indexing: no variant covers the combination
+# canonical (fixed here): the weight multiplied in first (`(w * x) / sqrt(..)`) with a
+# keepdim=False statistic put back by indexing: no variant covered the combination; the view now
+# reads `mean(x, d)[..., None]` / `.unsqueeze(d)` as `mean(x, d, keepdim=True)`
 def test_rms_norm_weight_first_with_unsqueezed_statistic():
     check(_norm("""
         var = torch.mean(torch.square(h), dim=-1)[..., None]
         n = ((1.0 + self.weight) * h) / torch.sqrt(var + 1e-05)
         return (n,)
     """, ("rms_norm",)), seed=13)
+
+
+# the same in bf16, judged by the same precision and casting rules as the keepdim=True spelling:
+# upcast to fp32 first (rewritten, fp32 casting); all in bf16 (the statistic rounds in bf16:
+# refused unless upcast_statistics); rstd rounded to bf16 before the product (refused)
+def test_rms_norm_weight_first_unsqueezed_statistic_bf16():
+    check(_norm("""
+        hf = h.float()
+        var = hf.pow(2).mean(-1)[..., None]
+        return (((self.weight * hf) * torch.rsqrt(var + 1e-06)).to(h.dtype),)
+    """, ("rms_norm",), dtype=BF16), seed=23)
+    check(_norm("""
+        var = h.pow(2).mean(-1).unsqueeze(-1)
+        return ((self.weight * h) / torch.sqrt(var + 1e-06),)
+    """, ("rms_norm",), dtype=BF16), seed=20)
+    check(_norm("""
+        var = h.float().pow(2).mean(-1)[..., None]
+        return ((self.weight * h) * torch.rsqrt(var + 1e-06).to(h.dtype),)
+    """, ("rms_norm",), SAFETY, dtype=BF16), seed=21)
+
+
+# canonical (fixed here): layer norm with both statistics keepdim=False, unsqueezed back
+def test_layer_norm_statistics_unsqueezed():
+    check(_norm("""
+        xc = h - h.mean(-1).unsqueeze(-1)
+        var = xc.pow(2).mean(dim=-1)[..., None]
+        return (xc * torch.rsqrt(var + 1e-05) * self.weight + self.bias,)
+    """, ("layer_norm",)), seed=22)
 
 
 # canonical (fixed here): `t[..., None]` is unsqueeze(-1); it was an opaque getitem (silent miss)
