@@ -88,7 +88,7 @@ def _match(p: Any, t: Any, st: _State, pat: Pattern, var: TracedVariant) -> Iter
             old = st.bind[name]
             if old is val or (not isinstance(val, CNode) and _same_const(old, val)):
                 yield st
-            elif isinstance(val, CNode) and _strip(old, pat.allow_casts, st, False) is (
+            elif name not in var.scalar_inputs and _strip(old, pat.allow_casts, st, False) is (
                     src := _strip(val, pat.allow_casts, st, False)) and src.nodes:
                 # the uses see one input cast differently: bind the value before all the casts,
                 # so the constraints see every chain and refuse with the reason (not a silent miss)

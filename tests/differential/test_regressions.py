@@ -332,3 +332,12 @@ def test_cross_entropy_logits_rounded_through_bf16():
         lb = l.to(torch.bfloat16).to(l.dtype)
         return (F.cross_entropy(lb.view(-1, 40), labels.view(-1)), l)
     """, ("cross_entropy", "fused_linear_cross_entropy"), SAFETY), seed=19)
+
+
+# cast (matcher): the statistic reads h, the product its bf16 rounding: the uses see one input
+# cast differently, so it binds before all casts and the lossy chain is refused (not a silent miss)
+def test_rms_norm_uses_see_the_input_rounded_differently():
+    check(_norm("""
+        hb = h.to(torch.bfloat16).to(h.dtype)
+        return (hb * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-06) * self.weight,)
+    """, ("rms_norm",), SAFETY), seed=24)
