@@ -158,10 +158,21 @@ def shared_cast_problem(match) -> str | None:
             if src not in wanted:
                 continue
             for s in steps:
-                outside = [u for u in s.users if u not in inside]
+                outside = [u for u in s.users if _escapes(u, inside, {})]
                 if outside and dtype_of(s) != dtype_of(src):
                     return (f"`{wanted[src]}` is cast to {short(dtype_of(s))} at `{s.name}`, which "
                             f"`{outside[0].name}` outside the pattern also reads: eager sums the "
                             f"gradients there in {short(dtype_of(s))} before rounding them to "
                             f"{short(dtype_of(src))}; the kernel's would be rounded first")
     return None
+
+
+def _escapes(n: fx.Node, inside: set, memo: dict) -> bool:
+    """`n` (outside the match) passes a value on to something other than the match: a node
+    whose every use is inside the match (`chunk` under the match's `getitem`s) dies with it."""
+    if n in inside:
+        return False
+    if n not in memo:
+        memo[n] = True  # (graphs are acyclic: this only guards against re-walking)
+        memo[n] = n.op == "output" or any(_escapes(u, inside, memo) for u in n.users)
+    return memo[n]
