@@ -12,6 +12,8 @@ Rules (each is an identity of real arithmetic, so a match means the same math):
 - `pow(x, 2)` and `x * x` are `square(x)`; `pow(x, .5)` is `sqrt`, `pow(x, -.5)` is `rsqrt`;
 - `1 / y` is `reciprocal(y)`; `reciprocal(sqrt(v))` is `rsqrt(v)`; `a / sqrt(v)` is `a * rsqrt(v)`;
 - reductions carry a sorted tuple of negative dims and a bool keepdim; `var` carries a correction;
+  a reduction over one dim with keepdim=False then unsqueezed at that dim (`.unsqueeze(-1)`,
+  `[..., None]`) is the keepdim=True reduction;
 - every dtype conversion is `cast`; a cast that changes nothing (and `contiguous`) is an identity
   cast, which the matcher always looks through; other casts only for patterns that allow them;
 - arithmetic that is the identity for every input (`x * 1`, `x / 1`, `x - 0`, `x + -0.0`, with a
@@ -377,7 +379,7 @@ class View:
             d = a[1]
             if isinstance(d, int) and d >= 0 and rank is not None:
                 d = d - (rank + 1)
-            return self._mk(name, (x, d), node)
+            return self._unsqueeze(x, d, node)
         if name in ("cat", "stack"):
             parts = a[0] if isinstance(a[0], tuple) else None
             r = _rank(parts[0].value) if parts and isinstance(parts[0], CNode) else None
@@ -465,7 +467,19 @@ class View:
             return None
         at = ell[0] if ell else len(items)
         items = items[:at] + (slice(None),) * fill + items[at + 1:] if ell else items + (slice(None),) * fill
-        return self._mk("unsqueeze", (self._of[src], items.index(None) - (rank + 1)), node)
+        return self._unsqueeze(self._of[src], items.index(None) - (rank + 1), node)
+
+    def _unsqueeze(self, x: Any, d: Any, node: fx.Node) -> CNode:
+        # mean/sum/var over one dim with keepdim=False, the dim put back where it was: the same
+        # values as keepdim=True (dims are negative, so the reduced dim -k and the new dim -k are
+        # the same position); the reduction node is folded into the keepdim=True value.
+        if (isinstance(x, CNode) and x.op in _REDUCTIONS and x.nodes and isinstance(d, int)
+                and x.args[-1] is False and isinstance(x.args[1], tuple)
+                and x.args[1] == (d,)):
+            c = self._mk(x.op, x.args[:-1] + (True,), node)
+            c.folded.extend(n for n in x.covers if n not in c.folded and n not in c.nodes)
+            return c
+        return self._mk("unsqueeze", (x, d), node)
 
     def _unflatten(self, node: fx.Node) -> CNode | None:
         # A reshape that splits exactly one dim into (outer, inner) with a static inner size.

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from .canonical import CAST, COMMUTATIVE, INPUT, CNode, View, node_value
 from .pattern import Pattern, TracedVariant
+from .precision import is_free_cast, shared_cast_problem
 
 
 @dataclass
@@ -46,6 +47,15 @@ def _strip(t: CNode, allow_casts: bool, st: _State, record: bool) -> CNode:
     return t
 
 
+def _strip_free(t: CNode, allow_casts: bool) -> CNode:
+    """`t` with identity casts stripped, and real casts too (where allowed) while each preserves
+    every value of its input (precision.is_free_cast)."""
+    while isinstance(t, CNode) and t.op == CAST and (t.identity or (allow_casts and is_free_cast(
+            getattr(t.args[0].value, "dtype", None), t.args[1]))):
+        t = t.args[0]
+    return t
+
+
 def _same_const(p: Any, t: Any) -> bool:
     if isinstance(p, tuple) or isinstance(t, tuple):
         return (isinstance(p, tuple) and isinstance(t, tuple) and len(p) == len(t)
@@ -68,13 +78,22 @@ def _match(p: Any, t: Any, st: _State, pat: Pattern, var: TracedVariant) -> Iter
             if not isinstance(t, CNode):
                 return
             # Casts between a tensor input and its uses stay in the graph (they are outside the
-            # match), so the input binds to the value before them.
-            val = _strip(t, pat.allow_casts, st, record=False)
+            # match).  The input binds to the value before the free (widening) ones, which the
+            # kernels reproduce by computing in fp32, but after any lossy one: the kernel must read
+            # the rounded value eager reads (`h.to(bf16).to(h.dtype)`), not the value before it.
+            val = _strip_free(t, pat.allow_casts)
             if not val.nodes:  # a value the view synthesised has no graph node to hand over
                 return
         if name in st.bind:
             old = st.bind[name]
             if old is val or (not isinstance(val, CNode) and _same_const(old, val)):
+                yield st
+            elif name not in var.scalar_inputs and _strip(old, pat.allow_casts, st, False) is (
+                    src := _strip(val, pat.allow_casts, st, False)) and src.nodes:
+                # the uses see one input cast differently: bind the value before all the casts,
+                # so the constraints see every chain and refuse with the reason (not a silent miss)
+                st = st.copy()
+                st.bind[name] = src
                 yield st
             return
         st = st.copy()
@@ -183,6 +202,9 @@ class Match:
                     where = "a graph output" if u.op == "output" else f"`{u.name}`"
                     return (f"intermediate value `{n.name}` is also used by {where} outside the "
                             "pattern, so the subgraph cannot be replaced")
+        problem = shared_cast_problem(self)
+        if problem:
+            return problem
         from . import mutation  # (mutation imports the canonical view, as this module does)
 
         return mutation.match_problem(self, where, memory or mutation.Memory(self.graph))

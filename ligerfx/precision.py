@@ -136,3 +136,43 @@ def compute_problem(match, nodes: Iterable[fx.Node], cdt, what: str, *,
     if note not in match.notes:
         match.notes.append(note)
     return None
+
+
+def shared_cast_problem(match) -> str | None:
+    """A bound input that needs a gradient, read through a widening cast whose value is also used
+    outside the match: eager sums the gradients reaching that cast in the wide dtype and rounds
+    the sum once to the input's dtype; the kernel's gradient would reach the input already
+    rounded and be summed there (two roundings).  Casts outside the match that are not shared
+    change no gradient (each backward rounds once, as eager's cast does)."""
+    wanted = {b: nm for nm, b in match.bindings.items()
+              if isinstance(b, fx.Node) and getattr(node_value(b), "requires_grad", False)}
+    inside = set(match.covered)
+    for n in match.covered:
+        for a in n.all_input_nodes:
+            if a in inside:
+                continue
+            src, steps = a, []
+            while src not in wanted and (is_cast(src) or noop_source(src) is not None):
+                steps.append(src)
+                src = src.args[0] if is_cast(src) else noop_source(src)
+            if src not in wanted:
+                continue
+            for s in steps:
+                outside = [u for u in s.users if _escapes(u, inside, {})]
+                if outside and dtype_of(s) != dtype_of(src):
+                    return (f"`{wanted[src]}` is cast to {short(dtype_of(s))} at `{s.name}`, which "
+                            f"`{outside[0].name}` outside the pattern also reads: eager sums the "
+                            f"gradients there in {short(dtype_of(s))} before rounding them to "
+                            f"{short(dtype_of(src))}; the kernel's would be rounded first")
+    return None
+
+
+def _escapes(n: fx.Node, inside: set, memo: dict) -> bool:
+    """`n` (outside the match) passes a value on to something other than the match: a node
+    whose every use is inside the match (`chunk` under the match's `getitem`s) dies with it."""
+    if n in inside:
+        return False
+    if n not in memo:
+        memo[n] = True  # (graphs are acyclic: this only guards against re-walking)
+        memo[n] = n.op == "output" or any(_escapes(u, inside, memo) for u in n.users)
+    return memo[n]

@@ -2,10 +2,11 @@
 
 The pattern is the math, `x * rsqrt(mean(x^2) + eps)`, optionally times a weight or `(weight +
 offset)` (Gemma's `1 + weight`), plus the `F.rms_norm` / `nn.RMSNorm` call.  The canonical view
-already folds `x*x` / `pow(x, 2)` / `square`, `1/sqrt` / `/ sqrt`, dims and method forms; casts
-are looked through here and judged by `_casting`, which decides whether the code is Llama-style
-(normalised value cast back before the weight), fp32-style (Gemma: weight applied in fp32), or a
-mix the kernel cannot reproduce (then: near miss).
+already folds `x*x` / `pow(x, 2)` / `square`, `1/sqrt` / `/ sqrt`, dims and method forms, and a
+keepdim=False statistic unsqueezed back (`mean(x^2, -1)[..., None]`) into the keepdim=True one;
+casts are looked through here and judged by `_casting`, which decides whether the code is
+Llama-style (normalised value cast back before the weight), fp32-style (Gemma: weight applied in
+fp32), or a mix the kernel cannot reproduce (then: near miss).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 import ligerfx.kernels.rms_norm  # noqa: F401 - defines torch.ops.liger.rms_norm
 from ligerfx.canonical import node_value
 from ligerfx.pattern import register
-from ligerfx.precision import (ancestors_within, compute_problem, input_chain_problems,
-                               kernel_compute_dtype, short, through_casts)
+from ligerfx.precision import (ancestors_within, compute_problem, dtype_of,
+                               input_chain_problems, kernel_compute_dtype, short, through_casts)
 from ligerfx.symbolic import is_vector_over_last_dim, known_equal
 
 
@@ -51,20 +52,6 @@ def rms_norm_weight_unsqueeze(x, weight, eps, dim, udim):
 
 def rms_norm_plain_unsqueeze(x, eps, dim, udim):
     return _normed_unsqueezed(x, eps, dim, udim)
-
-
-def _normed_stat_unsqueezed(x, eps, dim, udim):
-    # keepdim=False, the reduced dim put back before eps is added (unsqueeze commutes with the
-    # elementwise `+ eps` and rsqrt, so this is the same value as the form above)
-    return x * torch.rsqrt(x.pow(2).mean(dim).unsqueeze(udim) + eps)
-
-
-def rms_norm_weight_stat_unsqueeze(x, weight, eps, dim, udim):
-    return _normed_stat_unsqueezed(x, eps, dim, udim) * weight
-
-
-def rms_norm_plain_stat_unsqueeze(x, eps, dim, udim):
-    return _normed_stat_unsqueezed(x, eps, dim, udim)
 
 
 def rms_norm_plain(x, eps, dim):
@@ -158,7 +145,13 @@ def _precision(match):
     if cdt is None:
         return f"x is {short(x.dtype)}; the kernel computes in fp32, which would round it"
     if match.variant.fn in _FUNCTIONAL:
-        return None  # F.rms_norm computes in fp32 internally, as the kernel does
+        # F.rms_norm computes in fp32 internally (fp16/bf16 too) and rounds once, as the kernel
+        # does, but in the dtype it reads when that is wider (fp64 after `x.double()`)
+        top = match.tops[0]
+        if kernel_compute_dtype(dtype_of(top)) is None:
+            return (f"F.rms_norm computes in {short(dtype_of(top))} at `{top.name}`; the kernel "
+                    "computes in fp32")
+        return input_chain_problems(match, [top], ["x", "weight"])
     inside = set(match.covered)
     rstd = match.nodes_of("rsqrt")[0]
     stat = ancestors_within(rstd, inside)
@@ -234,8 +227,7 @@ def replace(x, weight=None, eps=None, offset=0.0, *, match=None):
 register(
     "rms_norm",
     [rms_norm_offset_weight, rms_norm_weight, rms_norm_weight_first, rms_norm_weight_unsqueeze,
-     rms_norm_plain, rms_norm_plain_unsqueeze, rms_norm_weight_stat_unsqueeze,
-     rms_norm_plain_stat_unsqueeze, rms_norm_sum_weight, rms_norm_sum_plain,
+     rms_norm_plain, rms_norm_plain_unsqueeze, rms_norm_sum_weight, rms_norm_sum_plain,
      rms_norm_functional, rms_norm_functional_no_weight],
     replace,
     example_inputs={"x": torch.randn(2, 3, 8), "weight": torch.randn(8), "eps": 1e-6,

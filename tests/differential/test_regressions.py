@@ -47,14 +47,43 @@ def test_rms_norm_statistic_unsqueezed_before_eps():
     """, ("rms_norm",), dtype=BF16), seed=1)
 
 
-# other (rms_norm variants, not fixed): the weight multiplied in first (`(w * x) / sqrt(..)`)
-# with a keepdim=False statistic put back by indexing: no variant covers the combination
+# canonical (fixed here): the weight multiplied in first (`(w * x) / sqrt(..)`) with a
+# keepdim=False statistic put back by indexing: no variant covered the combination; the view now
+# reads `mean(x, d)[..., None]` / `.unsqueeze(d)` as `mean(x, d, keepdim=True)`
 def test_rms_norm_weight_first_with_unsqueezed_statistic():
     check(_norm("""
         var = torch.mean(torch.square(h), dim=-1)[..., None]
         n = ((1.0 + self.weight) * h) / torch.sqrt(var + 1e-05)
         return (n,)
     """, ("rms_norm",)), seed=13)
+
+
+# the same in bf16, judged by the same precision and casting rules as the keepdim=True spelling:
+# upcast to fp32 first (rewritten, fp32 casting); all in bf16 (the statistic rounds in bf16:
+# refused unless upcast_statistics); rstd rounded to bf16 before the product (refused)
+def test_rms_norm_weight_first_unsqueezed_statistic_bf16():
+    check(_norm("""
+        hf = h.float()
+        var = hf.pow(2).mean(-1)[..., None]
+        return (((self.weight * hf) * torch.rsqrt(var + 1e-06)).to(h.dtype),)
+    """, ("rms_norm",), dtype=BF16), seed=23)
+    check(_norm("""
+        var = h.pow(2).mean(-1).unsqueeze(-1)
+        return ((self.weight * h) / torch.sqrt(var + 1e-06),)
+    """, ("rms_norm",), dtype=BF16), seed=20)
+    check(_norm("""
+        var = h.float().pow(2).mean(-1)[..., None]
+        return ((self.weight * h) * torch.rsqrt(var + 1e-06).to(h.dtype),)
+    """, ("rms_norm",), SAFETY, dtype=BF16), seed=21)
+
+
+# canonical (fixed here): layer norm with both statistics keepdim=False, unsqueezed back
+def test_layer_norm_statistics_unsqueezed():
+    check(_norm("""
+        xc = h - h.mean(-1).unsqueeze(-1)
+        var = xc.pow(2).mean(dim=-1)[..., None]
+        return (xc * torch.rsqrt(var + 1e-05) * self.weight + self.bias,)
+    """, ("layer_norm",)), seed=22)
 
 
 # canonical (fixed here): `t[..., None]` is unsqueeze(-1); it was an opaque getitem (silent miss)
@@ -232,3 +261,83 @@ def test_flce_bf16_bias_gradient_precision():
         return (lsum / (tv != -100).sum().clamp_min(1),)
     """, ("fused_linear_cross_entropy",), SPELLING, BF16, bias=True)
     check(case, seed=250)
+
+
+# -- an input rounded on the way in, in every pattern family --------------------------------------
+
+# cast (fixed in the matcher): a bound input binds to the value after a lossy cast chain, so each
+# kernel reads the rounded value eager reads (`h.to(bf16).to(h.dtype)`), in every family
+_ROUNDED = "hb = h.to(torch.bfloat16).to(h.dtype)"
+
+
+def test_rms_norm_functional_input_rounded_through_bf16():
+    check(_norm(f"""
+        {_ROUNDED}
+        return (F.rms_norm(hb, (16,), self.weight, 1e-06),)
+    """, ("rms_norm",), SAFETY), seed=14)
+
+
+def test_hand_written_norms_input_rounded_through_fp16():
+    check(_norm("""
+        hb = h.to(torch.float16).to(torch.float32)
+        r = hb * torch.rsqrt(hb.pow(2).mean(-1, keepdim=True) + 1e-06) * self.weight
+        xc = hb - hb.mean(-1, keepdim=True)
+        ln = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-05) * self.weight + self.bias
+        return (r, ln)
+    """, ("rms_norm", "layer_norm"), SAFETY), seed=15)
+
+
+_GATED_INIT = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Linear(16, 32, bias=False)
+        self.u = nn.Linear(16, 32, bias=False)
+
+    def forward(self, x):
+"""
+
+
+def test_gated_act_inputs_rounded_through_bf16():
+    body = """
+        g = self.g(x).to(torch.bfloat16).to(torch.float32)
+        u = self.u(x).to(torch.bfloat16).float()
+        return (F.silu(g) * u,)
+    """
+    lines = "".join(f"        {line.strip()}\n" for line in body.strip().splitlines())
+    check(_case(_GATED_INIT + lines, ("swiglu",), SAFETY), seed=16)
+
+
+def test_rope_input_rounded_through_bf16():
+    check(_rope("""
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos().unsqueeze(-2)
+        sin = emb.sin().unsqueeze(-2)
+        q = self.wq(x).view(2, 4, 2, 8).to(torch.bfloat16).to(torch.float32)
+        q1, q2 = q.chunk(2, dim=-1)
+        return (q * cos + torch.cat((-q2, q1), dim=-1) * sin,)
+    """, ("rope", "rope_single"), SAFETY), seed=17)
+
+
+def test_flce_hidden_rounded_through_bf16():
+    check(_head("""
+        hb = h.to(torch.bfloat16).to(h.dtype)
+        return (F.cross_entropy(self.head(hb).view(-1, 40), labels.view(-1)),)
+    """, ("fused_linear_cross_entropy", "cross_entropy"), SAFETY), seed=18)
+
+
+def test_cross_entropy_logits_rounded_through_bf16():
+    check(_head("""
+        l = self.head(h)
+        lb = l.to(torch.bfloat16).to(l.dtype)
+        return (F.cross_entropy(lb.view(-1, 40), labels.view(-1)), l)
+    """, ("cross_entropy", "fused_linear_cross_entropy"), SAFETY), seed=19)
+
+
+# cast (matcher): the statistic reads h, the product its bf16 rounding: the uses see one input
+# cast differently, so it binds before all casts and the lossy chain is refused (not a silent miss)
+def test_rms_norm_uses_see_the_input_rounded_differently():
+    check(_norm("""
+        hb = h.to(torch.bfloat16).to(h.dtype)
+        return (hb * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-06) * self.weight,)
+    """, ("rms_norm",), SAFETY), seed=24)

@@ -139,3 +139,24 @@ def test_plus_zero_really_changes_negative_zero():
     # why `x + 0` is not folded: it is not the identity on -0.0
     z = torch.tensor([-0.0])
     assert torch.signbit(z).item() and not torch.signbit(operator.add(z, 0)).item()
+
+
+@pytest.mark.parametrize("fn", [lambda x: x.pow(2).mean(-1).unsqueeze(-1),
+                                lambda x: torch.mean(x, dim=2)[..., None],
+                                lambda x: x.sum(1).unsqueeze(1),
+                                lambda x: x.var(-1, unbiased=False)[:, :, None]])
+def test_reduction_unsqueezed_back_is_keepdim(fn):
+    # mean(x, d).unsqueeze(d) is mean(x, d, keepdim=True) (the reduction node folded in)
+    view, out = _view_of(fn, torch.randn(2, 3, 5))
+    c = view[out]
+    assert c.op in ("mean", "sum", "var") and c.args[-1] is True, c
+    assert len(c.folded) == 1, c.folded
+
+
+@pytest.mark.parametrize("fn", [lambda x: x.mean(-1).unsqueeze(0),      # another position
+                                lambda x: x.mean(-1).unsqueeze(-2),
+                                lambda x: x.mean((-1, -2)).unsqueeze(-1),  # two dims reduced
+                                lambda x: x.mean(-1, keepdim=True).unsqueeze(-1)])
+def test_reduction_unsqueezed_elsewhere_stays_unsqueeze(fn):
+    view, out = _view_of(fn, torch.randn(2, 3, 5))
+    assert view[out].op == "unsqueeze"

@@ -298,3 +298,79 @@ def test_written_out_bf16_activation_is_refused():
     r = ligerfx.explain(_silu_written_out, g, u)
     assert not r.counts.get("swiglu")
     assert any("rounds each op" in m.reason for m in r.near_misses if m.pattern == "swiglu")
+
+
+# -- casts between a bound input and the pattern (fixnorm) --------------------------------------
+
+class UpcastFunctional(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x.double())
+
+
+@pytest.mark.parametrize("fn, pattern", [
+    (lambda h: F.layer_norm(h, (D,)), "layer_norm"),
+    (lambda h: F.rms_norm(h, (D,), None, EPS), "rms_norm")])
+def test_functional_norm_of_an_fp64_upcast_is_refused(fn, pattern):
+    # x binds to the fp32 value before the free upcast, but F.*_norm computes in fp64 there: the
+    # fp32 kernel was a wrong answer (fp32 rounding where eager is fp64-exact)
+    r = _explain(UpcastFunctional(fn), torch.randn(3, 5, D))
+    assert not r.counts.get(pattern), r
+    assert any("computes in float64" in m for m in _reasons(r, pattern)), r.near_misses
+
+
+class SharedUpcast(nn.Module):
+    """Two norms read one fp32 upcast of an fp16 value."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D))
+
+    def forward(self, x):
+        hb = x.half().float()
+        r = hb * torch.rsqrt(hb.pow(2).mean(-1, keepdim=True) + EPS) * self.weight
+        xc = hb - hb.mean(-1, keepdim=True)
+        return r, xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+def test_widening_cast_shared_outside_the_match_is_refused_under_grad():
+    # eager sums both norms' gradients at `hb` in fp32 and rounds once to fp16; each kernel's
+    # gradient would reach the fp16 value already rounded (measured: 4e-4 vs eager's 7e-8)
+    r = _explain(SharedUpcast(), torch.randn(3, 5, D, requires_grad=True))
+    # (rms_norm may still take the layer norm's `xc * rsqrt(mean(xc^2))`: xc is no cast)
+    assert not r.counts.get("layer_norm") and r.counts.get("rms_norm", 0) <= 1, r
+    for pattern in ("rms_norm", "layer_norm"):
+        assert any("eager sums the gradients there in float32" in m
+                   for m in _reasons(r, pattern)), r.near_misses
+
+
+def test_widening_cast_shared_outside_the_match_is_rewritten_without_grad():
+    m = SharedUpcast().requires_grad_(False)
+    r = _explain(m, torch.randn(3, 5, D))
+    assert r.counts.get("rms_norm") == 1 and r.counts.get("layer_norm") == 1, r
+
+
+def test_unshared_widening_cast_is_rewritten_and_eager_equal(kernel_path):
+    # one norm on the upcast: the kernel reads the fp16 value, computes in fp32; the gradient
+    # rounds once to fp16 as eager's cast backward does
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(D))
+
+        def forward(self, x):
+            hb = x.half().float()
+            return hb * torch.rsqrt(hb.pow(2).mean(-1, keepdim=True) + EPS) * self.weight
+
+    m, x = One(), torch.randn(3, 5, D, requires_grad=True)
+    c = _compiled(m)
+    out, ref = c(x), m(x)
+    assert ligerfx.backend.last_report.counts.get("rms_norm") == 1
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(out, x, g)
+    (rx,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, rx, rtol=1e-3, atol=1e-5)
