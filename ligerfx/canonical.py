@@ -112,6 +112,7 @@ _PURE = _UNARY | _REDUCTIONS | {"add", "sub", "mul", "div", "pow", CAST, "silu",
                                 "squeeze"}
 
 _NO_DEFAULT = object()
+_FLOAT_WIDE = (torch.float32, torch.float64)
 
 
 @dataclass(eq=False)
@@ -370,8 +371,10 @@ class View:
         if name == "gelu":
             return self._mk("gelu", (x, a[1]), node)
         if name in ("softmax", "log_softmax"):
-            if a[2] is not None:
+            if a[2] is not None and not (name == "log_softmax" and a[2] in _FLOAT_WIDE):
                 return None
+            # log_softmax(x, d, dtype=fp32/fp64) casts x first; its form drops the cast, so a
+            # pattern over it must check the node's own output dtype (the loss patterns do)
             d = _norm_dims(a[1], rank)
             return None if d is None else self._mk(name, (x, d[0]), node)
         if name in ("gather", "squeeze") and len(a) >= 2 and isinstance(a[1], int) \

@@ -136,10 +136,24 @@ def _loss_input(match) -> fx.Node:
     return n.args[0]
 
 
+def _dtype_cast(match):
+    """(log_softmax node, "cast", dtype) when the log-softmax casts its input (`dtype=`)."""
+    if match.variant.fn not in _NLL:
+        return None
+    ls = match.nodes_of("log_softmax")[0]
+    vin, vout = _val(ls.args[0]), _val(ls)
+    if not isinstance(vin, torch.Tensor) or vin.dtype == vout.dtype:
+        return None
+    return ls, "cast", vout.dtype
+
+
 def _walk(match):
     """Steps from the loss's logits upward: (top node, [(node, kind, info)] from top down)."""
     steps = []
     cur = _loss_input(match)
+    ls = _dtype_cast(match)
+    if ls is not None:  # `log_softmax(x, dtype=...)`: its cast is the step nearest the loss
+        steps.append(ls)
     while True:
         s = _step(cur)
         if s is None:
@@ -395,7 +409,9 @@ def check_plain(match):
         # the steps stay in the graph; the op reads the loss's own input, which must then be in
         # the compute dtype itself
         absorbed, scale, src = [], (1.0, 0.0), _loss_input(match)
-        problem = _cast_problem([], _val(src).dtype, match)
+        ls = _dtype_cast(match)  # the log-softmax's own cast cannot stay behind: it is covered
+        absorbed = [ls] if ls is not None else []
+        problem = _cast_problem(absorbed, _val(src).dtype, match)
         if problem:
             return problem
     match.covered = list(dict.fromkeys(match.covered + [n for n, _, _ in absorbed]))

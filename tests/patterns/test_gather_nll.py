@@ -44,7 +44,15 @@ def nll_index_mean(x, t):
     return nll[mask].mean()
 
 
-SPELLINGS = [nll_clamp_mul, nll_where_masked_fill, nll_masked_fill_where, nll_index_mean]
+def nll_dtype_kwarg(x, t):
+    mask = t != -100
+    lp = F.log_softmax(x, dim=-1, dtype=torch.float32)
+    nll = -lp.gather(-1, t.clamp(min=0)[..., None]).squeeze(-1)
+    return (nll * mask).sum() / mask.sum()
+
+
+SPELLINGS = [nll_clamp_mul, nll_where_masked_fill, nll_masked_fill_where, nll_index_mean,
+             nll_dtype_kwarg]
 B, T, H, V = 2, 5, 8, 13
 
 
@@ -116,10 +124,15 @@ def test_fp32_exact(fn, lm_head, kernel_path):
 
 
 @pytest.mark.parametrize("lm_head", [False, True], ids=["logits", "lm_head"])
-def test_bf16_no_further_from_fp64_than_eager(lm_head, kernel_path):
+@pytest.mark.parametrize("fn", [nll_clamp_mul, nll_dtype_kwarg], ids=lambda f: f.__name__)
+def test_bf16_no_further_from_fp64_than_eager(fn, lm_head, kernel_path):
     gen = torch.Generator().manual_seed(7)
     args = _case(gen, torch.bfloat16, lm_head)
-    model, got = _run(nll_clamp_mul, args, lm_head)  # `.float()` before log_softmax
+    # `.float()` / `dtype=torch.float32`: the log-softmax computes in fp32 in eager too
+    report = ligerfx.explain(_model(fn, lm_head), *args, options=OPTS)
+    want = "fused_linear_cross_entropy" if lm_head else "cross_entropy"
+    assert report.counts.get(want) == 1, str(report)
+    model, got = _run(fn, args, lm_head)
     exp = model(*args)
     exp64, ref64 = _ref64(args, lm_head)
     assert rel_err(got, exp64) <= 2 * rel_err(exp, exp64) + 1e-6
@@ -133,6 +146,14 @@ def test_bf16_log_softmax_refused_without_upcast():
     report = ligerfx.explain(nll_where_masked_fill, x, t, options=OPTS)  # log_softmax in bf16
     assert not report.counts.get("cross_entropy"), str(report)
     assert any("upcast_statistics" in n.reason for n in report.near_misses), str(report)
+
+
+def test_narrowing_dtype_kwarg_refused():
+    x = torch.randn(B, T, V, dtype=torch.float64)  # dtype=float32 rounds the fp64 logits
+    t = _labels(torch.Generator().manual_seed(1))
+    report = ligerfx.explain(nll_dtype_kwarg, x, t, options=OPTS)
+    assert not report.counts.get("cross_entropy"), str(report)
+    assert report.near_misses, str(report)
 
 
 @pytest.mark.parametrize("lm_head", [False, True], ids=["logits", "lm_head"])
