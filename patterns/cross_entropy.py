@@ -328,7 +328,7 @@ def check_fused(match):
     return None
 
 
-def _gather_args(reduction, ignore_index, target):
+def _gather_args(reduction, ignore_index):
     """(reduction, ignore_index) for the op; for the gathered variant (no reduction bound) the
     op computes every row ("none" with an ignore_index no label can equal, the labels being
     checked in [0, V) first, as eager's gather raises for them)."""
@@ -348,7 +348,7 @@ def replace_fused(target, hidden, lm_weight, lm_bias=None, weight=None, ignore_i
                   reduction="mean", label_smoothing=0.0, *, match=None):
     p = match.params
     gathered = reduction is None
-    reduction, ignore_index = _gather_args(reduction, ignore_index, target)
+    reduction, ignore_index = _gather_args(reduction, ignore_index)
     if gathered:
         _check_labels(target, match.value("lm_weight").shape[0])
     h = hidden
@@ -427,7 +427,7 @@ def replace_plain(logits, target, weight=None, ignore_index=-100, reduction=None
     # reduction is bound by every variant but the gathered log-prob (see _gather_args)
     x = source if source is not None else logits
     gathered = reduction is None
-    reduction, ignore_index = _gather_args(reduction, ignore_index, target)
+    reduction, ignore_index = _gather_args(reduction, ignore_index)
     if gathered:
         _check_labels(target, logits.shape[-1])
     if match is None:  # registration check on the example inputs
