@@ -72,7 +72,7 @@ _FUNCTIONS: dict[Any, str] = {
     torch.view_as_complex: "view_as_complex", torch.view_as_real: "view_as_real",
     torch.softmax: "softmax", F.softmax: "softmax", torch.log_softmax: "log_softmax",
     F.log_softmax: "log_softmax", F.pad: "pad", torch.narrow: "narrow",
-    torch.unflatten: "unflatten",
+    torch.unflatten: "unflatten", torch.gather: "gather",
 }
 _METHOD_ALIASES = {"__getitem__": "getitem", "concat": "cat", "multiply": "mul",
                    "subtract": "sub", "divide": "div", "true_divide": "div", "negative": "neg"}
@@ -101,6 +101,7 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "nll_loss": ("target", "weight=None", "size_average=None", "ignore_index=-100",
                  "reduce=None", "reduction='mean'"),
     "cat": ("dim=0",), "stack": ("dim=0",), "flatten": ("start_dim=0", "end_dim=-1"),
+    "gather": ("dim", "index", "sparse_grad=False"), "squeeze": ("dim=None",),
 }
 _UNARY = {"neg", "square", "sqrt", "rsqrt", "reciprocal", "exp", "log", "erf", "tanh", "sigmoid",
           "abs", "relu", "view_as_complex", "view_as_real"}
@@ -113,6 +114,7 @@ _PURE = _UNARY | _REDUCTIONS | {"add", "sub", "mul", "div", "pow", CAST, "silu",
                                 "squeeze"}
 
 _NO_DEFAULT = object()
+_FLOAT_WIDE = (torch.float32, torch.float64)
 
 
 @dataclass(eq=False)
@@ -371,10 +373,17 @@ class View:
         if name == "gelu":
             return self._mk("gelu", (x, a[1]), node)
         if name in ("softmax", "log_softmax"):
-            if a[2] is not None:
+            if a[2] is not None and not (name == "log_softmax" and a[2] in _FLOAT_WIDE):
                 return None
+            # log_softmax(x, d, dtype=fp32/fp64) casts x first; its form drops the cast, so a
+            # pattern over it must check the node's own output dtype (the loss patterns do)
             d = _norm_dims(a[1], rank)
             return None if d is None else self._mk(name, (x, d[0]), node)
+        if name in ("gather", "squeeze") and len(a) >= 2 and isinstance(a[1], int) \
+                and rank is not None and rank > 0:
+            # one negative dim, as for reductions (`squeeze(2)` of a rank-3 value is squeeze(-1))
+            d = a[1] - rank if a[1] >= 0 else a[1]
+            return self._mk(name, (x, d) + tuple(a[2:]), node)
         if name == "unsqueeze":
             d = a[1]
             if isinstance(d, int) and d >= 0 and rank is not None:
@@ -434,6 +443,9 @@ class View:
         rank = _rank(node_value(src))
         if rank is not None and any(i is None for i in items):
             return self._index_unsqueeze(node, src, items, rank)
+        if rank is not None and sum(isinstance(i, int) and not isinstance(i, bool)
+                                    for i in items) == 1:
+            return self._index_squeeze(node, src, items, rank)
         if rank is None or not all(isinstance(i, slice) or i is Ellipsis for i in items):
             return None
         n_ell = sum(i is Ellipsis for i in items)
@@ -454,6 +466,22 @@ class View:
         if isinstance(end, int) and size is not None and end >= size:
             end = None
         return self._slice(node, src, d, start, end, step)
+
+    def _index_squeeze(self, node, src, items, rank) -> CNode | None:
+        # `x[..., 0]` on a dim of static size 1, nothing else cut: squeeze of that dim.
+        if sum(i is Ellipsis for i in items) > 1 or len(items) - (Ellipsis in items) > rank:
+            return None
+        if not all((isinstance(i, int) and not isinstance(i, bool)) or i is Ellipsis
+                   or (isinstance(i, slice) and _whole(i))
+                   for i in items):
+            return None
+        at = items.index(Ellipsis) if Ellipsis in items else len(items)
+        fill = (slice(None),) * (rank - (len(items) - (Ellipsis in items)))
+        items = items[:at] + fill + items[at + (Ellipsis in items):]
+        d = next(k for k, i in enumerate(items) if isinstance(i, int))
+        if items[d] not in (0, -1) or _static_size(src, d) != 1:
+            return None
+        return self._mk("squeeze", (self._of[src], d - rank), node)
 
     def _index_unsqueeze(self, node, src, items, rank) -> CNode | None:
         # `x[..., None]`, `x[:, None]`: one new dim of size 1 and nothing cut is unsqueeze.

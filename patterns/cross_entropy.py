@@ -59,8 +59,16 @@ def nll_log_softmax_weighted(logits, target, weight, ignore_index, reduction):
                       reduction)
 
 
-_NLL = (nll_log_softmax, nll_log_softmax_weighted)
-_VARIANTS = [ce, ce_weighted, nll_log_softmax, nll_log_softmax_weighted]
+def log_prob_gather(logits, target):
+    # The per-token log-prob at the gathered label; its negation (the per-token NLL) is this
+    # match with the user's `-` left in the graph (negation is exact).  The user's masking and
+    # averaging stay in the graph too, so eager's arithmetic on ignored rows is kept.
+    return F.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+_NLL = (nll_log_softmax, nll_log_softmax_weighted, log_prob_gather)
+_GATHER = (log_prob_gather,)
+_VARIANTS = [ce, ce_weighted, nll_log_softmax, nll_log_softmax_weighted, log_prob_gather]
 
 _EXAMPLES = {"logits": torch.randn(6, 10), "target": torch.randint(0, 10, (6,)),
              "weight": torch.rand(10) + 0.5, "ignore_index": -100, "reduction": "mean",
@@ -128,10 +136,24 @@ def _loss_input(match) -> fx.Node:
     return n.args[0]
 
 
+def _dtype_cast(match):
+    """(log_softmax node, "cast", dtype) when the log-softmax casts its input (`dtype=`)."""
+    if match.variant.fn not in _NLL:
+        return None
+    ls = match.nodes_of("log_softmax")[0]
+    vin, vout = _val(ls.args[0]), _val(ls)
+    if not isinstance(vin, torch.Tensor) or vin.dtype == vout.dtype:
+        return None
+    return ls, "cast", vout.dtype
+
+
 def _walk(match):
     """Steps from the loss's logits upward: (top node, [(node, kind, info)] from top down)."""
     steps = []
     cur = _loss_input(match)
+    ls = _dtype_cast(match)
+    if ls is not None:  # `log_softmax(x, dtype=...)`: its cast is the step nearest the loss
+        steps.append(ls)
     while True:
         s = _step(cur)
         if s is None:
@@ -183,7 +205,25 @@ def _escaping(nodes, inside):
     return [n for n in nodes if any(u not in inside for u in n.users)]
 
 
+def _gather_checks(match):
+    """The gathered variant: the label tensor must index every row of the log-softmax once."""
+    logits, target = match.value("logits"), match.value("target")
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+        return "the log-softmax input is not a tensor with a class dim"
+    if target.dtype not in (torch.int64, torch.int32):
+        return "the gathered labels are not int64/int32"
+    # gather accepts an index smaller than the input in the non-gathered dims (it then reads a
+    # corner of it); the op reads every row, so the shapes must agree exactly.
+    if target.dim() != logits.dim() - 1 or not all(
+            known_equal(a, b) for a, b in zip(target.shape, logits.shape[:-1])):
+        return (f"the gathered labels have shape {tuple(target.shape)}, not the log-softmax's "
+                f"rows {tuple(logits.shape[:-1])}")
+    return None
+
+
 def _common_checks(match):
+    if match.variant.fn in _GATHER:
+        return _gather_checks(match)
     logits, target = match.value("logits"), match.value("target")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         return "the loss's input is not 2-D [tokens, classes] (class dim 1 of N-D input is not supported)"
@@ -288,9 +328,29 @@ def check_fused(match):
     return None
 
 
+def _gather_args(reduction, ignore_index):
+    """(reduction, ignore_index) for the op; for the gathered variant (no reduction bound) the
+    op computes every row ("none" with an ignore_index no label can equal, the labels being
+    checked in [0, V) first, as eager's gather raises for them)."""
+    if reduction is not None:
+        return reduction, ignore_index
+    return "none", -1
+
+
+def _check_labels(target, V: int):
+    # eager's gather raises for an out-of-range label; keep that error (an async assert: no host
+    # sync on CUDA, where eager's gather fails with a device-side assert too)
+    torch._assert_async(((target >= 0) & (target < V)).all(),
+                        "gather(): a label is out of range [0, number of classes)")
+
+
 def replace_fused(target, hidden, lm_weight, lm_bias=None, weight=None, ignore_index=-100,
                   reduction="mean", label_smoothing=0.0, *, match=None):
     p = match.params
+    gathered = reduction is None
+    reduction, ignore_index = _gather_args(reduction, ignore_index)
+    if gathered:
+        _check_labels(target, match.value("lm_weight").shape[0])
     h = hidden
     # Slices of the logits (all before any flattening, checked) are slices of the hidden states;
     # the op flattens leading dims itself, so the logits it returns keep the sliced shape.
@@ -305,7 +365,7 @@ def replace_fused(target, hidden, lm_weight, lm_bias=None, weight=None, ignore_i
         h, lm_weight, lm_bias, target, weight, ignore_index, reduction, float(label_smoothing),
         0.0, float(p["softcap"]), float(p["logit_scale"]), ret_logits,
         bool(hv.requires_grad), bool(wv.requires_grad), bias_grad, 0)
-    loss = out[0].to(match.out_dtype)
+    loss = (-out[0] if gathered else out[0]).to(match.out_dtype)
     if escaping is None:
         return loss
     if p["skip_logits"]:
@@ -349,7 +409,9 @@ def check_plain(match):
         # the steps stay in the graph; the op reads the loss's own input, which must then be in
         # the compute dtype itself
         absorbed, scale, src = [], (1.0, 0.0), _loss_input(match)
-        problem = _cast_problem([], _val(src).dtype, match)
+        ls = _dtype_cast(match)  # the log-softmax's own cast cannot stay behind: it is covered
+        absorbed = [ls] if ls is not None else []
+        problem = _cast_problem(absorbed, _val(src).dtype, match)
         if problem:
             return problem
     match.covered = list(dict.fromkeys(match.covered + [n for n, _, _ in absorbed]))
@@ -360,9 +422,14 @@ def check_plain(match):
     return None
 
 
-def replace_plain(logits, target, weight=None, ignore_index=-100, reduction="mean",
+def replace_plain(logits, target, weight=None, ignore_index=-100, reduction=None,
                   label_smoothing=0.0, source=None, *, match=None):
+    # reduction is bound by every variant but the gathered log-prob (see _gather_args)
     x = source if source is not None else logits
+    gathered = reduction is None
+    reduction, ignore_index = _gather_args(reduction, ignore_index)
+    if gathered:
+        _check_labels(target, logits.shape[-1])
     if match is None:  # registration check on the example inputs
         p, need_grad = {"logit_scale": 1.0, "softcap": 0.0}, True
     else:
@@ -371,11 +438,13 @@ def replace_plain(logits, target, weight=None, ignore_index=-100, reduction="mea
         x.flatten(0, -2) if x.dim() != 2 else x, target, weight, ignore_index,
         reduction, float(label_smoothing), 0.0, float(p["softcap"]), float(p["logit_scale"]),
         need_grad)[0]
+    if gathered:
+        loss = -loss  # the op gives -log p[label]
     out_dtype = match.out_dtype if match is not None else logits.dtype
     return loss.to(out_dtype)
 
 
-def _replace_fused_check(logits, target, weight=None, ignore_index=-100, reduction="mean",
+def _replace_fused_check(logits, target, weight=None, ignore_index=-100, reduction=None,
                          label_smoothing=0.0, hidden=None, lm_weight=None, lm_bias=None,
                          *, match=None):
     if match is None:  # registration check on the example inputs: the plain op computes the same
