@@ -233,6 +233,15 @@ def test_writes_outside_the_match_still_rewrite(fn, kernel_path):
 
 def rope_pair_write_between(q, k, cos, sin):
     # The pair would run where both inputs exist (before k's write); k alone is rewritten after it.
+    qq, kk = q.clone(), k.clone()
+    q2 = qq * cos + _rotate_half(qq) * sin
+    kk.mul_(2.0)
+    return q2, kk * cos + _rotate_half(kk) * sin
+
+
+def rope_pair_write_after_noop(q, k, cos, sin):
+    # `k * 1.0` is folded as an identity by the canonical view, so k's rotation binds `k` and reads
+    # `kk` (a fresh tensor, written in between) through that identity: refused, never wrong.
     qq, kk = q * 1.0, k * 1.0
     q2 = qq * cos + _rotate_half(qq) * sin
     kk.mul_(2.0)
@@ -247,6 +256,16 @@ def test_pair_insertion_point_before_a_write(kernel_path):
                                      grad=False)
     assert not report.counts.get("rope") and report.counts.get("rope_single") == 2, report.counts
     assert any("`mul_`" in r and "writes `kk`" in r for r in _reasons(report, "rope"))
+
+
+def test_write_through_a_folded_noop_is_refused(kernel_path):
+    t = torch.arange(6.0)[:, None] * torch.rand(8)
+    t = torch.cat((t, t), -1)
+    inputs = [torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16), t.cos(), t.sin()]
+    report = _compiled_matches_eager(rope_pair_write_after_noop, inputs, ["rope", "rope_single"],
+                                     grad=False)
+    assert not report.counts.get("rope") and report.counts.get("rope_single") == 1, report.counts
+    assert any("`mul_`" in r for r in _reasons(report, "rope_single")), report.near_misses
 
 
 def rms_equal_expressions_across_a_write(x, w):
