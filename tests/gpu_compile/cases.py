@@ -94,17 +94,20 @@ def _rope():
     layouts = ((32, 8, 128, 128, False), (28, 4, 128, 128, False), (16, 16, 256, 256, False),
                (32, 32, 128, 32, False), (32, 32, 80, 32, False), (16, 16, 256, 64, True),
                (32, 8, 64, 64, True))
-    todo = [(BF16, lay, 2) for lay in layouts] + [(BF16, layouts[0], 1)]
-    todo += [(FP32, layouts[0], 2), (FP32, layouts[2], 2), (FP16, layouts[0], 2)]
-    for dt, (hq, hk, d, r, inter), seq_dim in todo:
-        def run(dt=dt, hq=hq, hk=hk, d=d, r=r, inter=inter, seq_dim=seq_dim, t=TOKENS):
+    todo = [(BF16, lay, 2, False) for lay in layouts] + [(BF16, layouts[0], 1, False)]
+    todo += [(FP32, layouts[0], 2, False), (FP32, layouts[2], 2, False), (FP16, layouts[0], 2, False)]
+    # tables in q's dtype, each product rounded as eager rounds it (round_steps)
+    todo += [(BF16, layouts[0], 2, True), (FP16, layouts[5], 2, True)]
+    for dt, (hq, hk, d, r, inter), seq_dim, steps in todo:
+        def run(dt=dt, hq=hq, hk=hk, d=d, r=r, inter=inter, seq_dim=seq_dim, steps=steps, t=TOKENS):
             shape_q = (1, hq, t, d) if seq_dim == 2 else (1, t, hq, d)
             shape_k = (1, hk, t, d) if seq_dim == 2 else (1, t, hk, d)
             q, k = _e(*shape_q, dtype=dt), _e(*shape_k, dtype=dt)
-            cos = _e(t, r // 2 if inter else r, dtype=FP32)
-            qo, ko = rope(q, k, cos, cos, seq_dim, inter)
-            rope_b(qo, ko, cos, cos, seq_dim, inter)
-        yield f"rope {dt} heads={hq}/{hk} d={d} r={r} inter={inter} seq_dim={seq_dim}", run
+            cos = _e(t, r // 2 if inter else r, dtype=dt if steps else FP32)
+            qo, ko = rope(q, k, cos, cos, seq_dim, inter, steps)
+            rope_b(qo, ko, cos, cos, seq_dim, inter, steps)
+        yield (f"rope {dt} heads={hq}/{hk} d={d} r={r} inter={inter} seq_dim={seq_dim} "
+               f"round_steps={steps}"), run
 
 
 def _gated():

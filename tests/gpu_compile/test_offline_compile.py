@@ -22,7 +22,8 @@ FP8_KERNELS = {"_quant_rows_kernel", "_fp8_mm_kernel"}
 LOWBIT_KERNELS = {"_int8_mm_kernel", "_int4_mm_kernel", "_splitk_reduce_kernel"} | FP8_KERNELS
 # Constexprs that hold one value on every GPU launch by design (interpreter-only workarounds).
 GPU_CONSTANT = {("_int8_mm_kernel", "UPCAST"), ("_int4_mm_kernel", "UPCAST"),
-                ("_fp8_mm_kernel", "UPCAST"), ("_quant_rows_kernel", "EMULATE_CAST")}
+                ("_fp8_mm_kernel", "UPCAST"), ("_sparse24_mm_kernel", "UPCAST"),
+                ("_quant_rows_kernel", "EMULATE_CAST")}
 
 
 def _have_ptxas() -> bool:
