@@ -93,6 +93,17 @@ def ancestors_within(root: fx.Node, inside: set) -> list[fx.Node]:
     return [n for n in root.graph.nodes if n in seen]
 
 
+def functional_norm_problem(match, what: str, names: Iterable[str]) -> str | None:
+    """A functional norm (`F.rms_norm`, `F.layer_norm`) computes in fp32 internally (fp16/bf16
+    too) and rounds once, as the kernels do, but in the dtype it reads when that is wider (fp64
+    after `x.double()`); its inputs must reach it through free casts."""
+    top = match.tops[0]
+    if kernel_compute_dtype(dtype_of(top)) is None:
+        return (f"{what} computes in {short(dtype_of(top))} at `{top.name}`; the kernel "
+                "computes in fp32")
+    return input_chain_problems(match, [top], names)
+
+
 def input_chain_problems(match, nodes: Iterable[fx.Node], names: Iterable[str]) -> str | None:
     """Every way a bound input reaches `nodes` (through casts outside the match) must be free."""
     wanted = {match[nm]: nm for nm in names if isinstance(match.bindings.get(nm), fx.Node)}

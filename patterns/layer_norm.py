@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import ligerfx.kernels.layer_norm  # noqa: F401 - defines torch.ops.liger.layer_norm
 from ligerfx.canonical import node_value
 from ligerfx.pattern import register
-from ligerfx.precision import (ancestors_within, compute_problem, dtype_of,
+from ligerfx.precision import (ancestors_within, compute_problem, functional_norm_problem,
                                input_chain_problems, kernel_compute_dtype, short)
 from ligerfx.symbolic import is_vector_over_last_dim, known_equal
 
@@ -100,13 +100,7 @@ def _precision(match):
     if cdt is None:
         return f"x is {short(x.dtype)}; the kernel computes in fp32, which would round it"
     if match.variant.fn in _FUNCTIONAL:
-        # F.layer_norm computes in fp32 internally (fp16/bf16 too) and rounds once, as the kernel
-        # does, but in the dtype it reads when that is wider (fp64 after `x.double()`)
-        top = match.tops[0]
-        if kernel_compute_dtype(dtype_of(top)) is None:
-            return (f"F.layer_norm computes in {short(dtype_of(top))} at `{top.name}`; the kernel "
-                    "computes in fp32")
-        return input_chain_problems(match, [top], ["x", "weight", "bias"])
+        return functional_norm_problem(match, "F.layer_norm", ["x", "weight", "bias"])
     inside = set(match.covered)
     body = ancestors_within(match.tops[0], inside)  # the trailing casts are the kernel's output
     rstd = match.nodes_of("rsqrt")[0]
