@@ -248,10 +248,15 @@ def rope_pair_write_after_noop(q, k, cos, sin):
     return q2, kk * cos + _rotate_half(kk) * sin
 
 
-def test_pair_insertion_point_before_a_write(kernel_path):
+def _qk_inputs():
+    """q, k [b, h, t, d] and rotate_half tables [t, d], drawn fresh."""
     t = torch.arange(6.0)[:, None] * torch.rand(8)
     t = torch.cat((t, t), -1)
-    inputs = [torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16), t.cos(), t.sin()]
+    return [torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16), t.cos(), t.sin()]
+
+
+def test_pair_insertion_point_before_a_write(kernel_path):
+    inputs = _qk_inputs()
     report = _compiled_matches_eager(rope_pair_write_between, inputs, ["rope", "rope_single"],
                                      grad=False)
     assert not report.counts.get("rope") and report.counts.get("rope_single") == 2, report.counts
@@ -259,9 +264,7 @@ def test_pair_insertion_point_before_a_write(kernel_path):
 
 
 def test_write_through_a_folded_noop_is_refused(kernel_path):
-    t = torch.arange(6.0)[:, None] * torch.rand(8)
-    t = torch.cat((t, t), -1)
-    inputs = [torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16), t.cos(), t.sin()]
+    inputs = _qk_inputs()
     report = _compiled_matches_eager(rope_pair_write_after_noop, inputs, ["rope", "rope_single"],
                                      grad=False)
     assert not report.counts.get("rope") and report.counts.get("rope_single") == 1, report.counts
