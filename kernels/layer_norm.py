@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import rms_norm as _rms
-from .rms_norm import _num_warps, _row_chunks, _rows_view
+from .rms_norm import _add_grad, _load_input, _num_warps, _row_chunks, _rows_view
 from .rounding import round_to
 from .runtime import KERNEL_DTYPES, cpu_decomposition, next_pow2, use_triton
 
@@ -33,15 +33,17 @@ TILE_ELEMS = 2048
 
 @triton.jit
 def _ln_fwd_fused_kernel(
-    X, W, B, Y, MEAN, RSTD, n_rows, D, stride_x, stride_y, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    X, R, H, W, B, Y, MEAN, RSTD, n_rows, D, stride_x, stride_r, stride_h, stride_y, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < n_rows
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = _load_input(X, R, H, rows[:, None] * stride_x + cols[None, :], rows[:, None] * stride_r + cols[None, :],
+                    rows[:, None] * stride_h + cols[None, :], mask, HAS_RESIDUAL, True)
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
@@ -58,11 +60,14 @@ def _ln_fwd_fused_kernel(
 
 @triton.jit
 def _ln_fwd_looped_kernel(
-    X, W, B, Y, MEAN, RSTD, D, stride_x, stride_y, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    X, R, H, W, B, Y, MEAN, RSTD, D, stride_x, stride_r, stride_h, stride_y, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # With a residual, pass 1 writes h and pass 2 recomputes it (as _rms_fwd_looped_kernel does).
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
+    r_row = R + row * stride_r
+    h_row = H + row * stride_h
     y_row = Y + row * stride_y
     # Pass 1: merge each block's (count, mean, M2) into the running one (Chan et al.), which
     # keeps the variance accurate without a third pass over x.
@@ -72,7 +77,7 @@ def _ln_fwd_looped_kernel(
     for off in range(0, D, BLOCK_D):
         cols = off + tl.arange(0, BLOCK_D)
         cmask = cols < D
-        x = tl.load(x_row + cols, mask=cmask, other=0.0).to(tl.float32)
+        x = _load_input(x_row, r_row, h_row, cols, cols, cols, cmask, HAS_RESIDUAL, True)
         n_b = tl.sum(cmask.to(tl.float32), axis=0)
         mean_b = tl.sum(x, axis=0) / n_b
         xc = tl.where(cmask, x - mean_b, 0.0)
@@ -89,7 +94,7 @@ def _ln_fwd_looped_kernel(
     for off in range(0, D, BLOCK_D):
         cols = off + tl.arange(0, BLOCK_D)
         cmask = cols < D
-        x = tl.load(x_row + cols, mask=cmask, other=0.0).to(tl.float32)
+        x = _load_input(x_row, r_row, h_row, cols, cols, cols, cmask, HAS_RESIDUAL, False)
         y = (x - mean) * rstd
         if HAS_W:
             y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -126,12 +131,13 @@ def _ln_bwd_row_stats_kernel(
 
 @triton.jit
 def _ln_bwd_kernel(
-    DY, X, W, MEAN, RSTD, C1, C2, DX, DW_PART, DB_PART, n_rows, D, stride_dy, stride_x, stride_dx,
-    blocks_per_prog,
+    DY, X, W, MEAN, RSTD, C1, C2, DX, DW_PART, DB_PART, DH, n_rows, D, stride_dy, stride_x, stride_dx,
+    stride_dh, blocks_per_prog,
     HAS_W: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, LOAD_C: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dx and partial dW/dB for one (row chunk, column block); see _rms_bwd_kernel for the layout."""
+    """dx and partial dW/dB for one (row chunk, column block); see _rms_bwd_kernel for the layout
+    (and HAS_DH, the add_layer_norm backward)."""
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -160,6 +166,7 @@ def _ln_bwd_kernel(
             c1 = tl.sum(g, axis=1) / D
             c2 = tl.sum(g * xhat, axis=1) / D
         dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
+        dx = _add_grad(dx, DH, rows[:, None] * stride_dh + cols[None, :], mask, DXDT, HAS_DH)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], round_to(dx, DXDT).to(DXDT), mask=mask)
         if COMPUTE_DW:
             dw += dy * xhat
@@ -178,10 +185,13 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return _rms._alloc(shape, dtype, device)  # one place for poison tests to patch
 
 
-def layer_norm_forward_triton(x, weight, bias, eps, out_dtype, y=None, mean=None, rstd=None):
-    """Launch the forward kernels; outputs may be given (tests pre-fill them with NaN)."""
+def layer_norm_forward_triton(x, weight, bias, eps, out_dtype, y=None, mean=None, rstd=None,
+                              residual=None, h=None):
+    """Launch the forward kernels; outputs may be given (tests pre-fill them with NaN).
+    With `residual` (and the contiguous output `h`): the norm of h = x + residual, h written too."""
     D = x.shape[-1]
     x2 = _rows_view(x, D)
+    r2, h2 = (_rows_view(residual, D), h.view(-1, D)) if residual is not None else (x2, x2)
     n_rows = x2.shape[0]
     if y is None:
         y = _alloc(x.shape, out_dtype, x.device)
@@ -192,28 +202,33 @@ def layer_norm_forward_triton(x, weight, bias, eps, out_dtype, y=None, mean=None
     y2 = y.view(-1, D)
     w = weight if weight is not None else x2  # dummy pointers, never read
     b = bias if bias is not None else x2
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_RESIDUAL=residual is not None)
     if D <= MAX_FUSED_D:
         block_d = next_pow2(D)
         block_r = min(max(1, TILE_ELEMS // block_d), next_pow2(n_rows))
         _ln_fwd_fused_kernel[(triton.cdiv(n_rows, block_r),)](
-            x2, w, b, y2, mean, rstd, n_rows, D, x2.stride(0), y2.stride(0), eps, **flags,
+            x2, r2, h2, w, b, y2, mean, rstd, n_rows, D, x2.stride(0), r2.stride(0), h2.stride(0),
+            y2.stride(0), eps, **flags,
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_r * block_d),
         )
     else:
         block_d = min(LOOP_BLOCK_D, next_pow2(D))
         _ln_fwd_looped_kernel[(n_rows,)](
-            x2, w, b, y2, mean, rstd, D, x2.stride(0), y2.stride(0), eps, **flags,
+            x2, r2, h2, w, b, y2, mean, rstd, D, x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0),
+            eps, **flags,
             BLOCK_D=block_d, num_warps=_num_warps(block_d),
         )
     return y, mean, rstd
 
 
-def layer_norm_backward_triton(dy, x, weight, bias, mean, rstd, weight_grad, bias_grad, dx=None):
-    """Launch the backward kernels; returns dx, dweight or None, dbias or None."""
+def layer_norm_backward_triton(dy, x, weight, bias, mean, rstd, weight_grad, bias_grad, dx=None,
+                               dh=None):
+    """Launch the backward kernels; returns dx, dweight or None, dbias or None.  `dh`: the
+    gradient of x (there: h) from its other uses, added into dx (add_norm.py)."""
     D = x.shape[-1]
     x2 = _rows_view(x, D)
     dy2 = _rows_view(dy, D)
+    dh2 = _rows_view(dh, D) if dh is not None else dy2
     n_rows = x2.shape[0]
     mean1 = mean.reshape(-1).contiguous()
     rstd1 = rstd.reshape(-1).contiguous()
@@ -244,9 +259,9 @@ def layer_norm_backward_triton(dy, x, weight, bias, mean, rstd, weight_grad, bia
     dw_part = _alloc(part_shape if compute_dw else (1,), torch.float32, x.device)
     db_part = _alloc(part_shape if compute_db else (1,), torch.float32, x.device)
     _ln_bwd_kernel[(n_chunks, n_col_blocks)](
-        dy2, x2, w, mean1, rstd1, c1, c2, dx2, dw_part, db_part, n_rows, D, dy2.stride(0), x2.stride(0),
-        dx2.stride(0), per_prog, HAS_W=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-        LOAD_C=wide, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(2 * block_r * block_d),
+        dy2, x2, w, mean1, rstd1, c1, c2, dx2, dw_part, db_part, dh2, n_rows, D, dy2.stride(0),
+        x2.stride(0), dx2.stride(0), dh2.stride(0), per_prog, HAS_W=weight is not None,
+        COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, LOAD_C=wide, HAS_DH=dh is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(2 * block_r * block_d),
     )
     dweight = dw_part.sum(0).to(weight.dtype) if compute_dw else None
     dbias = db_part.sum(0).to(bias.dtype) if compute_db else None

@@ -54,14 +54,37 @@ def _apply_weight(n, w, XDT: tl.constexpr, FP32_MODE: tl.constexpr, ROUND_PROD: 
     return y
 
 
+@triton.jit
+def _load_input(X, R, H, offs_x, offs_r, offs_h, mask, HAS_RESIDUAL: tl.constexpr, STORE_H: tl.constexpr):
+    """The normalised input as fp32: x, or (HAS_RESIDUAL) h = x + residual rounded to h's dtype as
+    eager's add rounds it (fp32 sum, one rounding), stored to H when STORE_H.  Shared by the
+    RMSNorm and LayerNorm kernels (the add_norm ops)."""
+    x = tl.load(X + offs_x, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        HDT = H.dtype.element_ty
+        x = round_to(x + tl.load(R + offs_r, mask=mask, other=0.0).to(tl.float32), HDT)
+        if STORE_H:
+            tl.store(H + offs_h, x.to(HDT), mask=mask)
+    return x
+
+
+@triton.jit
+def _add_grad(dx, DH, offs_dh, mask, DXDT: tl.constexpr, HAS_DH: tl.constexpr):
+    """dx plus h's own gradient (HAS_DH): eager rounds the norm's gradient to h's dtype and sums the
+    two gradients of h there, so the sum is formed from the rounded value."""
+    if HAS_DH:
+        dx = round_to(dx, DXDT) + tl.load(DH + offs_dh, mask=mask, other=0.0).to(tl.float32)
+    return dx
+
+
 # ----------------------------------------------------------------------------- forward kernels
 
 
 @triton.jit
 def _rms_fwd_fused_kernel(
-    X, W, Y, RSTD, n_rows, D, stride_x, stride_y, eps, offset,
+    X, R, H, W, Y, RSTD, n_rows, D, stride_x, stride_r, stride_h, stride_y, eps, offset,
     HAS_W: tl.constexpr, FP32_MODE: tl.constexpr, HAS_OFFSET: tl.constexpr, ROUND_PROD: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # A [BLOCK_R, BLOCK_D] tile: BLOCK_R whole rows (several per program when rows are narrow).
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -69,7 +92,8 @@ def _rms_fwd_fused_kernel(
     rmask = rows < n_rows
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = _load_input(X, R, H, rows[:, None] * stride_x + cols[None, :], rows[:, None] * stride_r + cols[None, :],
+                    rows[:, None] * stride_h + cols[None, :], mask, HAS_RESIDUAL, True)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
     tl.store(RSTD + rows, rstd, mask=rmask)
     n = x * rstd[:, None]
@@ -84,18 +108,22 @@ def _rms_fwd_fused_kernel(
 
 @triton.jit
 def _rms_fwd_looped_kernel(
-    X, W, Y, RSTD, D, stride_x, stride_y, eps, offset,
+    X, R, H, W, Y, RSTD, D, stride_x, stride_r, stride_h, stride_y, eps, offset,
     HAS_W: tl.constexpr, FP32_MODE: tl.constexpr, HAS_OFFSET: tl.constexpr, ROUND_PROD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One wide row per program: pass 1 sums squares, pass 2 re-reads (mostly from L2) and writes.
+    # With a residual, pass 1 writes h and pass 2 recomputes it from x and residual (reading back
+    # what other threads of the program stored would need a barrier).
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
+    r_row = R + row * stride_r
+    h_row = H + row * stride_h
     y_row = Y + row * stride_y
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for off in range(0, D, BLOCK_D):
         cols = off + tl.arange(0, BLOCK_D)
-        x = tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float32)
+        x = _load_input(x_row, r_row, h_row, cols, cols, cols, cols < D, HAS_RESIDUAL, True)
         acc += x * x
     rstd = tl.rsqrt(tl.sum(acc, axis=0) / D + eps)
     tl.store(RSTD + row, rstd)
@@ -103,7 +131,7 @@ def _rms_fwd_looped_kernel(
     for off in range(0, D, BLOCK_D):
         cols = off + tl.arange(0, BLOCK_D)
         cmask = cols < D
-        n = tl.load(x_row + cols, mask=cmask, other=0.0).to(tl.float32) * rstd
+        n = _load_input(x_row, r_row, h_row, cols, cols, cols, cmask, HAS_RESIDUAL, False) * rstd
         if HAS_W:
             w = _effective_weight(W, cols, cmask, offset, HAS_OFFSET, FP32_MODE)
             y = _apply_weight(n, w, X.dtype.element_ty, FP32_MODE, ROUND_PROD)
@@ -137,15 +165,17 @@ def _rms_bwd_row_stats_kernel(
 
 @triton.jit
 def _rms_bwd_kernel(
-    DY, X, W, RSTD, C, DX, DW_PART, n_rows, D, stride_dy, stride_x, stride_dx, blocks_per_prog, offset,
+    DY, X, W, RSTD, C, DX, DW_PART, DH, n_rows, D, stride_dy, stride_x, stride_dx, stride_dh,
+    blocks_per_prog, offset,
     HAS_W: tl.constexpr, FP32_MODE: tl.constexpr, HAS_OFFSET: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    LOAD_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOAD_C: tl.constexpr, HAS_DH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dx and a partial dW for one (row chunk, column block).
 
     Fused (LOAD_C=False): the column block is the whole row and c = mean(g*n) is computed here.
     Wide (LOAD_C=True): c comes from _rms_bwd_row_stats_kernel.  Either way each program owns
     row DW_PART[program_id(0)] over its columns, so partial sums need no atomics.
+    HAS_DH (add_rms_norm): X is h = x + residual and DX receives dh + the norm's gradient.
     """
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -172,6 +202,7 @@ def _rms_bwd_kernel(
         else:
             c = tl.sum(g * n, axis=1) / D
         dx = rstd[:, None] * (g - n * c[:, None])
+        dx = _add_grad(dx, DH, rows[:, None] * stride_dh + cols[None, :], mask, DXDT, HAS_DH)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], round_to(dx, DXDT).to(DXDT), mask=mask)
         if COMPUTE_DW:
             if FP32_MODE:
@@ -214,10 +245,14 @@ def _flags(weight, offset, casting_mode, x_dtype):
     )
 
 
-def rms_norm_forward_triton(x, weight, eps, offset, casting_mode, out_dtype, y=None, rstd=None):
-    """Launch the forward kernels; `y` / `rstd` may be given (tests pre-fill them with NaN)."""
+def rms_norm_forward_triton(x, weight, eps, offset, casting_mode, out_dtype, y=None, rstd=None,
+                            residual=None, h=None):
+    """Launch the forward kernels; `y` / `rstd` may be given (tests pre-fill them with NaN).
+    With `residual` (and the [.., D] output `h`, contiguous), the norm is of h = x + residual and
+    h is written too (add_norm.py)."""
     D = x.shape[-1]
     x2 = _rows_view(x, D)
+    r2, h2 = (_rows_view(residual, D), h.view(-1, D)) if residual is not None else (x2, x2)
     n_rows = x2.shape[0]
     if y is None:
         y = _alloc(x.shape, out_dtype, x.device)
@@ -231,14 +266,14 @@ def rms_norm_forward_triton(x, weight, eps, offset, casting_mode, out_dtype, y=N
         block_r = min(max(1, TILE_ELEMS // block_d), next_pow2(n_rows))
         grid = (triton.cdiv(n_rows, block_r),)
         _rms_fwd_fused_kernel[grid](
-            x2, w, y2, rstd, n_rows, D, x2.stride(0), y2.stride(0), eps, offset, **flags,
-            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_r * block_d),
+            x2, r2, h2, w, y2, rstd, n_rows, D, x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0),
+            eps, offset, **flags, HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_r * block_d),
         )
     else:
         block_d = min(LOOP_BLOCK_D, next_pow2(D))
         _rms_fwd_looped_kernel[(n_rows,)](
-            x2, w, y2, rstd, D, x2.stride(0), y2.stride(0), eps, offset, **flags,
-            BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            x2, r2, h2, w, y2, rstd, D, x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0), eps,
+            offset, **flags, HAS_RESIDUAL=residual is not None, BLOCK_D=block_d, num_warps=_num_warps(block_d),
         )
     return y, rstd
 
@@ -250,11 +285,13 @@ def _row_chunks(n_row_blocks: int, n_col_blocks: int, device) -> tuple[int, int]
     return triton.cdiv(n_row_blocks, per_prog), per_prog
 
 
-def rms_norm_backward_triton(dy, x, weight, rstd, offset, casting_mode, weight_grad, dx=None):
-    """Launch the backward kernels; returns dx and (fp32 partial sums summed) dweight or None."""
+def rms_norm_backward_triton(dy, x, weight, rstd, offset, casting_mode, weight_grad, dx=None, dh=None):
+    """Launch the backward kernels; returns dx and (fp32 partial sums summed) dweight or None.
+    `dh` (add_norm.py): the gradient reaching x (there: h) from its other uses, added into dx."""
     D = x.shape[-1]
     x2 = _rows_view(x, D)
     dy2 = _rows_view(dy, D)
+    dh2 = _rows_view(dh, D) if dh is not None else dy2
     n_rows = x2.shape[0]
     rstd1 = rstd.reshape(-1).contiguous()
     if dx is None:
@@ -283,9 +320,9 @@ def rms_norm_backward_triton(dy, x, weight, rstd, offset, casting_mode, weight_g
     n_chunks, per_prog = _row_chunks(triton.cdiv(n_rows, block_r), n_col_blocks, x.device)
     dw_part = _alloc((n_chunks, D) if compute_dw else (1,), torch.float32, x.device)
     _rms_bwd_kernel[(n_chunks, n_col_blocks)](
-        dy2, x2, w, rstd1, c, dx2, dw_part, n_rows, D, dy2.stride(0), x2.stride(0), dx2.stride(0),
-        per_prog, offset, **flags, COMPUTE_DW=compute_dw, LOAD_C=D > MAX_FUSED_D,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(2 * block_r * block_d),
+        dy2, x2, w, rstd1, c, dx2, dw_part, dh2, n_rows, D, dy2.stride(0), x2.stride(0), dx2.stride(0),
+        dh2.stride(0), per_prog, offset, **flags, COMPUTE_DW=compute_dw, LOAD_C=D > MAX_FUSED_D,
+        HAS_DH=dh is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(2 * block_r * block_d),
     )
     dweight = dw_part.sum(0).to(weight.dtype) if compute_dw else None
     return dx, dweight
