@@ -128,7 +128,8 @@ def test_hf_model(name):
     # structure, from the modules
     mc = _module_counts(model)
     for key in ("rms_norm", "layer_norm", "rope", "linear"):
-        assert mc[key] == counts[key], (key, mc[key], counts[key])
+        expected = counts[key] + counts.get(f"add_{key}", 0)  # the norms after a residual add too
+        assert mc[key] == expected, (key, mc[key], expected)
     assert mc["gated"] == counts["swiglu"] + counts["geglu"]
     act = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
     if counts["swiglu"]:
@@ -145,8 +146,8 @@ def test_hf_model(name):
     # structure, from Dynamo's graph (one graph, no breaks)
     t = _targets(_one_graph(model, **inputs))
     layers = cfg.num_hidden_layers
-    assert t["rsqrt"] == counts["rms_norm"]
-    assert t["layer_norm"] == counts["layer_norm"]
+    assert t["rsqrt"] == counts["rms_norm"] + counts["add_rms_norm"]
+    assert t["layer_norm"] == counts["layer_norm"] + counts["add_layer_norm"]
     assert t["neg"] == 2 * counts["rope"]  # rotate_half on q and on k
     assert t["silu"] == counts["swiglu"]
     if counts["geglu"]:
@@ -172,7 +173,8 @@ def test_hf_build_is_seeded_and_overridable():
 @pytest.mark.parametrize("name", list(HANDWRITTEN))
 def test_handwritten_model(name):
     model, args, counts = HANDWRITTEN[name]()
-    assert counts and set(counts) <= {"rms_norm", "layer_norm", "rope", "swiglu", "geglu",
+    assert counts and set(counts) <= {"rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm",
+                                      "rope", "swiglu", "geglu",
                                       "cross_entropy", "fused_linear_cross_entropy"}
     out = model(*args)
     assert torch.isfinite(out).all()
@@ -186,14 +188,15 @@ def test_handwritten_model(name):
 def test_handwritten_full_models_structure():
     _, _, counts = HANDWRITTEN["llama_ref"]()
     t = _targets(_one_graph(*_model_and_args("llama_ref")))
-    assert t["rsqrt"] == counts["rms_norm"]
+    assert t["rsqrt"] == counts["rms_norm"] + counts["add_rms_norm"]
     assert t["view_as_complex"] == 2 * counts["rope"]
     assert t["silu"] == counts["swiglu"]
     assert t["cross_entropy"] == 1
     for name in ("nanogpt", "nanogpt_nobias"):
         _, _, counts = HANDWRITTEN[name]()
         t = _targets(_one_graph(*_model_and_args(name)))
-        assert t["layer_norm"] == counts["layer_norm"] and t["cross_entropy"] == 1
+        assert t["layer_norm"] == counts["layer_norm"] + counts["add_layer_norm"]
+        assert t["cross_entropy"] == 1
     assert set(MODELS) == {"nanogpt", "nanogpt_nobias", "llama_ref"}
 
 

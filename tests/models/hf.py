@@ -19,7 +19,10 @@ from ligerfx.hf_targets import small_config_kwargs
 # The configs are the package's own tiny ones (also behind `ligerfx dump hf:TYPE`), so the zoo
 # and the CLI build the same models; the specs below add the family rules the tests check.
 
-# family rules: norm kind and count per layer, gated-MLP kind, nn.Linear modules per layer
+# family rules: norm kind and count per layer, gated-MLP kind, nn.Linear modules per layer;
+# adds_per_layer: norms reading a residual add `h = x + residual` (add_rms_norm / add_layer_norm),
+# per layer: 2 in a sequential pre-norm decoder (the MLP's pre-norm, and the next layer's input
+# norm or the final norm; the first input norm reads the embeddings), 1 with a parallel residual.
 _SPECS = {
     "llama": dict(cls="Llama", norm="rms", norms_per_layer=2, mlp="swiglu",
                   linears_per_layer=7),
@@ -43,7 +46,7 @@ _SPECS = {
     "gpt_neox": dict(cls="GPTNeoX", norm="layer",
                      norms_per_layer=2, mlp=None, linears_per_layer=4,
                      features=dict(partial_rotary_factor=0.25, parallel_residual=True,
-                                   fused_qkv=True)),
+                                   fused_qkv=True), adds_per_layer=1),
     # Mixtral: experts are 3-D parameters run through grouped_mm (transformers' default experts
     # implementation), so one act(gate) * up per layer covers all experts; the router uses
     # F.linear on a parameter, not an nn.Linear.
@@ -68,9 +71,12 @@ def expected_counts(name: str, **overrides) -> dict:
     spec = _SPECS[name]
     L = config_kwargs(name, **overrides)["num_hidden_layers"]
     norms = spec["norms_per_layer"] * L + 1  # + the final norm
+    adds = spec.get("adds_per_layer", 2) * L
     counts = {
-        "rms_norm": norms if spec["norm"] == "rms" else 0,
-        "layer_norm": norms if spec["norm"] == "layer" else 0,
+        "rms_norm": norms - adds if spec["norm"] == "rms" else 0,
+        "layer_norm": norms - adds if spec["norm"] == "layer" else 0,
+        "add_rms_norm": adds if spec["norm"] == "rms" else 0,
+        "add_layer_norm": adds if spec["norm"] == "layer" else 0,
         "rope": L,  # one q/k rotary application per attention layer
         "swiglu": L if spec["mlp"] == "swiglu" else 0,
         "geglu": L if spec["mlp"] == "geglu" else 0,

@@ -7,7 +7,7 @@ import ligerfx
 from tests.compare import call, compare_training_step
 from tests.models import HANDWRITTEN, HF_MODELS, LN_VARIANTS, MAIN_HF_MODELS, NEGATIVE, RMS_VARIANTS, hf_model
 
-NORMS = ("rms_norm", "layer_norm")
+NORMS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
 
 
 def _norm_counts(counts):
