@@ -6,6 +6,7 @@ copied)."""
 import pytest
 import torch
 
+from tests.kernels import test_add_norm as tan
 from tests.kernels import test_cross_entropy as tce
 from tests.kernels import test_gated_act as tga
 from tests.kernels import test_int4_matmul as ti4
@@ -40,6 +41,19 @@ def test_rms_norm(shape, dtype, case):
 def test_layer_norm(shape, dtype, case):
     x, w, b = tln.make_inputs(shape, dtype, case)[:3]
     tln.check_against_reference(x, w, b, NORM_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 4096), (4096, 4096), (333, 3584), (5, 4097), (3, 16384),
+                                   (2, 16385)], ids=str)
+@pytest.mark.parametrize("use_h", [True, False], ids=["h_reused", "h_only_normed"])
+def test_add_norms(shape, dtype, use_h):
+    for case in tan.RMS_CASES:
+        _, w, offset, mode = trn.make_inputs(shape, dtype, case)
+        tan.check_add_rms(*tan._pair(shape, dtype), w, offset, mode, NORM_TOL[dtype], use_h=use_h)
+    for case in tan.LN_CASES:
+        _, w, b = tln.make_inputs(shape, dtype, case)
+        tan.check_add_ln(*tan._pair(shape, dtype), w, b, NORM_TOL[dtype], use_h=use_h)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -86,6 +86,25 @@ def _norms():
     yield _ln_case(BF16, TOKENS, WIDE, False, False)
 
 
+def _add_norms():
+    import ligerfx.kernels.add_norm  # noqa: F401 - defines the liger::add_* ops
+
+    rms, rms_b = op_body("liger::add_rms_norm"), op_body("liger::add_rms_norm_backward")
+    ln, ln_b = op_body("liger::add_layer_norm"), op_body("liger::add_layer_norm_backward")
+    # HAS_RESIDUAL / HAS_DH on (h read elsewhere) and dh None (h read only by the norm), fused
+    # and looped widths, each dtype at the Llama width
+    for dt, D in ((BF16, LLAMA), (BF16, WIDE), (FP32, LLAMA), (FP16, LLAMA), (BF16, HIDDEN[1])):
+        def run(dt=dt, D=D):
+            x, r, w = _e(TOKENS, D, dtype=dt), _e(TOKENS, D, dtype=dt), _e(D, dtype=dt)
+            y, h, rstd = rms(x, r, w, 1e-6, 0.0, "llama", dt)
+            rms_b(torch.empty_like(y), torch.empty_like(h), h, w, rstd, 0.0, "llama", True)
+            rms_b(torch.empty_like(y), None, h, w, rstd, 0.0, "llama", True)
+            y, h, mean, rstd = ln(x, r, w, w, 1e-5, dt)
+            ln_b(torch.empty_like(y), torch.empty_like(h), h, w, w, mean, rstd, True, True)
+            ln_b(torch.empty_like(y), None, h, w, w, mean, rstd, True, True)
+        yield f"add_rms_norm / add_layer_norm {dt} rows={TOKENS} D={D}", run
+
+
 def _rope():
     rope, rope_b = op_body("liger::rope"), op_body("liger::rope_backward")
     # (q heads, kv heads, head dim, rotary dim, interleaved): Llama-3 (GQA), Qwen2, Gemma (256),
@@ -218,6 +237,7 @@ def cases(chip: Chip):
     """Every (label, fn) to record on `chip`."""
     if chip.cc in ALL_FAMILIES_ON:
         yield from _norms()
+        yield from _add_norms()
         yield from _rope()
         yield from _gated()
         yield from _losses()
