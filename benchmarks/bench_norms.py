@@ -1,5 +1,9 @@
 """Benchmark RMSNorm and LayerNorm: eager, torch.compile (inductor), liger:: ops, Liger-Kernel.
 
+Also the residual add + norm (`add_rms_norm`, `add_layer_norm`, via benchmarks/run.py): the fused
+op against the eager pair, inductor compiling the pair, and (`add_rms_norm_unfused`, liger
+variant) `rms_norm` after an inductor-compiled add; `add_norm_bytes` gives the bytes each moves.
+
 For hidden sizes 1024..16384 (4096 rows, bf16), each variant's forward and forward+backward time,
 their peak memory, and the achieved bandwidth from the bytes the op must move (one count for every
 variant, so GB/s compare like for like), next to the device's measured copy bandwidth.
@@ -25,6 +29,7 @@ import torch.nn as nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
+from ligerfx.kernels.add_norm import add_layer_norm, add_rms_norm  # noqa: E402
 from ligerfx.kernels.layer_norm import layer_norm  # noqa: E402
 from ligerfx.kernels.rms_norm import rms_norm  # noqa: E402
 
@@ -184,7 +189,62 @@ def _norm_case(op):
     return make
 
 
+def add_norm_bytes(rows: int, hidden: int, elem: int, p_elem: int, n_params: int = 1,
+                   fused: bool = True) -> tuple[int, int]:
+    """(forward, backward) bytes of the residual add + norm.  Fused: x, residual -> h, y, then
+    dy, dh, h -> dx (= dresidual).  The unfused pair moves h once more each way: the add
+    (x, residual -> h), the norm (h -> y); the norm's backward (dy, h -> dnorm) and autograd's
+    sum (dnorm, dh -> dx)."""
+    act = rows * hidden * elem
+    params = n_params * hidden * p_elem
+    if fused:
+        return 4 * act + params, 4 * act + 2 * params
+    return 5 * act + params, 6 * act + 2 * params
+
+
+def _eager_add_rms(x, r, w):
+    h = x + r
+    return _eager_rms(h, w), h
+
+
+def _eager_add_ln(x, r, w, b):
+    h = x + r
+    return _eager_ln(h, w, b), h
+
+
+_compiled_add = None
+
+
+def _rms_after_compiled_add(x, r, w):
+    global _compiled_add
+    if _compiled_add is None:
+        _compiled_add = torch.compile(lambda a, b: a + b, dynamic=False)
+    h = _compiled_add(x, r)
+    return rms_norm(h, w, EPS, casting_mode="llama"), h
+
+
+def _add_norm_case(op, fused=True):
+    def make(hidden, device, dtype, rows=None):
+        rows = rows or (16 if device.type == "cpu" else ROWS)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+        r = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+        w = (1.0 + 0.1 * torch.randn(hidden, generator=gen)).to(device, dtype).requires_grad_()
+        args = (x, r, w)
+        if op == "layer_norm":
+            args += ((0.1 * torch.randn(hidden, generator=gen)).to(device, dtype).requires_grad_(),)
+        f, b = add_norm_bytes(rows, hidden, x.element_size(), w.element_size(), len(args) - 2, fused)
+        return Case(f"r{rows}_h{hidden}", hidden, args, (torch.randn_like(x), torch.randn_like(x)), f, b)
+    return make
+
+
 OPS = [
+    OpBench("add_rms_norm", "add_norm", _add_norm_case("rms_norm"), HIDDEN_SIZES, (64,), "hidden",
+            eager=_eager_add_rms, liger=lambda x, r, w: add_rms_norm(x, r, w, EPS, casting_mode="llama")),
+    OpBench("add_rms_norm_unfused", "add_norm", _add_norm_case("rms_norm", fused=False), HIDDEN_SIZES,
+            (64,), "hidden", eager=_eager_add_rms, liger=_rms_after_compiled_add),
+    OpBench("add_layer_norm", "add_norm", _add_norm_case("layer_norm"), HIDDEN_SIZES, (64,), "hidden",
+            eager=_eager_add_ln, liger=lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS)),
     OpBench("rms_norm", "rms_norm", _norm_case("rms_norm"), HIDDEN_SIZES, (64, 200), "hidden",
             eager=_eager_rms, liger=lambda x, w: rms_norm(x, w, EPS, casting_mode="llama"),
             liger_kernel=_lk_rms, smoke_inductor=True),
