@@ -114,10 +114,12 @@ def _fused_with_add(base_name: str):
         h = match["x"]
         if not isinstance(h, fx.Node):
             raise Skip
-        inplace = _is_add(h, inplace=True)
-        if not (inplace or _is_add(h)):
+        # `h.add_(r)` / `h += r` before the norm: the norm reads h itself (or the iadd's result)
+        writer = h if _is_add(h, inplace=True) else next(
+            (u for u in h.users if _is_add(u, inplace=True) and u.args and u.args[0] is h), None)
+        if writer is None and not _is_add(h):
             raise Skip
-        x, r, alpha = _operands(h)
+        x, r, alpha = _operands(writer if writer is not None else h)
         if not (_is_tensor(x) and _is_tensor(r)):
             raise Skip  # `h + eps`, `h + 1`: not a residual add
         base = REGISTRY.get(base_name)
@@ -126,9 +128,9 @@ def _fused_with_add(base_name: str):
                 raise Skip
         if match.safety_problem(None, rewriter.insertion_point(match)):
             raise Skip
-        if inplace:
-            return (f"the residual add `{h.name}` is in place (it writes `{x.name}`); the fused op "
-                    "returns a new h (write `h = x + residual`)")
+        if writer is not None:
+            return (f"the residual add `{writer.name}` is in place (it writes `{x.name}`); the "
+                    "fused op returns a new h (write `h = x + residual`)")
         problem = _add_problem(h, x, r, alpha)
         if problem:
             return problem

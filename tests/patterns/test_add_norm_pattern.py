@@ -84,6 +84,9 @@ def _input_grads_match(model, args, rtol=1e-4):
     compiled = torch.compile(model, backend="liger", options={"inner": "aot_eager", **OPTS})
     compiled(*mine).float().square().mean().backward()
     for a, b in zip(eager, mine):
+        if a.grad is None:  # an input the model does not read
+            assert b.grad is None
+            continue
         err = ((a.grad.double() - b.grad.double()).norm() / a.grad.double().norm()).item()
         assert err < rtol, err
 
@@ -93,7 +96,7 @@ def _input_grads_match(model, args, rtol=1e-4):
 def test_every_norm_spelling_after_an_add(norm, reuse_h, kernel_path):
     model, args = Block(norm, reuse_h=reuse_h), _inputs()
     report = _step(model, args)
-    name = "add_layer_norm" if "ln" in norm else "add_rms_norm"
+    name = "add_layer_norm" if norm.endswith(("_ln", "layer_norm")) else "add_rms_norm"
     assert report.counts.get(name) == 1, (report.counts, [str(m) for m in report.near_misses])
     (rec,) = [m for m in report.matches if m.pattern == name]
     assert ("h also returned" if reuse_h else "h read only by the norm") in rec.detail
@@ -126,8 +129,11 @@ def test_bf16_add_rounds_before_the_norm(kernel_path):
     gx, gr = torch.autograd.grad((y, h), (x, r), (dy, dh))
     ex, er = torch.autograd.grad((y_ref, h_ref), (x, r), (dy, dh))
     assert torch.equal(gx, gr)
-    ulp = torch.finfo(torch.bfloat16).eps * ex.float().abs().clamp_min(1e-2)
-    assert ((gx.float() - ex.float()).abs() <= 2 * ulp).float().mean() > 0.99
+    # within two ulps of the summands (the norm's gradient and dh; where they cancel, the one-ulp
+    # differences of the norm's backward, as with the plain rms_norm op, stay that size)
+    scale = dh.float().abs() + (ex.float() - dh.float()).abs()
+    ulp = torch.finfo(torch.bfloat16).eps * scale.clamp_min(1e-3)
+    assert ((gx.float() - ex.float()).abs() <= 2 * ulp).all()
 
 
 def test_residual_aliasing_and_views(kernel_path):
@@ -146,8 +152,9 @@ def test_residual_aliasing_and_views(kernel_path):
             else:
                 h = x.transpose(0, 1) + r.transpose(0, 1)
             y = _hf_rms(h, self.w)
-            return (y + h.reshape(h.shape) * 2).sum(-1).view(-1) if self.form != "t" else (
-                y * h.view(-1, D).view(h.shape)[0:1].sum())
+            if self.form == "t":  # a view only eager's (transposed) strides of h allow
+                return y.sum() + h.transpose(0, 1).view(-1, D).square().sum()
+            return y + h * 2
 
     for form, shape in (("same", (3, 4, D)), ("slice", (3, 4, D + 2)), ("t", (3, 4, D))):
         model = M(form)
