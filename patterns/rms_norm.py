@@ -207,14 +207,19 @@ def check(match):
     return None
 
 
+def default_eps(x):
+    """F.rms_norm's eps=None: machine epsilon of the computation type."""
+    return torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+
+
 def replace(x, weight=None, eps=None, offset=0.0, *, match=None):
     if match is not None:
         mode, out_dtype = match.params["casting_mode"], match.out_dtype
     else:
         mode = "llama"
         out_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
-    if eps is None:  # F.rms_norm's default: machine epsilon of the computation type
-        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    if eps is None:
+        eps = default_eps(x)
     return torch.ops.liger.rms_norm(x, weight, eps, float(offset), mode, out_dtype)[0]
 
 
