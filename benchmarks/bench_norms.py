@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from ligerfx.kernels.add_norm import add_layer_norm, add_rms_norm  # noqa: E402
+import ligerfx.kernels.gated_rms_norm  # noqa: E402,F401 - liger::gated_rms_norm
 from ligerfx.kernels.layer_norm import layer_norm  # noqa: E402
 from ligerfx.kernels.rms_norm import rms_norm  # noqa: E402
 
@@ -238,6 +239,34 @@ def _add_norm_case(op, fused=True):
     return make
 
 
+def _eager_gated_rms(x, w, gate):
+    """transformers' Qwen3NextRMSNormGated (norm, weight, then silu(gate.float()), cast back)."""
+    dt = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+    h = (w * h.to(dt)) * torch.nn.functional.silu(gate.to(torch.float32))
+    return h.to(dt)
+
+
+def _liger_gated_rms(x, w, gate):
+    # the dtypes the pattern derives for the Qwen3-Next code: bf16 norm, fp32 product, bf16 out
+    return torch.ops.liger.gated_rms_norm(x, w, gate.float(), EPS, 0.0, "llama", x.dtype,
+                                          torch.float32, x.dtype)[0]
+
+
+def _gated_norm_case(hidden, device, dtype):
+    # Qwen3-Next normalises per value head (128 wide, 32 heads a token): keep rows x hidden fixed
+    rows = 16 if device.type == "cpu" else ROWS * max(1, 4096 // hidden)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+    gate = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+    w = (1.0 + 0.1 * torch.randn(hidden, generator=gen)).to(device, dtype).requires_grad_()
+    act, p = rows * hidden * x.element_size(), hidden * w.element_size()
+    # fwd: read x, gate, w; write y.  bwd: read dy, x, gate, w; write dx, dgate, dw.
+    return Case(f"r{rows}_h{hidden}", hidden, (x, w, gate), (torch.randn_like(x),), 3 * act + p,
+                5 * act + 2 * p)
+
+
 OPS = [
     OpBench("add_rms_norm", "add_norm", _add_norm_case("rms_norm"), HIDDEN_SIZES, (64,), "hidden",
             eager=_eager_add_rms, liger=lambda x, r, w: add_rms_norm(x, r, w, EPS, casting_mode="llama")),
@@ -250,6 +279,8 @@ OPS = [
             liger_kernel=_lk_rms, smoke_inductor=True),
     OpBench("layer_norm", "layer_norm", _norm_case("layer_norm"), HIDDEN_SIZES, (64, 200), "hidden",
             eager=_eager_ln, liger=lambda x, w, b: layer_norm(x, w, b, EPS), liger_kernel=_lk_ln),
+    OpBench("gated_rms_norm", "gated_rms_norm", _gated_norm_case, (128, 1024, 4096, 8192), (64, 200),
+            "hidden", eager=_eager_gated_rms, liger=_liger_gated_rms),
 ]
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from ligerfx.kernels.gated_act import geglu, swiglu  # noqa: E402
+from ligerfx.kernels.gated_act import gated_act, geglu, relu_squared, swiglu  # noqa: E402
 from ligerfx.kernels.rope import rope  # noqa: E402
 
 # Llama-3-8B
@@ -283,6 +283,23 @@ def _lk_geglu():
     return LigerGELUMulFunction.apply
 
 
+def _eager_relu_sq(x):
+    return torch.square(F.relu(x))  # transformers' ReLUSquaredActivation (Nemotron)
+
+
+def _relu_sq_case(seq, device, dtype):
+    n = _cfg(device)["inter"]
+    x = torch.randn(seq, n, device=device, dtype=dtype, requires_grad=True)
+    elt = x.element_size()
+    # fwd: read x, write y.  bwd: read dy, x; write dx.
+    return Case(f"t{seq}_n{n}", seq, (x,), (torch.randn_like(x),), 2 * x.numel() * elt,
+                3 * x.numel() * elt)
+
+
+def _eager_relu_sq_glu(gate, up):
+    return torch.square(F.relu(gate)) * up
+
+
 OPS = [
     OpBench("rope", "rope", _rope_op_case, SEQS, (16, 32), "tokens", eager=hf_apply_rotary, liger=ours_rope,
             liger_kernel=lambda: liger_variants().get("rope")),
@@ -290,6 +307,10 @@ OPS = [
             liger_kernel=lambda: liger_variants().get("swiglu")),
     OpBench("geglu", "gated_act", _gated_op_case, SEQS, (16,), "tokens", eager=_eager_geglu,
             liger=lambda g, u: geglu(g, u, "tanh"), liger_kernel=_lk_geglu),
+    OpBench("relu_sq", "gated_act", _relu_sq_case, SEQS, (16,), "tokens", eager=_eager_relu_sq,
+            liger=relu_squared),
+    OpBench("relu_sq_glu", "gated_act", _gated_op_case, SEQS, (16,), "tokens", eager=_eager_relu_sq_glu,
+            liger=lambda g, u: gated_act(g, u, "relu_sq")),
 ]
 
 

@@ -1,11 +1,21 @@
-"""Gated activations of a gated MLP (SwiGLU, GeGLU): `liger::gated_act`, y = act(gate) * up.
+"""MLP activations with recompute in backward: `liger::gated_act`, y = act(gate) * up (SwiGLU,
+GeGLU, squared-ReLU GLU), and `liger::act`, y = act(x) (the non-gated relu² MLP of Nemotron).
 
-activation is "silu", "gelu" (exact, erf) or "gelu_tanh" (tanh approximation).  gate and up may be
+activation is "silu", "gelu" (exact, erf), "gelu_tanh" (tanh approximation) or "relu_sq"
+(relu(x)**2, eager's `torch.square(F.relu(x))`).  The non-gated op is the same family as the
+gated one: the same activation code, the same loads and roundings with one operand fewer (up is
+1), so it lives here rather than in a file of its own.  gate and up may be
 strided views, e.g. the two halves of one fused projection (`proj.chunk(2, -1)`): rows are read
 through their row stride, so no copy is made as long as the last dim is contiguous.
 
 Roundings mirror eager `act(gate) * up` in bf16/fp16: act is computed in fp32 and rounded to the
-input dtype, then multiplied by up in fp32 and rounded again.  The backward recomputes act(gate)
+input dtype, then multiplied by up in fp32 and rounded again.  The backward rounds as eager's
+autograd does: the multiply's gradient dy * up is rounded to the input dtype before the
+activation's derivative multiplies it (one more rounding than computing dy * up * act' at once).
+relu²: relu is exact and r * r of two bf16/fp16 values is exact in fp32, so one rounding of the
+fp32 square is eager's `square`/`pow(2)`/`r * r`; its gradient is dz * (2 r) where r > 0 (eager's
+pow backward then relu's threshold backward: 0 at r <= 0, NaN kept).  The `r * r` spelling sums
+two rounded dz * r instead: equal unless dz * r is subnormal.  The backward recomputes act(gate)
 from gate (only gate and up are saved), which is where the memory saving over eager comes from:
 eager keeps act(gate) alive for the multiply's backward.
 
@@ -19,10 +29,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ligerfx.kernels.rounding import cast_rne
+from ligerfx.kernels.rounding import cast_rne, round_to
 from ligerfx.kernels.runtime import cpu_decomposition, next_pow2, use_triton
 
-ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu_sq": 3}
 _MAX_BLOCK = 2048
 
 _SQRT1_2 = 0.7071067811865476  # 1/sqrt(2)
@@ -37,10 +47,19 @@ def _act(g, ACT: tl.constexpr):
         return g / (1.0 + tl.exp(-g))
     elif ACT == 1:
         return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    else:
+    elif ACT == 2:
         # 0.5 * (1 + tanh(z)) == sigmoid(2z): no cancellation in the negative tail.
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         return g / (1.0 + tl.exp(-2.0 * z))
+    else:
+        r = _relu(g)
+        return r * r
+
+
+@triton.jit
+def _relu(g):
+    # torch.relu keeps NaN (a NaN compares false), as tl.maximum does not promise to
+    return tl.where(g < 0.0, 0.0, g)
 
 
 @triton.jit
@@ -53,12 +72,16 @@ def _act_and_grad(g, ACT: tl.constexpr):
         cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
         pdf = 0.3989422804014327 * tl.exp(-0.5 * g * g)
         return g * cdf, cdf + g * pdf
-    else:
+    elif ACT == 2:
         # With s = sigmoid(2z) = (1 + tanh z) / 2:  act = g s,  act' = s + 2 g s (1 - s) z'.
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         s = 1.0 / (1.0 + tl.exp(-2.0 * z))
         dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
         return g * s, s + 2.0 * g * s * (1.0 - s) * dz
+    else:
+        # eager: threshold_backward(r <= 0 -> 0) of pow's 2 r (a NaN r passes through as NaN)
+        r = _relu(g)
+        return r * r, tl.where(r <= 0.0, 0.0, 2.0 * r)
 
 
 @triton.jit
@@ -88,7 +111,30 @@ def _gated_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr,
     # dup uses the rounded act(g) the forward multiplied by.
     a = cast_rne(a, g_ptr.dtype.element_ty).to(tl.float32)
     tl.store(du_ptr + row * du_stride + cols, cast_rne(dy * a, du_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + row * dg_stride + cols, cast_rne(dy * u * da, dg_ptr.dtype.element_ty), mask=mask)
+    # eager rounds the product's gradient dy * up (act(gate)'s dtype) before act' multiplies it
+    dz = round_to(dy * u, g_ptr.dtype.element_ty)
+    tl.store(dg_ptr + row * dg_stride + cols, cast_rne(dz * da, dg_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_fwd_kernel(x_ptr, y_ptr, x_stride, y_stride, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * y_stride + cols, cast_rne(_act(x, ACT), y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_bwd_kernel(dy_ptr, x_ptr, dx_ptr, dy_stride, x_stride, dx_stride, N,
+                    ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    dy = tl.load(dy_ptr + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    _, da = _act_and_grad(x, ACT)
+    tl.store(dx_ptr + row * dx_stride + cols, cast_rne(dy * da, dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -134,12 +180,35 @@ def launch_backward(dy, gate, up, dgate, dup, activation: str) -> None:
                             ACT=_activation_code(activation), **meta)
 
 
+def launch_act_forward(x: torch.Tensor, out: torch.Tensor, activation: str) -> None:
+    """Write act(x) into out (same shape; out must be contiguous)."""
+    x2, y2 = _rows(x), out.view(-1, out.shape[-1])
+    rows, n = x2.shape
+    if rows == 0 or n == 0:
+        return
+    grid, meta = _grid_and_meta(rows, n)
+    _act_fwd_kernel[grid](x2, y2, x2.stride(0), y2.stride(0), n, ACT=_activation_code(activation), **meta)
+
+
+def launch_act_backward(dy, x, dx, activation: str) -> None:
+    """Write the gradient of act(x) into dx (contiguous, x's shape)."""
+    d2, x2, dx2 = _rows(dy), _rows(x), dx.view(-1, dx.shape[-1])
+    rows, n = x2.shape
+    if rows == 0 or n == 0:
+        return
+    grid, meta = _grid_and_meta(rows, n)
+    _act_bwd_kernel[grid](d2, x2, dx2, d2.stride(0), x2.stride(0), dx2.stride(0), n,
+                          ACT=_activation_code(activation), **meta)
+
+
 # ----------------------------------------------------------------------------- torch reference
 
 
 def _act_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":
         return F.silu(g)
+    if activation == "relu_sq":
+        return torch.square(torch.relu(g))
     return F.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
@@ -149,6 +218,9 @@ def _act_grad_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
         return s * (1 + g * (1 - s))
     if activation == "gelu":
         return 0.5 * (1 + torch.erf(g * _SQRT1_2)) + g * _INV_SQRT_2PI * torch.exp(-0.5 * g * g)
+    if activation == "relu_sq":
+        r = torch.relu(g)
+        return torch.where(r <= 0, 0.0, 2 * r)
     th = torch.tanh(_SQRT_2_OVER_PI * (g + _GELU_C * g ** 3))
     return 0.5 * (1 + th) + 0.5 * g * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_C * g * g)
 
@@ -163,9 +235,20 @@ def gated_act_backward_reference(dy, gate, up, activation: str):
     cdt = torch.promote_types(gate.dtype, torch.float32)
     g, u, d = gate.to(cdt), up.to(cdt), dy.to(cdt)
     a = _act_torch(g, activation).to(gate.dtype).to(cdt)
-    dgate = (d * u * _act_grad_torch(g, activation)).to(gate.dtype).contiguous()
+    dz = (d * u).to(gate.dtype).to(cdt)  # eager rounds the product's gradient first
+    dgate = (dz * _act_grad_torch(g, activation)).to(gate.dtype).contiguous()
     dup = (d * a).to(up.dtype).contiguous()
     return dgate, dup
+
+
+def act_reference(x, activation: str) -> torch.Tensor:
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    return _act_torch(x.to(cdt), activation).to(x.dtype).contiguous()
+
+
+def act_backward_reference(dy, x, activation: str) -> torch.Tensor:
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    return (dy.to(cdt) * _act_grad_torch(x.to(cdt), activation)).to(x.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------- torch ops
@@ -240,6 +323,70 @@ cpu_decomposition(torch.ops.liger.gated_act)(_gated_act_torch)
 cpu_decomposition(torch.ops.liger.gated_act_backward)(_gated_act_backward_torch)
 
 
+def _check_act(x, activation):
+    _activation_code(activation)
+    torch._check(x.dim() >= 1, lambda: "act: x must have at least one dim")
+
+
+@torch.library.custom_op("liger::act", mutates_args=())
+def act_op(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(x) alone (the non-gated MLP); the backward recomputes act' from x."""
+    _check_act(x, activation)
+    if use_triton(x):
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        launch_act_forward(x, out, activation)
+        return out
+    return _act_torch_path(x, activation)
+
+
+def _act_torch_path(x, activation):
+    _check_act(x, activation)
+    return act_reference(x, activation)
+
+
+@act_op.register_fake
+def _(x, activation):
+    _check_act(x, activation)
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("liger::act_backward", mutates_args=())
+def act_backward_op(dy: torch.Tensor, x: torch.Tensor, activation: str) -> torch.Tensor:
+    _check_act(x, activation)
+    if use_triton(dy, x):
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        launch_act_backward(dy, x, dx, activation)
+        return dx
+    return _act_backward_torch_path(dy, x, activation)
+
+
+def _act_backward_torch_path(dy, x, activation):
+    _check_act(x, activation)
+    return act_backward_reference(dy, x, activation)
+
+
+@act_backward_op.register_fake
+def _(dy, x, activation):
+    _check_act(x, activation)
+    return x.new_empty(x.shape)
+
+
+def _act_setup_context(ctx, inputs, output):
+    x, activation = inputs
+    ctx.save_for_backward(x)
+    ctx.activation = activation
+
+
+def _act_backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return torch.ops.liger.act_backward(dy, x, ctx.activation), None
+
+
+act_op.register_autograd(_act_backward, setup_context=_act_setup_context)
+cpu_decomposition(torch.ops.liger.act)(_act_torch_path)
+cpu_decomposition(torch.ops.liger.act_backward)(_act_backward_torch_path)
+
+
 def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     return torch.ops.liger.gated_act(gate, up, activation)
 
@@ -254,3 +401,12 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
     if approximate not in ("none", "tanh"):
         raise ValueError(f"geglu: approximate must be 'none' or 'tanh', got {approximate!r}")
     return torch.ops.liger.gated_act(gate, up, "gelu" if approximate == "none" else "gelu_tanh")
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """relu(x) ** 2 (Nemotron's relu2)."""
+    return torch.ops.liger.act(x, "relu_sq")
+
+
+def act(x: torch.Tensor, activation: str) -> torch.Tensor:
+    return torch.ops.liger.act(x, activation)

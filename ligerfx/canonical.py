@@ -90,7 +90,7 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "mean": ("dim=None", "keepdim=False", "dtype=None"),
     "sum": ("dim=None", "keepdim=False", "dtype=None"),
     "var": ("dim=None", "unbiased=None", "keepdim=False", "correction=None"),
-    "silu": ("inplace=False",), "gelu": ("approximate='none'",),
+    "silu": ("inplace=False",), "gelu": ("approximate='none'",), "relu": ("inplace=False",),
     "rms_norm": ("normalized_shape", "weight=None", "eps=None"),
     "layer_norm": ("normalized_shape", "weight=None", "bias=None", "eps=1e-05"),
     "linear": ("weight", "bias=None"),
@@ -351,6 +351,8 @@ class View:
             if isinstance(e, (int, float)) and not isinstance(e, bool) and e in alias:
                 return self._mk(alias[e], (x,), node)
             return self._mk("pow", (x, e), node)
+        if name == "relu":  # F.relu(x, inplace=True) writes x: not this value (opaque)
+            return None if a[1] else self._mk("relu", (x,), node)
         if name in _UNARY:
             return self._unary(name, x, node)
         if name in ("mean", "sum"):

@@ -1,4 +1,5 @@
-"""`swiglu` / `geglu`: a gated MLP's `act(gate) * up` -> the fused `liger::gated_act` kernel.
+"""`swiglu` / `geglu` / `relu_sq_glu`: a gated MLP's `act(gate) * up` -> `liger::gated_act`, and
+`relu_sq`: a non-gated MLP's `relu(x) ** 2` (Nemotron's relu2) -> `liger::act`.
 
 The patterns are the math: `silu(gate) * up` (also spelled `gate * sigmoid(gate) * up`) and
 `gelu(gate) * up`, exact or tanh-approximated (transformers' `gelu_pytorch_tanh` is `F.gelu(x,
@@ -10,7 +11,10 @@ view spells as slices the kernel reads in place.
 The kernel computes act(gate) in fp32, rounds it to the input dtype and multiplies by up in fp32,
 exactly as eager `act(gate) * up` does in any one dtype.  Explicit casts are replayed outside the
 kernel when that reproduces eager's roundings (`check` works out how), otherwise the match is a
-near miss.  This module also holds the cast helpers the RoPE patterns share.
+near miss.  relu² is two graph nodes (`relu`, then a square in any spelling the canonical view
+folds: `** 2`, `pow(2)`, `square`, `r * r`); relu is exact, so the square is its one rounding and
+bf16/fp16 code is reproduced, provided no cast sits between the two.  This module also holds the
+cast helpers the RoPE patterns share.
 """
 
 from __future__ import annotations
@@ -152,7 +156,18 @@ def geglu_erf(gate, up):
     return gate * 0.5 * (1.0 + torch.erf(gate / math.sqrt(2.0))) * up
 
 
-_ACT_OP = {swiglu: "silu", geglu: "gelu"}  # variants whose activation is one graph node
+def relu_sq_glu(gate, up):
+    """Squared-ReLU GLU: relu(gate) ** 2 * up."""
+    return torch.square(F.relu(gate)) * up
+
+
+def relu_sq(x):
+    """Squared ReLU: relu(x) ** 2 (also `square(relu(x))`, `relu(x) * relu(x)`)."""
+    return torch.square(F.relu(x))
+
+
+# variants whose activation rounds once, at this graph node (relu² is exact up to its square)
+_ACT_OP = {swiglu: "silu", geglu: "gelu", relu_sq_glu: "square"}
 
 
 def _activation(match) -> str:
@@ -163,6 +178,8 @@ def _activation(match) -> str:
         return "gelu"
     if fn is geglu_new:
         return "gelu_tanh"
+    if fn in (relu_sq_glu, relu_sq):
+        return "relu_sq"
     return "gelu_tanh" if match["approximate"] == "tanh" else "gelu"
 
 
@@ -186,6 +203,9 @@ def check(match):
     for c in (g_chain, u_chain):
         if isinstance(c, str):
             return c
+    problem = _relu_square_problem(match)
+    if problem:
+        return problem
     g_use = g_chain[-1] if g_chain else gate.dtype
     u_use = u_chain[-1] if u_chain else up.dtype
     prod = getattr(node_value(match.tops[0]), "dtype", None)
@@ -226,6 +246,52 @@ def check(match):
     return None
 
 
+def _relu_square_problem(match):
+    """relu² is reproduced only when relu's value is squared as computed: a cast in between would
+    round (or widen) it where the kernel does not."""
+    if "relu" not in {pc.op for pc in match.variant.view.cnodes()}:
+        return None
+    relu, sq = match.nodes_of("relu")[0], match.nodes_of("square")[0]
+    chain = cast_chain(sq.args[0], relu)
+    if chain:
+        return (f"relu's value is cast to {chain[-1]} before it is squared; the kernel squares "
+                "it in the dtype relu computes in")
+    return None
+
+
+def check_relu_sq(match):
+    """The non-gated relu²: the kernel computes in the dtype the square computes in."""
+    x = match.value("x")
+    chain = use_chain(match, "x")
+    if isinstance(chain, str):
+        return chain
+    problem = _relu_square_problem(match)
+    if problem:
+        return problem
+    dt = dtype_of(match.tops[0])
+    if dt not in _FLOATS:
+        return f"computes in {dt}, not a floating dtype the kernel handles"
+    if (chain[-1] if chain else x.dtype) != dt:
+        return f"relu reads {chain[-1] if chain else x.dtype} but the square computes in {dt}"
+    match.params.update(x_chain=chain, out_chain=trailing_chain(match))
+    match.detail = f"relu_sq, {str(dt).replace('torch.', '')}"
+    return None
+
+
+def replace_relu_sq(x, *, match=None):
+    if match is None:
+        return torch.ops.liger.act(x, "relu_sq")
+    p = match.params
+    y = torch.ops.liger.act(apply_chain(x, p["x_chain"]), "relu_sq")
+    return apply_chain(y, p["out_chain"], node_value(match.tops[0]))
+
+
+def _replace_relu_sq_glu(gate, up, *, match=None):
+    if match is None:
+        return torch.ops.liger.gated_act(gate, up, "relu_sq")
+    return replace(gate, up, match=match)
+
+
 def replace(gate, up, approximate="none", tanh_form=False, *, match=None):
     if match is None:  # registration check on plain tensors
         act = "gelu_tanh" if approximate == "tanh" or tanh_form else "gelu"
@@ -259,4 +325,15 @@ register(
     "geglu", [geglu, geglu_new, geglu_erf], replace, _EXAMPLES,
     constraints=check, priority=5, allow_casts=True, builtin=True,
     description="GeGLU gelu(gate) * up (exact, tanh, gelu_new) -> liger::gated_act",
+)
+register(
+    "relu_sq_glu", [relu_sq_glu], _replace_relu_sq_glu, _EXAMPLES,
+    constraints=check, priority=5, allow_casts=True, builtin=True,
+    description="squared-ReLU GLU relu(gate)**2 * up -> liger::gated_act",
+)
+# below the gated form: a relu² that feeds `* up` is the gated pattern's
+register(
+    "relu_sq", [relu_sq], replace_relu_sq, {"x": torch.randn(2, 3, 8)},
+    constraints=check_relu_sq, priority=4, allow_casts=True, builtin=True,
+    description="squared ReLU relu(x)**2 of a non-gated MLP (Nemotron relu2) -> liger::act",
 )

@@ -9,6 +9,7 @@ import torch
 from tests.kernels import test_add_norm as tan
 from tests.kernels import test_cross_entropy as tce
 from tests.kernels import test_gated_act as tga
+from tests.kernels import test_gated_rms_norm as tgrn
 from tests.kernels import test_int4_matmul as ti4
 from tests.kernels import test_int8_matmul as ti8
 from tests.kernels import test_fp8_matmul as tf8
@@ -70,10 +71,33 @@ def test_rope(dtype, layout, seq_dim, t):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 14336), (4096, 14336), (7, 18944), (3, 24577)], ids=str)
-@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu_sq"])
 def test_gated_act(dtype, shape, activation):
     g, u = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
     tga.check(g, u, activation, tga.FP32 if dtype == torch.float32 else tga.BF16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 24576), (4096, 24576), (7, 21504), (3, 24577)], ids=str)
+def test_relu_sq(dtype, shape):
+    # relu² rounds once, as eager does: bit-equal on the GPU too (tests/kernels)
+    tga.test_relu_sq_bit_equal_to_eager("cuda", shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4096 * 32, 128), (1, 128), (4096, 4096), (5, 8191), (3, 8192)],
+                         ids=str)
+@pytest.mark.parametrize("case,gate", [("llama", "gate_fp32"), ("llama", "gate_x"),
+                                       ("no_weight", "gate_fp32"), ("fp32_offset", "gate_fp32"),
+                                       ("llama_fp32_weight", "gate_fp32")])
+def test_gated_rms_norm(dtype, shape, case, gate):
+    x, w, g, offset, mode = tgrn.make_inputs(shape, dtype, case, gate)
+    tgrn.check_against_reference(x, w, g, offset, mode, NORM_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gated_rms_norm_qwen3_next_bit_equal(dtype):
+    tgrn.test_qwen3_next_bit_equal(dtype, "cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -133,13 +133,57 @@ def _gated():
     fwd, bwd = op_body("liger::gated_act"), op_body("liger::gated_act_backward")
     todo = [(BF16, n, "silu") for n in (14336, 18944, 24576)]
     todo += [(BF16, 14336, "gelu"), (BF16, 24576, "gelu_tanh"), (FP32, 14336, "silu"),
-             (FP16, 14336, "silu")]
+             (FP16, 14336, "silu"), (BF16, 14336, "relu_sq"), (FP32, 14336, "relu_sq")]
     for dt, n, act in todo:
         def run(dt=dt, n=n, act=act):
             g, u = _e(TOKENS, n, dtype=dt), _e(TOKENS, n, dtype=dt)
             y = fwd(g, u, act)
             bwd(torch.empty_like(y), g, u, act)
         yield f"gated_act {dt} rows={TOKENS} n={n} {act}", run
+
+
+def _act():
+    # the non-gated relu² MLP: Nemotron-4-15B (24576) and Nemotron-H-8B (21504) widths
+    fwd, bwd = op_body("liger::act"), op_body("liger::act_backward")
+    for dt, n in ((BF16, 24576), (BF16, 21504), (FP32, 24576), (FP16, 24576)):
+        def run(dt=dt, n=n):
+            x = _e(TOKENS, n, dtype=dt)
+            y = fwd(x, "relu_sq")
+            bwd(torch.empty_like(y), x, "relu_sq")
+        yield f"act {dt} rows={TOKENS} n={n} relu_sq", run
+
+
+def _gated_norm_case(dt, rows, D, wdt, off, mode, gdt, out_dt=None):
+    fwd, bwd = op_body("liger::gated_rms_norm"), op_body("liger::gated_rms_norm_backward")
+
+    def run():
+        x, g = _e(rows, D, dtype=dt), _e(rows, D, dtype=gdt)
+        w = None if wdt is None else _e(D, dtype=dt if wdt == "x" else wdt)
+        norm = torch.promote_types(dt, w.dtype) if w is not None and mode == "llama" else \
+            (FP32 if w is not None else dt)
+        prod = torch.promote_types(norm, gdt)
+        y, rstd = fwd(x, w, g, 1e-6, off, mode, norm, prod, out_dt or prod)
+        bwd(torch.empty_like(y), x, w, g, rstd, off, mode, norm, prod, w is not None)
+        if w is not None:  # frozen weight: no dW
+            bwd(torch.empty_like(y), x, w, g, rstd, off, mode, norm, prod, False)
+    return f"gated_rms_norm {dt} rows={rows} D={D} w={wdt} offset={off} {mode} gate={gdt}", run
+
+
+def _gated_norms():
+    # Qwen3-Next: per value head (128), 32 heads a token, bf16 norm times silu(gate.float()),
+    # cast back to bf16; every flag; Mamba-style channel groups up to the fused limit (8192).
+    heads = TOKENS * 32
+    yield _gated_norm_case(BF16, heads, 128, "x", 0.0, "llama", FP32, BF16)
+    yield _gated_norm_case(BF16, heads, 128, "x", 0.0, "llama", BF16)
+    yield _gated_norm_case(BF16, heads, 128, None, 0.0, "llama", FP32, BF16)
+    yield _gated_norm_case(BF16, heads, 128, "x", 1.0, "fp32", FP32, BF16)
+    yield _gated_norm_case(BF16, heads, 128, "x", 1.0, "llama", BF16)
+    yield _gated_norm_case(FP32, heads, 128, FP32, 0.0, "llama", FP32)
+    yield _gated_norm_case(FP16, heads, 128, "x", 0.0, "llama", FP32, FP16)
+    for D in (1024, 4096, 8192):
+        yield _gated_norm_case(BF16, TOKENS, D, "x", 0.0, "llama", FP32, BF16)
+    yield _gated_norm_case(FP32, TOKENS, 8192, FP32, 0.0, "llama", FP32)
+    yield _gated_norm_case(BF16, 1, 4096, "x", 0.0, "llama", FP32, BF16)
 
 
 def _losses():
@@ -240,5 +284,7 @@ def cases(chip: Chip):
         yield from _add_norms()
         yield from _rope()
         yield from _gated()
+        yield from _act()
+        yield from _gated_norms()
         yield from _losses()
     yield from _matmuls(chip)
