@@ -393,13 +393,11 @@ def check(match):
         if cos.dim() != sin.dim() or not all(known_equal(a, b) for a, b in zip(cos.shape, sin.shape)):
             return f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ in shape"
         rot = cos.shape[-1] * (2 if fn in _HALF_TABLES else 1)
-        if fn in _EVEN_ODD_FNS:
-            pass
-        elif fn in _HALVES:
-            half = match.value("half")
+        if fn in _HALVES:
+            half = match.value("half") if fn not in _EVEN_ODD_FNS else d // 2
             if not known_equal(half * 2, d):
                 return f"chunks q at {half}, not into two halves of its {d} channels"
-            if not known_equal(cos.shape[-1], half):
+            if not known_equal(cos.shape[-1] * 2, d):
                 return (f"cos/sin have {cos.shape[-1]} channels where the halves have {half}: "
                         "not one angle per rotated pair")
         elif fn in _STACK:
