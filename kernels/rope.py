@@ -7,6 +7,11 @@ Two conventions, both with partial rotary (channels past rotary_dim pass through
   * interleaved (original Llama / torchtitan complex form), cos/sin last dim = r/2:
         out[2i] = x[2i] c_i - x[2i+1] s_i,   out[2i+1] = x[2i] s_i + x[2i+1] c_i
 
+`halves_out` (interleaved only; DeepSeek-V3's `apply_rotary_pos_emb_interleave`): the pairs
+(x[2i], x[2i+1]) are read as above but written de-interleaved, the first members to out[i] and the
+second to out[r/2 + i] (`cat((x0 c - x1 s, x1 c + x0 s))`).  Its backward reads halves and writes
+pairs.
+
 `round_steps` (for q/k in bf16/fp16 with tables of the same dtype): eager code computing the
 rotation in that dtype rounds each product and the sum to it (each elementwise op computes in fp32
 and rounds); with round_steps the kernel does exactly that, forward and backward (the backward of
@@ -49,9 +54,11 @@ def _rope_heads(
     c_a, c_b, s_a, s_b,
     HALF: tl.constexpr, D: tl.constexpr,
     BH: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-    INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, ROUND_STEPS: tl.constexpr,
+    IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, BACKWARD: tl.constexpr,
+    ROUND_STEPS: tl.constexpr,
 ):
-    """Rotate heads [h0, h0 + BH) of one token of x into o.
+    """Rotate heads [h0, h0 + BH) of one token of x into o; IN_PAIRS / OUT_PAIRS: the pairs sit
+    at (2i, 2i+1) of x / o, else at (i, HALF + i).
 
     c_a/c_b (s_a/s_b) are the cos (sin) values for the two members of each rotated pair, shape
     [BLOCK_HALF], already fp32: the two halves for rotate_half, the same row twice for interleaved.
@@ -65,10 +72,10 @@ def _rope_heads(
     offs_c = tl.arange(0, BLOCK_HALF)
     mask = hmask[:, None] & (offs_c < HALF)[None, :]
 
-    if INTERLEAVED:
+    offs_r = tl.arange(0, 2 * BLOCK_HALF)
+    rmask = hmask[:, None] & (offs_r < 2 * HALF)[None, :]
+    if IN_PAIRS:
         # Load the whole rotary span contiguously, then de-interleave in registers.
-        offs_r = tl.arange(0, 2 * BLOCK_HALF)
-        rmask = hmask[:, None] & (offs_r < 2 * HALF)[None, :]
         x = tl.load(x_row + offs_r[None, :] * x_sd, mask=rmask, other=0.0).to(tl.float32)
         xa, xb = tl.split(tl.reshape(x, (BH, BLOCK_HALF, 2)))
     else:
@@ -95,7 +102,7 @@ def _rope_heads(
         oa = xa * c_a - xb * s_a
         ob = xb * c_b + xa * s_b
 
-    if INTERLEAVED:
+    if OUT_PAIRS:
         o = tl.reshape(tl.join(oa, ob), (BH, 2 * BLOCK_HALF))
         tl.store(o_row + offs_r[None, :] * o_sd, cast_rne(o, o_ptr.dtype.element_ty), mask=rmask)
     else:
@@ -119,7 +126,8 @@ def _rope_kernel(
     T, HQ, HK,
     HALF: tl.constexpr, D: tl.constexpr,
     BHQ: tl.constexpr, BHK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-    INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, ROUND_STEPS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr,
+    BACKWARD: tl.constexpr, ROUND_STEPS: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -144,11 +152,20 @@ def _rope_kernel(
     if blk < n_qblk:
         _rope_heads(q_ptr, qo_ptr, q_sb, q_sh, q_st, q_sd, qo_sb, qo_sh, qo_st, qo_sd,
                     bi, ti, blk * BHQ, HQ, c_a, c_b, s_a, s_b,
-                    HALF, D, BHQ, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, BACKWARD, ROUND_STEPS)
+                    HALF, D, BHQ, BLOCK_HALF, BLOCK_PASS, IN_PAIRS, OUT_PAIRS, BACKWARD,
+                    ROUND_STEPS)
     else:
         _rope_heads(k_ptr, ko_ptr, k_sb, k_sh, k_st, k_sd, ko_sb, ko_sh, ko_st, ko_sd,
                     bi, ti, (blk - n_qblk) * BHK, HK, c_a, c_b, s_a, s_b,
-                    HALF, D, BHK, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, BACKWARD, ROUND_STEPS)
+                    HALF, D, BHK, BLOCK_HALF, BLOCK_PASS, IN_PAIRS, OUT_PAIRS, BACKWARD,
+                    ROUND_STEPS)
+
+
+def _pair_layouts(interleaved: bool, halves_out: bool, backward: bool) -> tuple[bool, bool]:
+    """Whether the pairs sit interleaved in the tensor read and in the one written: halves_out
+    writes halves in the forward, so its backward (the transpose) reads halves."""
+    return (interleaved and not (halves_out and backward),
+            interleaved and not (halves_out and not backward))
 
 
 def _bhtd_strides(x: torch.Tensor, seq_dim: int) -> tuple[int, int, int, int]:
@@ -163,10 +180,12 @@ def _cos_strides(c: torch.Tensor) -> tuple[int, int, int]:
     return (0 if c.shape[0] == 1 else c.stride(0)), c.stride(1), c.stride(2)
 
 
-def _check(q, k, cos, sin, seq_dim, interleaved) -> int:
+def _check(q, k, cos, sin, seq_dim, interleaved, halves_out=False) -> int:
     """Validate shapes; return rotary_dim."""
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "rope: q and k must be 4-D")
     torch._check(seq_dim in (1, 2), lambda: f"rope: seq_dim must be 1 or 2, got {seq_dim}")
+    torch._check(interleaved or not halves_out,
+                 lambda: "rope: halves_out needs interleaved=True (it de-interleaves pairs)")
     head_dim = 3 - seq_dim  # the heads axis is the other one of (1, 2)
     for i in range(4):
         if i != head_dim:
@@ -184,8 +203,9 @@ def _check(q, k, cos, sin, seq_dim, interleaved) -> int:
 
 
 def _launch(q, k, cos, sin, q_out, k_out, seq_dim: int, interleaved: bool, backward: bool,
-            round_steps: bool = False) -> None:
+            round_steps: bool = False, halves_out: bool = False) -> None:
     """Launch the kernel: rotate q into q_out and k into k_out (forward, or transpose if backward)."""
+    in_pairs, out_pairs = _pair_layouts(interleaved, halves_out, backward)
     b, t, d = q.shape[0], q.shape[seq_dim], q.shape[3]
     hq, hk = q.shape[3 - seq_dim], k.shape[3 - seq_dim]
     rot = cos.shape[-1] * (2 if interleaved else 1)
@@ -205,7 +225,8 @@ def _launch(q, k, cos, sin, q_out, k_out, seq_dim: int, interleaved: bool, backw
         *_cos_strides(cos), *_cos_strides(sin),
         t, hq, hk,
         HALF=half, D=d, BHQ=bhq, BHK=bhk, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
-        INTERLEAVED=interleaved, BACKWARD=backward, ROUND_STEPS=round_steps,
+        INTERLEAVED=interleaved, IN_PAIRS=in_pairs, OUT_PAIRS=out_pairs, BACKWARD=backward,
+        ROUND_STEPS=round_steps,
         num_warps=8 if tile >= 4096 else 4 if tile >= 512 else 2,
     )
 
@@ -222,10 +243,10 @@ def _table(c: torch.Tensor, x: torch.Tensor, seq_dim: int, dtype: torch.dtype) -
 
 
 def rope_reference(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool = False,
-                   round_steps: bool = False) -> torch.Tensor:
+                   round_steps: bool = False, halves_out: bool = False) -> torch.Tensor:
     """Rotate one tensor in fp32 (or wider); `backward` applies the transpose map;
     `round_steps` rounds each product and the sum to x's dtype (see the module docstring)."""
-    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward, round_steps)
+    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward, round_steps, halves_out)
     out = torch.empty_like(x)  # same strides as the fake impl promises
     out[..., :rot] = o
     out[..., rot:] = x[..., rot:]
@@ -233,16 +254,16 @@ def rope_reference(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool 
 
 
 def rope_functional(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool = False,
-                    round_steps: bool = False) -> torch.Tensor:
+                    round_steps: bool = False, halves_out: bool = False) -> torch.Tensor:
     """rope_reference without writes into a buffer (a decomposition must be functional); its
     result is contiguous instead of laid out like x, which inductor accounts for."""
-    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward, round_steps)
+    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward, round_steps, halves_out)
     o = o.to(x.dtype)
     return o if rot == x.shape[-1] else torch.cat((o, x[..., rot:]), dim=-1)
 
 
 def _rotated(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool,
-             round_steps: bool = False):
+             round_steps: bool = False, halves_out: bool = False):
     """The rotated first `rot` features of x (compute dtype) and `rot`."""
     cdt = torch.promote_types(x.dtype, torch.float32)
 
@@ -252,40 +273,42 @@ def _rotated(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool,
     rot = cos.shape[-1] * (2 if interleaved else 1)
     xr = x[..., :rot].to(cdt)
     c, s = _table(cos, x, seq_dim, cdt), _table(sin, x, seq_dim, cdt)
-    if interleaved:
-        xa, xb = xr[..., 0::2], xr[..., 1::2]
-        sa, sb = s, s
-        ca, cb = c, c
+    half = rot // 2
+    in_pairs, out_pairs = _pair_layouts(interleaved, halves_out, backward)
+    xa, xb = (xr[..., 0::2], xr[..., 1::2]) if in_pairs else (xr[..., :half], xr[..., half:])
+    if interleaved:  # one angle per pair
+        ca, cb, sa, sb = c, c, s, s
     else:
-        half = rot // 2
-        xa, xb = xr[..., :half], xr[..., half:]
         ca, cb, sa, sb = c[..., :half], c[..., half:], s[..., :half], s[..., half:]
     if backward:
         oa, ob = r(r(xa * ca) + r(xb * sb)), r(r(xb * cb) - r(xa * sa))
     else:
         oa, ob = r(r(xa * ca) - r(xb * sa)), r(r(xb * cb) + r(xa * sb))
-    o = torch.stack((oa, ob), dim=-1).flatten(-2) if interleaved else torch.cat((oa, ob), dim=-1)
+    o = torch.stack((oa, ob), dim=-1).flatten(-2) if out_pairs else torch.cat((oa, ob), dim=-1)
     return o, rot
 
 
-def _rope_impl(q, k, cos, sin, seq_dim, interleaved, backward, round_steps=False):
-    _check(q, k, cos, sin, seq_dim, interleaved)
+def _rope_impl(q, k, cos, sin, seq_dim, interleaved, backward, round_steps=False,
+               halves_out=False):
+    _check(q, k, cos, sin, seq_dim, interleaved, halves_out)
     round_steps = round_steps and q.dtype in (torch.bfloat16, torch.float16)
     if use_triton(q, k, cos, sin):
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-        _launch(q, k, cos, sin, q_out, k_out, seq_dim, interleaved, backward, round_steps=round_steps)
+        _launch(q, k, cos, sin, q_out, k_out, seq_dim, interleaved, backward,
+                round_steps=round_steps, halves_out=halves_out)
         return q_out, k_out
-    return _rope_torch(q, k, cos, sin, seq_dim, interleaved, round_steps, backward=backward)
+    return _rope_torch(q, k, cos, sin, seq_dim, interleaved, round_steps, halves_out,
+                       backward=backward)
 
 
-def _rope_torch(q, k, cos, sin, seq_dim, interleaved, round_steps=False, *, backward=False,
-                rotate=rope_reference):
-    # positional order of the ops' schema (q, k, cos, sin, seq_dim, interleaved, round_steps):
-    # the CPU decompositions below are called with it
-    _check(q, k, cos, sin, seq_dim, interleaved)
+def _rope_torch(q, k, cos, sin, seq_dim, interleaved, round_steps=False, halves_out=False, *,
+                backward=False, rotate=rope_reference):
+    # positional order of the ops' schema (q, k, cos, sin, seq_dim, interleaved, round_steps,
+    # halves_out): the CPU decompositions below are called with it
+    _check(q, k, cos, sin, seq_dim, interleaved, halves_out)
     round_steps = round_steps and q.dtype in (torch.bfloat16, torch.float16)
-    return (rotate(q, cos, sin, seq_dim, interleaved, backward, round_steps),
-            rotate(k, cos, sin, seq_dim, interleaved, backward, round_steps))
+    return (rotate(q, cos, sin, seq_dim, interleaved, backward, round_steps, halves_out),
+            rotate(k, cos, sin, seq_dim, interleaved, backward, round_steps, halves_out))
 
 
 # ----------------------------------------------------------------------------- torch ops
@@ -293,45 +316,47 @@ def _rope_torch(q, k, cos, sin, seq_dim, interleaved, round_steps=False, *, back
 
 @torch.library.custom_op("liger::rope", mutates_args=())
 def rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            seq_dim: int, interleaved: bool, round_steps: bool = False
+            seq_dim: int, interleaved: bool, round_steps: bool = False, halves_out: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope_impl(q, k, cos, sin, seq_dim, interleaved, False, round_steps)
+    return _rope_impl(q, k, cos, sin, seq_dim, interleaved, False, round_steps, halves_out)
 
 
 @rope_op.register_fake
-def _(q, k, cos, sin, seq_dim, interleaved, round_steps=False):
-    _check(q, k, cos, sin, seq_dim, interleaved)
+def _(q, k, cos, sin, seq_dim, interleaved, round_steps=False, halves_out=False):
+    _check(q, k, cos, sin, seq_dim, interleaved, halves_out)
     return torch.empty_like(q), torch.empty_like(k)
 
 
 @torch.library.custom_op("liger::rope_backward", mutates_args=())
 def rope_backward_op(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     seq_dim: int, interleaved: bool, round_steps: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope_impl(dq_out, dk_out, cos, sin, seq_dim, interleaved, True, round_steps)
+                     seq_dim: int, interleaved: bool, round_steps: bool = False,
+                     halves_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_impl(dq_out, dk_out, cos, sin, seq_dim, interleaved, True, round_steps,
+                      halves_out)
 
 
 @rope_backward_op.register_fake
-def _(dq_out, dk_out, cos, sin, seq_dim, interleaved, round_steps=False):
-    _check(dq_out, dk_out, cos, sin, seq_dim, interleaved)
+def _(dq_out, dk_out, cos, sin, seq_dim, interleaved, round_steps=False, halves_out=False):
+    _check(dq_out, dk_out, cos, sin, seq_dim, interleaved, halves_out)
     return torch.empty_like(dq_out), torch.empty_like(dk_out)
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, cos, sin, seq_dim, interleaved, round_steps = inputs
+    _, _, cos, sin, seq_dim, interleaved, round_steps, halves_out = inputs
     if cos.requires_grad or sin.requires_grad:
         raise RuntimeError(
             "liger::rope does not compute gradients for cos/sin; detach them "
             "(they are normally derived from a frozen inv_freq buffer)")
     ctx.save_for_backward(cos, sin)
     ctx.seq_dim, ctx.interleaved, ctx.round_steps = seq_dim, interleaved, round_steps
+    ctx.halves_out = halves_out
 
 
 def _backward(ctx, dq_out, dk_out):
     cos, sin = ctx.saved_tensors
     dq, dk = torch.ops.liger.rope_backward(dq_out, dk_out, cos, sin, ctx.seq_dim, ctx.interleaved,
-                                           ctx.round_steps)
-    return dq, dk, None, None, None, None, None
+                                           ctx.round_steps, ctx.halves_out)
+    return dq, dk, None, None, None, None, None, None
 
 
 rope_op.register_autograd(_backward, setup_context=_setup_context)
@@ -342,7 +367,7 @@ cpu_decomposition(torch.ops.liger.rope_backward)(
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-         seq_dim: int = 2, interleaved: bool = False, round_steps: bool = False
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+         seq_dim: int = 2, interleaved: bool = False, round_steps: bool = False,
+         halves_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply rotary embeddings to q and k (see the module docstring); returns (q_out, k_out)."""
-    return torch.ops.liger.rope(q, k, cos, sin, seq_dim, interleaved, round_steps)
+    return torch.ops.liger.rope(q, k, cos, sin, seq_dim, interleaved, round_steps, halves_out)

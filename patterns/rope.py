@@ -12,6 +12,16 @@ Forms (each is the math, whatever the code's names):
   stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) * sin`, exact for the kernel's interleaved
   mode only when each pair (2i, 2i+1) of cos/sin holds one angle, which `check` proves from how
   the tables were built (a `repeat_interleave(.., 2, -1)` under elementwise ops).
+- halves combined by hand (GPT-OSS: `a, b = chunk(x, 2, -1)`; DeepSeek-V3's
+  `apply_rotary_pos_emb_interleave`: `a, b = x[..., 0::2], x[..., 1::2]`), then
+  `cat((a * cos - b * sin, b * cos + a * sin))` with tables of one angle per pair (head_dim / 2);
+  the even/odd form writes its result de-interleaved, which the kernel's `halves_out` does.
+Signs.  Each form is written with the sign of each sine term spelled out (`cat((-x2, x1))` or
+`cat((x2, -x1))`; `a*cos - b*sin` or `a*cos + b*sin`), every combination a variant.  `check`
+derives the rotation from the signs: opposite signs are a rotation by +theta (Hugging Face) or
+-theta (nanochat's `cat((x2, -x1))`), which is the same kernel with the sine table negated
+(negation is exact, and x * -s rounds as -(x * s) does); equal signs are not a rotation and are
+refused with the reason.
 q and k rotated by the same tables form one `rope` match (two outputs, one launch).  A rotation
 left over (q and k with different tables, or only one of them rotated) is rewritten alone by
 `rope_single`.
@@ -44,6 +54,10 @@ from ligerfx.symbolic import known_equal, known_int
 
 def _rotate_half(x, half):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _signed(t, sign):
+    return t if sign > 0 else -t
 
 
 def _rot(x, cos, sin, half):
@@ -132,11 +146,121 @@ def rope_single_complex(q, freqs):
     return _complex(q, freqs)
 
 
+# -- the sign of each sine term spelled out: every combination is a variant (`_SIGNS`) -----------
+# (a, b): the sign of the x[..., h:] (the b * sin) term in the first half and of the x[..., :h]
+# (a * sin) term in the second; (-1, +1) is Hugging Face's rotation by +theta.
+_SIGN_PAIRS = ((-1, 1), (1, -1), (1, 1), (-1, -1))
+_SIGNS: dict = {}  # variant fn -> (sign a, sign b)
+
+
+def _rot_signed(x, cos, sin, half, sa, sb):
+    rh = torch.cat((_signed(x[..., half:], sa), _signed(x[..., :half], sb)), dim=-1)
+    return x * cos + rh * sin
+
+
+def _halves(a, b, cos, sin, sa, sb):
+    # `a * cos - b * sin` (sa = -1) or `+`, and `b * cos + a * sin` (sb = +1) or `-`
+    first = a * cos - b * sin if sa < 0 else a * cos + b * sin
+    second = b * cos + a * sin if sb > 0 else b * cos - a * sin
+    return torch.cat((first, second), dim=-1)
+
+
+def _chunk_halves(x, cos2, sin2, half, sa, sb):
+    return _halves(x[..., :half], x[..., half:], cos2, sin2, sa, sb)
+
+
+def _even_odd(x, cos2, sin2, sa, sb):
+    return _halves(x[..., 0::2], x[..., 1::2], cos2, sin2, sa, sb)
+
+
+def _named(fn, name, signs):
+    fn.__name__ = fn.__qualname__ = name
+    _SIGNS[fn] = signs
+    return fn
+
+
+def _partial_signed(x, cos, sin, half, rot_end, pass_start, sa, sb):
+    return torch.cat((_rot_signed(x[..., :rot_end], cos, sin, half, sa, sb), x[..., pass_start:]),
+                     dim=-1)
+
+
+# One factory per form (fx traces a function's own parameters, so each spells them out).
+def _rot_pair(sa, sb):
+    def fn(q, k, cos, sin, half):
+        return _rot_signed(q, cos, sin, half, sa, sb), _rot_signed(k, cos, sin, half, sa, sb)
+    return fn
+
+
+def _rot_one(sa, sb):
+    def fn(q, cos, sin, half):
+        return _rot_signed(q, cos, sin, half, sa, sb)
+    return fn
+
+
+def _partial_pair(sa, sb):
+    def fn(q, k, cos, sin, half, rot_end, pass_start):
+        return (_partial_signed(q, cos, sin, half, rot_end, pass_start, sa, sb),
+                _partial_signed(k, cos, sin, half, rot_end, pass_start, sa, sb))
+    return fn
+
+
+def _partial_one(sa, sb):
+    def fn(q, cos, sin, half, rot_end, pass_start):
+        return _partial_signed(q, cos, sin, half, rot_end, pass_start, sa, sb)
+    return fn
+
+
+def _chunk_pair(sa, sb):
+    def fn(q, k, cos2, sin2, half):
+        return _chunk_halves(q, cos2, sin2, half, sa, sb), _chunk_halves(k, cos2, sin2, half, sa, sb)
+    return fn
+
+
+def _chunk_one(sa, sb):
+    def fn(q, cos2, sin2, half):
+        return _chunk_halves(q, cos2, sin2, half, sa, sb)
+    return fn
+
+
+def _even_odd_pair(sa, sb):
+    def fn(q, k, cos2, sin2):
+        return _even_odd(q, cos2, sin2, sa, sb), _even_odd(k, cos2, sin2, sa, sb)
+    return fn
+
+
+def _even_odd_one(sa, sb):
+    def fn(q, cos2, sin2):
+        return _even_odd(q, cos2, sin2, sa, sb)
+    return fn
+
+
+def _family(name, factory):
+    """One variant per sign combination, Hugging Face's (-1, +1) first."""
+    sign = {-1: "m", 1: "p"}
+    return [_named(factory(a, b), f"{name}_{sign[a]}{sign[b]}", (a, b)) for a, b in _SIGN_PAIRS]
+
+
+# Hugging Face's own sign is `_rot` / `_partial` above; the other three combinations:
+_ROT_SIGNED = _family("rope_rotate_half", _rot_pair)[1:]
+_ROT_SIGNED_SINGLE = _family("rope_single_rotate_half", _rot_one)[1:]
+_PARTIAL_SIGNED = _family("rope_partial", _partial_pair)[1:]
+_PARTIAL_SIGNED_SINGLE = _family("rope_single_partial", _partial_one)[1:]
+_CHUNK = _family("rope_chunk", _chunk_pair)
+_CHUNK_SINGLE = _family("rope_single_chunk", _chunk_one)
+_EVEN_ODD = _family("rope_even_odd", _even_odd_pair)
+_EVEN_ODD_SINGLE = _family("rope_single_even_odd", _even_odd_one)
+for _f in (rope_rotate_half, rope_single_rotate_half, rope_partial, rope_single_partial):
+    _SIGNS[_f] = (-1, 1)
+_HALVES = tuple(_CHUNK + _CHUNK_SINGLE + _EVEN_ODD + _EVEN_ODD_SINGLE)
+_EVEN_ODD_FNS = tuple(_EVEN_ODD + _EVEN_ODD_SINGLE)
+
 _COMPLEX = (rope_complex, rope_single_complex)
 # cos/sin hold one angle per pair already ([.., rotary_dim / 2]), as for the complex form
 _STACK = (rope_stack, rope_single_stack)
+_HALF_TABLES = _STACK + _HALVES  # tables of one angle per pair, named cos2/sin2
 _PAIRS = (rope_pairs, rope_pairs_partial, rope_single_pairs, rope_single_pairs_partial)
-_PARTIAL = (rope_partial, rope_single_partial, rope_pairs_partial, rope_single_pairs_partial)
+_PARTIAL = (rope_partial, rope_single_partial, rope_pairs_partial, rope_single_pairs_partial,
+            *_PARTIAL_SIGNED, *_PARTIAL_SIGNED_SINGLE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +365,7 @@ def _pairs_equal(n, depth: int = 12) -> bool:
 
 def check(match):
     fn = match.variant.fn
-    if fn in _STACK:
+    if fn in _HALF_TABLES:
         match.bindings["cos"] = match.bindings.pop("cos2")
         match.bindings["sin"] = match.bindings.pop("sin2")
     pair = "k" in match.bindings
@@ -268,8 +392,15 @@ def check(match):
         cos, sin = match.value("cos"), match.value("sin")
         if cos.dim() != sin.dim() or not all(known_equal(a, b) for a, b in zip(cos.shape, sin.shape)):
             return f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ in shape"
-        rot = cos.shape[-1] * (2 if fn in _STACK else 1)
-        if fn in _STACK:
+        rot = cos.shape[-1] * (2 if fn in _HALF_TABLES else 1)
+        if fn in _HALVES:
+            half = match.value("half") if fn not in _EVEN_ODD_FNS else d // 2
+            if not known_equal(half * 2, d):
+                return f"chunks q at {half}, not into two halves of its {d} channels"
+            if not known_equal(cos.shape[-1] * 2, d):
+                return (f"cos/sin have {cos.shape[-1]} channels where the halves have {half}: "
+                        "not one angle per rotated pair")
+        elif fn in _STACK:
             pass
         elif fn in _PAIRS:
             if not (_pairs_equal(match["cos"]) and _pairs_equal(match["sin"])):
@@ -298,6 +429,9 @@ def check(match):
             if not known_equal(k.shape[i], q.shape[i]):
                 return (f"q {tuple(q.shape)} and k {tuple(k.shape)} differ outside the heads "
                         "dim")
+    sign = _rotation_sign(fn)
+    if isinstance(sign, str):
+        return sign
     plans = []
     for i, n in enumerate(names):
         p = _plan(match, n, i)
@@ -316,18 +450,35 @@ def check(match):
         chains[t] = c
     in_chain, out_chain, note = plans[0]
     match.params.update(seq_dim=seq_dim, squeeze=squeeze,
-                        interleaved=complex_form or fn in _PAIRS or fn in _STACK,
-                        one_angle_per_pair=fn in _STACK,
+                        interleaved=complex_form or fn in _PAIRS or fn in _STACK
+                        or fn in _EVEN_ODD_FNS,
+                        halves_out=fn in _EVEN_ODD_FNS, neg_sin=sign < 0,
+                        one_angle_per_pair=fn in _HALF_TABLES,
                         in_chain=in_chain, out_chain=out_chain, table_chains=chains,
                         round_steps=dtype_of(match.tops[0]) in _LOW)
     layout_name = "[b, h, t, d]" if seq_dim == 2 else "[b, t, h, d]"
     form = ("complex" if complex_form else "pairs" if fn in _PAIRS else
-            "stacked pairs" if fn in _STACK else "rotate_half")
+            "stacked pairs" if fn in _STACK else "even/odd pairs to halves" if fn in _EVEN_ODD_FNS
+            else "chunked halves" if fn in _HALVES else "rotate_half")
     form = f"partial {form}" if fn in _PARTIAL else form
+    form += " by -theta (sin negated)" if sign < 0 else ""
     match.detail = f"{form}{'' if pair else ' alone'}, {layout_name}{note}"
     if not pair:
         match.detail += f"; {_why_alone(match)}"
     return None
+
+
+def _rotation_sign(fn):
+    """+1 / -1 for a rotation by +theta / -theta, from the signs the variant spells; a reason
+    when they make no rotation: [[c, -s], [s, c]] and [[c, s], [-s, c]] are rotations, equal
+    signs give [[c, s], [s, c]] (or its negated-sine twin), which is not."""
+    sa, sb = _SIGNS.get(fn, (-1, 1))
+    if sa == sb:
+        terms = ("second * sin", "first * sin") if fn in _HALVES else ("x2", "x1")
+        return (f"both sine terms have the sign {'+' if sa > 0 else '-'} ({terms[0]} and "
+                f"{terms[1]}): that is not a rotation (a rotation negates exactly one of them), "
+                "so liger::rope does not compute it")
+    return sb
 
 
 def _why_alone(match) -> str:
@@ -354,7 +505,7 @@ def _run(q, k, cos, sin, p):
     qi = apply_chain(q, p["in_chain"])
     ki = apply_chain(k, p["in_chain"]) if k is not None else torch.narrow(qi, 3 - p["seq_dim"], 0, 0)
     out = torch.ops.liger.rope(qi, ki, cos, sin, p["seq_dim"], p["interleaved"],
-                               p["round_steps"])
+                               p["round_steps"], p["halves_out"])
     res = []
     for i, x in enumerate([q] if k is None else [q, k]):
         like = node_value(x.node)  # the kernel's output looks like its (cast) input
@@ -390,6 +541,11 @@ def replace(q, k=None, cos=None, sin=None, freqs=None, cos2=None, sin2=None, *, 
         sin = _table(sin, p["table_chains"]["sin"], p["squeeze"])
         if p["interleaved"] and not p["one_angle_per_pair"]:  # one angle per pair: the even channels
             cos, sin = cos[..., ::2], sin[..., ::2]
+        elif not p["interleaved"] and p["one_angle_per_pair"]:
+            # chunked halves: pair (i, h + i) has angle i; the kernel's halves form reads both
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    if p["neg_sin"]:  # rotation by -theta: exact, x * -s is -(x * s)
+        sin = torch.neg(sin)
     res = _run(q, k, cos, sin, p)
     return tuple(res) if k is not None else res[0]
 
@@ -400,15 +556,16 @@ _EXAMPLES = {"q": torch.randn(2, 4, 5, 8), "k": torch.randn(2, 2, 5, 8), "cos": 
              "freqs": torch.polar(torch.ones(5, 4), torch.randn(5, 4))}
 
 register(
-    "rope", [rope_partial, rope_pairs_partial, rope_rotate_half, rope_pairs, rope_complex,
-             rope_stack],
+    "rope", [rope_partial, *_PARTIAL_SIGNED, rope_pairs_partial, rope_rotate_half, *_ROT_SIGNED,
+             rope_pairs, rope_complex, rope_stack, *_CHUNK, *_EVEN_ODD],
     replace, _EXAMPLES,
     constraints=check, priority=5, allow_casts=True, builtin=True,
     description="RoPE of q and k (rotate_half, partial rotary, complex) -> one liger::rope launch",
 )
 register(
-    "rope_single", [rope_single_partial, rope_single_pairs_partial, rope_single_rotate_half,
-                    rope_single_pairs, rope_single_complex, rope_single_stack],
+    "rope_single", [rope_single_partial, *_PARTIAL_SIGNED_SINGLE, rope_single_pairs_partial,
+                    rope_single_rotate_half, *_ROT_SIGNED_SINGLE, rope_single_pairs,
+                    rope_single_complex, rope_single_stack, *_CHUNK_SINGLE, *_EVEN_ODD_SINGLE],
     replace, _EXAMPLES, constraints=check, priority=4, allow_casts=True, builtin=True,
     description="RoPE of one tensor (tables not shared with another) -> liger::rope",
 )

@@ -70,6 +70,15 @@ def test_rope(dtype, layout, seq_dim, t):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hk", [(128, 1), (16, 16)])
+@pytest.mark.parametrize("t", [1, 1000])
+def test_rope_halves_out(dtype, hq, hk, t):
+    # DeepSeek-V3's interleave: MLA's 64 rope channels, 128 query heads and one shared key
+    q, k, cos, sin = tro.make(2, t, hq, hk, 64, 64, 2, True, dtype)
+    tro.check_halves_out(q, k, cos, sin, 2, tro.FP32 if dtype == torch.float32 else tro.BF16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 14336), (4096, 14336), (7, 18944), (3, 24577)], ids=str)
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu_sq"])
 def test_gated_act(dtype, shape, activation):

@@ -117,16 +117,22 @@ def _rope():
     todo += [(FP32, layouts[0], 2, False), (FP32, layouts[2], 2, False), (FP16, layouts[0], 2, False)]
     # tables in q's dtype, each product rounded as eager rounds it (round_steps)
     todo += [(BF16, layouts[0], 2, True), (FP16, layouts[5], 2, True)]
-    for dt, (hq, hk, d, r, inter), seq_dim, steps in todo:
-        def run(dt=dt, hq=hq, hk=hk, d=d, r=r, inter=inter, seq_dim=seq_dim, steps=steps, t=TOKENS):
+    todo = [(*case, False) for case in todo]
+    # halves_out (DeepSeek-V3 / GLM-4-MoE-Lite's interleave: the 64 rope channels of MLA's 128
+    # query heads and its one shared key), fp32 tables and bf16 tables rounded per step
+    todo += [(BF16, (128, 1, 64, 64, True), 2, False, True),
+             (BF16, (128, 1, 64, 64, True), 2, True, True)]
+    for dt, (hq, hk, d, r, inter), seq_dim, steps, halves in todo:
+        def run(dt=dt, hq=hq, hk=hk, d=d, r=r, inter=inter, seq_dim=seq_dim, steps=steps,
+                halves=halves, t=TOKENS):
             shape_q = (1, hq, t, d) if seq_dim == 2 else (1, t, hq, d)
             shape_k = (1, hk, t, d) if seq_dim == 2 else (1, t, hk, d)
             q, k = _e(*shape_q, dtype=dt), _e(*shape_k, dtype=dt)
             cos = _e(t, r // 2 if inter else r, dtype=dt if steps else FP32)
-            qo, ko = rope(q, k, cos, cos, seq_dim, inter, steps)
-            rope_b(qo, ko, cos, cos, seq_dim, inter, steps)
+            qo, ko = rope(q, k, cos, cos, seq_dim, inter, steps, halves)
+            rope_b(qo, ko, cos, cos, seq_dim, inter, steps, halves)
         yield (f"rope {dt} heads={hq}/{hk} d={d} r={r} inter={inter} seq_dim={seq_dim} "
-               f"round_steps={steps}"), run
+               f"round_steps={steps}" + (" halves_out" if halves else "")), run
 
 
 def _gated():

@@ -201,3 +201,80 @@ def test_rope_opcheck(interleaved):
     torch.library.opcheck(torch.ops.liger.rope.default, (q, k, cos, sin, 2, interleaved))
     torch.library.opcheck(torch.ops.liger.rope_backward.default,
                           (torch.randn_like(q), torch.randn_like(k), cos, sin, 2, interleaved))
+
+
+# -- halves_out: pairs (x[2i], x[2i+1]) read, written de-interleaved (DeepSeek-V3's interleave) --
+
+
+def ref_halves_out(x, cos, sin, seq_dim):
+    """float64 DeepSeek-V3 form: cat((x0 c - x1 s, x1 c + x0 s)) of the even/odd lanes."""
+    x = x.double()
+    if seq_dim == 1:
+        x = x.transpose(1, 2)
+    c = (cos if cos.dim() == 3 else cos[None]).double()[:, None]
+    s = (sin if sin.dim() == 3 else sin[None]).double()[:, None]
+    r = 2 * cos.shape[-1]
+    x0, x1 = x[..., :r:2], x[..., 1:r:2]
+    out = torch.cat((x0 * c - x1 * s, x1 * c + x0 * s, x[..., r:]), dim=-1)
+    return out.transpose(1, 2) if seq_dim == 1 else out
+
+
+def check_halves_out(q, k, cos, sin, seq_dim, tol):
+    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+    qo, ko = rope(q, k, cos, sin, seq_dim, True, halves_out=True)
+    assert qo.dtype == q.dtype and qo.shape == q.shape
+    dqo, dko = torch.randn_like(qo), torch.randn_like(ko)
+    dq, dk = torch.autograd.grad((qo, ko), (q, k), (dqo, dko))
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    rq, rk = ref_halves_out(q64, cos, sin, seq_dim), ref_halves_out(k64, cos, sin, seq_dim)
+    rdq, rdk = torch.autograd.grad((rq, rk), (q64, k64), (dqo.double(), dko.double()))
+    for got, want in ((qo, rq), (ko, rk), (dq, rdq), (dk, rdk)):
+        torch.testing.assert_close(got.double(), want.detach(), **tol)
+
+
+@pytest.mark.parametrize("seq_dim", [1, 2])
+@pytest.mark.parametrize("d,rot,cos_kind", [(64, 64, "bt"), (80, 80, "t"), (96, 48, "1t")])
+def test_rope_halves_out_fp32(kernel_path, d, rot, cos_kind, seq_dim):
+    q, k, cos, sin = make(2, 5, 4, 1, d, rot, seq_dim, True, torch.float32, cos_kind)
+    check_halves_out(q, k, cos, sin, seq_dim, FP32)
+
+
+def test_rope_halves_out_bf16_round_steps_bit_equal(kernel_path):
+    # bf16 tables and q: eager rounds each product and the sum; round_steps does the same
+    # (forward and backward: eager's autograd rounds the same products and sums)
+    q, k, cos, sin = make(2, 6, 4, 1, 64, 64, 2, True, torch.bfloat16, "bt")
+    q.requires_grad_()
+    qo, _ = rope(q, k, cos, sin, 2, True, True, halves_out=True)
+    c, s = cos[:, None], sin[:, None]
+    x0, x1 = q[..., 0::2], q[..., 1::2]
+    want = torch.cat((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1)
+    assert torch.equal(qo, want)
+    g = torch.randn_like(qo)
+    assert torch.equal(torch.autograd.grad(qo, q, g)[0], torch.autograd.grad(want, q, g)[0])
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_rope_halves_out_writes_every_element(triton_path, backward):
+    q, k, cos, sin = make(2, 3, 5, 3, 80, 20, 1, True, torch.float32, "bt")
+    q_out, k_out = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
+    rope_mod._launch(q, k, cos, sin, q_out, k_out, 1, True, backward, halves_out=True)
+    assert not q_out.isnan().any() and not k_out.isnan().any()
+    torch.testing.assert_close(
+        q_out, rope_mod.rope_reference(q, cos, sin, 1, True, backward, halves_out=True), **FP32)
+    torch.testing.assert_close(
+        k_out, rope_mod.rope_reference(k, cos, sin, 1, True, backward, halves_out=True), **FP32)
+
+
+def test_rope_halves_out_needs_interleaved():
+    q, k, cos, sin = make(1, 2, 2, 2, 64, 64, 2, False, torch.float32)
+    with pytest.raises(RuntimeError, match="halves_out needs interleaved"):
+        rope(q, k, cos, sin, 2, False, halves_out=True)
+
+
+def test_rope_halves_out_opcheck():
+    q, k, cos, sin = make(1, 3, 2, 1, 80, 40, 2, True, torch.float32, "bt")
+    q.requires_grad_()
+    k.requires_grad_()
+    torch.library.opcheck(torch.ops.liger.rope.default, (q, k, cos, sin, 2, True, False, True))
+    torch.library.opcheck(torch.ops.liger.rope_backward.default,
+                          (torch.randn_like(q), torch.randn_like(k), cos, sin, 2, True, False, True))
