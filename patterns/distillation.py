@@ -361,6 +361,9 @@ class _Algebra:
             vin, vout = _val(a[0]), _val(n)
             if t.level == "row" and t.mask is None and vout.numel() == vin.numel():
                 return t
+            if t.level in ("p", "l", "elem") and vout.dim() >= 1 and known_equal(
+                    vout.shape[-1], vin.shape[-1]) and vout.numel() == vin.numel():
+                return t  # rows flattened or split: the classes stay the last dim
             if t.level == "scalar" and vout.dim() == 0:
                 return t
             raise _No()
@@ -434,7 +437,7 @@ class _Algebra:
         if chain is None or chain[0] is not self.student_top:
             raise _No()
         top, steps = chain
-        if any(k not in ("cast", "scale") for _, k, _ in steps):
+        if any(k not in ("cast", "scale", "rows") for _, k, _ in steps):
             raise _No()
         sc = _parse_scale(steps)
         if sc is None or sc[1]:
@@ -550,11 +553,11 @@ def _analyse(match):
         if roots:
             best = (alg, roots[-1], key, items)
             break
-        first_miss = first_miss or alg.miss
+        first_miss = first_miss or alg.miss or _unfinished(alg)
     if best is None:
         if first_miss:
             raise _MissReason(first_miss)
-        if other_dim and any(_reaches(anchor, o) for o in other_dim):
+        if other_dim and any(_meet(anchor, o) for o in other_dim):
             raise _MissReason("the teacher's softmax is over another dim than the classes")
         raise Skip
     return best, (top_s, steps_s)
@@ -564,17 +567,31 @@ class _MissReason(Exception):
     pass
 
 
-def _reaches(a, b, limit=12):
-    seen, stack = {a}, [(a, 0)]
-    while stack:
-        n, d = stack.pop()
-        for u in n.users:
-            if u is b:
-                return True
-            if u not in seen and d < limit:
-                seen.add(u)
-                stack.append((u, d + 1))
-    return False
+def _unfinished(alg):
+    """Why a divergence of the two distributions never became a scalar (its values are read by
+    something the algebra does not know), or None."""
+    for n, t in alg.terms.items():
+        if t.level in ("elem", "row", "scalar") and t.coefs:
+            for u in n.users:
+                if u not in alg.terms:
+                    what = "a graph output" if u.op == "output" else f"`{u.name}`"
+                    return (f"the {'per-token ' if t.level != 'scalar' else ''}divergence "
+                            f"`{n.name}` is used by {what}, which the pattern cannot prove to be "
+                            "a reduction it can fuse")
+    return None
+
+
+def _below(a, limit=6):
+    seen, frontier = set(), [a]
+    for _ in range(limit):
+        frontier = [u for n in frontier for u in n.users if u not in seen]
+        seen.update(frontier)
+    return seen
+
+
+def _meet(a, b) -> bool:
+    """Whether the values of a and b are combined within a few ops below them."""
+    return bool(_below(a) & _below(b))
 
 
 def _ancestors(root, terms):
