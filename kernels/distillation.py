@@ -61,7 +61,7 @@ from torch import Tensor
 
 from .cross_entropy import _block_and_warps, compute_dtype
 from .fused_linear_cross_entropy import _acc_mm_, _linear_into, chunk_rows
-from .runtime import use_triton
+from .runtime import next_pow2, use_triton
 
 try:
     import triton
@@ -196,8 +196,11 @@ def _launch_rows(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
     N, V = zs.shape
     if N == 0:
         return
-    block = DISTILL_BLOCK_V or _block_and_warps(V, zs.device, None)[0]
-    warps = _block_and_warps(V, zs.device, block)[1]
+    # Smaller blocks than the CE kernel's (which holds fewer live [BLOCK_V] values): 8192 with
+    # 16 warps spills on sm_80/sm_90 once the mixture or the CE term is on.
+    cuda = zs.device.type == "cuda"
+    block = DISTILL_BLOCK_V or min(next_pow2(V), 4096 if cuda else 1024)
+    warps = 16 if cuda and block >= 4096 else _block_and_warps(V, zs.device, block)[1]
     c = P["coefs"]
     dummy = kd_rows
     _distill_fwd_kernel[(N,)](
@@ -311,9 +314,11 @@ def _row_weights(N, kd_mask, labels, kd_coef, kd_denom, ce_coef, ignore_index, c
     return kd_w, ce_w, kd_part, ce_den
 
 
-def _core(N, V, student_chunk, teacher_chunk, labels, kd_w, ce_w, P, grad_sink, ct, device):
+def _core(N, V, student_chunk, teacher_chunk, labels, kd_w, ce_w, P, grad_sink, ct, device,
+          grad_out=None):
     """One pass over token chunks; returns (kd_rows, ce_rows); grad_sink(s, e, g) takes each
-    chunk's logits gradient (fp32 [C, V]) when given."""
+    chunk's logits gradient (fp32 [C, V]) when given; `grad_out` ([N, V]) receives it in place
+    instead."""
     kd_rows = torch.empty(N, dtype=ct, device=device)
     ce_rows = torch.zeros(N, dtype=ct, device=device)
     y = labels.reshape(-1).contiguous() if labels is not None else None
@@ -322,7 +327,7 @@ def _core(N, V, student_chunk, teacher_chunk, labels, kd_w, ce_w, P, grad_sink, 
     for s in range(0, N, C):
         e = min(N, s + C)
         zs, zt = student_chunk(s, e), teacher_chunk(s, e)
-        g = gbuf[: e - s] if gbuf is not None else None
+        g = gbuf[: e - s] if gbuf is not None else grad_out[s:e] if grad_out is not None else None
         _rows(zs, zt, y[s:e] if y is not None else None, kd_w[s:e],
               ce_w[s:e] if ce_w is not None else None, kd_rows[s:e], ce_rows[s:e], g, P)
         if grad_sink is not None:
@@ -501,12 +506,9 @@ def distillation_loss_op(
                                                ignore_index, ce_mean, ct, z2.device)
     grad = torch.empty(N, V, dtype=ct, device=z2.device) if need_grad else None
 
-    def sink(s, e, g):
-        grad[s:e] = g
-
     kd_rows, ce_rows = _core(N, V, lambda s, e: z2[s:e],
                              _teacher(t_logits, None, None, None, N, V, P["chunk"]),
-                             labels, kd_w, ce_w, P, sink if need_grad else None, ct, z2.device)
+                             labels, kd_w, ce_w, P, None, ct, z2.device, grad_out=grad)
     loss, kd, ce = _reduce(kd_rows, ce_rows, kd_part, ce_den, kd_coef, ce_coef)
     return loss, kd, ce, grad.view(logits.shape) if grad is not None else logits.new_empty(0)
 
