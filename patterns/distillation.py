@@ -702,11 +702,14 @@ def _rg(x):
     return bool(getattr(_val(x), "requires_grad", False))
 
 
-def _replace(x, s_hidden=None, s_weight=None, s_bias=None, student=None, teacher=None,
+def _replace(x=None, p=None, s_hidden=None, s_weight=None, s_bias=None, student=None, teacher=None,
              t_hidden=None, t_weight=None, t_bias=None, kd_mask=None, labels=None, *,
              match=None):
-    if match is None:  # registration check on the example inputs: the anchor itself
-        return F.log_softmax(x, -1)
+    if match is None:
+        # check_pattern / registration probe: the anchor itself (the variants name their input
+        # differently, so the probe knows which one it stands for); a real match replaces the
+        # whole loss below the anchor, found by the constraint
+        return F.log_softmax(x, -1) if x is not None else F.softmax(p, -1)
     p = match.params
     kd = (p["coefs"], p["scales"], 1.0, p["kd_denom"], p["ce_coef"], p["ignore_index"],
           p["ce_mean"])
@@ -728,12 +731,12 @@ def _anchor_log_softmax(x):
     return F.log_softmax(x, -1)
 
 
-def _anchor_softmax(x):
-    return F.softmax(x, -1)
+def _anchor_softmax(p):
+    return F.softmax(p, -1)
 
 
 _VARIANTS = [_anchor_log_softmax, _anchor_softmax]
-_EXAMPLES = {"x": torch.randn(4, 10)}
+_EXAMPLES = {"x": torch.randn(4, 10), "p": torch.randn(4, 10)}
 
 
 register(

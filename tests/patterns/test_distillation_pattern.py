@@ -147,3 +147,10 @@ def test_attention_softmax_is_no_near_miss():
 
     report = _explain(loss)
     assert not [m for m in report.near_misses if "distill" in m.pattern]
+
+
+def test_check_pattern_probe():
+    from ligerfx.testing import check_pattern
+
+    assert check_pattern("fused_linear_distillation", trials=1) == 2
+    assert check_pattern("distillation_loss", trials=1) == 2
