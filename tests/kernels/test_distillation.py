@@ -116,13 +116,13 @@ def test_teacher_head_in_the_same_op(kernel_path):
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_distillation_loss_on_logits(kernel_path, divergence):
-    zs = (torch.randn(3, 11, V, dtype=torch.float64) * 2).requires_grad_()
-    zt = torch.randn(3, 11, V, dtype=torch.float64) * 2
-    ref = reference(zs.view(-1, V), zt.view(-1, V), divergence, temperature=1.5, kd_denom=3.0)
+    zs = (torch.randn(2, 5, V, dtype=torch.float64) * 2).requires_grad_()
+    zt = torch.randn(2, 5, V, dtype=torch.float64) * 2
+    ref = reference(zs.view(-1, V), zt.view(-1, V), divergence, temperature=1.5, kd_denom=2.0)
     ref.backward()
     z = zs.detach().float().requires_grad_()
     loss = dk.distillation_loss(z, zt.float(), divergence=divergence, temperature=1.5,
-                                kd_denom=3.0)
+                                kd_denom=2.0)
     loss.backward()
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
     assert _rel(z.grad, zs.grad) < 1e-5

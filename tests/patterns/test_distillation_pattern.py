@@ -56,7 +56,8 @@ def test_student_logits_not_from_a_linear(kernel_path):
     assert report.counts.get("distillation_loss") == 1, (report.counts, report.near_misses)
 
 
-def test_hf_student_and_teacher(kernel_path):
+def test_hf_student_and_teacher(triton_path):
+    # the interpreted kernel (the torch path runs every style above on hand-written models)
     pytest.importorskip("transformers")
     from tests.models.hf import build
 
