@@ -5,5 +5,5 @@ patterns take.  Importing this package registers them all.
 """
 
 
-from . import add_norm, cross_entropy, gated_act, layer_norm, rms_norm, rope  # noqa: F401
+from . import add_norm, cross_entropy, distillation, gated_act, layer_norm, rms_norm, rope  # noqa: F401
 from . import gated_rms_norm  # noqa: F401 - after rms_norm, whose variants it extends

@@ -8,6 +8,7 @@ import torch
 
 from tests.kernels import test_add_norm as tan
 from tests.kernels import test_cross_entropy as tce
+from tests.kernels import test_distillation as tdi
 from tests.kernels import test_gated_act as tga
 from tests.kernels import test_gated_rms_norm as tgrn
 from tests.kernels import test_int4_matmul as ti4
@@ -147,3 +148,29 @@ def test_fp8_linear(dtype, M):
     x, w, b = _linear_case(M, 4096, 4096, dtype)
     q, s = pack_fp8(w)
     assert tf8._rel(fp8_linear(x, q, s, b), tf8._ref64(x, q, s, b)) < tf8.TOL.get(dtype, 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("V", [32000, 128256, 32001])
+@pytest.mark.parametrize("name,case", tdi.CASES, ids=[c[0] for c in tdi.CASES])
+def test_fused_linear_distillation(dtype, V, name, case):
+    # the float64 reference of tests/kernels/test_distillation.py at a real vocabulary
+    case = dict(case)
+    mask, ce = case.pop("mask", False), case.pop("ce", False)
+    N, H = 257, 1024
+    hs = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    ws = (torch.randn(V, H, dtype=torch.float64) * 0.05).requires_grad_()
+    zt = torch.randn(N, V, dtype=torch.float64) * 2
+    labels = torch.randint(0, V, (N,))
+    labels[::4] = -100
+    kd_mask = labels != -100 if mask else None
+    ref = tdi.reference(torch.nn.functional.linear(hs, ws), zt, kd_mask=kd_mask,
+                        labels=labels if ce else None, **case)
+    ref.backward()
+    h, w = (x.detach().to(dtype).requires_grad_() for x in (hs, ws))
+    loss = tdi.dk.fused_linear_distillation(h, w, zt.to(dtype), kd_mask=kd_mask,
+                                            labels=labels if ce else None, **case)
+    loss.backward()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item()) + 1e-6
+    assert tdi._rel(h.grad, hs.grad) < tol and tdi._rel(w.grad, ws.grad) < tol

@@ -222,6 +222,34 @@ def _losses():
         yield f"fused_linear_cross_entropy {dt} V=128256 H={LLAMA} {red}", run
 
 
+def _distillation():
+    fld = op_body("liger::fused_linear_distillation")
+    fld_b = op_body("liger::fused_linear_distillation_backward")
+    dl = op_body("liger::distillation_loss")
+    fkl = [0.0, 0.0, 0.0, -1.0, 1.0, 0.0, 0.0]
+    jsd = [0.5, 0.0, -0.5, 0.0, 0.5, -0.5, 0.0]
+    tvd = [0.0] * 6 + [0.5]
+    # (dtype, coefficients, CE mixed in, gradients): every kernel flag value at least once.
+    todo = ((BF16, fkl, False, True), (BF16, jsd, True, True), (FP32, tvd, False, True),
+            (BF16, fkl, True, False))
+    for dt, coefs, ce, grad in todo:
+        def run(dt=dt, coefs=coefs, ce=ce, grad=grad, V=128256, H=LLAMA):
+            N = TOKENS
+            h, W, zt = _e(N, H, dtype=dt), _e(V, H, dtype=dt), _e(N, V, dtype=dt)
+            y = _e(N, dtype=torch.int64) if ce else None
+            out = fld(h, W, None, zt, None, None, None, None, y, coefs, [0.5, 0.5, 1.0, -0.7, -0.7],
+                      0.7, 0.0, 0.3 if ce else 0.0, -100, True, grad, grad, False, 0)
+            if grad:
+                fld_b(torch.empty_like(out[0]), out[3], out[4], out[5], h, W, None, True, True,
+                      False)
+        yield f"fused_linear_distillation {dt} V=128256 H={LLAMA} ce={ce} grad={grad}", run
+
+    def run_dl(V=32000):
+        z, zt = _e(TOKENS, V), _e(TOKENS, V)
+        dl(z, zt, None, None, jsd, [1.0, 1.0, 1.0, -0.7, -0.7], 1.0, 0.0, 0.0, -100, True, True)
+    yield "distillation_loss bf16 V=32000", run_dl
+
+
 def _matmuls(chip: Chip):
     i8, i4, f8, s24, s24i8 = (op_body(f"liger::{s}_linear")
                               for s in ("int8", "int4", "fp8", "sparse24", "sparse24_int8"))
@@ -293,4 +321,5 @@ def cases(chip: Chip):
         yield from _act()
         yield from _gated_norms()
         yield from _losses()
+        yield from _distillation()
     yield from _matmuls(chip)

@@ -1,0 +1,605 @@
+"""Knowledge-distillation losses, chunked over tokens: the student's lm head fused with the loss.
+
+Semantics (leading dims flattened to N rows; V classes in the last dim; all math in fp32, fp64 for
+fp64 inputs)::
+
+    zs  = F.linear(hidden, weight, bias)             # student logits, in hidden's dtype
+    zt  = t_logits  or  F.linear(t_hidden, t_weight, t_bias)     # teacher (never differentiated)
+    ls  = log_softmax(zs * s_scale);  ps = exp(ls)   # s_scale / t_scale = 1 / temperature
+    lt  = log_softmax(zt * t_scale);  pt = exp(lt)
+    mx  = logaddexp(ls + mix_s, lt + mix_t)          # the JSD mixture (GKD: log(1-beta), log(beta))
+    kd_row = sum_j  c0 ps*ls + c1 ps*lt + c2 ps*mx + c3 pt*ls + c4 pt*lt + c5 pt*mx + c6 |ps - pt|
+    kd  = sum_i kd_mask[i] * kd_row[i] / kd_denom    # kd_denom <= 0: the number of kept rows
+    ce_row = logsumexp(zs * ce_scale) - (zs * ce_scale)[label]      (rows with label != ignore)
+    ce  = sum_i ce_row[i] / (number of kept rows if ce_mean else 1)
+    loss = kd * kd_coef + ce * ce_coef
+
+The seven coefficients `coefs` span every divergence of the two distributions that the pattern
+(patterns/distillation.py) proves: forward KL KL(pt||ps) = pt*lt - pt*ls, reverse KL
+ps*ls - ps*lt, the generalised JSD beta*KL(pt||m) + (1-beta)*KL(ps||m) = beta*(pt*lt - pt*mx) +
+(1-beta)*(ps*ls - ps*mx), TVD (c6 = 0.5) and any sum of them with any weights.
+
+Gradient: with H_j = d kd_row / d ls_j (ls taken as free, ps = exp(ls))::
+
+    H = c0 ps (ls + 1) + c1 ps lt + c2 ps (mx + r) + c3 pt + c5 pt r + c6 sign(ps - pt) ps,
+    r = exp(ls + mix_s - mx),   d kd_row / d zs = s_scale * (H - ps * sum_j H_j)
+
+(the log-softmax backward), plus ce_scale * (softmax - onehot) for the CE part, each times its
+row weight.  The forward computes d(loss)/d(hidden, weight, bias) chunk by chunk (grad_output = 1,
+in the compute dtype) and saves only those ([N, H], [V, H], [V]); backward scales them by
+grad_output and rounds once.  Nothing of size N x V is kept.
+
+Ops
+---
+``liger::fused_linear_distillation(hidden, weight, bias?, t_logits?, t_hidden?, t_weight?, t_bias?,
+kd_mask?, labels?, float[] coefs, float[] scales, float kd_coef, float kd_denom, float ce_coef,
+int ignore_index, bool ce_mean, bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias,
+int chunk_size) -> (loss, kd, ce, grad_hidden, grad_weight, grad_bias)``;
+``scales = [s_scale, t_scale, ce_scale, mix_s, mix_t]``. ``kd`` / ``ce`` are the two parts (for
+logging, not differentiable); ``ce`` is 0 when ``ce_coef`` is 0 and no labels are given.
+
+``liger::distillation_loss(logits, t_logits, kd_mask?, labels?, coefs, scales, kd_coef, kd_denom,
+ce_coef, ignore_index, ce_mean, need_grad) -> (loss, kd, ce, grad_logits)``: the same loss on
+logits that are not produced by a linear in the graph (the chunked core with the linear replaced
+by the identity); the [N, V] logits gradient (compute dtype) is computed in the forward, as
+liger::cross_entropy does, and rounded to the logits' dtype in backward after the scale.
+
+Chunking and the CPU path reuse fused_linear_cross_entropy's machinery (chunk_rows, the fp32
+GEMM accumulation _acc_mm_, _linear_into). On CUDA / under the interpreter the row math is the
+Triton kernel below (one program per row, three passes over its V blocks: online log-sum-exps,
+the row sums, the gradient); on CPU tensors its torch twin, on chunks small enough that its
+[C, V] fp32 temporaries stay at a few tens of MiB each (the op's point is memory, so it keeps
+this CPU path rather than a decomposition for inductor).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .cross_entropy import _block_and_warps, compute_dtype
+from .fused_linear_cross_entropy import _acc_mm_, _linear_into, chunk_rows
+from .runtime import next_pow2, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - torch path only
+    triton = None
+
+# Rows per chunk override (tests force the multi-chunk path); None = automatic.
+DISTILL_CHUNK_ROWS: Optional[int] = None
+# CPU torch path: about ten [C, V] fp32 temporaries live at once per chunk.
+_CPU_CHUNK_BYTES = 32 << 20
+# BLOCK_V override (tests force several vocabulary blocks per row); None = automatic.
+DISTILL_BLOCK_V: Optional[int] = None
+
+N_COEFS = 7
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _lse_step(m, s, x):
+        new_m = tl.maximum(m, tl.max(x, 0))
+        safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+        s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+        return new_m, s
+
+    @triton.jit
+    def _distill_terms(a, b, lse_a, lse_b, mix_s, mix_t, c0, c1, c2, c3, c4, c5, c6,
+                       HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr):
+        ls = a - lse_a
+        lt = b - lse_b
+        ps = tl.exp(ls)
+        pt = tl.exp(lt)
+        e = c0 * ps * ls + c1 * ps * lt + c3 * pt * ls + c4 * pt * lt
+        h = c0 * ps * (ls + 1.0) + c1 * ps * lt + c3 * pt
+        if HAS_MIX:
+            u = ls + mix_s
+            v = lt + mix_t
+            mm = tl.maximum(u, v)
+            mx = mm + tl.log(tl.exp(u - mm) + tl.exp(v - mm))
+            r = tl.exp(u - mx)
+            e += c2 * ps * mx + c5 * pt * mx
+            h += c2 * ps * (mx + r) + c5 * pt * r
+        if HAS_TV:
+            d = ps - pt
+            e += c6 * tl.abs(d)
+            sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+            h += c6 * sgn * ps
+        return e, h, ps
+
+    @triton.jit
+    def _distill_fwd_kernel(
+        zs_ptr, stride_zs, zt_ptr, stride_zt, g_ptr, stride_g, y_ptr, kdw_ptr, cew_ptr,
+        kd_rows_ptr, ce_rows_ptr, V, ignore_index,
+        s_scale, t_scale, ce_scale, mix_s, mix_t, c0, c1, c2, c3, c4, c5, c6,
+        HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr, HAS_CE: tl.constexpr,
+        COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        zs_row = zs_ptr + row * stride_zs
+        zt_row = zt_ptr + row * stride_zt
+        cols0 = tl.arange(0, BLOCK_V)
+        ninf = float("-inf")
+        # pass 1: online log-sum-exp of the student, the teacher and (CE) the student at ce_scale
+        m_a = ninf
+        s_a = 0.0
+        m_b = ninf
+        s_b = 0.0
+        m_c = ninf
+        s_c = 0.0
+        for off in range(0, V, BLOCK_V):
+            cols = off + cols0
+            msk = cols < V
+            z = tl.load(zs_row + cols, mask=msk, other=0.0).to(tl.float32)
+            zt = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32)
+            m_a, s_a = _lse_step(m_a, s_a, tl.where(msk, z * s_scale, ninf))
+            m_b, s_b = _lse_step(m_b, s_b, tl.where(msk, zt * t_scale, ninf))
+            if HAS_CE:
+                m_c, s_c = _lse_step(m_c, s_c, tl.where(msk, z * ce_scale, ninf))
+        lse_a = m_a + tl.log(s_a)
+        lse_b = m_b + tl.log(s_b)
+        # pass 2: the row's divergence and sum_j H_j
+        acc_e = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc_h = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for off in range(0, V, BLOCK_V):
+            cols = off + cols0
+            msk = cols < V
+            a = tl.load(zs_row + cols, mask=msk, other=0.0).to(tl.float32) * s_scale
+            b = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32) * t_scale
+            e, h, ps = _distill_terms(a, b, lse_a, lse_b, mix_s, mix_t, c0, c1, c2, c3, c4, c5,
+                                      c6, HAS_MIX, HAS_TV)
+            acc_e += tl.where(msk, e, 0.0)
+            acc_h += tl.where(msk, h, 0.0)
+        tl.store(kd_rows_ptr + row, tl.sum(acc_e, 0))
+        sum_h = tl.sum(acc_h, 0)
+        lse_c = 0.0
+        y = 0
+        valid = False
+        if HAS_CE:
+            lse_c = m_c + tl.log(s_c)
+            y = tl.load(y_ptr + row).to(tl.int64)
+            valid = y != ignore_index
+            ysafe = tl.where(valid, y, 0)
+            zy = tl.load(zs_row + ysafe).to(tl.float32) * ce_scale
+            tl.store(ce_rows_ptr + row, tl.where(valid, lse_c - zy, 0.0))
+        if COMPUTE_GRAD:
+            kdw = tl.load(kdw_ptr + row)
+            cew = 0.0
+            if HAS_CE:
+                cew = tl.load(cew_ptr + row)
+            g_row = g_ptr + row * stride_g
+            # pass 3: the logits gradient for grad_output = 1
+            for off in range(0, V, BLOCK_V):
+                cols = off + cols0
+                msk = cols < V
+                z = tl.load(zs_row + cols, mask=msk, other=0.0).to(tl.float32)
+                b = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32) * t_scale
+                e, h, ps = _distill_terms(z * s_scale, b, lse_a, lse_b, mix_s, mix_t, c0, c1,
+                                          c2, c3, c4, c5, c6, HAS_MIX, HAS_TV)
+                g = (s_scale * kdw) * (h - ps * sum_h)
+                if HAS_CE:
+                    sm = tl.exp(z * ce_scale - lse_c)
+                    onehot = tl.where((cols == y) & valid, 1.0, 0.0)
+                    g += (ce_scale * cew) * (sm - onehot)
+                tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=msk)
+
+
+def _launch_rows(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
+    N, V = zs.shape
+    if N == 0:
+        return
+    # Smaller blocks than the CE kernel's (which holds fewer live [BLOCK_V] values): 8192 with
+    # 16 warps spills on sm_80/sm_90 once the mixture or the CE term is on.
+    cuda = zs.device.type == "cuda"
+    block = DISTILL_BLOCK_V or min(next_pow2(V), 4096 if cuda else 1024)
+    warps = 16 if cuda and block >= 4096 else _block_and_warps(V, zs.device, block)[1]
+    c = P["coefs"]
+    dummy = kd_rows
+    _distill_fwd_kernel[(N,)](
+        zs, zs.stride(0), zt, zt.stride(0), g if g is not None else zs,
+        g.stride(0) if g is not None else 0, y if y is not None else dummy, kd_w,
+        ce_w if ce_w is not None else dummy, kd_rows, ce_rows, V, P["ignore_index"],
+        *(float(x) for x in P["scales"]), *(float(x) for x in c),
+        HAS_MIX=bool(c[2] or c[5]), HAS_TV=bool(c[6]), HAS_CE=P["has_ce"],
+        COMPUTE_GRAD=g is not None, BLOCK_V=block, num_warps=warps,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Torch twin of the row kernel (CPU path, other dtypes)
+# --------------------------------------------------------------------------------------------
+def _rows_torch(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
+    ct = kd_rows.dtype
+    s_scale, t_scale, ce_scale, mix_s, mix_t = P["scales"]
+    c = P["coefs"]
+    zf = zs.to(ct)
+    ls = torch.log_softmax(zf * s_scale, -1)
+    lt = torch.log_softmax(zt.to(ct) * t_scale, -1)
+    ps, pt = ls.exp(), lt.exp()
+    want = g is not None
+    e = torch.zeros(zs.shape[0], dtype=ct, device=zs.device)
+    h = torch.zeros_like(ls) if want else None
+
+    def add(coef, p, q, hterm):
+        if coef:
+            e.add_((p * q).sum(-1), alpha=coef)
+            if want and hterm is not None:
+                h.add_(hterm(), alpha=coef)
+
+    add(c[0], ps, ls, lambda: ps * (ls + 1.0))
+    add(c[1], ps, lt, lambda: ps * lt)
+    add(c[3], pt, ls, lambda: pt)
+    add(c[4], pt, lt, None)  # teacher-only: no gradient
+    if c[2] or c[5]:
+        mx = torch.logaddexp(ls + mix_s, lt + mix_t)
+        r = (ls + mix_s - mx).exp_() if want else None
+        add(c[2], ps, mx, lambda: ps * (mx + r))
+        add(c[5], pt, mx, lambda: pt * r)
+        del mx, r
+    if c[6]:
+        d = ps - pt
+        e.add_(d.abs().sum(-1), alpha=c[6])
+        if want:
+            h.add_(torch.sign(d).mul_(ps), alpha=c[6])
+        del d
+    kd_rows.copy_(e)
+    if want:
+        gz = (h - ps * h.sum(-1, keepdim=True)).mul_((s_scale * kd_w)[:, None])
+        del h
+    if P["has_ce"]:
+        zc = zf * ce_scale
+        lse = torch.logsumexp(zc, -1)
+        valid = y != P["ignore_index"]
+        ysafe = torch.where(valid, y, 0).long()
+        zy = zc.gather(-1, ysafe[:, None])[:, 0]
+        ce_rows.copy_(torch.where(valid, lse - zy, 0.0))
+        if want:
+            sm = (zc - lse[:, None]).exp_()
+            sm.scatter_add_(-1, ysafe[:, None], -valid.to(ct)[:, None])
+            gz.add_(sm.mul_((ce_scale * ce_w)[:, None]))
+    if want:
+        g.copy_(gz)
+
+
+def _rows(*args):
+    zs = args[0]
+    if use_triton(zs, args[1]):
+        _launch_rows(*args)
+    else:
+        _rows_torch(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# The chunked core
+# --------------------------------------------------------------------------------------------
+def _chunk(N: int, V: int, device, elem: int, chunk_size: int) -> int:
+    if chunk_size <= 0 and DISTILL_CHUNK_ROWS:
+        chunk_size = DISTILL_CHUNK_ROWS
+    if chunk_size <= 0 and device.type != "cuda":
+        c = _CPU_CHUNK_BYTES // max(1, V * 4)
+        chunk_size = max(16, c - c % 16)
+    return chunk_rows(N, V, device, elem, chunk_size)
+
+
+def _params(coefs, scales, ignore_index, has_ce):
+    coefs = [float(x) for x in coefs]
+    scales = [float(x) for x in scales]
+    assert len(coefs) == N_COEFS and len(scales) == 5, (coefs, scales)
+    return dict(coefs=coefs, scales=scales, ignore_index=int(ignore_index), has_ce=has_ce)
+
+
+def _row_weights(N, kd_mask, labels, kd_coef, kd_denom, ce_coef, ignore_index, ce_mean, ct,
+                 device):
+    """Per-row weights of the kd and ce parts and the reduced-loss denominators (tensor ops
+    only, no host sync)."""
+    one = torch.ones((), dtype=ct, device=device)
+    m = kd_mask.reshape(-1).to(ct) if kd_mask is not None else torch.ones(N, dtype=ct,
+                                                                          device=device)
+    kd_den = m.sum() if kd_denom <= 0 else one * kd_denom
+    kd_w = m * (kd_coef / kd_den)
+    kd_part = m, kd_den
+    ce_w, ce_den = None, one
+    if labels is not None:
+        valid = (labels.reshape(-1) != ignore_index).to(ct)
+        ce_den = valid.sum() if ce_mean else one
+        ce_w = valid * (ce_coef / ce_den)
+    return kd_w, ce_w, kd_part, ce_den
+
+
+def _core(N, V, student_chunk, teacher_chunk, labels, kd_w, ce_w, P, grad_sink, ct, device,
+          grad_out=None):
+    """One pass over token chunks; returns (kd_rows, ce_rows); grad_sink(s, e, g) takes each
+    chunk's logits gradient (fp32 [C, V]) when given; `grad_out` ([N, V]) receives it in place
+    instead."""
+    kd_rows = torch.empty(N, dtype=ct, device=device)
+    ce_rows = torch.zeros(N, dtype=ct, device=device)
+    y = labels.reshape(-1).contiguous() if labels is not None else None
+    C = P["chunk"]
+    gbuf = torch.empty(min(C, N), V, dtype=ct, device=device) if grad_sink is not None else None
+    for s in range(0, N, C):
+        e = min(N, s + C)
+        zs, zt = student_chunk(s, e), teacher_chunk(s, e)
+        g = gbuf[: e - s] if gbuf is not None else grad_out[s:e] if grad_out is not None else None
+        _rows(zs, zt, y[s:e] if y is not None else None, kd_w[s:e],
+              ce_w[s:e] if ce_w is not None else None, kd_rows[s:e], ce_rows[s:e], g, P)
+        if grad_sink is not None:
+            grad_sink(s, e, g)
+    return kd_rows, ce_rows
+
+
+def _rows2d(x: Tensor) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _teacher(t_logits, t_hidden, t_weight, t_bias, N, V, C):
+    if t_logits is not None:
+        t2 = _rows2d(t_logits)
+        return lambda s, e: t2[s:e]
+    th = _rows2d(t_hidden)
+    buf = th.new_empty(min(C, N), V)
+
+    def chunk(s, e):
+        out = buf[: e - s]
+        _linear_into(th[s:e], t_weight, t_bias, out)
+        return out
+
+    return chunk
+
+
+def _reduce(kd_rows, ce_rows, kd_part, ce_den, kd_coef, ce_coef):
+    m, kd_den = kd_part
+    kd = (kd_rows * m).sum() / kd_den
+    ce = ce_rows.sum() / ce_den
+    return kd * kd_coef + ce * ce_coef, kd, ce
+
+
+def _linear_forward(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask, labels,
+                    coefs, scales, kd_coef, kd_denom, ce_coef, ignore_index, ce_mean,
+                    need_gh, need_gw, need_gb, chunk_size):
+    h2 = _rows2d(hidden)
+    N, V = h2.shape[0], weight.shape[0]
+    ct = compute_dtype(hidden.dtype)
+    P = _params(coefs, scales, ignore_index, labels is not None and ce_coef != 0)
+    P["chunk"] = C = _chunk(N, V, h2.device, h2.element_size(), chunk_size)
+    kd_w, ce_w, kd_part, ce_den = _row_weights(N, kd_mask, labels, kd_coef, kd_denom, ce_coef,
+                                               ignore_index, ce_mean, ct, h2.device)
+    buf = h2.new_empty(min(C, N), V)
+
+    def student(s, e):
+        out = buf[: e - s]
+        _linear_into(h2[s:e], weight, bias, out)
+        return out
+
+    gh = h2.new_empty(h2.shape, dtype=ct) if need_gh else None
+    gw = torch.zeros(weight.shape, dtype=ct, device=weight.device) if need_gw else None
+    gb = torch.zeros(V, dtype=ct, device=weight.device) if need_gb and bias is not None else None
+
+    def sink(s, e, g):
+        if gh is not None:
+            _acc_mm_(gh[s:e], g, weight, first=True)
+        if gw is not None:
+            _acc_mm_(gw, g.t(), h2[s:e])
+        if gb is not None:
+            gb.add_(g.sum(0))
+
+    want = gh is not None or gw is not None or gb is not None
+    kd_rows, ce_rows = _core(N, V, student, _teacher(t_logits, t_hidden, t_weight, t_bias, N, V,
+                                                     C),
+                             labels, kd_w, ce_w, P, sink if want else None, ct, h2.device)
+    loss, kd, ce = _reduce(kd_rows, ce_rows, kd_part, ce_den, kd_coef, ce_coef)
+    return loss, kd, ce, gh, gw, gb
+
+
+@torch.library.custom_op("liger::fused_linear_distillation", mutates_args=())
+def fused_linear_distillation_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t_logits: Optional[Tensor],
+    t_hidden: Optional[Tensor], t_weight: Optional[Tensor], t_bias: Optional[Tensor],
+    kd_mask: Optional[Tensor], labels: Optional[Tensor], coefs: list[float], scales: list[float],
+    kd_coef: float, kd_denom: float, ce_coef: float, ignore_index: int, ce_mean: bool,
+    need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    loss, kd, ce, gh, gw, gb = _linear_forward(
+        hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask, labels, coefs,
+        scales, kd_coef, kd_denom, ce_coef, ignore_index, ce_mean, need_grad_hidden,
+        need_grad_weight, need_grad_bias, chunk_size)
+    empty = hidden.new_empty(0)
+    return (loss, kd, ce, gh.view(hidden.shape) if gh is not None else empty.clone(),
+            gw if gw is not None else empty.clone(), gb if gb is not None else empty.clone())
+
+
+@fused_linear_distillation_op.register_fake
+def _(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask, labels, coefs, scales,
+      kd_coef, kd_denom, ce_coef, ignore_index, ce_mean, need_grad_hidden, need_grad_weight,
+      need_grad_bias, chunk_size):
+    ct = compute_dtype(hidden.dtype)
+    s = hidden.new_empty((), dtype=ct)
+    e = hidden.new_empty(0)
+    return (s, s.clone(), s.clone(),
+            hidden.new_empty(hidden.shape, dtype=ct) if need_grad_hidden else e.clone(),
+            weight.new_empty(weight.shape, dtype=ct) if need_grad_weight else e.clone(),
+            bias.new_empty(bias.shape, dtype=ct) if need_grad_bias and bias is not None
+            else e.clone())
+
+
+@torch.library.custom_op("liger::fused_linear_distillation_backward", mutates_args=())
+def fused_linear_distillation_backward_op(
+    grad_loss: Tensor, saved_gh: Tensor, saved_gw: Tensor, saved_gb: Tensor, hidden: Tensor,
+    weight: Tensor, bias: Optional[Tensor], need_grad_hidden: bool, need_grad_weight: bool,
+    need_grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # The saved gradients are for grad_output = 1 in the compute dtype: scale, then round once.
+    s = grad_loss.reshape(())
+    e = hidden.new_empty(0)
+    gh = torch.mul(saved_gh, s).to(hidden.dtype) if need_grad_hidden else e.clone()
+    gw = torch.mul(saved_gw, s).to(weight.dtype) if need_grad_weight else e.clone()
+    gb = torch.mul(saved_gb, s).to(bias.dtype) if need_grad_bias and bias is not None \
+        else e.clone()
+    return gh, gw, gb
+
+
+@fused_linear_distillation_backward_op.register_fake
+def _(grad_loss, saved_gh, saved_gw, saved_gb, hidden, weight, bias, need_grad_hidden,
+      need_grad_weight, need_grad_bias):
+    e = hidden.new_empty(0)
+    return (hidden.new_empty(hidden.shape) if need_grad_hidden else e.clone(),
+            weight.new_empty(weight.shape) if need_grad_weight else e.clone(),
+            bias.new_empty(bias.shape) if need_grad_bias and bias is not None else e.clone())
+
+
+def _fld_setup_context(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    rest = inputs[3:16]
+    need = inputs[16:19]
+    _, kd, ce, gh, gw, gb = output
+    ctx.mark_non_differentiable(kd, ce, gh, gw, gb)
+    needs = ctx.needs_input_grad
+    has_bias = bias is not None
+    # A gradient autograd wants that the forward was told not to compute: recompute it.
+    ctx.recompute = (needs[0] and not need[0]) or (needs[1] and not need[1]) or \
+        (has_bias and needs[2] and not need[2])
+    ctx.has_bias = has_bias
+    ctx.rest = rest if ctx.recompute else None
+    ctx.chunk_size = inputs[19]
+    ctx.save_for_backward(gh, gw, gb, hidden, weight, bias)
+
+
+def _fld_backward(ctx, grad_loss, *unused):
+    gh, gw, gb, hidden, weight, bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    nb = ctx.has_bias and needs[2]
+    if grad_loss is None or not any(needs[:3]):
+        return (None,) * 20
+    if ctx.recompute:
+        _, _, _, gh, gw, gb = torch.ops.liger.fused_linear_distillation(
+            hidden, weight, bias, *ctx.rest, needs[0], needs[1], nb, ctx.chunk_size)
+    dh, dw, db = torch.ops.liger.fused_linear_distillation_backward(
+        grad_loss, gh, gw, gb, hidden, weight, bias, needs[0], needs[1], nb)
+    return (dh if needs[0] else None, dw if needs[1] else None, db if nb else None) + \
+        (None,) * 17
+
+
+fused_linear_distillation_op.register_autograd(_fld_backward, setup_context=_fld_setup_context)
+
+
+# ------------------------------------------------------------------ logits not from a linear
+@torch.library.custom_op("liger::distillation_loss", mutates_args=())
+def distillation_loss_op(
+    logits: Tensor, t_logits: Tensor, kd_mask: Optional[Tensor], labels: Optional[Tensor],
+    coefs: list[float], scales: list[float], kd_coef: float, kd_denom: float, ce_coef: float,
+    ignore_index: int, ce_mean: bool, need_grad: bool, chunk_size: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    z2 = _rows2d(logits)
+    N, V = z2.shape
+    ct = compute_dtype(logits.dtype)
+    P = _params(coefs, scales, ignore_index, labels is not None and ce_coef != 0)
+    P["chunk"] = _chunk(N, V, z2.device, z2.element_size(), chunk_size)
+    kd_w, ce_w, kd_part, ce_den = _row_weights(N, kd_mask, labels, kd_coef, kd_denom, ce_coef,
+                                               ignore_index, ce_mean, ct, z2.device)
+    grad = torch.empty(N, V, dtype=ct, device=z2.device) if need_grad else None
+
+    kd_rows, ce_rows = _core(N, V, lambda s, e: z2[s:e],
+                             _teacher(t_logits, None, None, None, N, V, P["chunk"]),
+                             labels, kd_w, ce_w, P, None, ct, z2.device, grad_out=grad)
+    loss, kd, ce = _reduce(kd_rows, ce_rows, kd_part, ce_den, kd_coef, ce_coef)
+    return loss, kd, ce, grad.view(logits.shape) if grad is not None else logits.new_empty(0)
+
+
+@distillation_loss_op.register_fake
+def _(logits, t_logits, kd_mask, labels, coefs, scales, kd_coef, kd_denom, ce_coef,
+      ignore_index, ce_mean, need_grad, chunk_size=0):
+    ct = compute_dtype(logits.dtype)
+    s = logits.new_empty((), dtype=ct)
+    return (s, s.clone(), s.clone(),
+            logits.new_empty(logits.shape, dtype=ct) if need_grad else logits.new_empty(0))
+
+
+def _dl_setup_context(ctx, inputs, output):
+    _, kd, ce, grad = output
+    ctx.mark_non_differentiable(kd, ce, grad)
+    ctx.recompute = ctx.needs_input_grad[0] and not inputs[11]
+    ctx.inputs = inputs if ctx.recompute else None
+    ctx.dtype = inputs[0].dtype
+    ctx.save_for_backward(grad)
+
+
+def _dl_backward(ctx, grad_loss, *unused):
+    (grad,) = ctx.saved_tensors
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return (None,) * 13
+    if ctx.recompute:
+        i = list(ctx.inputs)
+        i[11] = True
+        grad = torch.ops.liger.distillation_loss(*i)[3]
+    return (torch.mul(grad, grad_loss.reshape(())).to(ctx.dtype),) + (None,) * 12
+
+
+distillation_loss_op.register_autograd(_dl_backward, setup_context=_dl_setup_context)
+
+
+# ------------------------------------------------------------------ Python entry points
+def _coefs_for(divergence: str, beta: float = 0.5):
+    """(coefs, mix_s, mix_t) of a named divergence (tests, benchmarks, the docs' example)."""
+    import math
+
+    c = [0.0] * N_COEFS
+    mix = (0.0, 0.0)
+    if divergence == "forward_kl":
+        c[4], c[3] = 1.0, -1.0
+    elif divergence == "reverse_kl":
+        c[0], c[1] = 1.0, -1.0
+    elif divergence == "tvd":
+        c[6] = 0.5
+    elif divergence == "jsd":
+        if beta == 0:
+            return _coefs_for("forward_kl")
+        if beta == 1:
+            return _coefs_for("reverse_kl")
+        c[4], c[5] = beta, -beta
+        c[0], c[2] = 1 - beta, -(1 - beta)
+        mix = (math.log(1 - beta), math.log(beta))
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}: use forward_kl, reverse_kl, jsd "
+                         "or tvd")
+    return c, mix
+
+
+def fused_linear_distillation(hidden, weight, teacher, bias=None, *, divergence="forward_kl",
+                              beta=0.5, temperature=1.0, kd_mask=None, kd_denom=0.0,
+                              labels=None, alpha=0.0, ignore_index=-100, chunk_size=0):
+    """`alpha * CE(labels) + (1 - alpha) * divergence` of the student head `linear(hidden, weight,
+    bias)` against `teacher`: a logits tensor or a (t_hidden, t_weight[, t_bias]) tuple.
+    kd_denom <= 0 divides the divergence by the number of rows `kd_mask` keeps (all rows when
+    None); otherwise by kd_denom (e.g. the batch size for "batchmean")."""
+    coefs, mix = _coefs_for(divergence, beta)
+    if isinstance(teacher, tuple):
+        t_logits, (th, tw, *tb) = None, teacher
+        tb = tb[0] if tb else None
+    else:
+        t_logits, th, tw, tb = teacher, None, None, None
+    g = torch.is_grad_enabled()
+    out = torch.ops.liger.fused_linear_distillation(
+        hidden, weight, bias, t_logits, th, tw, tb, kd_mask, labels, coefs,
+        [1.0 / temperature, 1.0 / temperature, 1.0, *mix], 1.0 - alpha, float(kd_denom),
+        float(alpha), ignore_index, True, g and hidden.requires_grad, g and weight.requires_grad,
+        g and bias is not None and bias.requires_grad, chunk_size)
+    return out[0]
+
+
+def distillation_loss(logits, t_logits, *, divergence="forward_kl", beta=0.5, temperature=1.0,
+                      kd_mask=None, kd_denom=0.0, labels=None, alpha=0.0, ignore_index=-100):
+    """The same loss on student logits that are not produced by a linear."""
+    coefs, mix = _coefs_for(divergence, beta)
+    return torch.ops.liger.distillation_loss(
+        logits, t_logits, kd_mask, labels, coefs, [1.0 / temperature, 1.0 / temperature, 1.0,
+                                                   *mix],
+        1.0 - alpha, float(kd_denom), float(alpha), ignore_index, True,
+        torch.is_grad_enabled() and logits.requires_grad)[0]
