@@ -6,3 +6,4 @@ patterns take.  Importing this package registers them all.
 
 
 from . import cross_entropy, gated_act, layer_norm, rms_norm, rope  # noqa: F401
+from . import logprob  # noqa: F401
