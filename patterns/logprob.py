@@ -60,13 +60,19 @@ def logprob_gather_rows_lse(logits, ids, lse):
     return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
 
 
+def lookalike_other_dim(logits, ids):
+    # a log-softmax over another dim than the gathered one is no log-prob: always refused
+    return F.log_softmax(logits, -2).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
 def nll_cross_entropy(logits, ids, ignore_index):
     # the per-token NLL; ours only when the user negates it (through reshapes) into a log-prob
     # (`_negated`), which stays in the graph: the op's -0.0 at ignored rows negates back to eager's
     return F.cross_entropy(logits, ids, None, None, ignore_index, None, "none", 0.0)
 
 
-_VARIANTS = [logprob_gather_lse, logprob_gather_rows_lse, logprob_log_softmax, nll_cross_entropy]
+_VARIANTS = [logprob_gather_lse, logprob_gather_rows_lse, logprob_log_softmax, nll_cross_entropy,
+             lookalike_other_dim]
 _GATHERED = (logprob_log_softmax, logprob_gather_lse, logprob_gather_rows_lse)
 
 _EXAMPLE_LOGITS = torch.randn(6, 10)
@@ -143,24 +149,25 @@ def _rows_of(src: CNode):
 
 def _rows_lse(match, view: View):
     """TRL's fp32 form: `lse` is stack(logsumexp(logits[i], -1) for i in rows), each row once,
-    in order.  Returns the fx nodes that computes it, or raises Skip (any other subtrahend)."""
+    in order.  Returns (the nodes computing it, None), or (None, why not) when it is such a stack
+    of rows in another order or number; raises Skip for any other subtrahend."""
     parts = _stack_parts(view, match["lse"])
     z = _plain(view[match["logits"]])
     if parts is None:
         raise Skip
-    rows = _rows_of(z)
-    nodes = list(view[match["lse"]].covers)
-    for i, p in enumerate(parts):
+    nodes, order = list(view[match["lse"]].covers), []
+    for p in parts:
         p = _plain(p)
         ok = (isinstance(p, CNode) and p.op == "logsumexp" and len(p.args) == 3
               and p.args[1] == (-1,) and p.args[2] is False)
         row = _row_index(view, p.args[0].node) if ok and p.args[0].node is not None else None
-        if row is None or row[0] is not z or row[1] != i:
+        if row is None or row[0] is not z:
             raise Skip
+        order.append(row[1])
         nodes += p.covers + _plain(p.args[0]).covers
-    if rows != len(parts):
-        return None, (f"the stacked logsumexp covers {len(parts)} rows of logits with "
-                      f"{rows} rows")
+    if order != list(range(_rows_of(z) or 0)):
+        return None, (f"the stacked logsumexp takes rows {order} of the logits, not each of its "
+                      f"{_rows_of(z)} rows once in order")
     return nodes, None
 
 
@@ -325,6 +332,12 @@ def _entropy_of(view: View, z: fx.Node, lp_out: fx.Node):
 
 def check(match):
     fn = match.variant.fn
+    if fn is lookalike_other_dim:
+        top, _ = _walk_from(match["logits"], None)
+        if _linear(top) is None:
+            raise Skip
+        return ("the log-softmax is over dim -2, not the vocabulary dim the ids index (-1): "
+                "not a per-token log-prob")
     view = View(match.graph)
     z, ids, extra = match["logits"], match["ids"], []
     rows = None
