@@ -238,3 +238,39 @@ def test_look_alikes_not_rewritten(fn, why):
     got, _ = _compile(fn, *args)
     for g, e in zip(_tuple(got), _tuple(fn(*args))):
         assert rel_err(g, e) < 1e-5
+
+
+# -- writes (ligerfx/mutation.py: each value's window starts at its first read in the match) ---
+
+def write_ids_after_head(h, w, ids):
+    # TRL's get_batch_logps: the ids are written after the lm head ran, before the gather reads them
+    z = _head(h, w)[:, :-1]
+    labels = ids[:, 1:].clone()
+    mask = labels != 0
+    labels[labels == 0] = 1
+    lp = F.log_softmax(z, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return (lp * mask).sum(-1)
+
+
+def write_between_row_reads(h, w, ids):
+    z = _head(h, w)
+    ids = ids.clone()
+    a = F.log_softmax(z[0], -1).gather(-1, ids[0].unsqueeze(-1)).squeeze(-1)
+    ids[1] = ids[1].flip(0)  # row 1's ids change after row 0's were read
+    b = F.log_softmax(z[1], -1).gather(-1, ids[1].unsqueeze(-1)).squeeze(-1)
+    return torch.stack([a, b]).sum(-1)
+
+
+def test_write_before_the_first_read_still_rewrites(torch_path):
+    args = _args(8)
+    report = _compare(write_ids_after_head, args)
+    assert report.counts.get(NAME) == 1, str(report)
+
+
+def test_write_between_reads_refused():
+    args = _args(9)
+    report = ligerfx.explain(write_between_row_reads, *args, options=OPTS)
+    assert not report.counts.get(NAME), str(report)
+    assert any(m.pattern == NAME and "writes" in m.reason for m in report.near_misses), str(report)
+    got, _ = _compile(write_between_row_reads, *args)
+    assert rel_err(got, write_between_row_reads(*args)) < 1e-5
