@@ -86,7 +86,7 @@ def _case(vocab):
 
 
 OPS = [
-    OpBench(f"fused_linear_logprob_v{v // 1024}k", "fused_linear_logprob", _case(v), TOKENS, (64,),
+    OpBench(f"fused_linear_logprob_v{v // 1024}k", "fused_linear_logprob", _case(v), TOKENS, (32,),
             "tokens", eager=eager_dpo, liger=ours_dpo, liger_kernel=liger_kernel_dpo,
             bound="compute")
     for v in (32768, 131072)
