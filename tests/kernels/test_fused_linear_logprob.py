@@ -54,11 +54,11 @@ def reference(h, w, b, ids, logit_scale=1.0, softcap=0.0, with_entropy=False, ig
     return lp, ent
 
 
-def make(dtype, opts, lead=(N,)):
-    h = torch.randn(*lead, H).to(dtype).requires_grad_()
-    w = (torch.randn(V, H) / H**0.5 * 2).to(dtype).requires_grad_()
-    b = (torch.randn(V) * 0.5).to(dtype).requires_grad_() if opts.get("bias") else None
-    ids = torch.randint(0, V, lead)
+def make(dtype, opts, lead=(N,), hidden=H, vocab=V):
+    h = torch.randn(*lead, hidden).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden) / hidden**0.5 * 2).to(dtype).requires_grad_()
+    b = (torch.randn(vocab) * 0.5).to(dtype).requires_grad_() if opts.get("bias") else None
+    ids = torch.randint(0, vocab, lead)
     ids.view(-1)[1::5] = -100
     kw = {k: v for k, v in opts.items() if k != "bias"}
     return h, w, b, ids, kw
