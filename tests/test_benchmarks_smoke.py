@@ -30,6 +30,7 @@ import run as bench_run  # noqa: E402
 
 # Families whose benchmarks exist today; a new family adds OPS to a benchmarks/bench_*.py module.
 COVERED = {"rms_norm", "layer_norm", "rope", "gated_act", "cross_entropy", "fused_linear_cross_entropy",
+           "fused_linear_logprob",
            "int8_matmul", "int4_matmul", "fp8_matmul"}
 
 
