@@ -72,7 +72,7 @@ _FUNCTIONS: dict[Any, str] = {
     torch.view_as_complex: "view_as_complex", torch.view_as_real: "view_as_real",
     torch.softmax: "softmax", F.softmax: "softmax", torch.log_softmax: "log_softmax",
     F.log_softmax: "log_softmax", F.pad: "pad", torch.narrow: "narrow",
-    torch.unflatten: "unflatten", torch.gather: "gather",
+    torch.unflatten: "unflatten", torch.gather: "gather", torch.logsumexp: "logsumexp",
 }
 _METHOD_ALIASES = {"__getitem__": "getitem", "concat": "cat", "multiply": "mul",
                    "subtract": "sub", "divide": "div", "true_divide": "div", "negative": "neg"}
@@ -102,10 +102,11 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
                  "reduce=None", "reduction='mean'"),
     "cat": ("dim=0",), "stack": ("dim=0",), "flatten": ("start_dim=0", "end_dim=-1"),
     "gather": ("dim", "index", "sparse_grad=False"), "squeeze": ("dim=None",),
+    "logsumexp": ("dim", "keepdim=False"),
 }
 _UNARY = {"neg", "square", "sqrt", "rsqrt", "reciprocal", "exp", "log", "erf", "tanh", "sigmoid",
           "abs", "relu", "view_as_complex", "view_as_real"}
-_REDUCTIONS = {"mean", "sum", "var"}
+_REDUCTIONS = {"mean", "sum", "var", "logsumexp"}
 # Ops whose canonical nodes may be merged when their arguments are equal (no randomness, no state).
 _PURE = _UNARY | _REDUCTIONS | {"add", "sub", "mul", "div", "pow", CAST, "silu", "gelu",
                                 "rms_norm", "layer_norm", "linear", "matmul", "getitem",
@@ -362,6 +363,9 @@ class View:
             if dims is None:
                 return None
             return self._mk(name, (x, dims, bool(a[2])), node)
+        if name == "logsumexp":
+            dims = _norm_dims(a[1], rank)
+            return None if dims is None else self._mk(name, (x, dims, bool(a[2])), node)
         if name == "var":
             dim, unbiased, keepdim, correction = a[1], a[2], a[3], a[4]
             if correction is None:

@@ -221,21 +221,24 @@ class Memory:
             k = self._keys[node] = frozenset(s)
         return k
 
-    def first_write(self, reads, lo: int, hi: int, skip=frozenset()):
+    def first_write(self, reads, lo: int, hi: int, skip=frozenset(), starts=None):
         """The first write strictly between positions lo and hi to memory one of `reads` lives in,
-        as (write, the read it hits), or None."""
+        as (write, the read it hits), or None.  `starts`: per read, a later lower bound than lo
+        (a write before it precedes every read of that value)."""
         if not self.writes:
             return None
         wanted: dict = {}
         for r in reads:
+            s = max(lo, starts.get(r, lo)) if starts else lo
             for k in self.keys(r):
-                wanted.setdefault(k, r)
+                if k not in wanted or s < wanted[k][1]:
+                    wanted[k] = (r, s)
         for w in self.writes:
             p = self.pos.get(w.node, -1)
             if lo < p < hi and w.node not in skip:
                 for k in w.keys:
-                    if k in wanted:
-                        return w, wanted[k]
+                    if k in wanted and p > wanted[k][1]:
+                        return w, wanted[k][0]
         return None
 
 
@@ -303,7 +306,18 @@ def match_problem(match, where: fx.Node | None, memory: Memory) -> str | None:
     if where is not None and where in pos:
         spots.append(pos[where] - 0.5)  # the replacement runs just before `where`
     if spots:
-        hit = memory.first_write(reads, min(spots), max(spots), skip=covered)
+        # A value is read from its first read inside the match on (and by the replacement at
+        # `where`): a write to it before both precedes every read, in the original and in the
+        # rewrite alike (TRL writes `labels[labels == -100] = 0` after the lm head, before the
+        # gather).  Values no covered node reads keep the whole window.
+        first: dict = {}
+        for n in covered | bridges:
+            if n in pos:
+                for a in (n, *n.all_input_nodes):
+                    first[a] = min(first.get(a, pos[n]), pos[n])
+        if where is not None and where in pos:
+            first = {a: min(p, pos[where] - 0.5) for a, p in first.items()}
+        hit = memory.first_write(reads, min(spots), max(spots), skip=covered, starts=first)
         if hit is not None:
             w, r = hit
             return f"{describe(w, r)}, which the pattern reads between its uses"

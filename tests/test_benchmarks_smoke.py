@@ -31,7 +31,7 @@ import run as bench_run  # noqa: E402
 # Families whose benchmarks exist today; a new family adds OPS to a benchmarks/bench_*.py module.
 COVERED = {"rms_norm", "layer_norm", "rope", "gated_act", "cross_entropy", "fused_linear_cross_entropy",
            "int8_matmul", "int4_matmul", "fp8_matmul", "add_norm",
-           "gated_rms_norm"}
+           "gated_rms_norm", "fused_linear_logprob"}
 
 
 @pytest.fixture(scope="module")

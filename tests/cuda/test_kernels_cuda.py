@@ -9,6 +9,7 @@ import torch
 from tests.kernels import test_add_norm as tan
 from tests.kernels import test_cross_entropy as tce
 from tests.kernels import test_distillation as tdi
+from tests.kernels import test_fused_linear_logprob as tlp
 from tests.kernels import test_gated_act as tga
 from tests.kernels import test_gated_rms_norm as tgrn
 from tests.kernels import test_int4_matmul as ti4
@@ -116,6 +117,15 @@ def test_gated_rms_norm_qwen3_next_bit_equal(dtype):
 def test_cross_entropy(dtype, N, V, name, opts):
     x, target, kw = tce.make(N, V, dtype, opts)
     tce.check(x, target, kw, "mean", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N,H,V", [(512, 4096, 128256), (1, 3072, 256000), (333, 4096, 32000)],
+                         ids=str)
+@pytest.mark.parametrize("name,opts", tlp.CASES, ids=[c[0] for c in tlp.CASES])
+def test_fused_linear_logprob(dtype, N, H, V, name, opts):
+    h, w, b, ids, kw = tlp.make(dtype, opts, lead=(N,), hidden=H, vocab=V)
+    tlp.run_and_compare(h, w, b, ids, kw, dtype)
 
 
 def _linear_case(M, N, K, dtype):

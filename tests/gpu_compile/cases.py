@@ -248,6 +248,23 @@ def _distillation():
         z, zt = _e(TOKENS, V), _e(TOKENS, V)
         dl(z, zt, None, None, jsd, [1.0, 1.0, 1.0, -0.7, -0.7], 1.0, 0.0, 0.0, -100, True, True)
     yield "distillation_loss bf16 V=32000", run_dl
+def _logprob():
+    lp, lp_b = op_body("liger::fused_linear_logprob"), op_body("liger::fused_linear_logprob_backward")
+    # (dtype, V, H, softcap, entropy, gradient on log-probs, gradient on entropies): every flag
+    # of both row kernels reached once; Llama-3-8B, Gemma-7B (softcap, 256k) and a 32k vocab.
+    todo = ((BF16, 128256, LLAMA, 0.0, False, True, False),
+            (BF16, 256000, 3072, 30.0, True, True, True),
+            (BF16, 32000, LLAMA, 0.0, True, False, True),
+            (FP32, 128256, LLAMA, 0.0, False, True, False))
+    for dt, V, H, cap, ent, glp, gent in todo:
+        def run(dt=dt, V=V, H=H, cap=cap, ent=ent, glp=glp, gent=gent):
+            N = TOKENS
+            h, W, t = _e(N, H, dtype=dt), _e(V, H, dtype=dt), _e(N, dtype=torch.int64)
+            out, e, lse = lp(h, W, None, t, 1 / 0.9, cap, ent, -100, 0)
+            lp_b(torch.empty_like(out) if glp else None, torch.empty_like(out) if gent else None,
+                 h, W, None, t, lse, e, 1 / 0.9, cap, -100, True, True, False, 0)
+        yield (f"fused_linear_logprob {dt} V={V} H={H} softcap={cap} entropy={ent} "
+               f"grad_logprob={glp} grad_entropy={gent}"), run
 
 
 def _matmuls(chip: Chip):
@@ -322,4 +339,5 @@ def cases(chip: Chip):
         yield from _gated_norms()
         yield from _losses()
         yield from _distillation()
+        yield from _logprob()
     yield from _matmuls(chip)

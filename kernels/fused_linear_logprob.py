@@ -1,0 +1,365 @@
+"""LM-head linear + per-token log-probabilities of given ids (and entropy), chunked over tokens.
+
+Semantics (leading dims of `hidden` / `ids` are flattened; the transform order is the one of
+fused_linear_cross_entropy.py: bias, then the compute dtype, then scale, then softcap)::
+
+    z       = F.linear(hidden, weight, bias)             # in hidden's dtype, as the lm head
+    z_eff   = z.float() * logit_scale                    # logit_scale = 1/temperature
+    z_eff   = softcap * tanh(z_eff / softcap)            # only when softcap > 0
+    logp    = log_softmax(z_eff, -1)
+    logprob = logp.gather(-1, ids[..., None])[..., 0]    # rows with ids == ignore_index: -0.0
+    entropy = -(logp.exp() * logp).sum(-1)               # when with_entropy (every row)
+
+Ids: a row whose id equals ``ignore_index`` gets logprob -0.0 and no gradient from it, which is
+``-F.cross_entropy(z, ids, ignore_index=ii, reduction="none")`` exactly (torch's +0.0 negated);
+any other id outside [0, V) is an error in eager (gather and cross_entropy raise), so callers that
+may see one check first (patterns/logprob.py adds eager's check to the graph); the op itself gives
+NaN for such a row on the Triton path and raises on the torch path.  The entropy does not depend
+on the ids and is computed for every row.
+
+Ops
+---
+``liger::fused_linear_logprob(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids,
+float logit_scale=1., float softcap=0., bool with_entropy=False, int ignore_index=-100,
+int chunk_size=0) -> (Tensor logprob, Tensor entropy, Tensor lse)``
+
+* ``logprob``: shape ``ids.shape``, compute dtype (fp32; fp64 for fp64 inputs).
+* ``entropy``: same shape and dtype when ``with_entropy``, else empty.
+* ``lse``: per-row logsumexp of z_eff, flat ``[N]``; saved for backward, not differentiable.
+
+``liger::fused_linear_logprob_backward(...)`` takes any upstream gradient per token for logprob
+and for entropy (either may be absent) and recomputes each chunk's logits rather than storing them:
+
+    dz_eff = g_lp * (onehot(id) - p) - g_ent * p * (logp + entropy)      (per row, fp32)
+    dz     = dz_eff * (1 - tanh^2) * logit_scale, rounded once to hidden's dtype (as eager's
+             gradient arrives at the lm head's output)
+    d_hidden = dz @ W,  d_weight += dz^T @ hidden_chunk (fp32 across chunks),  d_bias += sum(dz)
+
+FLOPs: eager does three [N, H] x [H, V] matmuls (forward, d_hidden, d_weight); this op does four
+(the forward's logits are recomputed in backward): 4/3 = 1.33x eager's matmul FLOPs, for no
+[N, V] tensor kept between forward and backward.
+
+Chunking (`chunk_rows`, `_linear_into`, `_acc_mm_` are fused_linear_cross_entropy.py's): one
+[C, V] logits buffer in hidden's dtype, overwritten in place by its gradient on the Triton path.
+On CPU tensors without the interpreter the op keeps this chunked torch path (it saves memory; it
+is not a cpu_decomposition).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .cross_entropy import _block_and_warps, compute_dtype
+from .fused_linear_cross_entropy import _acc_mm_, _flat, _linear_into, chunk_rows
+from .runtime import use_triton
+
+try:
+    import triton
+    import triton.language as tl
+
+    from .cross_entropy import _tanh
+except ImportError:  # pragma: no cover - torch path only
+    triton = None
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels (one program per row, the row streamed in BLOCK_V pieces)
+# --------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _eff(x_ptr, cols, mask, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
+        z = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        return z
+
+    @triton.jit
+    def _logprob_fwd_kernel(
+        X, stride_x, IDS, LP, ENT, LSE, V, ignore_index, softcap, logit_scale,
+        HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)  # N * V exceeds 2**31 at 16k tokens x 256k vocab
+        x_row = X + row * stride_x
+        cols0 = tl.arange(0, BLOCK_V)
+        # Pass 1: online max / sum of exp.
+        m = -float("inf")
+        d = 0.0
+        for off in range(0, V, BLOCK_V):
+            cols = off + cols0
+            mask = cols < V
+            z = tl.where(mask, _eff(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP),
+                         -float("inf"))
+            m_new = tl.maximum(m, tl.max(z, 0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            m = m_new
+        lse = m + tl.log(d)
+        tl.store(LSE + row, lse)
+        tgt = tl.load(IDS + row).to(tl.int64)
+        ok = (tgt >= 0) & (tgt < V)
+        z_t = _eff(x_row, tgt, ok, softcap, logit_scale, HAS_SOFTCAP)
+        lp = tl.where(ok, z_t - lse, float("nan"))
+        lp = tl.where(tgt == ignore_index, -0.0, lp)
+        tl.store(LP + row, lp)
+        if WITH_ENTROPY:
+            # Pass 2: -(p * logp).sum(), the terms eager sums (no lse - E[z] cancellation).
+            acc = 0.0
+            for off in range(0, V, BLOCK_V):
+                cols = off + cols0
+                mask = cols < V
+                lg = _eff(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP) - lse
+                acc += tl.sum(tl.where(mask, tl.exp(lg) * lg, 0.0), 0)
+            tl.store(ENT + row, -acc)
+
+    @triton.jit
+    def _logprob_bwd_kernel(
+        X, stride_x, G, stride_g, IDS, LSE, ENT, GLP, GENT, V, ignore_index, softcap,
+        logit_scale, HAS_SOFTCAP: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = X + row * stride_x
+        g_row = G + row * stride_g
+        cols0 = tl.arange(0, BLOCK_V)
+        lse = tl.load(LSE + row)
+        tgt = tl.load(IDS + row).to(tl.int64)
+        a = 0.0
+        if HAS_GLP:
+            a = tl.where(tgt == ignore_index, 0.0, tl.load(GLP + row).to(tl.float32))
+        b = 0.0
+        h = 0.0
+        if HAS_GENT:
+            b = tl.load(GENT + row).to(tl.float32)
+            h = tl.load(ENT + row)
+        for off in range(0, V, BLOCK_V):
+            cols = off + cols0
+            mask = cols < V
+            z = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
+            if HAS_SOFTCAP:
+                th = _tanh(z / softcap)
+                z = softcap * th
+            lg = z - lse
+            p = tl.exp(lg)
+            g = tl.where(cols == tgt, a, 0.0) - a * p
+            if HAS_GENT:
+                g -= b * p * (lg + h)
+            if HAS_SOFTCAP:
+                g = g * (1.0 - th * th)
+            g = g * logit_scale
+            # Safe in place (G == X): this block was read above, before it is written.
+            tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
+
+
+def _launch_fwd(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index):
+    N, V = z.shape
+    if N == 0:
+        return
+    block, warps = _block_and_warps(V, z.device, None)
+    _logprob_fwd_kernel[(N,)](
+        z, z.stride(0), ids, lp, ent if ent is not None else lp, lse, V, ignore_index,
+        float(softcap) if softcap > 0 else 1.0, float(logit_scale),
+        HAS_SOFTCAP=softcap > 0, WITH_ENTROPY=ent is not None, BLOCK_V=block, num_warps=warps)
+
+
+def _launch_bwd(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_index):
+    N, V = z.shape
+    if N == 0:
+        return
+    block, warps = _block_and_warps(V, z.device, None)
+    _logprob_bwd_kernel[(N,)](
+        z, z.stride(0), g, g.stride(0), ids, lse, ent if ent is not None else lse,
+        glp if glp is not None else lse, gent if gent is not None else lse, V, ignore_index,
+        float(softcap) if softcap > 0 else 1.0, float(logit_scale),
+        HAS_SOFTCAP=softcap > 0, HAS_GLP=glp is not None, HAS_GENT=gent is not None,
+        BLOCK_V=block, num_warps=warps)
+
+
+# --------------------------------------------------------------------------------------------
+# Torch twins of the row kernels (CPU, fp64): same formulas on one chunk
+# --------------------------------------------------------------------------------------------
+def _eff_torch(z: Tensor, ct, softcap: float, logit_scale: float):
+    ze = z if z.dtype == ct and logit_scale == 1.0 else z.to(ct) * logit_scale
+    th = None
+    if softcap > 0:
+        th = torch.tanh(ze / softcap)
+        ze = th * softcap
+    return ze, th
+
+
+def _rows_fwd_torch(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index):
+    ct = lp.dtype
+    ze, _ = _eff_torch(z, ct, softcap, logit_scale)
+    lse_c = torch.logsumexp(ze, -1)
+    lse.copy_(lse_c)
+    ignored = ids == ignore_index
+    safe = torch.where(ignored, 0, ids).long().unsqueeze(1)  # others out of range: gather raises
+    lp.copy_(torch.where(ignored, -0.0, ze.gather(1, safe).squeeze(1) - lse_c))
+    if ent is not None:
+        logp = ze.sub_(lse_c.unsqueeze(1)) if ze is not z else ze - lse_c.unsqueeze(1)
+        ent.copy_(-(logp.exp() * logp).sum(-1))
+
+
+def _rows_bwd_torch(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_index):
+    ct = lse.dtype
+    ze, th = _eff_torch(z, ct, softcap, logit_scale)
+    logp = ze - lse.unsqueeze(1)
+    p = logp.exp()
+    if glp is not None:
+        ignored = ids == ignore_index
+        a = torch.where(ignored, 0, glp.to(ct))
+        d = p * (-a).unsqueeze(1)
+        d.scatter_add_(1, torch.where(ignored, 0, ids).long().unsqueeze(1), a.unsqueeze(1))
+    else:
+        d = torch.zeros_like(p)
+    if gent is not None:
+        d -= gent.to(ct).unsqueeze(1) * p * (logp + ent.unsqueeze(1))
+    if th is not None:
+        d.mul_(1.0 - th * th)
+    if logit_scale != 1.0:
+        d.mul_(logit_scale)
+    g.copy_(d)  # the one rounding to hidden's dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Ops
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("liger::fused_linear_logprob", mutates_args=())
+def fused_linear_logprob_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor,
+    logit_scale: float = 1.0, softcap: float = 0.0, with_entropy: bool = False,
+    ignore_index: int = -100, chunk_size: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    h2, t = _flat(hidden, ids)
+    N, V = h2.shape[0], weight.shape[0]
+    ct = compute_dtype(hidden.dtype)
+    lp = h2.new_empty(N, dtype=ct)
+    ent = h2.new_empty(N, dtype=ct) if with_entropy else None
+    lse = h2.new_empty(N, dtype=ct)
+    C = chunk_rows(N, V, h2.device, h2.element_size(), chunk_size)
+    buf = h2.new_empty(min(C, N), V)
+    triton_path = use_triton(h2, weight)
+    rows = _launch_fwd if triton_path else _rows_fwd_torch
+    kw = dict(softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index)
+    for s in range(0, N, C):
+        e = min(N, s + C)
+        z = buf[: e - s]
+        _linear_into(h2[s:e], weight, bias, z)
+        rows(z, t[s:e], lp[s:e], ent[s:e] if ent is not None else None, lse[s:e], **kw)
+    return (lp.view(ids.shape), ent.view(ids.shape) if ent is not None else h2.new_empty(0),
+            lse)
+
+
+@fused_linear_logprob_op.register_fake
+def _(hidden, weight, bias, ids, logit_scale=1.0, softcap=0.0, with_entropy=False,
+      ignore_index=-100, chunk_size=0):
+    ct = compute_dtype(hidden.dtype)
+    n = ids.numel()
+    return (hidden.new_empty(ids.shape, dtype=ct),
+            hidden.new_empty(ids.shape, dtype=ct) if with_entropy else hidden.new_empty(0),
+            hidden.new_empty(n, dtype=ct))
+
+
+@torch.library.custom_op("liger::fused_linear_logprob_backward", mutates_args=())
+def fused_linear_logprob_backward_op(
+    grad_logprob: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
+    weight: Tensor, bias: Optional[Tensor], ids: Tensor, lse: Tensor, entropy: Tensor,
+    logit_scale: float, softcap: float, ignore_index: int, need_grad_hidden: bool,
+    need_grad_weight: bool, need_grad_bias: bool, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    h2, t = _flat(hidden, ids)
+    N, V = h2.shape[0], weight.shape[0]
+    ct = compute_dtype(hidden.dtype)
+    glp = grad_logprob.reshape(-1).contiguous() if grad_logprob is not None else None
+    gent = grad_entropy.reshape(-1).contiguous() if grad_entropy is not None else None
+    ent = entropy.reshape(-1) if gent is not None else None
+    gh = h2.new_empty(h2.shape) if need_grad_hidden else None
+    gw_acc = torch.empty(weight.shape, dtype=ct, device=weight.device) \
+        if need_grad_weight else None  # the first chunk sets it
+    gb_acc = torch.zeros(V, dtype=ct, device=weight.device) \
+        if need_grad_bias and bias is not None else None
+    if N == 0 and gw_acc is not None:
+        gw_acc.zero_()
+    C = chunk_rows(N, V, h2.device, h2.element_size(), chunk_size)
+    buf = h2.new_empty(min(C, N), V)
+    triton_path = use_triton(h2, weight)
+    rows = _launch_bwd if triton_path else _rows_bwd_torch
+    kw = dict(softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index)
+    for s in range(0, N, C):
+        e = min(N, s + C)
+        hc = h2[s:e]
+        z = buf[: e - s]
+        _linear_into(hc, weight, bias, z)
+        rows(z, z, t[s:e], lse[s:e], ent[s:e] if ent is not None else None,
+             glp[s:e] if glp is not None else None, gent[s:e] if gent is not None else None,
+             **kw)  # z now holds d(z), in hidden's dtype
+        if gh is not None:
+            _acc_mm_(gh[s:e], z, weight, first=True)
+        if gw_acc is not None:
+            _acc_mm_(gw_acc, z.t(), hc, first=s == 0)
+        if gb_acc is not None:
+            gb_acc += torch.sum(z, 0, dtype=ct)
+    empty = hidden.new_empty(0)
+    return (gh.view(hidden.shape) if gh is not None else empty.clone(),
+            gw_acc.to(weight.dtype) if gw_acc is not None else empty.clone(),
+            gb_acc.to(bias.dtype) if gb_acc is not None else empty.clone())
+
+
+@fused_linear_logprob_backward_op.register_fake
+def _(grad_logprob, grad_entropy, hidden, weight, bias, ids, lse, entropy, logit_scale, softcap,
+      ignore_index, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size):
+    return (hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_grad_weight else hidden.new_empty(0),
+            bias.new_empty(bias.shape) if need_grad_bias and bias is not None
+            else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, ids, logit_scale, softcap, with_entropy, ignore_index, chunk = inputs
+    lp, ent, lse = output
+    ctx.mark_non_differentiable(lse)
+    if not with_entropy:
+        ctx.mark_non_differentiable(ent)
+    ctx.with_entropy = with_entropy
+    ctx.has_bias = bias is not None
+    ctx.params = (logit_scale, softcap, ignore_index)
+    ctx.chunk_size = chunk
+    ctx.save_for_backward(hidden, weight, bias, ids, lse, ent)
+
+
+def _backward(ctx, grad_lp, grad_ent, _grad_lse):
+    hidden, weight, bias, ids, lse, ent = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if not ctx.with_entropy:
+        grad_ent = None
+    if (grad_lp is None and grad_ent is None) or not any(needs[:3]):
+        return (None,) * 9
+    dh, dw, db = torch.ops.liger.fused_linear_logprob_backward(
+        grad_lp, grad_ent, hidden, weight, bias, ids, lse, ent, *ctx.params,
+        needs[0], needs[1], ctx.has_bias and needs[2], ctx.chunk_size)
+    return (dh if needs[0] else None, dw if needs[1] else None,
+            db if ctx.has_bias and needs[2] else None) + (None,) * 6
+
+
+fused_linear_logprob_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_linear_logprob(
+    hidden: Tensor, weight: Tensor, ids: Tensor, bias: Optional[Tensor] = None,
+    temperature: float = 1.0, softcap: float = 0.0, with_entropy: bool = False,
+    ignore_index: int = -100, chunk_size: int = 0,
+):
+    """Per-token log-probabilities of `ids` under softmax(linear(hidden, weight, bias) / T).
+
+    Returns logprob (fp32, shape ids.shape), and (logprob, entropy) when with_entropy.
+    """
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
+            or temperature <= 0:
+        raise ValueError(f"temperature must be a positive Python number, got {temperature!r} "
+                         "(pass a float; a tensor temperature cannot be fused)")
+    lp, ent, _ = torch.ops.liger.fused_linear_logprob(
+        hidden, weight, bias, ids, 1.0 / float(temperature), float(softcap), with_entropy,
+        ignore_index, chunk_size)
+    return (lp, ent) if with_entropy else lp

@@ -1,0 +1,276 @@
+"""fused_linear_logprob: per-token log-probs (and entropy) after an lm head, in users' spellings.
+
+Each spelling is compiled with every built-in pattern enabled (so the sharing rule with
+fused_linear_cross_entropy is what runs), must be rewritten exactly once, and must give eager's
+per-token values and every gradient under a random per-token upstream gradient, on the torch
+path and the interpreted kernels.  Look-alikes must not be rewritten and must say why.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ligerfx
+from tests.compare import rel_err
+
+OPTS = {"inner": "aot_eager"}
+B, T, H, V = 2, 6, 8, 40
+NAME = "fused_linear_logprob"
+
+
+def _head(h, w):
+    return F.linear(h, w)
+
+
+def lsm_gather_shift_temperature(h, w, ids):
+    logits = _head(h, w)[:, :-1, :] / 0.7
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def lsm_dtype_kwarg_torch_gather(h, w, ids):
+    logp = torch.log_softmax(h @ w.t(), -1, dtype=torch.float32)
+    return torch.gather(logp, -1, ids[..., None])[..., 0]
+
+
+def gather_minus_logsumexp(h, w, ids):
+    z = _head(h, w)
+    return z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+def trl_rows_fp32(h, w, ids):
+    # TRL selective_log_softmax, fp32 branch: one logsumexp per row in a Python loop
+    logits = _head(h, w)
+    selected = torch.gather(logits, dim=-1, index=ids.unsqueeze(-1)).squeeze(-1)
+    lse = torch.stack([torch.logsumexp(lg, dim=-1) for lg in logits])
+    return selected - lse
+
+
+def trl_rows_log_softmax(h, w, ids):
+    # TRL selective_log_softmax, low-precision branch (here on fp32 logits)
+    out = []
+    for row_logits, row_ids in zip(_head(h, w), ids):
+        row_logps = F.log_softmax(row_logits, dim=-1)
+        out.append(row_logps.gather(dim=-1, index=row_ids.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(out)
+
+
+def neg_cross_entropy_none(h, w, ids):
+    z = _head(h, w)[:, :-1]
+    return -F.cross_entropy(z.reshape(-1, V), ids[:, 1:].reshape(-1),
+                            reduction="none").view(B, T - 1)
+
+
+def with_entropy_exp(h, w, ids):
+    logp = F.log_softmax(_head(h, w) / 1.3, -1)
+    lp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return lp, -(torch.exp(logp) * logp).sum(-1)
+
+
+def with_entropy_softmax(h, w, ids):
+    z = _head(h, w)
+    lp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
+    return lp, -(F.softmax(z, -1) * F.log_softmax(z, -1)).sum(-1)
+
+
+def with_entropy_lse(h, w, ids):
+    z = _head(h, w)
+    lp = F.log_softmax(z, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return lp, torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+
+
+SPELLINGS = [lsm_gather_shift_temperature, lsm_dtype_kwarg_torch_gather, gather_minus_logsumexp,
+             trl_rows_fp32, trl_rows_log_softmax, neg_cross_entropy_none, with_entropy_exp,
+             with_entropy_softmax, with_entropy_lse]
+
+
+def _args(seed, dtype=torch.float32, bias=False):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=gen) / H**0.5 * 2).to(dtype).requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    return h, w, ids
+
+
+def _compile(fn, *args, options=None):
+    torch._dynamo.reset()
+    ligerfx.backend.last_report = None
+    out = torch.compile(fn, backend="liger", options={**OPTS, **(options or {})})(*args)
+    return out, ligerfx.backend.last_report
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _compare(fn, args, rtol=1e-4):
+    got, report = _compile(fn, *args)
+    exp = fn(*args)
+    got, exp = _tuple(got), _tuple(exp)
+    for g, e in zip(got, exp):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        assert rel_err(g, e) < rtol
+    cots = [torch.randn_like(e) for e in exp]  # any upstream gradient per token
+    diff = [a for a in args if a.requires_grad]
+    for gg, ge in zip(torch.autograd.grad(got, diff, cots), torch.autograd.grad(exp, diff, cots)):
+        assert rel_err(gg, ge) < rtol
+    return report
+
+
+@pytest.mark.parametrize("fn", SPELLINGS, ids=lambda f: f.__name__)
+def test_spellings_rewritten_and_exact(fn, kernel_path):
+    report = _compare(fn, _args(SPELLINGS.index(fn)))
+    assert report.counts.get(NAME) == 1, str(report)
+    assert not report.counts.get("fused_linear_cross_entropy"), str(report)
+    assert not report.counts.get("cross_entropy"), str(report)
+    if fn.__name__.startswith("with_entropy"):
+        m = next(m for m in report.matches if m.pattern == NAME)
+        assert "entropy" in m.detail
+
+
+def test_ignored_rows_of_cross_entropy_spelling_are_minus_zero(torch_path):
+    h, w, ids = _args(3)
+    ids[0, 2] = ids[1, 4] = -100
+
+    def fn(h, w, ids):
+        return -F.cross_entropy(_head(h, w).view(-1, V), ids.view(-1), reduction="none")
+
+    got, report = _compile(fn, h, w, ids)
+    exp = fn(h, w, ids)
+    assert report.counts.get(NAME) == 1, str(report)
+    assert torch.equal(torch.signbit(got), torch.signbit(exp)) and rel_err(got, exp) < 1e-5
+
+
+def test_reduced_nll_stays_with_cross_entropy_pattern():
+    def sft_nll(h, w, ids):
+        lp = F.log_softmax(_head(h, w), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return -lp.mean()
+
+    def per_sequence(h, w, ids):
+        lp = F.log_softmax(_head(h, w), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return lp.sum(-1)
+
+    args = _args(4)
+    assert ligerfx.explain(sft_nll, *args, options=OPTS).counts.get(
+        "fused_linear_cross_entropy") == 1
+    assert ligerfx.explain(per_sequence, *args, options=OPTS).counts.get(NAME) == 1
+    # with the cross-entropy pattern off, the reduced NLL is ours
+    assert ligerfx.explain(sft_nll, *args, options={**OPTS, "exclude": [
+        "fused_linear_cross_entropy"]}).counts.get(NAME) == 1
+
+
+def test_bf16_head_with_float_upcast(kernel_path):
+    h, w, ids = _args(5, torch.bfloat16)
+
+    def fn(h, w, ids):
+        return F.log_softmax(_head(h, w).float(), -1).gather(-1, ids[..., None]).squeeze(-1)
+
+    got, report = _compile(fn, h, w, ids)
+    assert report.counts.get(NAME) == 1, str(report)
+    h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
+    exp, exp64 = fn(h, w, ids), fn(h64, w64, ids)
+    assert rel_err(got, exp64) <= 2 * rel_err(exp, exp64) + 1e-6
+    cot = torch.randn_like(exp64)
+    for g, e, e64 in zip(torch.autograd.grad(got, (h, w), cot.float()),
+                         torch.autograd.grad(exp, (h, w), cot.float()),
+                         torch.autograd.grad(exp64, (h64, w64), cot)):
+        assert rel_err(g, e64) <= 2 * rel_err(e, e64) + 1e-6
+
+
+def test_out_of_range_id_raises_as_eager():
+    h, w, ids = _args(6)
+    ids[1, 1] = V
+    with pytest.raises(RuntimeError):
+        gather_minus_logsumexp(h, w, ids)
+    with pytest.raises(Exception, match="out of range|out of bounds"):
+        _compile(gather_minus_logsumexp, h, w, ids)
+
+
+# -- look-alikes ---------------------------------------------------------------------------------
+
+def tensor_temperature(h, w, ids, temp):
+    logits = _head(h, w) / temp
+    return F.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def ids_cover_part(h, w, ids):
+    logp = F.log_softmax(_head(h, w), -1)
+    return logp.gather(-1, ids[:, :3].unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def bf16_log_softmax(h, w, ids):
+    return F.log_softmax(_head(h, w), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def logits_also_returned(h, w, ids):
+    z = _head(h, w)
+    return F.log_softmax(z, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1).sum(-1), z
+
+
+def rows_out_of_order(h, w, ids):
+    z = _head(h, w)
+    sel = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return sel - torch.stack([torch.logsumexp(z[1], -1), torch.logsumexp(z[0], -1)])
+
+
+def log_softmax_other_dim(h, w, ids):
+    logp = F.log_softmax(_head(h, w), -2)
+    return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+LOOK_ALIKES = [
+    (tensor_temperature, "temperature as a Python number"),
+    (ids_cover_part, "token ids have shape"),
+    (bf16_log_softmax, "upcast_statistics"),
+    (logits_also_returned, "also used"),
+    (rows_out_of_order, "stacked logsumexp"),
+    (log_softmax_other_dim, "dim -2"),
+]
+
+
+@pytest.mark.parametrize("fn,why", LOOK_ALIKES, ids=[f.__name__ for f, _ in LOOK_ALIKES])
+def test_look_alikes_not_rewritten(fn, why):
+    h, w, ids = _args(7, torch.bfloat16 if fn is bf16_log_softmax else torch.float32)
+    ids[:, :] = ids % B  # in range for every look-alike (rows_out_of_order gathers rows 0/1)
+    args = (h, w, ids) + ((torch.tensor(0.7),) if fn is tensor_temperature else ())
+    report = ligerfx.explain(fn, *args, options=OPTS)
+    assert not report.counts.get(NAME), str(report)
+    assert any(m.pattern == NAME and why in m.reason for m in report.near_misses), str(report)
+    got, _ = _compile(fn, *args)
+    for g, e in zip(_tuple(got), _tuple(fn(*args))):
+        assert rel_err(g, e) < 1e-5
+
+
+# -- writes (ligerfx/mutation.py: each value's window starts at its first read in the match) ---
+
+def write_ids_after_head(h, w, ids):
+    # TRL's get_batch_logps: the ids are written after the lm head ran, before the gather reads them
+    z = _head(h, w)[:, :-1]
+    labels = ids[:, 1:].clone()
+    mask = labels != 0
+    labels[labels == 0] = 1
+    lp = F.log_softmax(z, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return (lp * mask).sum(-1)
+
+
+def write_between_row_reads(h, w, ids):
+    z = _head(h, w)
+    ids = ids.clone()
+    a = F.log_softmax(z[0], -1).gather(-1, ids[0].unsqueeze(-1)).squeeze(-1)
+    ids[1] = ids[1].flip(0)  # row 1's ids change after row 0's were read
+    b = F.log_softmax(z[1], -1).gather(-1, ids[1].unsqueeze(-1)).squeeze(-1)
+    return torch.stack([a, b]).sum(-1)
+
+
+def test_write_before_the_first_read_still_rewrites(torch_path):
+    args = _args(8)
+    report = _compare(write_ids_after_head, args)
+    assert report.counts.get(NAME) == 1, str(report)
+
+
+def test_write_between_reads_refused():
+    args = _args(9)
+    report = ligerfx.explain(write_between_row_reads, *args, options=OPTS)
+    assert not report.counts.get(NAME), str(report)
+    assert any(m.pattern == NAME and "writes" in m.reason for m in report.near_misses), str(report)
+    got, _ = _compile(write_between_row_reads, *args)
+    assert rel_err(got, write_between_row_reads(*args)) < 1e-5
