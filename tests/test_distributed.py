@@ -6,7 +6,7 @@ in turn; each writes its losses, its gradients and ligerfx's report to a file.  
 them with one single-process eager run on the global batch (both ranks' halves together):
 
 - `ddp`: DDP around a model compiled in place (`model.compile(backend="liger")`), one bucket.
-- `ddp_buckets`: the same with `bucket_cap_mb=1` on a model with ~3 MB of parameters, so Dynamo's
+- `ddp_buckets`: the same with `bucket_cap_mb=1` on a model with ~4 MB of parameters, so Dynamo's
   DDP optimizer splits the graph at the bucket boundaries; every rewrite the unsplit model gets
   must be found in some graph or reported as cut by a graph boundary (ligerfx/boundary.py).
 - `fsdp2`: `fully_shard` on every decoder layer and on the root, then compiled in place.
@@ -36,9 +36,10 @@ STEPS = 2
 LR = 0.1
 TIMEOUT_S = 420  # the whole spawn; the children are killed past it
 SCENARIOS = ("ddp", "ddp_buckets", "fsdp2")
-# ddp_buckets: wider MLP and vocabulary so the ~3 MB of parameters fill three 1 MB buckets (DDP's
-# first bucket is 1 MB and Dynamo's DDP optimizer refuses a smaller cap).
-BIG = dict(intermediate_size=1024, vocab_size=1024)
+# ddp_buckets: wider MLP and vocabulary so the ~4 MB of parameters fill several 1 MB buckets (DDP's
+# first bucket is 1 MB and Dynamo's DDP optimizer refuses a smaller cap); with these sizes the
+# first split falls inside the last layer's SwiGLU, which must then be reported as cut.
+BIG = dict(intermediate_size=1024, vocab_size=2048)
 OPTIONS = {"inner": "aot_eager"}
 
 
@@ -257,6 +258,56 @@ def test_bucket_split_rewrites_found_or_reported_cut(results):
         for pattern, n in _unsplit_counts().items():
             found = res["counts"].get(pattern, 0)
             assert found + cut.get(pattern, 0) >= n, (pattern, found, cut, res["misses"])
+
+
+class _SwiGLU(torch.nn.Module):
+    """RMSNorm then a SwiGLU whose weights make DDP's 1 MB buckets split it: walking back from
+    the output, down + up fill the first bucket (2 x 512 KiB), so the split falls between
+    `silu(gate)` and `* up`."""
+
+    def __init__(self, d=256, h=512):
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(d)
+        self.gate = torch.nn.Linear(d, h, bias=False)
+        self.up = torch.nn.Linear(d, h, bias=False)
+        self.down = torch.nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        x = self.norm(x)
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x)).sum()
+
+
+def test_ddp_bucket_cut_is_reported():
+    """Regression: the graphs of one DDP compile are one frame, and the boundary check ignored
+    a frame's own earlier graphs, so a pattern cut by a bucket split was missed silently.  One
+    in-process rank (world size 1, an in-memory store), so the split is exactly the one above."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import ligerfx.backend
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = _SwiGLU()
+        ref = _SwiGLU()
+        ref.load_state_dict(model.state_dict())
+        model.compile(backend="liger", options={"inner": "eager"})
+        ddp = DDP(model, bucket_cap_mb=1)
+        x = torch.randn(4, 256)
+        loss = ddp(x)
+        loss.backward()
+        ref(x).backward()
+    finally:
+        dist.destroy_process_group()
+    report = ligerfx.backend.last_report
+    assert report.graphs == 2, "the buckets did not split the graph: the test tests nothing"
+    assert {k: v for k, v in report.counts.items() if v} == {"rms_norm": 1}
+    (miss,) = report.near_misses
+    assert miss.pattern == "swiglu" and "graph boundary cuts it" in miss.reason, miss.reason
+    assert "`silu`" in miss.reason and miss.graph == 1
+    assert rel_err(loss.detach(), ref(x).detach()) < 1e-5
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-5, name
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
