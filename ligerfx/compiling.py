@@ -27,16 +27,21 @@ def compile(model: Any = None, *, fullgraph: bool = False, dynamic: bool | None 
     Raises `ligerfx.OptionsError` here, before any tracing, for an unknown option or bad value.
     With `model=None` returns a decorator, like `torch.compile`.
     """
-    opts = Options.from_any(options)
-    if mode is not None and not isinstance(mode, str):
-        raise OptionsError(f"mode must be a string such as 'max-autotune', got {mode!r}")
+    backend = checked_backend(mode, options)
     if model is None:
         return lambda m: compile(m, fullgraph=fullgraph, dynamic=dynamic, mode=mode, **options)
     if not callable(model):
         raise OptionsError(f"ligerfx.compile needs an nn.Module or a function, got "
                            f"{type(model).__name__}")
+    return torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+
+
+def checked_backend(mode: str | None, options: dict):
+    """The liger backend with `mode` and the options bound, both validated now (OptionsError)."""
+    opts = Options.from_any(options)
+    if mode is not None and not isinstance(mode, str):
+        raise OptionsError(f"mode must be a string such as 'max-autotune', got {mode!r}")
     # torch.compile refuses `mode` and `options` together; the backend takes both directly.
     from .backend import liger_backend
 
-    backend = functools.partial(liger_backend, mode=mode, options=opts)
-    return torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    return functools.partial(liger_backend, mode=mode, options=opts)

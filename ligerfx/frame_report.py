@@ -71,8 +71,10 @@ class FrameReports:
                 self._owner = weakref.ref(owner) if owner is not None else None
             except TypeError:
                 self._owner = None
-        frame, _ = _compile_id()
-        return [s for g in self._graphs if g[0] != frame for s in g[3]]
+        frame, attempt = _compile_id()
+        # Other frames' graphs, and this compile's own earlier graphs (DDP's buckets are graphs of
+        # one frame and attempt); not an earlier compile of this frame, which this one replaces.
+        return [s for g in self._graphs if g[0] != frame or g[1] == attempt for s in g[3]]
 
     def add(self, report: Report, produced: list) -> Report:
         """Record one graph's report; returns the merged report of its owner's graphs."""
