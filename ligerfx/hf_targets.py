@@ -58,6 +58,66 @@ def small_config_kwargs(model_type: str) -> dict:
     return kw
 
 
+# Any other size a default config carries, shrunk only where the config has that key (so a key
+# never switches a feature on): experts, MLA ranks, linear-attention and Mamba widths.
+_TINY = dict(
+    head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    shared_experts_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+    shared_intermediate_size=32, intermediate_size_mlp=128, dense_intermediate_size=128,
+    expert_ffn_hidden_size=32, ffn_hidden_size=128, num_experts=4, num_local_experts=4,
+    n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+    q_lora_rank=16, kv_lora_rank=16, o_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+    qk_head_dim=16, v_head_dim=16, index_n_heads=2, index_head_dim=16, index_topk=8,
+    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+    linear_num_value_heads=4, linear_head_dim=16, linear_num_heads=4,
+    mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_headdim=16, mamba_head_dim=16,
+    mamba_num_heads=4, mamba_d_state=16, mamba_chunk_size=16, mamba_dt_rank=8, chunk_size=16,
+    ssm_state_size=16, state_size=16, time_step_rank=8, attention_chunk_size=16,
+    sliding_window=8, query_pre_attn_scalar=16, rotary_dim=8, kv_channels=16,
+    attention_head_dim=16, swa_head_dim=16, swa_num_attention_heads=4, num_kv_heads=2,
+    laurel_rank=8, hidden_size_per_layer_input=16, vocab_size_per_layer_input=256,
+    # the same sizes under other names (GPT-2 / BART / OPT style configs)
+    d_model=64, n_embd=64, n_layer=2, n_head=4, n_positions=64, n_ctx=64, num_layers=2,
+    num_heads=4, decoder_layers=2, encoder_layers=2, decoder_attention_heads=4,
+    encoder_attention_heads=4, decoder_ffn_dim=128, encoder_ffn_dim=128, ffn_dim=128,
+    word_embed_proj_dim=64, embedding_size=64,
+)
+# Per-layer lists: keep num_hidden_layers entries that cover the distinct kinds where possible.
+_PER_LAYER = ("layer_types", "mlp_layer_types", "no_rope_layers", "layers_block_type",
+              "indexer_types", "layer_rope_theta", "attn_layers", "attention_layers")
+
+
+def _covering(values: list, n: int) -> list:
+    """n entries of a per-layer list, each distinct value of it at least once while n allows."""
+    firsts = [i for i, v in enumerate(values) if v not in values[:i]]
+    rest = [i for i in range(len(values)) if i not in firsts]
+    keep = sorted(firsts[:n] + rest[:max(0, n - len(firsts))])
+    return [values[i] for i in keep[:n]]
+
+
+def tiny_config_kwargs(model_type: str) -> dict:
+    """`small_config_kwargs` plus every other size key this type's default config has, shrunk.
+
+    For the census of every causal LM type (tools/census.py) and the family tests: a type's
+    default config may hold 512 experts or 256-wide heads, which `small_config_kwargs` leaves.
+    """
+    kw = small_config_kwargs(model_type)
+    default = _transformers().AutoConfig.for_model(model_type).to_dict()
+    for key, value in _TINY.items():
+        # head_dim=None means hidden / heads, which some families then fail to compute
+        present = isinstance(default.get(key), int) or key == "head_dim" and key in default
+        if present and key not in kw:
+            kw[key] = value
+    for key, value in default.items():  # dropout would make a compiled step differ from eager
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key or "layerdrop" in key) and key not in kw:
+            kw[key] = 0.0
+    layers = kw["num_hidden_layers"]
+    for key in _PER_LAYER:
+        if isinstance(default.get(key), list) and len(default[key]) >= layers:
+            kw[key] = _covering(default[key], layers)
+    return kw
+
+
 def _config_from_json(path: str):
     tf = _transformers()
     try:

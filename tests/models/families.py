@@ -1,0 +1,287 @@
+"""Model families of issue 13 §4 and the structural oracle of what each one should have rewritten.
+
+`FAMILIES` names each family Liger-Kernel patches, as the installed transformers builds it from a
+tiny config (2 layers, hidden 64, vocab 256: `ligerfx.hf_targets.tiny_config_kwargs`, which
+shrinks every size key the type's default config carries).  `find_sites(model, inputs)` runs one
+eager forward and records, from the modules that actually run and the values that flow into them,
+the sites a rewrite should cover:
+
+- norms: every leaf norm module call (`nn.LayerNorm`, `nn.RMSNorm`, or a class named
+  `...RMSNorm` / `...LayerNorm` / `...L2Norm`); *gated* when it is called with a second tensor
+  (the gate); *add-fed* when its input is the result of a same-shape tensor + tensor add (the
+  residual add of issue 13 §1);
+- rotary: every module call during which a rotary function of its modeling file
+  (`apply_rotary_pos_emb`, `apply_rotary_emb`, ...: a module-level `apply*rot*` / `apply*rope*`
+  function, vision ones aside) ran: one `rope` site per attention call, however many tensors the
+  function is called for;
+- MLPs: every module call with an activation (`act_fn` / `activation_fn` / `act`) and a gate
+  (`gate_proj` or `gate_up_proj`: dense gated MLPs and expert blocks written as one gated
+  product), by its activation; a non-gated MLP counts only when its activation is ReLU² (it
+  has an op);
+- the loss, when labels are given.
+
+This is a test oracle: it reads module class names and Hugging Face's conventions, which the
+compiler itself never does.  `unrewritten(counts, sites)` / `extra(...)` compare a report's
+counts with the sites (one rule for every family); tests/test_families.py and tools/census.py
+both use it.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import re
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+# family -> model_type and config overrides (on top of tiny_config_kwargs); "inner" is the
+# backend the family's training step is compiled with when it is not aot_eager.
+FAMILIES = {
+    "llama3": dict(model_type="llama", rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=16)),
+    "mistral": dict(model_type="mistral"),
+    "ministral": dict(model_type="ministral"),
+    "ministral3": dict(model_type="ministral3"),
+    "mixtral": dict(model_type="mixtral"),
+    "qwen2": dict(model_type="qwen2"),
+    "qwen3": dict(model_type="qwen3"),
+    "qwen3_moe": dict(model_type="qwen3_moe"),
+    # Plain aot_eager cannot train these either (AOTAutograd's backward of the gated delta rule's
+    # reference code fails with "view size is not compatible ..." without ligerfx): inner eager.
+    "qwen3_next": dict(model_type="qwen3_next", inner="eager"),
+    "qwen3_5": dict(model_type="qwen3_5_text", inner="eager"),
+    "qwen3_5_moe": dict(model_type="qwen3_5_moe_text", inner="eager"),
+    "phi3": dict(model_type="phi3"),
+    "gemma": dict(model_type="gemma", hidden_act="gelu"),  # Gemma 1: exact GELU
+    "gemma1.1": dict(model_type="gemma", hidden_activation="gelu_pytorch_tanh"),
+    "gemma2": dict(model_type="gemma2"),
+    "gemma3": dict(model_type="gemma3_text", attn_implementation="eager"),
+    "granite": dict(model_type="granite"),
+    "olmo2": dict(model_type="olmo2"),
+    "olmo3": dict(model_type="olmo3"),
+    "glm4": dict(model_type="glm4"),
+    "smollm3": dict(model_type="smollm3"),
+    "falcon_h1": dict(model_type="falcon_h1"),
+    "exaone4": dict(model_type="exaone4"),
+    "hunyuan_v1_dense": dict(model_type="hunyuan_v1_dense"),
+    "hunyuan_v1_moe": dict(model_type="hunyuan_v1_moe"),
+    "nemotron": dict(model_type="nemotron"),
+    "gpt_oss": dict(model_type="gpt_oss", attn_implementation="eager"),
+    "llama4": dict(model_type="llama4_text"),
+    # Both MLP layers routed by score: a hash-routed layer's gate gets a gradient that is zero in
+    # exact arithmetic (~1e-9 of rounding noise), which no relative error can compare.
+    "deepseek_v4": dict(model_type="deepseek_v4", attn_implementation="eager",
+                        mlp_layer_types=["moe", "moe"]),
+}
+
+# op names a site kind may be rewritten into (the residual-add forms fold the add into the norm)
+NORM_OPS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
+ADD_NORM_OPS = ("add_rms_norm", "add_layer_norm")
+GATED_NORM_OPS = ("gated_rms_norm",)
+LOSS_OPS = ("fused_linear_cross_entropy", "cross_entropy")
+MLP_OPS = ("swiglu", "geglu", "relu_sq")
+
+_ACT_ATTRS = ("act_fn", "activation_fn", "act")
+_NORM_CLASS = re.compile(r"(RMS|Layer|L2)Norm")
+_ROTARY_FN = re.compile(r"^_?apply\w*(rot|rope)", re.I)
+
+
+def build_tiny(model_type: str, seed: int = 0, **overrides):
+    """(model, inputs) for the tiny causal LM of this model_type: seeded, fp32, train mode."""
+    import transformers
+
+    from ligerfx.hf_targets import tiny_config_kwargs
+
+    kw = tiny_config_kwargs(model_type)
+    kw.update(overrides)
+    config = transformers.AutoConfig.for_model(model_type, **kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        except ValueError as e:  # a family without SDPA support runs its eager attention
+            if "attention implementation" not in str(e) or "attn_implementation" in overrides:
+                raise
+            torch.manual_seed(seed)
+            config = transformers.AutoConfig.for_model(
+                model_type, **dict(kw, attn_implementation="eager"))
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    model.train()
+    vocab = int(getattr(config, "vocab_size", None) or getattr(
+        getattr(config, "text_config", None), "vocab_size", 256) or 256)
+    gen = torch.Generator().manual_seed(seed + 1)
+    input_ids = torch.randint(min(3, vocab - 1), vocab, (2, 16), generator=gen)
+    labels = input_ids.clone()
+    labels[0, -3:] = -100  # ignored positions, as padding would produce
+    return model, dict(input_ids=input_ids, labels=labels)
+
+
+def build_family(name: str, seed: int = 0):
+    """(model, inputs, inner) for FAMILIES[name]."""
+    spec = dict(FAMILIES[name])
+    model_type, inner = spec.pop("model_type"), spec.pop("inner", "aot_eager")
+    model, inputs = build_tiny(model_type, seed=seed, **spec)
+    return model, inputs, inner
+
+
+@dataclass
+class Sites:
+    """What one eager forward ran that a rewrite should cover (module names for the messages)."""
+
+    norms: list = field(default_factory=list)  # (module, gated, add_fed)
+    rope: list = field(default_factory=list)  # module of each attention call that rotated
+    mlps: list = field(default_factory=list)  # (module, kind): swiglu / geglu / relu_sq / other
+    loss: int = 0
+
+    def expected(self) -> dict:
+        """Site kind -> how many rewrites it needs."""
+        mlp = collections.Counter(kind for _, kind in self.mlps if kind in MLP_OPS)
+        return dict(
+            norm=sum(not g for _, g, _ in self.norms),
+            gated_norm=sum(g for _, g, _ in self.norms),
+            add_norm=sum(a and not g for _, g, a in self.norms),
+            rope=len(self.rope), loss=self.loss, **mlp)
+
+
+def _activation_kind(act) -> str:
+    name = type(act).__name__.lower()
+    if isinstance(act, nn.SiLU) or name in ("silu", "siluactivation"):
+        return "silu"
+    if "gelu" in name:
+        return "gelu"
+    if "relusquared" in name or "relu2" in name:
+        return "relu_sq"
+    return name
+
+
+def _mlp_kind(m: nn.Module) -> str | None:
+    act = next((a for a in (getattr(m, n, None) for n in _ACT_ATTRS) if isinstance(a, nn.Module)),
+               None)
+    if act is None:
+        return None
+    kind = _activation_kind(act)
+    gated = hasattr(m, "gate_proj") or hasattr(m, "gate_up_proj")
+    if gated:
+        return {"silu": "swiglu", "gelu": "geglu"}.get(kind, f"gated {kind}")
+    if kind == "relu_sq" and hasattr(m, "up_proj"):
+        return "relu_sq"
+    return None
+
+
+def _is_norm(m: nn.Module) -> bool:
+    if any(True for _ in m.children()):
+        return False
+    return isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or bool(_NORM_CLASS.search(type(m).__name__))
+
+
+class _Sums(TorchFunctionMode):
+    """Keeps every same-shape tensor + tensor sum of the forward (alive, so ids stay unique)."""
+
+    _ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+
+    def __init__(self):
+        super().__init__()
+        self.sums, self.ids = [], set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (func in self._ADDS and len(args) >= 2 and isinstance(out, torch.Tensor)
+                and all(isinstance(a, torch.Tensor) for a in args[:2])
+                and args[0].shape == args[1].shape):
+            self.sums.append(out)
+            self.ids.add(id(out))
+        return out
+
+
+def find_sites(model: nn.Module, inputs: dict) -> Sites:
+    """One eager forward (no grad) with hooks recording the sites of `Sites`."""
+    names = {id(m): n for n, m in model.named_modules()}
+    sites, stack, calls, rotated = Sites(), [], collections.Counter(), set()
+    sums = _Sums()
+
+    def pre(m, args, kwargs):
+        calls[id(m)] += 1
+        stack.append((id(m), calls[id(m)]))
+        if _is_norm(m):
+            x = args[0] if args else kwargs.get("hidden_states")
+            rest = list(args[1:]) + [v for k, v in kwargs.items() if k != "hidden_states"]
+            gated = any(isinstance(v, torch.Tensor) for v in rest)
+            sites.norms.append((names[id(m)], gated, id(x) in sums.ids))
+        kind = _mlp_kind(m)
+        if kind:
+            sites.mlps.append((names[id(m)], kind))
+
+    def post(m, args, out):
+        stack.pop()
+
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(post))
+
+    def wrap(fn):
+        def counted(*a, **k):
+            if stack:
+                rotated.add(stack[-1])
+            return fn(*a, **k)
+        return counted
+
+    patched = []
+    for modname in {type(m).__module__ for m in model.modules()}:
+        mod = sys.modules.get(modname)
+        if mod is None or not modname.startswith("transformers.models."):
+            continue
+        for fname, fn in list(vars(mod).items()):
+            if (inspect.isfunction(fn) and fn.__module__ == modname and _ROTARY_FN.search(fname)
+                    and "vision" not in fname):
+                patched.append((mod, fname, fn))
+                setattr(mod, fname, wrap(fn))
+    try:
+        with torch.no_grad(), sums:
+            model(**inputs)
+    finally:
+        for mod, fname, fn in patched:
+            setattr(mod, fname, fn)
+        for h in handles:
+            h.remove()
+    by_id = {id(m): names[id(m)] for m in model.modules()}
+    sites.rope = sorted(by_id[i] for i, _ in rotated)
+    sites.loss = int(inputs.get("labels") is not None)
+    return sites
+
+
+def found(counts: dict) -> dict:
+    """A report's counts grouped by site kind (the same keys as `Sites.expected`)."""
+    c = collections.Counter(counts)
+    out = dict(
+        norm=sum(c[k] for k in NORM_OPS), gated_norm=sum(c[k] for k in GATED_NORM_OPS),
+        add_norm=sum(c[k] for k in ADD_NORM_OPS), rope=c["rope"],
+        loss=sum(c[k] for k in LOSS_OPS))
+    out.update({k: c[k] for k in MLP_OPS if c[k]})
+    return out
+
+
+def unrewritten(counts: dict, sites: Sites, *, add_norm: bool = True) -> dict:
+    """Site kind -> (rewrites found, sites) for every kind with fewer rewrites than sites.
+
+    `add_norm=False` leaves the residual add + norm fusion out of the comparison (the norms
+    themselves are still counted, fused with their add or not).
+    """
+    want, got = sites.expected(), found(counts)
+    return {k: (got.get(k, 0), n) for k, n in want.items()
+            if got.get(k, 0) < n and (add_norm or k != "add_norm")}
+
+
+def extra(counts: dict, sites: Sites) -> dict:
+    """Site kind -> (rewrites found, sites) for every kind with more rewrites than sites.
+
+    A gated product outside an MLP module (Mamba's `y * silu(z)` gate) is a correct `swiglu`
+    the oracle does not count as a site; more norms or ropes than sites would be a wrong count.
+    """
+    want, got = sites.expected(), found(counts)
+    return {k: (n, want.get(k, 0)) for k, n in got.items() if n > want.get(k, 0)}
