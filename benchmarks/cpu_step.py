@@ -8,7 +8,9 @@ The model is Hugging Face Llama, fp32: 4 layers, hidden 512, intermediate 1408, 
 (head_dim 64), vocab 32000; batch 2 x 512 tokens; one step = forward with labels, backward,
 AdamW.  Each variant trains its own copy built with the same seed.  After one compile step and one
 warm-up step per variant, the variants take turns step by step (eager, inductor, liger, eager, ...)
-so a load change on a shared machine hits all of them alike; the figures are medians.
+so a load change on a shared machine hits all of them alike; the figures are medians, of the wall
+time and of the process's CPU time (time.process_time: all threads), which waiting for a core
+on a loaded machine does not inflate.
 
 Peak memory: resident set size (RSS, /proc/self/statm) sampled every millisecond by a thread
 during one extra step per variant, minus the RSS just before that step, so weights, gradients of
@@ -136,24 +138,29 @@ def main(argv=None, log=print) -> dict:
         loss0 = step(fn, model, opt, inputs)
         first = time.perf_counter() - t0
         step(fn, model, opt, inputs)  # warm-up: optimizer state exists from here on
-        runs[v] = dict(fn=fn, model=model, opt=opt, times=[], first=first, loss0=loss0)
+        runs[v] = dict(fn=fn, model=model, opt=opt, times=[], cpu=[], first=first, loss0=loss0)
         log(f"  {v:9s} first step (compile) {first:7.1f} s, loss {loss0:.4f}")
     for _ in range(args.steps):
         for v, r in runs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(r["fn"], r["model"], r["opt"], inputs)
             r["times"].append(time.perf_counter() - t0)
+            r["cpu"].append(time.process_time() - c0)
     for v, r in runs.items():
         with PeakRSS() as pk:
             step(r["fn"], r["model"], r["opt"], inputs)
         r["peak_mib"] = pk.extra / 2**20
         r["step_s"] = statistics.median(r["times"])
+        r["cpu_s"] = statistics.median(r["cpu"])
     log(f"peak memory: RSS above the step's start, sampled every 1 ms"
         f"{'' if pinned else ' (mmap threshold NOT pinned: RSS may lag)'}")
     for v, r in runs.items():
         spread = f"{min(r['times']):.3f}-{max(r['times']):.3f}"
-        log(f"  {v:9s} step {r['step_s']:7.3f} s (median; range {spread}) | peak +{r['peak_mib']:7.0f} MiB")
-    out = {v: dict(step_s=r["step_s"], peak_mib=r["peak_mib"], first_s=r["first"]) for v, r in runs.items()}
+        log(f"  {v:9s} step {r['step_s']:7.3f} s (median; range {spread}), CPU time "
+            f"{r['cpu_s']:7.3f} s | peak +{r['peak_mib']:7.0f} MiB")
+    out = {v: dict(step_s=r["step_s"], cpu_s=r["cpu_s"], peak_mib=r["peak_mib"], first_s=r["first"])
+           for v, r in runs.items()}
+    log(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if "liger" in runs:
         lg = runs["liger"]
         parts = []
@@ -163,9 +170,10 @@ def main(argv=None, log=print) -> dict:
                 speed = o["step_s"] / lg["step_s"]
                 mem = lg["peak_mib"] / o["peak_mib"] if o["peak_mib"] > 0 else float("nan")
                 out[f"speedup_vs_{other}"] = speed
+                out[f"cpu_speedup_vs_{other}"] = o["cpu_s"] / lg["cpu_s"]
                 out[f"memory_vs_{other}"] = mem
                 parts.append(f"vs {other}: speed {speed:.2f}x ({'PASS' if speed >= 1 else 'FAIL'} >= 1.0), "
-                             f"memory {mem:.2f}x")
+                             f"CPU time {o['cpu_s'] / lg['cpu_s']:.2f}x, memory {mem:.2f}x")
         log("liger " + " | ".join(parts))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

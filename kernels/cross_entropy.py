@@ -286,9 +286,18 @@ def ce_rows_torch(
     N, V = logits.shape
     ct = stats.dtype
     eps = float(label_smoothing)
-    if chunk_rows is None:
-        chunk_rows = max(1, _TORCH_CHUNK_BYTES // max(1, V * 4))
     w = weight.to(ct) if weight is not None else None
+    if chunk_rows is None:
+        # [rows, V] temporaries exist only for an upcast / scaled copy of the logits, softcap's
+        # tanh, smoothing's z * w, or a gradient buffer of another dtype (or none); without them
+        # the rows are done in one step: fewer passes and parallel regions, no extra memory.
+        temps = logits.dtype != ct or logit_scale != 1.0 or softcap > 0 or \
+            (eps > 0 and w is not None) or grad_out is None or grad_out.dtype != ct
+        chunk_rows = max(1, _TORCH_CHUNK_BYTES // max(1, V * 4)) if temps else max(1, N)
+    if eps == 0 and lse_square_scale == 0 and softcap <= 0 and V > 0:
+        _plain_ce_rows(logits, target, w, stats, loss_rows, z_rows, grad_out, chunk_rows,
+                       ignore_index=ignore_index, logit_scale=logit_scale, row_scale=row_scale)
+        return
     a_all, b_all, w_tot = stats[0], stats[1], stats[2]
     for s in range(0, N, chunk_rows):
         e = min(N, s + chunk_rows)
@@ -334,6 +343,47 @@ def ce_rows_torch(
         g.scatter_add_(1, t_safe, (-(a * (1.0 - eps) * w_t)).unsqueeze(1))
         if softcap > 0:
             g.mul_(1.0 - th * th)
+        if logit_scale != 1.0:
+            g.mul_(logit_scale)
+        if g.dtype != grad_out.dtype:
+            grad_out[s:e] = g
+
+
+def _plain_ce_rows(logits, target, w, stats, loss_rows, z_rows, grad_out, chunk_rows, *,
+                   ignore_index, logit_scale, row_scale):
+    """ce_rows_torch without smoothing, z-loss or softcap (the common case), as eager computes it:
+    the loss is -w_t * log_softmax(z)[t] and the gradient exp(log_softmax(z)) * coef - coef at t
+    (nll_loss and _log_softmax_backward_data's formulas), so three passes over each [rows, V]
+    block (log_softmax, exp, scale) where the general path needs five (max, sub, exp, sum,
+    scale). The z-loss rows are 0 (its scale is 0)."""
+    N, V = logits.shape
+    ct = stats.dtype
+    a_all = stats[0]
+    z_rows.zero_()
+    for s in range(0, N, chunk_rows):
+        e = min(N, s + chunk_rows)
+        x = logits[s:e]
+        z = x if x.dtype == ct and logit_scale == 1.0 else x.to(ct) * logit_scale
+        tgt = target[s:e]
+        valid = tgt != ignore_index
+        t_safe = torch.where(valid, tgt, 0).unsqueeze(1)
+        # log_softmax reads a row completely before writing it, so g may be z itself (the fused
+        # lm head's chunk buffer holds the logits and then their gradient).
+        g = grad_out[s:e] if grad_out is not None and grad_out.dtype == ct else torch.empty_like(z)
+        torch.log_softmax(z, -1, out=g)
+        w_t = w[t_safe.squeeze(1)] if w is not None else None
+        ls_t = g.gather(1, t_safe).squeeze(1)
+        ce = -ls_t if w_t is None else w_t * -ls_t
+        loss_rows[s:e] = torch.where(valid, ce, 0)
+        if grad_out is None:
+            continue
+        a = torch.where(valid, a_all, 0)  # where, not multiply: a_all is inf when all are ignored
+        if row_scale is not None:
+            a = a * row_scale[s:e].to(ct)
+        coef = a if w_t is None else a * w_t
+        g.exp_()
+        g.mul_(coef.unsqueeze(1))
+        g.scatter_add_(1, t_safe, (-coef).unsqueeze(1))
         if logit_scale != 1.0:
             g.mul_(logit_scale)
         if g.dtype != grad_out.dtype:

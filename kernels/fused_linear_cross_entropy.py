@@ -191,6 +191,15 @@ def _chunk_loop(h2, weight, bias, t, ce_weight, stats, loss_rows, z_rows, *, log
             gb_acc += torch.sum(g, 0, dtype=gb_acc.dtype)
 
 
+def _all_zero(t: Tensor) -> bool:
+    """Every element is 0 (NaN is not): aminmax is one read pass with no temporary, where
+    `any()` first writes a bool copy (about three times the time on [N, V])."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(lo == 0) and bool(hi == 0)
+
+
 def _fwd_grad_dtype(h2: Tensor, ct: torch.dtype) -> torch.dtype:
     """Dtype of the logits gradient behind the forward's (unscaled) gradients.
 
@@ -293,7 +302,7 @@ def fused_linear_cross_entropy_backward_op(
     h2, t = _flat(hidden, target)
     N, V = h2.shape[0], weight.shape[0]
     gl2 = grad_logits.reshape(N, V) if grad_logits is not None else None
-    if gl2 is not None and gl2.device.type == "cpu" and not gl2.any():
+    if gl2 is not None and gl2.device.type == "cpu" and _all_zero(gl2):
         # AOTAutograd hands an unused output (HF returns the logits next to the loss) a gradient
         # of materialized zeros: adding its products (two [N, V] GEMMs) changes nothing but the
         # sign of zeros, and eager, which has one GEMM over (CE grad + 0), never does them. One

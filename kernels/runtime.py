@@ -25,6 +25,19 @@ def triton_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed triton, (0, 0) without one: launchers that must pick a
+    different configuration for an older triton's code generation ask this."""
+    try:
+        import triton
+    except Exception:
+        return (0, 0)
+    major, minor = (int("".join(c for c in p if c.isdigit()) or 0)
+                    for p in (triton.__version__.split(".") + ["0"])[:2])
+    return (major, minor)
+
+
 def interpreting() -> bool:
     """True when Triton's interpreter is requested (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -78,5 +91,51 @@ def cpu_decomposition(*ops):
 
 
 def cpu_decompositions() -> dict:
-    """OpOverload -> torch implementation, for every registered op (a copy)."""
-    return dict(_CPU_DECOMPOSITIONS)
+    """OpOverload -> torch implementation, for every registered op (a copy), each giving its
+    outputs the strides the op's fake implementation declares (see _in_op_layout)."""
+    return {op: _in_op_layout(op, fn) for op, fn in _CPU_DECOMPOSITIONS.items()}
+
+
+def _fake_impl(op):
+    try:
+        from torch._library.simple_registry import singleton
+
+        kernel = singleton.find(op._schema.name).fake_impl.kernel
+        return kernel.func if kernel is not None else None
+    except Exception:  # a torch without this registry: the decomposition's own layout
+        return None
+
+
+def _in_op_layout(op, fn):
+    """`fn` with each output restrided to the op's declared layout.
+
+    A torch implementation may lay its result out differently from the op (RoPE's is contiguous
+    where the op's output follows q's strides, e.g. the [b, t, h, d] order of a transposed
+    projection); the code after it was traced against the op's layout, so inductor would add a
+    copy there (before the attention's output projection, once per layer). Restriding at the
+    source instead lets inductor write the fused result in that order directly.
+    """
+    fake = _fake_impl(op)
+    if fake is None:
+        return fn
+
+    @functools.wraps(fn)
+    def decomposed(*args, **kwargs):
+        from ligerfx.layout import restride_plan
+
+        out, want = fn(*args, **kwargs), fake(*args, **kwargs)
+        single = isinstance(out, torch.Tensor)
+        outs, wants = ((out,), (want,)) if single else (out, want)
+        fixed = []
+        for o, w in zip(outs, wants):
+            try:
+                order = restride_plan(w, o) if isinstance(o, torch.Tensor) else None
+            except ValueError:  # not a dense layout: leave it to inductor
+                order = None
+            if order is not None:
+                inverse = sorted(range(len(order)), key=order.__getitem__)
+                o = o.permute(order).contiguous().permute(inverse)
+            fixed.append(o)
+        return fixed[0] if single else type(out)(fixed)
+
+    return decomposed

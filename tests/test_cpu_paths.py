@@ -129,3 +129,62 @@ def test_flce_backward_skips_a_zero_logits_gradient(torch_path, monkeypatch):
     assert n["addmm_"] == 2
     assert torch.allclose(got[0].double(), ref[0].double() + gl.double() @ w.double(), atol=1e-5)
     assert torch.allclose(got[1].double(), ref[1].double() + gl.double().t() @ h.double(), atol=1e-5)
+
+
+def test_decomposed_rope_keeps_the_ops_layout(torch_path):
+    # The op's output follows q's strides (its fake impl: empty_like); the torch implementation's
+    # cat is contiguous. The decomposition handed to inductor must give the op's layout, or
+    # inductor copies the attention output back into it before the o-projection (once per layer).
+    q = torch.randn(2, 16, 4, 8).transpose(1, 2)  # [b, h, t, d] view of a [b, t, h, d] buffer
+    k = torch.randn(2, 16, 2, 8).transpose(1, 2)
+    cos, sin = torch.randn(16, 4), torch.randn(16, 4)
+    for op, args in ((torch.ops.liger.rope.default, (q, k, cos, sin, 2, False)),
+                     (torch.ops.liger.rope_backward.default, (q, k, cos, sin, 2, False))):
+        got = cpu_decompositions()[op](*args)
+        ref = op(*args)
+        for g, r, x in zip(got, ref, (q, k)):
+            assert g.stride() == x.stride() == r.stride(), (op, g.stride(), x.stride())
+            assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_plain_cross_entropy_cpu_path_against_float64(torch_path, weighted, reduction):
+    # No smoothing / z-loss / softcap: the CPU path takes the log_softmax formulation
+    # (cross_entropy._plain_ce_rows). Loss and gradient against float64 eager, on ignored rows
+    # and a poisoned gradient buffer (every element must be written).
+    N, V = 37, 301
+    x = (3 * torch.randn(N, V)).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    t[::5] = -100
+    w = torch.rand(V) + 0.5 if weighted else None
+    loss, _, grad = torch.ops.liger.cross_entropy(x, t, w, -100, reduction, 0.0, 0.0, 0.0, 1.0, True)
+    xd = x.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(xd, t, weight=w.double() if weighted else None,
+                                            reduction=reduction)
+    ref.backward(torch.ones_like(ref) if reduction == "none" else None)
+    assert rel_err(loss.detach(), ref.detach()) < 1e-6
+    if reduction != "none":  # the op's saved gradient is for grad_output = 1
+        assert torch.isfinite(grad).all()
+        assert rel_err(grad, xd.grad) < 1e-6
+
+    from ligerfx.kernels import cross_entropy as ce
+    stats, _, _ = ce.reduction_stats(t, w, -100, "mean", V, torch.float32)
+    g = torch.full((N, V), float("nan"))
+    loss_rows, z_rows = torch.full((N,), float("nan")), torch.full((N,), float("nan"))
+    ce.ce_rows_torch(x.detach(), t, w, stats, loss_rows, z_rows, g, ignore_index=-100,
+                     label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0, logit_scale=1.0,
+                     chunk_rows=8)  # several row blocks
+    assert torch.isfinite(g).all() and torch.isfinite(loss_rows).all()
+    assert torch.equal(z_rows, torch.zeros(N))
+    if reduction == "mean":
+        assert rel_err(g, xd.grad) < 1e-6
+
+
+def test_flce_zero_check():
+    assert flce._all_zero(torch.zeros(3, 4)) and flce._all_zero(torch.empty(0, 4))
+    assert flce._all_zero(-torch.zeros(5))  # -0.0 adds nothing either
+    for bad in (float("nan"), 1e-30, -2.0):
+        x = torch.zeros(3, 4)
+        x[2, 3] = bad
+        assert not flce._all_zero(x), bad
