@@ -149,7 +149,8 @@ def test_hf_llama_json(capsys):
     rc, out, err = _run(capsys, "dump", "hf:llama", "-f", "json")
     assert rc == 0, err
     d = json.loads(out)
-    assert d["target"] == "hf:llama" and d["counts"].get("rms_norm") == 5
+    assert d["target"] == "hf:llama" and d["counts"].get("rms_norm") == 1
+    assert d["counts"].get("add_rms_norm") == 4  # every norm but the first follows a residual add
     norms = [m for m in d["matches"] if m["pattern"] == "rms_norm"]
     assert norms and all("modeling_llama.py" in m["location"]["file"] for m in norms)
     # the other families are found in the same model (each points at the user's source)
