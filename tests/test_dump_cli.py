@@ -162,7 +162,9 @@ def test_hf_gpt_neox_text(capsys):
     pytest.importorskip("transformers")
     rc, out, err = _run(capsys, "dump", "hf:gpt_neox", "-f", "text")
     assert rc == 0, err
-    assert "layer_norm=5" in out and "liger.layer_norm" in out
+    # parallel residual: one norm per layer boundary (and the final norm) reads the add
+    assert "layer_norm=3" in out and "add_layer_norm=2" in out and "liger.layer_norm" in out
+    assert "liger.add_layer_norm" in out
 
 
 def test_hf_config_json_html(tmp_path, capsys):
