@@ -149,7 +149,8 @@ def test_hf_llama_json(capsys):
     rc, out, err = _run(capsys, "dump", "hf:llama", "-f", "json")
     assert rc == 0, err
     d = json.loads(out)
-    assert d["target"] == "hf:llama" and d["counts"].get("rms_norm") == 5
+    assert d["target"] == "hf:llama" and d["counts"].get("rms_norm") == 1
+    assert d["counts"].get("add_rms_norm") == 4  # every norm but the first follows a residual add
     norms = [m for m in d["matches"] if m["pattern"] == "rms_norm"]
     assert norms and all("modeling_llama.py" in m["location"]["file"] for m in norms)
     # the other families are found in the same model (each points at the user's source)
@@ -161,7 +162,9 @@ def test_hf_gpt_neox_text(capsys):
     pytest.importorskip("transformers")
     rc, out, err = _run(capsys, "dump", "hf:gpt_neox", "-f", "text")
     assert rc == 0, err
-    assert "layer_norm=5" in out and "liger.layer_norm" in out
+    # parallel residual: one norm per layer boundary (and the final norm) reads the add
+    assert "layer_norm=3" in out and "add_layer_norm=2" in out and "liger.layer_norm" in out
+    assert "liger.add_layer_norm" in out
 
 
 def test_hf_config_json_html(tmp_path, capsys):

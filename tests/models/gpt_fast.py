@@ -88,4 +88,5 @@ def make_gpt_fast(seed=0):
     idx = torch.randint(0, 256, (2, 16))
     t = torch.randint(0, 256, (2, 16))
     t[0, :2] = -1
-    return m, (idx, t), {"rms_norm": 5, "rope": 2, "swiglu": 2, "fused_linear_cross_entropy": 1}
+    return m, (idx, t), {"rms_norm": 1, "add_rms_norm": 4, "rope": 2, "swiglu": 2,
+                      "fused_linear_cross_entropy": 1}

@@ -25,7 +25,8 @@ def test_unseen_architecture(model_type):
     layers = model.config.num_hidden_layers
     report = compare_training_step(model, inputs)
     counts = report.counts
-    assert counts.get("rms_norm", 0) + counts.get("layer_norm", 0) == n_norms, counts
+    assert sum(counts.get(k, 0) for k in ("rms_norm", "layer_norm", "add_rms_norm",
+                                          "add_layer_norm")) == n_norms, counts
     assert counts.get("rope", 0) == layers, counts
     assert counts.get("fused_linear_cross_entropy", 0) == 1, counts
     assert not report.near_misses, [str(m) for m in report.near_misses]
