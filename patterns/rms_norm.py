@@ -71,6 +71,19 @@ def rms_norm_sum_plain(x, eps, dim, n):
     return _normed_sum(x, eps, dim, n)
 
 
+def _l2_normed(x, eps, dim):
+    # the sum of squares not divided by the width: unit L2 norm (nGPT-style), not RMS 1; matched
+    # only to say why it is left alone (`check`), since the kernel computes the mean
+    return x * torch.rsqrt(x.pow(2).sum(dim, keepdim=True) + eps)
+
+
+def l2_norm_plain(x, eps, dim):  # with or without a weight after it: one near miss
+    return _l2_normed(x, eps, dim)
+
+
+_L2_VARIANTS = (l2_norm_plain,)
+
+
 def rms_norm_functional(x, normalized_shape, weight, eps):
     return F.rms_norm(x, normalized_shape, weight, eps)
 
@@ -171,6 +184,9 @@ def _precision(match):
 
 def check(match):
     x = match.value("x")
+    if match.variant.fn in _L2_VARIANTS:
+        return ("the sum of squares is not divided by the width: an L2 normalisation (unit norm), "
+                "not RMSNorm, which the kernel computes with the mean")
     if "n" in match.bindings:
         n = match.value("n")
         if isinstance(n, float) and n.is_integer():
@@ -228,7 +244,7 @@ register(
     "rms_norm",
     [rms_norm_offset_weight, rms_norm_weight, rms_norm_weight_first, rms_norm_weight_unsqueeze,
      rms_norm_plain, rms_norm_plain_unsqueeze, rms_norm_sum_weight, rms_norm_sum_plain,
-     rms_norm_functional, rms_norm_functional_no_weight],
+     rms_norm_functional, rms_norm_functional_no_weight, *_L2_VARIANTS],
     replace,
     example_inputs={"x": torch.randn(2, 3, 8), "weight": torch.randn(8), "eps": 1e-6,
                     "offset": 1.0, "dim": -1, "udim": -1, "n": 8, "normalized_shape": (8,)},

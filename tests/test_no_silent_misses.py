@@ -338,3 +338,23 @@ def test_early_use_past_an_effect_is_a_near_miss():
     (miss,) = report.near_misses
     assert miss.pattern == "rope" and "may have effects" in miss.reason, miss.reason
     assert "rand_like" in miss.reason
+
+
+class _L2Norms(nn.Module):
+    """nGPT-style unit-norm projections (Dory): a sum of squares, not a mean: not RMSNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8))
+
+    def forward(self, x, y):
+        a = (x.float() * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + 1e-6)).type_as(x)
+        return a + y * torch.rsqrt(y.pow(2).sum(-1, keepdim=True) + 1e-6) * self.w
+
+
+def test_l2_normalisation_is_a_near_miss_not_an_rms_norm():
+    report = ligerfx.explain(_L2Norms(), torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    assert report.counts == {}
+    assert len(report.near_misses) == 2, [str(m) for m in report.near_misses]
+    for m in report.near_misses:
+        assert "not divided by the width: an L2 normalisation" in m.reason, m.reason

@@ -57,8 +57,9 @@ FAMILIES = {
     "qwen3_5": dict(model_type="qwen3_5_text", inner="eager"),
     "qwen3_5_moe": dict(model_type="qwen3_5_moe_text", inner="eager"),
     "phi3": dict(model_type="phi3"),
-    "gemma": dict(model_type="gemma", hidden_act="gelu"),  # Gemma 1: exact GELU
-    "gemma1.1": dict(model_type="gemma", hidden_activation="gelu_pytorch_tanh"),
+    # Gemma 1's released config says hidden_act="gelu", which GemmaConfig maps to the tanh GELU;
+    # Gemma 1.1 is the same architecture and config (new weights only), so one entry covers both.
+    "gemma": dict(model_type="gemma", hidden_act="gelu"),
     "gemma2": dict(model_type="gemma2"),
     "gemma3": dict(model_type="gemma3_text", attn_implementation="eager"),
     "granite": dict(model_type="granite"),
