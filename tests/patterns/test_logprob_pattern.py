@@ -274,3 +274,21 @@ def test_write_between_reads_refused():
     assert any(m.pattern == NAME and "writes" in m.reason for m in report.near_misses), str(report)
     got, _ = _compile(write_between_row_reads, *args)
     assert rel_err(got, write_between_row_reads(*args)) < 1e-5
+
+
+def lm_head_under_no_grad(h, w, ids):
+    with torch.no_grad():  # a frozen head: eager's log-probs carry no gradient to h or w
+        z = _head(h, w)
+    return F.log_softmax(z, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def test_grad_mode_switch_inside_the_match_refused():
+    """Regression: the fused op ran in one grad mode, so gradients reached h and w."""
+    args = _args(10)
+    report = ligerfx.explain(lm_head_under_no_grad, *args, options=OPTS)
+    assert not report.counts.get(NAME), str(report)
+    assert any(m.pattern == NAME and "autograd" in m.reason for m in report.near_misses), str(report)
+    got, _ = _compile(lm_head_under_no_grad, *args)
+    exp = lm_head_under_no_grad(*args)
+    assert got.requires_grad == exp.requires_grad is False
+    assert rel_err(got, exp) < 1e-5
