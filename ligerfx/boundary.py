@@ -61,13 +61,19 @@ def _is_parameter(node: fx.Node) -> bool:
     return isinstance(getattr(ga, "example", None), torch.nn.Parameter)
 
 
+# Arithmetic every graph returns values of (residual sums, scaled values): an earlier graph
+# returning one of the right dtype and shape says nothing about where an input came from (DDP's
+# bucket graphs return several), so a cut made only of these has no evidence.
+_COMMON_OPS = frozenset({"add", "sub", "mul", "div", "neg"})
+
+
 def cut_reason(pattern, variant, anchor: CNode, upstream: list) -> str | None:
     """Why `pattern` is not matched at `anchor` when a graph boundary explains it, else None."""
     if not upstream or len(variant.outputs) != 1:
         return None
     for st in _match(variant.outputs[0], anchor, _State({}, {}, [], [], cuts=[]), pattern,
                      variant):
-        if not st.cuts:
+        if not st.cuts or all(p.op in _COMMON_OPS for p, _ in st.cuts):
             continue
         found = []
         for p, t in st.cuts:
