@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from . import grad_mode
 from .canonical import node_value
 
 # `x += y` and friends: Dynamo keeps them as the operator module's in-place functions.
@@ -289,10 +290,6 @@ def _bridges(covered: set, bound: set, limit: int = 8) -> set:
     return found
 
 
-_GRAD_MODE = {"_set_grad_enabled", "set_grad_enabled", "_enter_inference_mode",
-              "_exit_inference_mode"}
-
-
 def match_problem(match, where: fx.Node | None, memory: Memory) -> str | None:
     """Why a write or an alias makes replacing `match` (inserted before `where`) change the
     program, or None."""
@@ -325,15 +322,11 @@ def match_problem(match, where: fx.Node | None, memory: Memory) -> str | None:
         if hit is not None:
             w, r = hit
             return f"{describe(w, r)}, which the pattern reads between its uses"
-        # A grad-mode switch (`torch.no_grad()` / `enable_grad()` blocks) inside the span: the
-        # replacement runs in one mode, the original's nodes in two (gradients would flow, or
-        # stop, where eager's do not).
-        lo, hi = min(spots), max(spots)
-        for n in match.graph.nodes:
-            if lo < pos.get(n, -1) < hi and n.op == "call_function" \
-                    and getattr(n.target, "__name__", "") in _GRAD_MODE:
-                return (f"`{n.name}`{_line(n)} switches autograd on or off inside the pattern (a "
-                        "`torch.no_grad()` block); the fused op would run in one mode")
+    # `torch.no_grad()` blocks inside the match (ligerfx/grad_mode.py): the fused op runs in one
+    # autograd mode, so what ran with autograd off must read only inputs it can pass detached.
+    problem = grad_mode.plan(match, where)[0]
+    if problem:
+        return problem
     # The replacement returns new tensors: an output that was a view of an input (or of another
     # output) would stop sharing its memory.
     # (a binding a pattern's constraints absorbed into the match is no input of the replacement)

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
-from . import layout
+from . import grad_mode, layout
 from .canonical import node_value
 from .matcher import Match
 from .pattern import call_replacement
@@ -98,8 +98,12 @@ def apply(match: Match) -> list[fx.Node]:
         raise RuntimeError("no insertion point")  # callers check `can_order` first
     before = set(graph.nodes)
     tracer = GraphAppendingTracer(graph)
-    bound = {k: (ValueProxy(v, tracer) if isinstance(v, fx.Node) else v)
-             for k, v in match.bindings.items()}
+    _, detach = grad_mode.plan(match, where)
+    with graph.inserting_before(where):
+        # inputs read only inside a `no_grad()` block of the match are constants to the op
+        # (ligerfx/grad_mode.py): pass them detached, as that block saw them
+        values = {k: (_detached(graph, v) if v in detach else v) for k, v in match.bindings.items()}
+    bound = {k: (ValueProxy(v, tracer) if isinstance(v, fx.Node) else v) for k, v in values.items()}
     with graph.inserting_before(where):
         out = call_replacement(match.pattern, match.variant, bound, match)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
@@ -124,6 +128,14 @@ def apply(match: Match) -> list[fx.Node]:
         if n in set(match.covered) and not n.users:
             graph.erase_node(n)
     return new_nodes
+
+
+def _detached(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    d = graph.call_method("detach", (node,))
+    value = node_value(node)
+    if isinstance(value, torch.Tensor):
+        d.meta["example_value"] = value.detach()
+    return d
 
 
 def can_order(match: Match) -> bool:

@@ -277,14 +277,13 @@ def _cast_problem(steps, start_dtype, match=None):
 
 # -- fused_linear_cross_entropy -------------------------------------------------------------
 
-def check_fused(match):
-    problem = _common_checks(match)
-    if problem:
-        return problem
-    top, steps = _walk(match)
+def lm_head_of(top, steps, match):
+    """The lm head under a logits chain `top -> steps` (`_walk`'s form), for every pattern that
+    fuses a linear with what reads its logits: None when `top` is no linear, a near-miss reason
+    when the chain cannot be fused, else (hidden, weight, bias, (scale, softcap), slices, kinds)."""
     lin = _linear(top)
     if lin is None:
-        raise Skip  # no lm head in this graph: the plain cross_entropy pattern handles the loss
+        return None
     hidden, weight, bias = lin
     hv, wv = _val(hidden), _val(weight)
     if not isinstance(hv, torch.Tensor) or not isinstance(wv, torch.Tensor) or wv.dim() != 2:
@@ -303,6 +302,20 @@ def check_fused(match):
     kinds = [kind for _, kind, _ in steps if kind in ("slice", "rows")]
     if "rows" in kinds and "slice" in kinds[kinds.index("rows"):]:
         return "the logits are sliced after being flattened to rows"
+    return hidden, weight, bias, scale, slices, kinds
+
+
+def check_fused(match):
+    problem = _common_checks(match)
+    if problem:
+        return problem
+    top, steps = _walk(match)
+    head = lm_head_of(top, steps, match)
+    if head is None:
+        raise Skip  # no lm head in this graph: the plain cross_entropy pattern handles the loss
+    if isinstance(head, str):
+        return head
+    hidden, weight, bias, scale, slices, kinds = head
     chain = [top] + [n for n, _, _ in steps]
     inside = set(chain) | set(match.covered)
     escaping = _escaping(chain, inside)

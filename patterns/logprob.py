@@ -40,7 +40,7 @@ from ligerfx.passes import Skip
 from ligerfx.pattern import Pattern, register, trace_variant
 from ligerfx.symbolic import known_equal
 
-from .cross_entropy import _cast_problem, _check_labels, _linear, _parse_scale, _step
+from .cross_entropy import _check_labels, _linear, _step, lm_head_of
 
 NAME = "fused_linear_logprob"
 
@@ -370,30 +370,15 @@ def check(match):
                 f"{tuple(zv.shape[:-1])}")
     ls = match.nodes_of("log_softmax")
     top, steps = _walk_from(z, ls[0] if ls else None)
-    lin = _linear(top)
-    if lin is None:
+    head = lm_head_of(top, steps, match)
+    if head is None:
         reason = _blocked_lm_head(top)
         if reason:
             return reason
         raise Skip  # no lm head: the plain cross_entropy pattern takes the log_softmax + gather
-    hidden, weight, bias = lin
-    hv, wv = _val(hidden), _val(weight)
-    if not isinstance(hv, torch.Tensor) or not isinstance(wv, torch.Tensor) or wv.dim() != 2:
-        return "the linear's weight is not a 2-D tensor"
-    if bias is not None and not isinstance(bias, fx.Node):
-        return "the linear's bias is not a tensor"
-    if not known_equal(wv.shape[1], hv.shape[-1]):
-        return "the linear's weight does not match the hidden size"
-    scale = _parse_scale(steps)
-    if scale is None:
-        return "the logits pass through elementwise steps other than scaling and softcapping"
-    problem = _cast_problem(steps, _val(top).dtype, match)
-    if problem:
-        return problem
-    kinds = [kind for _, kind, _ in steps if kind in ("slice", "rows")]
-    slices = [info for _, kind, info in steps if kind in ("slice", "rows")]
-    if "rows" in kinds and "slice" in kinds[kinds.index("rows"):]:
-        return "the logits are sliced after being flattened to rows"
+    if isinstance(head, str):
+        return head
+    hidden, weight, bias, scale, slices, kinds = head
     entropy = None if rows is not None else _entropy_of(view, z, match.outputs[0])
     if (fn is logprob_log_softmax and rows is None and entropy is None
             and _cross_entropy_enabled(match.options) and _reduced_to_scalar(match.outputs[0])):

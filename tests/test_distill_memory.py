@@ -12,9 +12,7 @@ Run directly: python tests/test_distill_memory.py eager|compiled
 """
 
 import gc
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -22,7 +20,7 @@ N, V, H = 4096, 65536, 256
 T = 2.0
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.test_flce_memory import _reset_peak, _status_kib  # noqa: E402 - one home for these
+from tests.memory_probe import result, run_child, window  # noqa: E402
 
 
 def _loss(h, ws, ht, wt):
@@ -61,24 +59,17 @@ def child(mode: str) -> None:
         import ligerfx.backend
 
         counts = ligerfx.backend.last_report.counts
-    base = _status_kib("VmRSS")
-    reset = _reset_peak()
+    base = window()
     t0 = time.perf_counter()
     loss = fn(h, ws, ht, wt)
     loss.backward()
     elapsed = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
-    print(json.dumps(dict(mode=mode, increase_mib=(peak - base) / 1024, reset=reset,
-                          seconds=elapsed, counts=counts, loss=loss.item(),
-                          gh=h.grad.norm().item(), gw=ws.grad.norm().item())))
+    result(mode, base, seconds=elapsed, counts=counts, loss=loss.item(), gh=h.grad.norm().item(),
+           gw=ws.grad.norm().item())
 
 
 def _run(mode: str) -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="0")  # the CPU torch path, not the interpreter
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), mode], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, mode)
 
 
 def test_distillation_peak_memory_under_a_quarter_of_eager():

@@ -33,17 +33,12 @@ pytest.importorskip("transformers")
 # The one table: family -> what it waits for (items of issue 13 that other work adds).
 # Flip an entry (delete it) when its item lands; strict xfail fails the run until then.
 NEEDS = {
-    "qwen3_next": "needs gated_rms_norm (issue 13 §3): today rms_norm + swiglu of its parts",
-    "qwen3_5": "needs gated_rms_norm (issue 13 §3): today rms_norm + swiglu of its parts",
-    "qwen3_5_moe": "needs gated_rms_norm (issue 13 §3): today rms_norm + swiglu of its parts",
-    "nemotron": "needs relu_sq (issue 13 §3): its non-gated relu(x)**2 MLP",
-    "gpt_oss": "needs the GPT-OSS chunk/cat rope form (issue 13 §2)",
     "deepseek_v4": "needs DeepSeek-V4's rotations paired (issue 13 §2): its compressor's "
                    "rotations are rope_single today",
 }
 # Every family's residual adds wait for item §1 (add_rms_norm / add_layer_norm).
 ADD_NORM_NEEDS = "needs add_rms_norm / add_layer_norm (issue 13 §1)"
-ADD_NORM_LANDED = False  # flip when §1 lands
+ADD_NORM_LANDED = True  # §1 landed
 # Over a minute each on 2 CPU cores (Mamba / compressed-attention reference code): not needed
 # for the guarantee the others give, which share their norm / rope / MLP / loss forms.
 SLOW = {"falcon_h1", "deepseek_v4"}

@@ -13,34 +13,16 @@ Run directly: python tests/test_flce_memory.py eager|ours
 """
 
 import gc
-import json
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.memory_probe import result, run_child, window  # noqa: E402
+
 N, V, H = 4096, 65536, 256
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def _reset_peak() -> bool:
-    # "5" resets VmHWM to the current RSS (Linux >= 4.0). Without it the import/warm-up peak stays
-    # in VmHWM, which can only overstate a variant's increase.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 _COMPILED = None
@@ -90,28 +72,21 @@ def child(mode: str) -> None:
     _step(mode, hw, ww, tw)
     del hw, ww
     gc.collect()
-    base = _status_kib("VmRSS")
-    reset = _reset_peak()
+    base = window()
     t0 = time.perf_counter()
     loss = _step(mode, h, w, t)
     elapsed = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
     counts = {}
     if mode == "compiled":
         import ligerfx.backend
 
         counts = ligerfx.backend.last_report.counts
-    print(json.dumps(dict(
-        mode=mode, increase_mib=(peak - base) / 1024, reset=reset, seconds=elapsed, counts=counts,
-        loss=loss.item(), gh=h.grad.norm().item(), gw=w.grad.norm().item())))
+    result(mode, base, seconds=elapsed, counts=counts, loss=loss.item(), gh=h.grad.norm().item(),
+           gw=w.grad.norm().item())
 
 
 def _run(mode: str) -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="0")  # the CPU torch path, not the interpreter
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), mode], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, mode, timeout=300)
 
 
 @pytest.fixture(scope="module")

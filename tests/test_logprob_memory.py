@@ -11,35 +11,19 @@ Run directly: python tests/test_logprob_memory.py eager|compiled
 """
 
 import gc
-import json
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.memory_probe import result, run_child, window  # noqa: E402
+
 B, T, V, H = 8, 512, 65536, 256
 N = B * T
 
 _COMPILED = None
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def _reset_peak() -> bool:
-    try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def dpo_loss(h, w, ids, mask, ref_chosen, ref_rejected):
@@ -88,30 +72,22 @@ def child(mode: str) -> None:
     _step(mode, hw, ww, ids[:, :8].clamp(max=511), mask[:, :8], *rest[2:])
     del hw, ww
     gc.collect()
-    base = _status_kib("VmRSS")
-    reset = _reset_peak()
+    base = window()
     t0 = time.perf_counter()
     loss = _step(mode, h, w, *rest)
     elapsed = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
     counts, frames = {}, 0
     if mode == "compiled":
         import ligerfx.backend
 
         counts = ligerfx.backend.last_report.counts
         frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    print(json.dumps(dict(
-        mode=mode, increase_mib=(peak - base) / 1024, reset=reset, seconds=elapsed, counts=counts,
-        graphs=frames,
-        loss=loss.item(), gh=h.grad.norm().item(), gw=w.grad.norm().item())))
+    result(mode, base, seconds=elapsed, counts=counts, graphs=frames, loss=loss.item(),
+           gh=h.grad.norm().item(), gw=w.grad.norm().item())
 
 
 def _run(mode: str) -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="0")  # the CPU torch path, not the interpreter
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), mode], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, mode)
 
 
 def test_dpo_step_peak_memory_under_a_third_of_eager():
