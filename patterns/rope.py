@@ -559,13 +559,15 @@ register(
     "rope", [rope_partial, *_PARTIAL_SIGNED, rope_pairs_partial, rope_rotate_half, *_ROT_SIGNED,
              rope_pairs, rope_complex, rope_stack, *_CHUNK, *_EVEN_ODD],
     replace, _EXAMPLES,
-    constraints=check, priority=5, allow_casts=True, builtin=True,
+    # before the norms (10-11): a q/k norm applied after the rotation (HunYuan) must not take the
+    # rotation's final `x*cos + rot(x)*sin` add for a residual add
+    constraints=check, priority=15, allow_casts=True, builtin=True,
     description="RoPE of q and k (rotate_half, partial rotary, complex) -> one liger::rope launch",
 )
 register(
     "rope_single", [rope_single_partial, *_PARTIAL_SIGNED_SINGLE, rope_single_pairs_partial,
                     rope_single_rotate_half, *_ROT_SIGNED_SINGLE, rope_single_pairs,
                     rope_single_complex, rope_single_stack, *_CHUNK_SINGLE, *_EVEN_ODD_SINGLE],
-    replace, _EXAMPLES, constraints=check, priority=4, allow_casts=True, builtin=True,
+    replace, _EXAMPLES, constraints=check, priority=14, allow_casts=True, builtin=True,
     description="RoPE of one tensor (tables not shared with another) -> liger::rope",
 )

@@ -77,7 +77,11 @@ def test_family_rewritten_and_eager_equal(family):
                          f"near misses: {[str(m) for m in report.near_misses]}")
     # more rewrites than sites only for gated products outside MLP modules (Mamba's gate)
     assert set(extra(report.counts, sites)) <= set(MLP_OPS) | {"add_norm"}, report.counts
-    assert not report.near_misses, [str(m) for m in report.near_misses]
+    # a near miss at a site is a fusion the site lost (e.g. a norm's add refused); elsewhere it
+    # explains a look-alike that is not a site (Qwen3-Next's linear attention L2-normalises q/k)
+    site_modules = {m for m, _, _ in sites.norms} | set(sites.rope) | {m for m, _ in sites.mlps}
+    at_sites = [str(m) for m in report.near_misses if m.location.module in site_modules]
+    assert not at_sites, at_sites
 
 
 @pytest.mark.parametrize("family", [
