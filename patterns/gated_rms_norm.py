@@ -48,7 +48,10 @@ def _gated(fn):
     return out
 
 
-_VARIANTS = {_gated(v.fn): v for v in _BASE.variants}  # gated fn -> rms_norm's traced variant
+from . import rms_norm as _rms_norm  # noqa: E402 - registered before this module (patterns/__init__)
+
+# gated fn -> rms_norm's traced variant (not those rms_norm registers only to refuse)
+_VARIANTS = {_gated(v.fn): v for v in _BASE.variants if v.fn not in _rms_norm.REFUSED_VARIANTS}
 
 
 def _norm_match(match):

@@ -81,7 +81,10 @@ def l2_norm_plain(x, eps, dim):  # with or without a weight after it: one near m
     return _l2_normed(x, eps, dim)
 
 
-_L2_VARIANTS = (l2_norm_plain,)
+# Variants registered only to be refused with a reason (`check`): patterns built on these variants
+# (gated_rms_norm) leave them out.
+REFUSED_VARIANTS = (l2_norm_plain,)
+_L2_VARIANTS = REFUSED_VARIANTS
 
 
 def rms_norm_functional(x, normalized_shape, weight, eps):

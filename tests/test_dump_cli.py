@@ -182,7 +182,10 @@ def test_hf_config_json_html(tmp_path, capsys):
     # Self-contained: no external script, style, image or font is loaded.
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(""", page)
     assert "<td><span class='sw' style='background:" in page  # the per-pattern summary
-    assert re.search(r"rms_norm</td><td class='num'>3</td><td><code>liger::rms_norm</code>", page)
+    # one layer: the input norm reads the embeddings, the other two follow a residual add
+    assert re.search(r"rms_norm</td><td class='num'>1</td><td><code>liger::rms_norm</code>", page)
+    assert re.search(r"add_rms_norm</td><td class='num'>2</td><td><code>liger::add_rms_norm</code>",
+                     page)
     assert "modeling_qwen2.py" in page and "window.LIGERFX_DUMP=" in page
     data = json.loads(page.split("window.LIGERFX_DUMP=", 1)[1].split(";</script>", 1)[0])
     (g,) = data["graphs"]

@@ -71,7 +71,10 @@ def test_replacement_matches_every_spelling(name):
 def test_gelu_alone_is_not_gated():
     model, args, _ = HANDWRITTEN["nanogpt"]()
     report = _explain(model, args)
-    assert _counts(report.counts) == {"swiglu": 0, "geglu": 0} and not report.near_misses
+    assert _counts(report.counts) == {"swiglu": 0, "geglu": 0}
+    # no gated-activation look-alike reported (nanoGPT's broadcast `tok_emb + pos_emb` before ln_1
+    # is add_layer_norm's near miss, not this family's)
+    assert not [m for m in report.near_misses if m.pattern in ("swiglu", "geglu")], report
 
 
 @pytest.mark.parametrize("name", ["mlp_fused_split", "mlp_slices", "mlp_sigmoid", "mlp_gelu_new",
