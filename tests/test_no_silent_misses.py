@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import ligerfx
 from ligerfx.canonical import View, _node_pure
 from tests.compare import compare_training_step
+from tests.models.hf import tiny_causal_lm
 from tests.models.repeated_tables import make_deepseek, make_llama4
 
 ROPES = ("rope", "rope_single")
@@ -69,20 +70,6 @@ def test_partners_repeating_the_table_pair(make, kernel_path):
     assert not report.near_misses, [str(m) for m in report.near_misses]
 
 
-def _hf(model_type, **overrides):
-    transformers = pytest.importorskip("transformers")
-    from ligerfx.hf_targets import small_config_kwargs
-
-    kw = small_config_kwargs(model_type)
-    kw.update(overrides)
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **kw)
-    except ValueError:
-        pytest.skip(f"transformers has no {model_type}")
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).train()
-    ids = torch.randint(3, 256, (2, 8))
-    return model, dict(input_ids=ids, labels=ids)
 
 
 # DeepSeek-V4 at its smallest: one sliding-attention layer, which rotates q, kv (the same
@@ -101,7 +88,7 @@ _HF = {
 @pytest.mark.parametrize("model_type", list(_HF))
 def test_hf_families_pair_q_and_k(model_type):
     overrides, expected = _HF[model_type]
-    model, inputs = _hf(model_type, **overrides)
+    model, inputs = tiny_causal_lm(model_type, **overrides)
     report = ligerfx.explain(model, **inputs)
     assert {k: v for k, v in report.counts.items() if k in ROPES} == expected
     singles = [m for m in report.matches if m.pattern == "rope_single"]

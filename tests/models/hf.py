@@ -125,3 +125,21 @@ def build(name: str, seed: int = 0, **overrides):
         model = getattr(transformers, meta["model_class"])(config)
     model.train()
     return model, make_inputs(config.vocab_size, seed=seed)
+
+
+def tiny_causal_lm(model_type: str, **overrides):
+    """(model in train mode, inputs with labels) of any transformers causal-LM type, built from
+    `small_config_kwargs`; the test skips when this transformers lacks the type."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    kw = small_config_kwargs(model_type)
+    kw.update(overrides)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **kw)
+    except ValueError:
+        pytest.skip(f"this transformers has no {model_type}")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).train()
+    ids = torch.randint(3, 256, (2, 8))
+    return model, dict(input_ids=ids, labels=ids)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import ligerfx
 from tests.compare import compare_training_step, rel_err
 from tests.models.act_norm import GATED_NORMS, GatedNormBlock, Qwen3NextGatedNorm
+from tests.models.hf import tiny_causal_lm
 
 OPTS = {"patterns": ["gated_rms_norm", "rms_norm"]}
 
@@ -114,29 +115,16 @@ def test_look_alikes_say_why(fn, dtype, reason, norms):
     assert report.counts.get("rms_norm", 0) == norms  # the norm alone, where it is one
 
 
-def _hf(model_type, **overrides):
-    transformers = pytest.importorskip("transformers")
-    from ligerfx.hf_targets import small_config_kwargs
-
-    kw = small_config_kwargs(model_type)
-    kw.update(overrides)
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **kw)
-    except ValueError:
-        pytest.skip(f"this transformers has no {model_type}")
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).train()
-    ids = torch.randint(3, 256, (2, 8))
-    return model, dict(input_ids=ids, labels=ids)
 
 
 def test_qwen3_next(triton_path):
     # Qwen3-Next (and Qwen3.5) fail in AOTAutograd's backward without ligerfx too ("view size is
     # not compatible"), so the training step runs with inner="eager" (Dynamo's graph run as is).
-    model, inputs = _hf("qwen3_next", num_hidden_layers=1, layer_types=["linear_attention"],
-                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                        shared_expert_intermediate_size=32, linear_num_value_heads=4,
-                        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)
+    model, inputs = tiny_causal_lm(
+        "qwen3_next", num_hidden_layers=1, layer_types=["linear_attention"], num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=16)
     report = compare_training_step(model, inputs, options={"inner": "eager"})
     assert report.counts.get("gated_rms_norm") == 1  # one per linear-attention layer
     # (the linear attention's L2-normalised q/k is a look-alike with its own near miss)
@@ -147,7 +135,7 @@ def test_qwen3_next(triton_path):
 def test_llama4_weightless_qk_norms_counted():
     # Llama 4's q/k norm is an L2 norm without a weight (`x * rsqrt(mean(x^2) + eps)`): found by
     # rms_norm as "no weight", one for q and one for k, next to the two decoder norms and the final
-    model, inputs = _hf("llama4_text", num_hidden_layers=1)
+    model, inputs = tiny_causal_lm("llama4_text", num_hidden_layers=1)
     assert model.config.use_qk_norm
     report = ligerfx.explain(model, **inputs)
     norms = [m for m in report.matches if m.pattern in ("rms_norm", "add_rms_norm")]
