@@ -22,7 +22,7 @@ def register_pattern(name: str, pattern: Callable | Sequence[Callable] | None = 
                      replacement: Callable | None = None, example_inputs: Any = None, *,
                      constraints: Callable | Sequence[Callable] | None = None, priority: int = 0,
                      allow_casts: bool = False, description: str = "",
-                     replace: bool = False):
+                     replace: bool = False, look_alikes: dict[Callable, str] | None = None):
     """Register a rewrite: wherever `pattern` is computed in a compiled graph, call `replacement`.
 
     name: identifier shown in `ligerfx.explain` counts, `ligerfx dump` and `ligerfx patterns`.
@@ -36,6 +36,9 @@ def register_pattern(name: str, pattern: Callable | Sequence[Callable] | None = 
     allow_casts: look through dtype casts inside the pattern (constraints then judge dtypes).
     description: one line for `ligerfx patterns` (default: the pattern's docstring first line).
     replace: replace an already registered pattern of the same name instead of raising.
+    look_alikes: {function: reason} for spellings that look like the pattern but compute something
+        else (a sum where the kernel takes a mean); a match of one is never rewritten and shows
+        in the report as a near miss with the reason.
 
     Decorator form: leave out `pattern` (or `replacement`) and decorate it; the function is
     returned unchanged.  Called directly, returns the registered `Pattern`.
@@ -54,7 +57,7 @@ def register_pattern(name: str, pattern: Callable | Sequence[Callable] | None = 
         _ensure_loaded()
         return register(name, pat, repl, example_inputs, constraints=constraints,
                         priority=priority, allow_casts=allow_casts, description=description,
-                        replace=replace)
+                        replace=replace, look_alikes=look_alikes)
 
     if pattern is not None and replacement is not None:
         return _register(pattern, replacement)

@@ -283,6 +283,8 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                     # check must then cover what they added.
                     try:
                         problem = _kind_problem(match) or _run_constraints(match)
+                        # a look-alike is refused once its constraints did not skip it
+                        problem = variant.refuse or problem
                     except Skip:
                         continue
                     if problem is None and any(n in claimed for n in match.covered):
@@ -317,7 +319,8 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                         if key not in seen_misses:
                             seen_misses.add(key)
                             miss = NearMiss(pattern.name, locate(match.tops[0]), problem,
-                                            position=position.get(match.tops[0], -1))
+                                            position=position.get(match.tops[0], -1),
+                                            size=len(match.covered))
                             report.near_misses.append(miss)
                             for n in match.covered:
                                 misses_at.setdefault(n, []).append(miss)
@@ -356,11 +359,24 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                         misses_at.setdefault(n, []).append(miss)
         graph.lint()
     report.near_misses.extend(m for a, m in cut_misses if a not in claimed)
+    report.near_misses = _one_per_cause(report.near_misses)
     # Report in program order (candidates are scanned from the graph's end).
     report.matches.sort(key=lambda m: m.position)
     report.near_misses.sort(key=lambda m: m.position)
     gm.recompile()
     return report
+
+
+def _one_per_cause(misses: list) -> list:
+    """One near miss per place and reason: where several patterns (add_rms_norm and rms_norm)
+    or several spellings of one (the norm with and without its weight) were refused at the same
+    code for the same reason, the one whose match covered the most is kept."""
+    best: dict = {}
+    for m in misses:
+        key = (str(m.location), m.reason)
+        if key not in best or m.size > best[key].size:
+            best[key] = m
+    return [m for m in misses if best[(str(m.location), m.reason)] is m]
 
 
 def enabled_patterns(options) -> list[Pattern]:

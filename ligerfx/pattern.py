@@ -31,6 +31,9 @@ class TracedVariant:
     inputs: list[str]  # parameter names, in order
     scalar_inputs: set[str]
     outputs: list[Any]  # canonical nodes (or placeholders) the pattern returns
+    # a look-alike: matched only to be refused with this reason (never rewritten, never checked
+    # against the replacement)
+    refuse: str | None = None
 
 
 @dataclass(eq=False)
@@ -48,6 +51,11 @@ class Pattern:
     @property
     def num_outputs(self) -> int:
         return len(self.variants[0].outputs)
+
+    @property
+    def rewritable(self) -> list[TracedVariant]:
+        """The variants a match of which is rewritten (the look-alikes left out)."""
+        return [v for v in self.variants if v.refuse is None]
 
 
 def _run_with_meta(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
@@ -99,7 +107,7 @@ def trace_variant(fn: Callable, example_inputs: Any, name: str) -> TracedVariant
 
 def check_replacement(pattern: Pattern) -> None:
     """The replacement must produce what the pattern produces on the example inputs."""
-    for v in pattern.variants:
+    for v in pattern.rewritable:
         _, ex = _examples_for(v.fn, pattern.example_inputs, pattern.name)
         try:
             expected = v.fn(*ex)
@@ -170,7 +178,8 @@ REGISTRY = Registry()
 def register(name: str, pattern: Callable | Sequence[Callable], replacement: Callable,
              example_inputs: Sequence[Any], *, constraints: Callable | Sequence[Callable] | None = None,
              priority: int = 0, allow_casts: bool = False, description: str = "",
-             replace: bool = False, builtin: bool = False) -> Pattern:
+             replace: bool = False, builtin: bool = False,
+             look_alikes: dict[Callable, str] | None = None) -> Pattern:
     """Trace a pattern and add it to the registry (see ligerfx.register_pattern for the docs)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise PatternError(f"pattern name must be an identifier-like string, got {name!r}")
@@ -188,6 +197,13 @@ def register(name: str, pattern: Callable | Sequence[Callable], replacement: Cal
     else:
         cons = list(constraints)
     variants = [trace_variant(f, example_inputs, name) for f in fns]
+    for fn, reason in (look_alikes or {}).items():
+        if not callable(fn) or not isinstance(reason, str) or not reason:
+            raise PatternError(f"pattern {name!r}: `look_alikes` maps functions to the reason "
+                               "(a non-empty string) each is left alone")
+        v = trace_variant(fn, example_inputs, name)
+        v.refuse = reason
+        variants.append(v)
     if len({len(v.outputs) for v in variants}) != 1:
         raise PatternError(f"pattern {name!r}: all variants must return the same number of outputs")
     if description == "":

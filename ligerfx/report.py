@@ -89,6 +89,7 @@ class NearMiss:
     reason: str
     graph: int = 0
     position: int = field(default=-1, repr=False)
+    size: int = field(default=0, repr=False)  # nodes the refused match covered
 
     def __str__(self) -> str:
         return f"{self.pattern} at {self.location}: not rewritten: {self.reason}"

@@ -11,7 +11,7 @@ tolerances.  Non-tensor example inputs (eps, dims) are kept as registered.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -29,13 +29,30 @@ TOLERANCES = {
 def _fresh(v: Any, gen: torch.Generator) -> Any:
     if not isinstance(v, torch.Tensor):
         return v
-    if v.is_floating_point():
-        t = torch.randn(v.shape, generator=gen, dtype=torch.float32).to(v.dtype)
-        return t.to(v.device).requires_grad_(True)
+    if v.is_floating_point() or v.is_complex():
+        wide = torch.complex64 if v.is_complex() else torch.float32
+        return torch.randn(v.shape, generator=gen, dtype=wide).to(v.dtype).to(v.device)
     if v.dtype == torch.bool:
         return v.clone()
     lo, hi = (int(v.min()), int(v.max()) + 1) if v.numel() else (0, 1)
     return torch.randint(lo, max(hi, lo + 1), v.shape, generator=gen, dtype=v.dtype).to(v.device)
+
+
+def _differentiable(fn, params, ins, frozen) -> set[str]:
+    """Floating inputs that get a gradient: all but `frozen` and those eager torch itself cannot
+    differentiate (cross_entropy's class weights)."""
+    out = set()
+    for p, x in zip(params, ins):
+        if p in frozen or not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            continue
+        probe = [y.detach().requires_grad_(q == p) if isinstance(y, torch.Tensor)
+                 and y.is_floating_point() else y for q, y in zip(params, ins)]
+        try:
+            fn(*probe)
+        except RuntimeError:
+            continue
+        out.add(p)
+    return out
 
 
 def _as_list(x) -> list:
@@ -57,8 +74,14 @@ def _close(name: str, what: str, got: torch.Tensor, exp: torch.Tensor, rtol, ato
 
 
 def check_pattern(name: str, *, trials: int = 2, seed: int = 0, backward: bool = True,
-                  rtol: float | None = None, atol: float | None = None) -> int:
+                  rtol: float | None = None, atol: float | None = None,
+                  frozen: Sequence[str] = (), skip: Sequence[str] = ()) -> int:
     """Compare the replacement of pattern `name` with each of its spellings, forward and backward.
+
+    frozen: inputs given without a gradient (those your constraints refuse with one, such as
+        rotary tables); inputs eager torch cannot differentiate are left without one anyway.
+    skip: names of spellings that equal the replacement only under a relation the constraints
+        prove on the real graph (a subtrahend that must be the logsumexp), not on random inputs.
 
     Returns the number of (variant, trial) comparisons made; raises AssertionError on a mismatch.
     """
@@ -70,11 +93,21 @@ def check_pattern(name: str, *, trials: int = 2, seed: int = 0, backward: bool =
     pat: Pattern = REGISTRY.get(name)
     gen = torch.Generator().manual_seed(seed)
     checks = 0
-    for v in pat.variants:
+    names = [getattr(v.fn, "__name__", "") for v in pat.rewritable]
+    unknown = sorted(set(skip) - set(names)) + sorted(
+        set(frozen) - {p for v in pat.rewritable for p in v.inputs})
+    if unknown:
+        raise KeyError(f"pattern {name!r} has no spelling or input named {unknown}; spellings: "
+                       f"{', '.join(names)}")
+    for v in pat.rewritable:
         params, examples = _examples_for(v.fn, pat.example_inputs, name)
         label = f"{getattr(v.fn, '__name__', 'variant')}"
+        if label in skip:
+            continue
         for _ in range(trials):
             ins = [_fresh(x, gen) for x in examples]
+            grads = _differentiable(v.fn, params, ins, frozen) if backward else set()
+            ins = [x.requires_grad_(True) if p in grads else x for p, x in zip(params, ins)]
             expected = _as_list(v.fn(*ins))
             try:
                 got = _as_list(call_replacement(pat, v, dict(zip(params, ins)), None))

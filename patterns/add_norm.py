@@ -159,7 +159,7 @@ def replace_ln(x, residual=None, weight=None, bias=None, eps=1e-5, *, match=None
 
 def _register(name: str, base_name: str, replace, description: str) -> None:
     base = REGISTRY.get(base_name)
-    register(name, [v.fn for v in base.variants], replace, example_inputs=base.example_inputs,
+    register(name, [v.fn for v in base.rewritable], replace, example_inputs=base.example_inputs,
              constraints=_fused_with_add(base_name), priority=base.priority + 1,
              allow_casts=base.allow_casts, description=description, builtin=True)
 

@@ -48,10 +48,8 @@ def _gated(fn):
     return out
 
 
-from . import rms_norm as _rms_norm  # noqa: E402 - registered before this module (patterns/__init__)
-
-# gated fn -> rms_norm's traced variant (not those rms_norm registers only to refuse)
-_VARIANTS = {_gated(v.fn): v for v in _BASE.variants if v.fn not in _rms_norm.REFUSED_VARIANTS}
+# gated fn -> rms_norm's traced variant (not its look-alikes, matched only to be refused)
+_VARIANTS = {_gated(v.fn): v for v in _BASE.rewritable}
 
 
 def _norm_match(match):

@@ -71,8 +71,9 @@ def nll_cross_entropy(logits, ids, ignore_index):
     return F.cross_entropy(logits, ids, None, None, ignore_index, None, "none", 0.0)
 
 
-_VARIANTS = [logprob_gather_lse, logprob_gather_rows_lse, logprob_log_softmax, nll_cross_entropy,
-             lookalike_other_dim]
+_VARIANTS = [logprob_gather_lse, logprob_gather_rows_lse, logprob_log_softmax, nll_cross_entropy]
+_LOOK_ALIKES = {lookalike_other_dim: "the log-softmax is over dim -2, not the vocabulary dim the "
+                                     "ids index (-1): not a per-token log-prob"}
 _GATHERED = (logprob_log_softmax, logprob_gather_lse, logprob_gather_rows_lse)
 
 _EXAMPLE_LOGITS = torch.randn(6, 10)
@@ -335,9 +336,8 @@ def check(match):
     if fn is lookalike_other_dim:
         top, _ = _walk_from(match["logits"], None)
         if _linear(top) is None:
-            raise Skip
-        return ("the log-softmax is over dim -2, not the vocabulary dim the ids index (-1): "
-                "not a per-token log-prob")
+            raise Skip  # reported only where an lm head computes the logits
+        return None
     view = View(match.graph)
     z, ids, extra = match["logits"], match["ids"], []
     rows = None
@@ -443,4 +443,5 @@ register(
     description="lm head (+cast/temperature/softcap/shift) + per-token log-prob of given ids "
                 "(+ entropy) -> chunked liger::fused_linear_logprob (no [N, V] logits)",
     builtin=True,
+    look_alikes=_LOOK_ALIKES,
 )

@@ -71,20 +71,14 @@ def rms_norm_sum_plain(x, eps, dim, n):
     return _normed_sum(x, eps, dim, n)
 
 
-def _l2_normed(x, eps, dim):
-    # the sum of squares not divided by the width: unit L2 norm (nGPT-style), not RMS 1; matched
-    # only to say why it is left alone (`check`), since the kernel computes the mean
+def l2_norm_plain(x, eps, dim):  # with or without a weight after it: one near miss
+    # the sum of squares not divided by the width: unit L2 norm (nGPT-style), not RMS 1; a
+    # look-alike, matched only to say why it is left alone, since the kernel computes the mean
     return x * torch.rsqrt(x.pow(2).sum(dim, keepdim=True) + eps)
 
 
-def l2_norm_plain(x, eps, dim):  # with or without a weight after it: one near miss
-    return _l2_normed(x, eps, dim)
-
-
-# Variants registered only to be refused with a reason (`check`): patterns built on these variants
-# (gated_rms_norm) leave them out.
-REFUSED_VARIANTS = (l2_norm_plain,)
-_L2_VARIANTS = REFUSED_VARIANTS
+_L2_REASON = ("the sum of squares is not divided by the width: an L2 normalisation (unit norm), "
+              "not RMSNorm, which the kernel computes with the mean")
 
 
 def rms_norm_functional(x, normalized_shape, weight, eps):
@@ -187,9 +181,6 @@ def _precision(match):
 
 def check(match):
     x = match.value("x")
-    if match.variant.fn in _L2_VARIANTS:
-        return ("the sum of squares is not divided by the width: an L2 normalisation (unit norm), "
-                "not RMSNorm, which the kernel computes with the mean")
     if "n" in match.bindings:
         n = match.value("n")
         if isinstance(n, float) and n.is_integer():
@@ -247,7 +238,7 @@ register(
     "rms_norm",
     [rms_norm_offset_weight, rms_norm_weight, rms_norm_weight_first, rms_norm_weight_unsqueeze,
      rms_norm_plain, rms_norm_plain_unsqueeze, rms_norm_sum_weight, rms_norm_sum_plain,
-     rms_norm_functional, rms_norm_functional_no_weight, *_L2_VARIANTS],
+     rms_norm_functional, rms_norm_functional_no_weight],
     replace,
     example_inputs={"x": torch.randn(2, 3, 8), "weight": torch.randn(8), "eps": 1e-6,
                     "offset": 1.0, "dim": -1, "udim": -1, "n": 8, "normalized_shape": (8,)},
@@ -256,4 +247,5 @@ register(
     allow_casts=True,
     description="RMSNorm (manual, F.rms_norm, nn.RMSNorm; Llama, Gemma and fp32 casting) -> liger::rms_norm",
     builtin=True,
+    look_alikes={l2_norm_plain: _L2_REASON},
 )

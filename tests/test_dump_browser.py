@@ -125,8 +125,9 @@ def test_html_dump_in_headless_chromium(tmp_path):
     order = list(d.before[0].graph.nodes)
     anchors = {order[nm.position].name for nm in d.report.near_misses}
     assert r["nm_nodes"] == len(anchors) and r["nm_marks"] >= len(anchors)
-    reason = "near miss rms_norm: `eps` is a tensor here"
-    assert sum(reason in t for t in r["nm_titles"]) == len(anchors)
+    # (a norm after a residual add is refused once, as add_rms_norm, which covers the add too)
+    reason = re.compile(r"near miss (add_)?rms_norm: `eps` is a tensor here")
+    assert sum(bool(reason.search(t)) for t in r["nm_titles"]) == len(anchors)
     # Clicking a collapsed group opens it in place: more boxes, its rope region now labelled.
     assert r["was_collapsed"] and r["now_open"], r
     assert r["boxes_after"] > r["boxes_before"]
