@@ -29,6 +29,8 @@ NLL and stays that pattern's; otherwise (per-sequence sums, ratios, logsigmoid, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -154,8 +156,8 @@ def _row_ids(view: View, index: fx.Node):
         return None
     base, idx = index.args
     whole = all(i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in idx[1:-1])
-    if (len(idx) < 2 or not isinstance(idx[0], int) or isinstance(idx[0], bool) or idx[-1] is not None
-            or not whole or sum(i is Ellipsis for i in idx) > 1 or base not in view):
+    if (len(idx) < 2 or not isinstance(idx[0], int) or isinstance(idx[0], bool)
+            or idx[-1] is not None or not whole or sum(i is Ellipsis for i in idx) > 1 or base not in view):
         return None
     bv = _val(base)
     if Ellipsis not in idx and (not isinstance(bv, torch.Tensor) or len(idx) - 1 != bv.dim()):
@@ -362,41 +364,128 @@ def _entropy_at(view: View, c: CNode, is_logits):
     return None
 
 
+def _static(shape) -> bool:
+    return all(isinstance(d, int) for d in shape)
+
+
+def _basic_index(ids: torch.Tensor, idx):
+    """ids[idx] for an index of ints and slices within ids' dims, else None."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    ok = all((isinstance(i, int) and not isinstance(i, bool)) or (isinstance(i, slice) and all(
+        isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step))) for i in items)
+    return ids[items] if ok and len(items) <= ids.dim() else None
+
+
+def _carry_rows(view: View, n: fx.Node, rows: dict, logits_side: bool):
+    """The row numbers `n` holds when it only picks, splits, stacks or reshapes values whose row
+    numbers are in `rows` (a tuple of them for split / chunk), else None.  On the logits side
+    the vocabulary dim (last) must be left whole; `rows` have the value's shape without it."""
+    if n in view and view[n].op == CAST and view[n].identity and n.args and n.args[0] in rows:
+        return rows[n.args[0]]
+    name, a = op_name(n), n.args
+    x = a[0] if a else None
+    vin, vout = _val(x) if isinstance(x, fx.Node) else None, _val(n)
+    if name == "getitem" and len(a) == 2 and x in rows:
+        if isinstance(rows[x], tuple):
+            return rows[x][a[1]] if isinstance(a[1], int) and -len(rows[x]) <= a[1] < len(rows[x]) else None
+        return _basic_index(rows[x], a[1])
+    if name in ("split", "chunk") and x in rows and not isinstance(rows[x], tuple):
+        dim = n.kwargs.get("dim", a[2] if len(a) > 2 else 0)
+        size = a[1] if len(a) > 1 else n.kwargs.get("split_size_or_sections", n.kwargs.get("chunks"))
+        r = rows[x]
+        if not isinstance(dim, int) or not isinstance(size, int) or not isinstance(vin, torch.Tensor):
+            return None
+        dim = dim + vin.dim() if dim < 0 else dim
+        if dim >= r.dim():
+            return None  # a split of the vocabulary dim
+        return tuple(r.split(size, dim) if name == "split" else r.chunk(size, dim))
+    if name in ("view", "reshape", "flatten", "unflatten") and x in rows \
+            and isinstance(vout, torch.Tensor) and isinstance(vin, torch.Tensor):
+        shape = tuple(vout.shape[:-1]) if logits_side else tuple(vout.shape)
+        if logits_side and not known_equal(vin.shape[-1], vout.shape[-1]):
+            return None
+        return rows[x].reshape(shape) if _static(shape) else None
+    if not logits_side and name in ("stack", "cat") and a and isinstance(a[0], (list, tuple)):
+        parts = list(a[0])
+        dim = n.kwargs.get("dim", a[1] if len(a) > 1 else 0)
+        if not parts or not all(p in rows and not isinstance(rows[p], tuple) for p in parts):
+            return None
+        return (torch.stack if name == "stack" else torch.cat)([rows[p] for p in parts], dim)
+    return None
+
+
 def _entropy_of(view: View, z: fx.Node, lp_out: fx.Node):
     """The entropy of the logits `z` computed beside the log-probs: (output node, covered nodes),
-    a near-miss reason, or None.  Found as one entropy of `z`, or as TRL's row loop (in the
-    log-probs' loop or a loop of its own): stack([entropy(z[i]) for i in rows]) along dim 0,
-    every row of `z` once, in order (the op's entropy is row i at position i)."""
+    a near-miss reason, or None.
+
+    The entropy is row-wise, so a value assembled from entropies of pieces of the logits is the
+    entropy of the logits exactly when it holds each of their rows at that row's place.  Row
+    numbers are carried through the picks, splits, stacks and reshapes between `z` and the
+    entropies (TRL's row loops: `stack([entropy(z[i]) for i])`, `entropy_from_logits` over
+    `z.reshape(-1, V).split(c)` with `cat(...).reshape(B, T)`, or `extend` then `stack`)."""
     target = _plain(view[z])
-    lv = _val(lp_out)
+    zv, lv = _val(z), _val(lp_out)
+    lead = tuple(zv.shape[:-1])
 
     def same_grad(out):  # an entropy under no_grad, unlike the log-probs, is left alone
         return getattr(_val(out), "requires_grad", None) == getattr(lv, "requires_grad", None)
 
-    def row_of_z(x):
-        r = _row_index(view, x.node) if x.node is not None else None
-        return r is not None and r[0] is target
-
-    for c in list(view.cnodes()):
-        if c.op in ("neg", "sub") and c.nodes:
-            m = _entropy_at(view, c, lambda x: x is target)
-            if m is not None and same_grad(m.outputs[0]):
-                return m.outputs[0], m.covered
-        if c.op != "stack" or not c.nodes or _stack_parts(view, c.nodes[0]) is None:
+    if not _static(lead):  # only the entropy of the logits themselves
+        for c in list(view.cnodes()):
+            if c.op in ("neg", "sub") and c.nodes:
+                m = _entropy_at(view, c, lambda x: x is target)
+                if m is not None and same_grad(m.outputs[0]):
+                    return m.outputs[0], m.covered
+        return None
+    base = torch.arange(math.prod(lead)).reshape(lead)
+    lrows, erows, leaves, from_ = {}, {}, {}, {}
+    for n in view.graph.nodes:
+        if n.op == "output":
             continue
-        parts = [_entropy_at(view, _plain(p), row_of_z) for p in _stack_parts(view, c.nodes[0])]
-        if not parts or any(m is None or m.outputs[0] is not m.tops[0] for m in parts):
-            continue  # not a stack of per-row entropies of these logits
-        if not same_grad(c.nodes[0]):
+        if n in view and _plain(view[n]) is target:
+            lrows[n] = base
             continue
-        order = [_row_index(view, m["logits"])[1] for m in parts]
-        if order != list(range(_rows_of(target) or 0)):
-            return (f"the stacked per-row entropy takes rows {order} of the logits, not each of "
-                    f"its {_rows_of(target)} rows once in order")
-        covered = list(c.covers)
-        for m in parts:
-            covered += m.covered + _plain(view[m["logits"]]).covers
-        return c.nodes[0], covered
+        r = _carry_rows(view, n, lrows, True)
+        if r is not None:
+            lrows[n] = r
+            continue
+        c = view[n] if n in view else None
+        if c is not None and c.op in ("neg", "sub") and n in c.nodes:
+            m = _entropy_at(view, c, lambda x: x.node in lrows)
+            if m is not None and m.outputs[0] is m.tops[0] and m.tops[0] is n:
+                erows[n], leaves[n] = lrows[m["logits"]], m
+                continue
+        r = _carry_rows(view, n, erows, False)
+        if r is not None:
+            erows[n] = r
+    reordered = None
+    for n, r in erows.items():
+        if isinstance(r, tuple) or tuple(r.shape) != lead:
+            continue
+        if not torch.equal(r, base):
+            if reordered is None and torch.equal(r.flatten().sort().values, base.flatten()):
+                reordered = (n, r)
+            continue
+        if not same_grad(n):
+            continue
+        covered, todo = [], [n]
+        while todo:  # everything between z and the entropy, z's own chain excepted
+            u = todo.pop()
+            if u in covered or lrows.get(u) is base:
+                continue
+            covered.append(u)
+            if u in leaves:
+                covered += leaves[u].covered
+                todo.append(leaves[u]["logits"])
+                continue
+            todo += [a for a in u.all_input_nodes if a in lrows or a in erows]
+        return n, list(dict.fromkeys(covered))
+    if reordered is not None:
+        n, r = reordered
+        k = int((r.flatten() != base.flatten()).nonzero()[0])
+        return (f"`{n.name}` assembles the entropy of the logits' rows in another order: its "
+                f"row {k} (counting over the leading dims {lead}) is the entropy of logits row "
+                f"{int(r.flatten()[k])}")
     return None
 
 
@@ -502,8 +591,9 @@ def check(match):
     logits_chain = [top] + [n for n, _, _ in steps] + _identity_casts(view, z) + [z]
     escaping = _escaping_logits(logits_chain, match.covered, match.outputs)
     if escaping is not None:
-        if (rows is None and entropy is None and _cross_entropy_enabled(match.options) and (
-                fn is nll_cross_entropy or (fn is logprob_log_softmax and _ce_spelling(view, index)))):
+        ce_reads = fn is nll_cross_entropy or (
+            fn is logprob_log_softmax and _ce_spelling(view, index))
+        if rows is None and entropy is None and _cross_entropy_enabled(match.options) and ce_reads:
             # fused_linear_cross_entropy reads these spellings too and writes the logits from
             # the same pass (return_logits): it takes them (docs/post_training.md counts bytes)
             raise Skip

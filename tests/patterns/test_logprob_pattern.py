@@ -134,12 +134,47 @@ def with_entropy_full_after_row_loop(h, w, ids):
     return lp, -(logp.exp() * logp).sum(-1)
 
 
+def entropy_from_logits(logits, chunk_size=4):
+    # TRL trainer/utils.py: the entropy over chunks of the flattened rows, concatenated back
+    flat = logits.reshape(-1, logits.shape[-1])
+    ents = []
+    for chunk in flat.split(chunk_size, dim=0):
+        logps = F.log_softmax(chunk, dim=-1)
+        ents.append(-(torch.exp(logps) * logps).sum(-1))
+    return torch.cat(ents, dim=0).reshape(logits.shape[:-1])
+
+
+def entropy_from_logits_extend(logits, chunk_size=1):
+    # the earlier TRL version: chunks of the batch, `extend` (one getitem per row), stack
+    per_token = []
+    for chunk in logits.split(chunk_size, dim=0):
+        logps = F.log_softmax(chunk, dim=-1)
+        per_token.extend(-(torch.exp(logps) * logps).sum(-1))
+    return torch.stack(per_token)
+
+
+def with_entropy_grpo_trl(h, w, ids):
+    # GRPOTrainer._get_per_token_logps_and_entropies: temperature, selective_log_softmax's
+    # low-precision branch, entropy_from_logits
+    z = _head(h, w) / 0.7
+    lp = torch.stack([F.log_softmax(r, -1).gather(-1, i.unsqueeze(-1)).squeeze(-1)
+                      for r, i in zip(z, ids)])
+    return lp, entropy_from_logits(z)
+
+
+def with_entropy_trl_extend(h, w, ids):
+    z = _head(h, w)
+    lp = torch.gather(z, -1, ids.unsqueeze(-1)).squeeze(-1) \
+        - torch.stack([torch.logsumexp(r, -1) for r in z])
+    return lp, entropy_from_logits_extend(z)
+
+
 SPELLINGS = [lsm_gather_shift_temperature, lsm_dtype_kwarg_torch_gather, gather_minus_logsumexp,
              trl_rows_fp32, trl_rows_log_softmax, neg_cross_entropy_none, with_entropy_exp,
              with_entropy_softmax, with_entropy_lse, index_none_after_slice, index_view_unit,
              index_reshape_unit_dim2, index_also_read_elsewhere, trl_rows_index_none,
              with_entropy_rows_same_loop, with_entropy_rows_own_loop,
-             with_entropy_full_after_row_loop]
+             with_entropy_full_after_row_loop, with_entropy_grpo_trl, with_entropy_trl_extend]
 
 
 def _args(seed, dtype=torch.float32, bias=False):
@@ -308,6 +343,15 @@ def index_none_not_trailing(h, w, ids):
     return logp.gather(-1, ids[:, None]).squeeze(-1).sum(-1)
 
 
+def entropy_chunks_swapped(h, w, ids):
+    # entropy_from_logits with its two chunks concatenated the wrong way round
+    z = _head(h, w)
+    lp = F.log_softmax(z, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    a, b = z.reshape(-1, V).split(B * T // 2)
+    ents = [-(F.softmax(c, -1) * F.log_softmax(c, -1)).sum(-1) for c in (b, a)]
+    return lp, torch.cat(ents).reshape(B, T)
+
+
 def entropy_rows_out_of_order(h, w, ids):
     z = _head(h, w)
     lp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
@@ -333,7 +377,8 @@ LOOK_ALIKES = [
     (logits_also_returned, "does not write them"),
     (row_loop_logits_logged, "does not write them"),
     (index_none_not_trailing, "token ids have shape (2, 1, 6)"),
-    (entropy_rows_out_of_order, "stacked per-row entropy takes rows [1, 0]"),
+    (entropy_rows_out_of_order, "rows in another order: its row 0"),
+    (entropy_chunks_swapped, "rows in another order: its row 0"),
     (rows_out_of_order, "stacked logsumexp"),
     (log_softmax_other_dim, "dim -2"),
 ]
