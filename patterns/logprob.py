@@ -3,8 +3,10 @@
 Post-training losses (DPO, ORPO, SimPO, GRPO, PPO) start from `log p(id_t)` per token and feed
 it to their own code.  The spellings found in users' and trainer libraries' code:
 
-- `log_softmax(z, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)` (`torch.gather`, `[..., None]`,
-  `log_softmax(z, -1, dtype=torch.float32)`);
+- `log_softmax(z, -1).gather(-1, index).squeeze(-1)` (`torch.gather`,
+  `log_softmax(z, -1, dtype=torch.float32)`), the index any value of shape `rows + (1,)`: the
+  ids with a trailing unit dim however spelled (`ids.unsqueeze(-1)`, `ids[:, 1:, None]`,
+  `ids.view(B, T, 1)`);
 - `z.gather(-1, ids[..., None]).squeeze(-1) - z.logsumexp(-1)`;
 - `-F.cross_entropy(z.view(-1, V), ids.view(-1), reduction="none").view(B, T)` (the negation,
   after reshapes, is what makes the per-token NLL a log-prob; rows at ignore_index give -0.0,
@@ -13,7 +15,12 @@ it to their own code.  The spellings found in users' and trainer libraries' code
   unrolls: `gather(z, ids) - stack([logsumexp(z[i], -1) for i in rows])`, and
   `stack([log_softmax(z[i], -1).gather(-1, ids[i, :, None])[..., 0] for i in rows])`;
 - optionally the per-token entropy of the same logits, `-(softmax(z) * log_softmax(z)).sum(-1)`
-  (or `exp(logp) * logp`, or `logsumexp(z) - (softmax(z) * z).sum(-1)`), computed in the same pass.
+  (or `exp(logp) * logp`, or `logsumexp(z) - (softmax(z) * z).sum(-1)`), computed in the same pass,
+  also when assembled from pieces of `z` (TRL's row loops and `entropy_from_logits` chunks:
+  `_entropy_of` carries row numbers to prove each row's entropy sits at its row's place).
+
+Logits also used outside (returned, logged): `fused_linear_cross_entropy` writes them from its
+pass for the spellings it reads, so those are left to it; the others are refused with the reason.
 
 `z` is the lm head's output after the row-wise chain the loss patterns read (casts, `/ T`,
 softcap, the `[:, :-1]` shift; `patterns/cross_entropy.py` `_step`), so the whole thing becomes
@@ -157,7 +164,8 @@ def _row_ids(view: View, index: fx.Node):
     base, idx = index.args
     whole = all(i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in idx[1:-1])
     if (len(idx) < 2 or not isinstance(idx[0], int) or isinstance(idx[0], bool)
-            or idx[-1] is not None or not whole or sum(i is Ellipsis for i in idx) > 1 or base not in view):
+            or idx[-1] is not None or not whole or sum(i is Ellipsis for i in idx) > 1
+            or base not in view):
         return None
     bv = _val(base)
     if Ellipsis not in idx and (not isinstance(bv, torch.Tensor) or len(idx) - 1 != bv.dim()):
@@ -386,14 +394,16 @@ def _carry_rows(view: View, n: fx.Node, rows: dict, logits_side: bool):
     x = a[0] if a else None
     vin, vout = _val(x) if isinstance(x, fx.Node) else None, _val(n)
     if name == "getitem" and len(a) == 2 and x in rows:
-        if isinstance(rows[x], tuple):
-            return rows[x][a[1]] if isinstance(a[1], int) and -len(rows[x]) <= a[1] < len(rows[x]) else None
+        if isinstance(rows[x], tuple):  # a piece of a split / chunk
+            k, pieces = a[1], rows[x]
+            return pieces[k] if isinstance(k, int) and -len(pieces) <= k < len(pieces) else None
         return _basic_index(rows[x], a[1])
     if name in ("split", "chunk") and x in rows and not isinstance(rows[x], tuple):
         dim = n.kwargs.get("dim", a[2] if len(a) > 2 else 0)
-        size = a[1] if len(a) > 1 else n.kwargs.get("split_size_or_sections", n.kwargs.get("chunks"))
+        size = a[1] if len(a) > 1 else n.kwargs.get("split_size_or_sections",
+                                                    n.kwargs.get("chunks"))
         r = rows[x]
-        if not isinstance(dim, int) or not isinstance(size, int) or not isinstance(vin, torch.Tensor):
+        if not (isinstance(dim, int) and isinstance(size, int) and isinstance(vin, torch.Tensor)):
             return None
         dim = dim + vin.dim() if dim < 0 else dim
         if dim >= r.dim():
