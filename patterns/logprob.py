@@ -462,8 +462,9 @@ def _entropy_of(view: View, z: fx.Node, lp_out: fx.Node):
         c = view[n] if n in view else None
         if c is not None and c.op in ("neg", "sub") and n in c.nodes:
             m = _entropy_at(view, c, lambda x: x.node in lrows)
-            if m is not None and m.outputs[0] is m.tops[0] and m.tops[0] is n:
-                erows[n], leaves[n] = lrows[m["logits"]], m
+            r = lrows.get(m["logits"]) if m is not None else None
+            if isinstance(r, torch.Tensor) and m.outputs[0] is m.tops[0] and m.tops[0] is n:
+                erows[n], leaves[n] = r, m
                 continue
         r = _carry_rows(view, n, erows, False)
         if r is not None:
