@@ -47,7 +47,7 @@ from ligerfx.canonical import CAST, CNode, View, node_value, op_name
 from ligerfx.matcher import match_at
 from ligerfx.passes import Skip
 from ligerfx.pattern import Pattern, register, trace_variant
-from ligerfx.symbolic import known_equal
+from ligerfx.symbolic import known_equal, known_int
 
 from .cross_entropy import _check_labels, _linear, _step, lm_head_of
 
@@ -188,9 +188,9 @@ def _rank(c: CNode):
 
 def _rows_of(src: CNode):
     v = src.value
-    if not isinstance(v, torch.Tensor) or v.dim() < 2 or not isinstance(v.shape[0], int):
+    if not isinstance(v, torch.Tensor) or v.dim() < 2:
         return None
-    return v.shape[0]
+    return known_int(v.shape[0])  # a SymInt Dynamo specialised (it unrolled a loop over it) too
 
 
 def _rows_lse(match, view: View):
@@ -233,6 +233,10 @@ def _row_loop(match, view: View):
     stack = users[0]
     parts = _stack_parts(view, stack)
     z, ids = zr[0], ir[0]
+    if _rows_of(z) is None and isinstance(z.value, torch.Tensor) and z.value.dim() >= 2:
+        return (f"the row loop stacks {len(parts)} rows of logits whose row count "
+                f"{z.value.shape[0]} is symbolic (dynamic shapes): the stack is not provably "
+                "every row, and the op would read them all")
     if _rows_of(z) != len(parts):
         return f"the row loop stacks {len(parts)} rows of logits with {_rows_of(z)} rows"
     covered = list(view[stack].covers)

@@ -483,3 +483,14 @@ def test_entropy_of_other_logits_is_not_fused(torch_path):
     assert report.counts.get(NAME) == 1, str(report)
     m = next(m for m in report.matches if m.pattern == NAME)
     assert "entropy" not in m.detail
+
+
+def test_row_loop_under_dynamic_shapes(torch_path):
+    """Regression: with dynamic=True the batch dim Dynamo specialised (it unrolled the loop over
+    it) is a SymInt of constant value; the row loop was refused with "... with None rows"."""
+    args = _args(34)
+    torch._dynamo.reset()
+    ligerfx.backend.last_report = None
+    got = torch.compile(trl_rows_log_softmax, backend="liger", options=OPTS, dynamic=True)(*args)
+    assert ligerfx.backend.last_report.counts.get(NAME) == 1, str(ligerfx.backend.last_report)
+    assert rel_err(got, trl_rows_log_softmax(*args)) < 1e-5
