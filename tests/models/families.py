@@ -237,12 +237,20 @@ def find_sites(model: nn.Module, inputs: dict) -> Sites:
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post))
 
+    inside = []  # rotary calls in progress
+
     def wrap(fn):
         def counted(*a, **k):
-            out = fn(*a, **k)
+            inside.append(fn)
+            try:
+                out = fn(*a, **k)
+            finally:
+                inside.pop()
             outs = [t for t in (out if isinstance(out, (tuple, list)) else (out,))
                     if isinstance(t, torch.Tensor)]
-            if stack:
+            # the outermost rotary call counts (GPT-OSS's `apply_rotary_pos_emb(q, k, ..)`
+            # calls `_apply_rotary_emb` once per tensor: the same rotations again)
+            if stack and not inside:
                 # the rotated tensors come first, the tables (cos/sin, freqs, positions) after
                 tensors = [v for v in (*a, *k.values()) if isinstance(v, torch.Tensor)]
                 rotations[stack[-1]].append((outs, tensors[len(outs):]))
