@@ -123,7 +123,7 @@ if triton is not None:
         lse = m + tl.log(d)
 
         # A target outside [0, V) is an error in eager; masked, it reads 0 instead of memory.
-        z_t, _ = load_logits(x_row, tgt, (tgt >= 0) & (tgt < V), softcap, logit_scale,
+        z_t, th_t = load_logits(x_row, tgt, (tgt >= 0) & (tgt < V), softcap, logit_scale,
                              HAS_SOFTCAP)
         if HAS_WEIGHT:
             w_t = tl.load(W + tgt).to(tl.float32)

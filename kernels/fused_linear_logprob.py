@@ -94,7 +94,7 @@ if triton is not None:
         tl.store(LSE + row, lse)
         tgt = tl.load(IDS + row).to(tl.int64)
         ok = (tgt >= 0) & (tgt < V)
-        z_t, _ = load_logits(x_row, tgt, ok, softcap, logit_scale, HAS_SOFTCAP)
+        z_t, th_t = load_logits(x_row, tgt, ok, softcap, logit_scale, HAS_SOFTCAP)
         lp = tl.where(ok, z_t - lse, float("nan"))
         lp = tl.where(tgt == ignore_index, -0.0, lp)
         tl.store(LP + row, lp)

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ligerfx.kernels.rounding import cast_rne, round_to
 from ligerfx.kernels.runtime import cpu_decomposition, next_pow2, use_triton
+from ligerfx.kernels.triton_math import silu, silu_grad
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu_sq": 3}
 _MAX_BLOCK = 2048
@@ -43,8 +44,10 @@ _GELU_C = 0.044715
 
 @triton.jit
 def _act(g, ACT: tl.constexpr):
+    """act(g) in fp32: the one formula of each activation, for the forward and the backward's
+    recomputed value (eager's backward multiplies by the value its forward computed)."""
     if ACT == 0:
-        return g / (1.0 + tl.exp(-g))
+        return silu(g)
     elif ACT == 1:
         return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     elif ACT == 2:
@@ -63,25 +66,24 @@ def _relu(g):
 
 
 @triton.jit
-def _act_and_grad(g, ACT: tl.constexpr):
-    """act(g) and act'(g) in fp32."""
+def _act_grad(g, ACT: tl.constexpr):
+    """act'(g) in fp32."""
     if ACT == 0:
-        s = 1.0 / (1.0 + tl.exp(-g))
-        return g * s, s * (1.0 + g * (1.0 - s))
+        return silu_grad(g)
     elif ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
         pdf = 0.3989422804014327 * tl.exp(-0.5 * g * g)
-        return g * cdf, cdf + g * pdf
+        return cdf + g * pdf
     elif ACT == 2:
         # With s = sigmoid(2z) = (1 + tanh z) / 2:  act = g s,  act' = s + 2 g s (1 - s) z'.
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         s = 1.0 / (1.0 + tl.exp(-2.0 * z))
         dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
-        return g * s, s + 2.0 * g * s * (1.0 - s) * dz
+        return s + 2.0 * g * s * (1.0 - s) * dz
     else:
         # eager: threshold_backward(r <= 0 -> 0) of pow's 2 r (a NaN r passes through as NaN)
         r = _relu(g)
-        return r * r, tl.where(r <= 0.0, 0.0, 2.0 * r)
+        return tl.where(r <= 0.0, 0.0, 2.0 * r)
 
 
 @triton.jit
@@ -107,9 +109,9 @@ def _gated_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr,
     dy = tl.load(dy_ptr + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    a, da = _act_and_grad(g, ACT)
     # dup uses the rounded act(g) the forward multiplied by.
-    a = cast_rne(a, g_ptr.dtype.element_ty).to(tl.float32)
+    a = cast_rne(_act(g, ACT), g_ptr.dtype.element_ty).to(tl.float32)
+    da = _act_grad(g, ACT)
     tl.store(du_ptr + row * du_stride + cols, cast_rne(dy * a, du_ptr.dtype.element_ty), mask=mask)
     # eager rounds the product's gradient dy * up (act(gate)'s dtype) before act' multiplies it
     dz = round_to(dy * u, g_ptr.dtype.element_ty)
@@ -133,8 +135,8 @@ def _act_bwd_kernel(dy_ptr, x_ptr, dx_ptr, dy_stride, x_stride, dx_stride, N,
     mask = cols < N
     dy = tl.load(dy_ptr + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    _, da = _act_and_grad(x, ACT)
-    tl.store(dx_ptr + row * dx_stride + cols, cast_rne(dy * da, dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + row * dx_stride + cols, cast_rne(dy * _act_grad(x, ACT), dx_ptr.dtype.element_ty),
+             mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
