@@ -87,56 +87,63 @@ def _act_grad(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _block(N, BLOCK: tl.constexpr):
+    """This program's row, its column block and their mask (grid: row, column block)."""
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return tl.program_id(0).to(tl.int64), cols, cols < N
+
+
+@triton.jit
+def _load(ptr, row, stride, cols, mask):
+    return tl.load(ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, row, stride, cols, v, mask):
+    """v rounded (to nearest even) to ptr's dtype."""
+    tl.store(ptr + row * stride + cols, cast_rne(v, ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gated_fwd_kernel(g_ptr, u_ptr, y_ptr, g_stride, u_stride, y_stride, N,
                       ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask = _block(N, BLOCK)
+    g = _load(g_ptr, row, g_stride, cols, mask)
+    u = _load(u_ptr, row, u_stride, cols, mask)
     # Round act(g) to the input dtype before the multiply, as eager does.
     a = cast_rne(_act(g, ACT), g_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + row * y_stride + cols, cast_rne(a * u, y_ptr.dtype.element_ty), mask=mask)
+    _store(y_ptr, row, y_stride, cols, a * u, mask)
 
 
 @triton.jit
 def _gated_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr,
                       dy_stride, g_stride, u_stride, dg_stride, du_stride, N,
                       ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    dy = tl.load(dy_ptr + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask = _block(N, BLOCK)
+    dy = _load(dy_ptr, row, dy_stride, cols, mask)
+    g = _load(g_ptr, row, g_stride, cols, mask)
+    u = _load(u_ptr, row, u_stride, cols, mask)
     # dup uses the rounded act(g) the forward multiplied by.
     a = cast_rne(_act(g, ACT), g_ptr.dtype.element_ty).to(tl.float32)
-    da = _act_grad(g, ACT)
-    tl.store(du_ptr + row * du_stride + cols, cast_rne(dy * a, du_ptr.dtype.element_ty), mask=mask)
+    _store(du_ptr, row, du_stride, cols, dy * a, mask)
     # eager rounds the product's gradient dy * up (act(gate)'s dtype) before act' multiplies it
     dz = round_to(dy * u, g_ptr.dtype.element_ty)
-    tl.store(dg_ptr + row * dg_stride + cols, cast_rne(dz * da, dg_ptr.dtype.element_ty), mask=mask)
+    _store(dg_ptr, row, dg_stride, cols, dz * _act_grad(g, ACT), mask)
 
 
 @triton.jit
 def _act_fwd_kernel(x_ptr, y_ptr, x_stride, y_stride, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * y_stride + cols, cast_rne(_act(x, ACT), y_ptr.dtype.element_ty), mask=mask)
+    row, cols, mask = _block(N, BLOCK)
+    _store(y_ptr, row, y_stride, cols, _act(_load(x_ptr, row, x_stride, cols, mask), ACT), mask)
 
 
 @triton.jit
 def _act_bwd_kernel(dy_ptr, x_ptr, dx_ptr, dy_stride, x_stride, dx_stride, N,
                     ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    dy = tl.load(dy_ptr + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + row * dx_stride + cols, cast_rne(dy * _act_grad(x, ACT), dx_ptr.dtype.element_ty),
-             mask=mask)
+    row, cols, mask = _block(N, BLOCK)
+    dy = _load(dy_ptr, row, dy_stride, cols, mask)
+    x = _load(x_ptr, row, x_stride, cols, mask)
+    _store(dx_ptr, row, dx_stride, cols, dy * _act_grad(x, ACT), mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
