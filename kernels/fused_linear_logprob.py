@@ -61,7 +61,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .triton_math import load_logits, logits_grad
+    from .triton_math import load_logits, logits_grad, neg_zero
 except ImportError:  # pragma: no cover - torch path only
     triton = None
 
@@ -96,7 +96,7 @@ if triton is not None:
         ok = (tgt >= 0) & (tgt < V)
         z_t, th_t = load_logits(x_row, tgt, ok, softcap, logit_scale, HAS_SOFTCAP)
         lp = tl.where(ok, z_t - lse, float("nan"))
-        lp = tl.where(tgt == ignore_index, -0.0, lp)
+        lp = tl.where(tgt == ignore_index, neg_zero(), lp)
         tl.store(LP + row, lp)
         if WITH_ENTROPY:
             # Pass 2: -(p * logp).sum(), the terms eager sums (no lse - E[z] cancellation).

@@ -5,7 +5,8 @@ cannot drift between them:
 
 * the lm-head logits transform z_eff = softcap * tanh(z * logit_scale / softcap) (cross_entropy,
   fused_linear_logprob): the masked load, and the chain rule back through it;
-* silu and its derivative (gated_act, gated_rms_norm).
+* silu and its derivative (gated_act, gated_rms_norm);
+* -0.0 (fused_linear_logprob's ignored rows), which a literal does not give under triton 3.6.
 
 Each torch twin computes what its Triton helper computes, with the same operations in the same
 order, for the torch paths of the same ops.  Importable without triton (the torch twins only).
@@ -32,6 +33,11 @@ if triton is not None:
         e = tl.exp(-2.0 * tl.abs(x))
         t = (1.0 - e) / (1.0 + e)
         return tl.where(x < 0, -t, t)
+
+    @triton.jit
+    def neg_zero():
+        """-0.0 in fp32, made from its bits: triton 3.6 folds the literal -0.0 into +0.0."""
+        return tl.full((), -2147483648, tl.int32).to(tl.float32, bitcast=True)
 
     @triton.jit
     def load_logits(ptr, cols, mask, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
