@@ -14,7 +14,7 @@ here; Mamba-2's `MambaRMSNormGated` multiplies before the (grouped) norm, anothe
 The backward recomputes h and silu(gate) from x, gate and the saved rstd, and rounds where eager's
 autograd rounds: dy to prod_dtype, the product's gradients to h's and silu's dtypes, then the
 RMSNorm backward of kernels/rms_norm.py (its Triton helpers are imported, not copied).  Rows wider
-than rms_norm.MAX_FUSED_D take the torch path (gated norms are per head or per channel group:
+than rms_norm.MAX_FUSED_D (backward under triton < 3.9: half that) take the torch path (gated norms are per head or per channel group:
 128 - 8192 wide in the models that have them).
 """
 
@@ -30,7 +30,7 @@ from .rms_norm import (_apply_weight, _bwd_row_block, _dw_term, _effective_weigh
                        _rms_tile_fwd, _store_tile, rms_norm_backward_reference, rms_norm_reference)
 from .triton_math import silu, silu_grad
 from .rounding import round_to
-from .runtime import KERNEL_DTYPES, cpu_decomposition, next_pow2, use_triton
+from .runtime import KERNEL_DTYPES, cpu_decomposition, next_pow2, triton_version, use_triton
 
 # Rounding targets as constexpr codes (0 = none: fp32)
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -224,6 +224,13 @@ def _kernel_ok(x, weight, gate, *dtypes):
             and all(dt in KERNEL_DTYPES for dt in dtypes))
 
 
+def _bwd_max_d() -> int:
+    # Triton 3.6 (the GPU machine's) spills the one-row D = 8192 backward at 16 warps on sm_90
+    # (56 B stack frame; tests/gpu_compile); 3.9 compiles it clean.  Under 3.6 such rows take the
+    # torch path, as rows wider than MAX_FUSED_D do anyway.
+    return rn.MAX_FUSED_D if triton_version() >= (3, 9) else rn.MAX_FUSED_D // 2
+
+
 def _forward_torch(x, weight, gate, eps, offset, casting_mode, norm_dtype, prod_dtype, out_dtype):
     _check(x, weight, gate, casting_mode, norm_dtype, prod_dtype)
     return gated_rms_norm_reference(x, weight, gate, eps, offset, casting_mode, norm_dtype, prod_dtype,
@@ -270,7 +277,8 @@ def gated_rms_norm_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dgate, dweight); dweight is empty when weight is None or weight_grad is False."""
     _check(x, weight, gate, casting_mode, norm_dtype, prod_dtype)
-    if _kernel_ok(x, weight, gate, norm_dtype, prod_dtype) and use_triton(dy):
+    if (_kernel_ok(x, weight, gate, norm_dtype, prod_dtype) and use_triton(dy)
+            and x.shape[-1] <= _bwd_max_d()):
         dx, dgate, dw = gated_rms_norm_backward_triton(dy, x, weight, gate, rstd, offset, casting_mode,
                                                        norm_dtype, prod_dtype, weight_grad)
         return dx, dgate, _dw_or_empty(dw, x, weight)

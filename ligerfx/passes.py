@@ -281,12 +281,20 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                     # Constraints run before the safety check: they may widen the match (a
                     # pattern that absorbs a chain of steps above its anchor), and the safety
                     # check must then cover what they added.
+                    # The constraints run even where an input has the wrong kind: one that says
+                    # this is no instance of the pattern at all (Skip: add_rms_norm where no add
+                    # feeds the norm) leaves the reason to the pattern the match really is.
+                    kind = _kind_problem(match)
                     try:
-                        problem = _kind_problem(match) or _run_constraints(match)
-                        # a look-alike is refused once its constraints did not skip it
-                        problem = variant.refuse or problem
+                        problem = _run_constraints(match)
                     except Skip:
                         continue
+                    except Exception:  # noqa: BLE001 - a constraint fed a value of the wrong kind
+                        if kind is None:
+                            raise
+                        problem = None
+                    # a look-alike is refused once its constraints did not skip it
+                    problem = variant.refuse or kind or problem
                     if problem is None and any(n in claimed for n in match.covered):
                         continue
                     if problem is None:

@@ -145,7 +145,8 @@ def test_summary_counts_the_fused_share(example_dump):
     s = m.summary()
     tot = s.pop("_total")
     assert {k: v["rewrites"] for k, v in s.items()} == example_dump.report.counts
-    assert s["rms_norm"]["near_misses"] >= 1
+    # (the example's tensor-eps norm reads a residual add: refused once, as add_rms_norm)
+    assert sum(s.get(k, {}).get("near_misses", 0) for k in ("rms_norm", "add_rms_norm")) >= 1
     assert tot["graph_nodes"] == m.graph.number_of_nodes()
     assert 0 < tot["flops"] < tot["graph_flops"] and 0 < tot["bytes"] < tot["graph_bytes"]
     assert tot["flops"] == sum(r["flops"] for r in s.values())

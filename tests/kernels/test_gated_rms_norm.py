@@ -135,6 +135,20 @@ def test_wide_rows_take_the_torch_path(triton_path, monkeypatch):
     assert not launched
 
 
+@pytest.mark.parametrize("version, launches", [((3, 9), 1), ((3, 6), 0)])
+def test_backward_width_limit_under_triton_36(triton_path, monkeypatch, version, launches):
+    # triton 3.6 spills the widest fused backward (tests/gpu_compile): half MAX_FUSED_D there
+    monkeypatch.setattr(rn, "MAX_FUSED_D", 128)
+    monkeypatch.setattr(grn, "triton_version", lambda: version)
+    launched = []
+    real = grn.gated_rms_norm_backward_triton
+    monkeypatch.setattr(grn, "gated_rms_norm_backward_triton",
+                        lambda *a, **k: (launched.append(1), real(*a, **k))[1])
+    check_against_reference(*make_inputs((3, 128), torch.float32, "llama", "gate_x"),
+                            TOL[torch.float32])
+    assert len(launched) == launches
+
+
 def test_strided_gate(kernel_path):
     # gate as the second half of one projection (row stride 2 * D), as fused in/z projections give
     x = torch.randn(4, 64, requires_grad=True)
