@@ -26,6 +26,7 @@ Results are appended per type to `--jsonl` as they finish, and types already the
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import json
@@ -76,6 +77,36 @@ def _rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _counting_backend(options: dict, runs: collections.Counter):
+    """The liger backend, with each compiled graph counting its rewrites every time it runs.
+
+    A report counts rewrites per graph, but one graph may run several times: a model whose
+    layers break the graph (JetMoE's data-dependent expert routing) compiles each decoder
+    layer's pieces once and every layer reruns them.  Sites are counted per call, so the census
+    compares them with `runs` (rewrites per executed graph), not with the report's counts.
+    """
+    def backend(gm, example_inputs):
+        mine = []
+        plain = ligerfx.backend.rewrite
+
+        def keep(*args, **kwargs):
+            mine.append(plain(*args, **kwargs))
+            return mine[-1]
+
+        ligerfx.backend.rewrite = keep
+        try:
+            fn = ligerfx.backend.liger_backend(gm, example_inputs, options=options)
+        finally:
+            ligerfx.backend.rewrite = plain
+        counts = collections.Counter(m.pattern for r in mine for m in r.matches)
+
+        def run(*args):
+            runs.update(counts)
+            return fn(*args)
+        return run
+    return backend
+
+
 def _train_step(model, inputs, inner):
     """Eager and compiled copies, one step each: (report, max relative error over loss+grads)."""
     test = copy.deepcopy(model)
@@ -83,10 +114,14 @@ def _train_step(model, inputs, inner):
     ref_loss.backward()
     torch._dynamo.reset()
     ligerfx.backend.last_report = None
-    compiled = torch.compile(test, backend="liger", options={"inner": inner, "log_report": False})
+    runs = collections.Counter()
+    compiled = torch.compile(test, backend=_counting_backend(
+        {"inner": inner, "log_report": False}, runs))
     loss = _loss(compiled(**inputs))
     loss.backward()
     report = ligerfx.backend.last_report
+    if report is not None:
+        report.runs = dict(runs)
     err = _rel(loss.detach(), ref_loss.detach())
     pairs = [(p_ref.grad, p.grad) for p_ref, p in zip(model.parameters(), test.parameters())
              if p_ref.grad is not None]
@@ -102,7 +137,7 @@ def _train_step(model, inputs, inner):
 
 
 def census_one(model_type: str, limit: int, rtol: float, inner: str) -> dict:
-    from tests.models.families import build_tiny, extra, find_sites, unrewritten
+    from tests.models.families import build_tiny, composed, extra, find_sites, unrewritten
 
     row = dict(type=model_type)
     t0 = time.time()
@@ -130,13 +165,17 @@ def census_one(model_type: str, limit: int, rtol: float, inner: str) -> dict:
     except Exception as e:  # noqa: BLE001
         return dict(row, status="failed", reason=_one_line(e), seconds=time.time() - t0)
     counts = report.counts if report else {}
-    missing = unrewritten(counts, sites, add_norm=False)
+    runs = getattr(report, "runs", counts) if report else {}
+    n_composed = composed(report.matches, sites) if report else 0
+    missing = unrewritten(runs, sites, add_norm=False, n_composed=n_composed)
     want = sites.expected()
     row.update(
         inner=inner, counts=counts, rel_err=err, missing={k: list(v) for k, v in missing.items()},
-        add_norm=[counts.get("add_rms_norm", 0) + counts.get("add_layer_norm", 0),
+        runs=runs,
+        add_norm=[runs.get("add_rms_norm", 0) + runs.get("add_layer_norm", 0),
                   want["add_norm"]],
-        extra={k: list(v) for k, v in extra(counts, sites).items()},
+        extra={k: list(v) for k, v in extra(runs, sites, n_composed).items()},
+        composed=[n_composed, want["gated_norm"]],
         other_mlps=sorted({k for _, k in sites.mlps if k not in ("swiglu", "geglu", "relu_sq")}),
         near_misses=[str(n) for n in (report.near_misses if report else [])],
         graphs=report.graphs if report else 0, seconds=time.time() - t0)
@@ -155,9 +194,14 @@ def format_row(r: dict, verbose: bool = False) -> str:
         return f"{head} {r['reason']}"
     counts = " ".join(f"{k}={v}" for k, v in sorted(r["counts"].items())) or "no rewrites"
     parts = [head, counts]
+    runs = r.get("runs")
+    if runs and runs != r["counts"]:  # graphs that ran more than once (see _counting_backend)
+        parts.append("| as run " + " ".join(f"{k}={v}" for k, v in sorted(runs.items())))
     if r["missing"]:
         parts.append("| missing " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in r["missing"].items()))
         parts.append(f"| near misses {len(r['near_misses'])}" if r["near_misses"] else "| SILENT")
+    if r.get("composed", [0])[0]:
+        parts.append("| gated_norm as gate product + norm {}/{}".format(*r["composed"]))
     a, b = r["add_norm"]
     if b:
         parts.append(f"| add+norm {a}/{b}")
