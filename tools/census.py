@@ -12,7 +12,11 @@ backward, compare loss and every gradient with eager, and print one line per typ
 
 `full`: every site rewritten and eager-equal; `partly`: some site kind has fewer (or more)
 rewrites than sites (listed as `missing kind found/sites`), with the near misses that explain it
-(`SILENT` when there is none); `failed`: the compiled step raised or differs from eager;
+(`SILENT` when there is none).  Sites are counted per module call, so rewrites are counted per
+graph *run* (`as run ...` when that differs from the report's per-graph counts: a graph reused
+by every layer after a graph break); a gated norm that gates before the norm (Mamba-2) is covered
+by its exact composition, a `swiglu` and a norm in its module (`gated_norm as gate product +
+norm`); `failed`: the compiled step raised or differs from eager;
 `no build`: no tiny model of that type (the reason).  The summary counts each class.
 
     python tools/census.py                        # all types, ~1 h on 2 CPU cores
