@@ -8,7 +8,9 @@ Three holes the census showed as "partly, SILENT" although nothing was missed (i
   finder saw no gated MLP while `swiglu` was rewritten ("more than sites").
 - Zamba2: Mamba-2's gated norm multiplies by `silu(gate)` before the norm; `gated_rms_norm`
   gates after, so the site becomes `swiglu` + `rms_norm` (both exact), counted as such.
-Each case is a hand-written module with the same structure, eager-equal forward and backward.
+Also: a norm-named module returning a statistic (HY-V4) is no norm site, and a composite config
+(Llama 4) builds its text model tiny.  Each case is a hand-written module with the same
+structure, eager-equal forward and backward where it compiles.
 """
 
 import collections
@@ -183,3 +185,33 @@ def test_gate_first_gated_norm_counted_as_its_composition():
     assert n == 1
     assert not unrewritten(report.counts, sites, n_composed=n)
     assert not extra(report.counts, sites, n)
+
+
+class InverseRMSNorm(nn.Module):
+    """HY-V4's "unweighted RMSNorm": returns the statistic rsqrt(mean(x²) + eps), [..., 1]."""
+
+    def forward(self, x):
+        return torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+
+
+class ScaledMix(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.input_norm, self.norm, self.fn = InverseRMSNorm(), TinyRMSNorm(d), nn.Linear(d, 4)
+
+    def forward(self, x):
+        return self.fn(self.norm(x)) * self.input_norm(x)
+
+
+def test_norm_named_module_returning_a_statistic_is_no_site():
+    sites = find_sites(ScaledMix(), dict(x=torch.randn(2, 5, 32)))
+    assert [n for n, _, _ in sites.norms] == ["norm"]
+
+
+def test_composite_config_builds_its_text_model_tiny():
+    # Llama 4's top-level config keys do not reach its text config: built at full size, the
+    # census ran out of memory (a 5 GiB expert weight)
+    from tests.models.families import build_tiny
+
+    model, _ = build_tiny("llama4")
+    assert sum(p.numel() for p in model.parameters()) < 10**7

@@ -7,7 +7,8 @@ eager forward and records, from the modules that actually run and the values tha
 the sites a rewrite should cover:
 
 - norms: every leaf norm module call (`nn.LayerNorm`, `nn.RMSNorm`, or a class named
-  `...RMSNorm` / `...LayerNorm` / `...L2Norm`); *gated* when it is called with a second tensor
+  `...RMSNorm` / `...LayerNorm` / `...L2Norm`) that returns a tensor of its input's shape (not a
+  statistic); *gated* when it is called with a second tensor
   (the gate); *add-fed* when its input is the result of a same-shape tensor + tensor add (the
   residual add of issue 13 §1);
 - rotary: every module call during which a rotary function of its modeling file
@@ -105,6 +106,13 @@ def build_tiny(model_type: str, seed: int = 0, **overrides):
     kw = tiny_config_kwargs(model_type)
     kw.update(overrides)
     config = transformers.AutoConfig.for_model(model_type, **kw)
+    text = getattr(config, "text_config", None)
+    if (text is not None and "text_config" not in kw and getattr(text, "model_type", None)
+            and getattr(text, "hidden_size", None) not in (None, kw.get("hidden_size"))):
+        # a composite config (Llama 4) keeps its text model at full size whatever the top-level
+        # keys say: shrink the text config itself (full size needs > 16 GiB to build)
+        kw["text_config"] = tiny_config_kwargs(text.model_type)
+        config = transformers.AutoConfig.for_model(model_type, **kw)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -228,7 +236,7 @@ def find_sites(model: nn.Module, inputs: dict) -> Sites:
     # activation module -> the module it is the activation of (no gate by name: see _mlp_kind)
     owners = {id(a): m for m in model.modules() if _mlp_kind(m) is None
               for a in (_activation(m),) if a is not None}
-    counted_calls = set()
+    counted_calls, norm_calls, dropped = set(), {}, set()
 
     def gated(owner):
         key = (id(owner), calls[id(owner)])  # one site per call of the owner, however many products
@@ -246,12 +254,18 @@ def find_sites(model: nn.Module, inputs: dict) -> Sites:
             rest = list(args[1:]) + [v for k, v in kwargs.items() if k != "hidden_states"]
             gated = any(isinstance(v, torch.Tensor) for v in rest)
             sites.norms.append((names[id(m)], gated, id(x) in sums.ids))
+            norm_calls[(id(m), calls[id(m)])] = (len(sites.norms) - 1, getattr(x, "shape", None))
         kind = _mlp_kind(m)
         if kind:
             sites.mlps.append((names[id(m)], kind))
 
     def post(m, args, out):
-        stack.pop()
+        key = stack.pop()
+        site = norm_calls.pop(key, None)
+        if site is not None and not (isinstance(out, torch.Tensor) and out.shape == site[1]):
+            # a norm-named module that returns a statistic (HY-V4's "unweighted RMSNorm" is
+            # rsqrt(mean(x²) + eps), [..., 1]), not the normalised x: nothing a norm op computes
+            dropped.add(site[0])
         owner = owners.get(id(m))
         # the activation ran inside its owner's own call (not lent to another module)
         if owner is not None and isinstance(out, torch.Tensor) and stack and stack[-1][0] == id(owner):
@@ -293,6 +307,7 @@ def find_sites(model: nn.Module, inputs: dict) -> Sites:
             setattr(mod, fname, fn)
         for h in handles:
             h.remove()
+    sites.norms = [s for i, s in enumerate(sites.norms) if i not in dropped]
     by_id = {id(m): names[id(m)] for m in model.modules()}
     sites.rope = sorted(by_id[i] for i, _ in rotated)
     sites.loss = int(inputs.get("labels") is not None)
