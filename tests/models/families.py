@@ -238,13 +238,13 @@ def find_sites(model: nn.Module, inputs: dict) -> Sites:
               for a in (_activation(m),) if a is not None}
     counted_calls, norm_calls, dropped = set(), {}, set()
 
-    def gated(owner):
+    def on_gated_product(owner):
         key = (id(owner), calls[id(owner)])  # one site per call of the owner, however many products
         if key not in counted_calls:
             counted_calls.add(key)
             sites.mlps.append((names[id(owner)], _gated_kind(_activation_kind(_activation(owner)))))
 
-    sums = _Sums(gated)
+    sums = _Sums(on_gated_product)
 
     def pre(m, args, kwargs):
         calls[id(m)] += 1
@@ -262,7 +262,8 @@ def find_sites(model: nn.Module, inputs: dict) -> Sites:
     def post(m, args, out):
         key = stack.pop()
         site = norm_calls.pop(key, None)
-        if site is not None and not (isinstance(out, torch.Tensor) and out.shape == site[1]):
+        if site is not None and site[1] is not None and isinstance(out, torch.Tensor) \
+                and out.shape != site[1]:
             # a norm-named module that returns a statistic (HY-V4's "unweighted RMSNorm" is
             # rsqrt(mean(x²) + eps), [..., 1]), not the normalised x: nothing a norm op computes
             dropped.add(site[0])
