@@ -6,7 +6,8 @@ teacher's logits under `no_grad`, the student's with gradients).  The fused op r
 of its insertion point.  That gives eager's gradients when every part of the match that ran with
 autograd off reads only inputs the op may treat as constants: those inputs are passed detached,
 which is exactly what `no_grad` did to them.  An input read both with and without autograd, or a
-part that ran with autograd on where the op would run with it off, cannot be expressed: refused.
+part that ran with autograd on where the op would run with it off, cannot be expressed: refused
+(unless none of that part's inputs requires grad: it then computes the same in either mode).
 """
 
 from __future__ import annotations
