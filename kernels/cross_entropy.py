@@ -54,10 +54,13 @@ import torch
 from torch import Tensor
 
 from .runtime import next_pow2, use_triton
+from .triton_math import effective_logits, logits_grad_
 
 try:
     import triton
     import triton.language as tl
+
+    from .triton_math import load_logits, logits_grad
 except ImportError:  # pragma: no cover - torch path only
     triton = None
 
@@ -73,14 +76,6 @@ CE_BLOCK_V: Optional[int] = None
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 if triton is not None:
-
-    @triton.jit
-    def _tanh(x):
-        # exp-based tanh: libdevice.tanh is not available in the interpreter.  Absolute error is
-        # ~1 ulp of 1, which is what matters once multiplied by softcap.
-        e = tl.exp(-2.0 * tl.abs(x))
-        t = (1.0 - e) / (1.0 + e)
-        return tl.where(x < 0, -t, t)
 
     @triton.jit
     def _ce_fwd_kernel(
@@ -114,9 +109,7 @@ if triton is not None:
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             mask = cols < V
-            z = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
-            if HAS_SOFTCAP:
-                z = softcap * _tanh(z / softcap)
+            z, _ = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
             if HAS_SMOOTHING:  # before masked lanes become -inf (0 * -inf would be nan)
                 if HAS_WEIGHT:
                     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -129,9 +122,9 @@ if triton is not None:
             m = m_new
         lse = m + tl.log(d)
 
-        z_t = tl.load(x_row + tgt).to(tl.float32) * logit_scale
-        if HAS_SOFTCAP:
-            z_t = softcap * _tanh(z_t / softcap)
+        # A target outside [0, V) is an error in eager; masked, it reads 0 instead of memory.
+        z_t, th_t = load_logits(x_row, tgt, (tgt >= 0) & (tgt < V), softcap, logit_scale,
+                             HAS_SOFTCAP)
         if HAS_WEIGHT:
             w_t = tl.load(W + tgt).to(tl.float32)
         else:
@@ -163,10 +156,7 @@ if triton is not None:
             for off in range(0, V, BLOCK_V):
                 cols = off + cols0
                 mask = cols < V
-                z = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
-                if HAS_SOFTCAP:
-                    th = _tanh(z / softcap)
-                    z = softcap * th
+                z, th = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
                 g = tl.exp(z - lse) * p_coef
                 if HAS_SMOOTHING:
                     if HAS_WEIGHT:
@@ -174,10 +164,7 @@ if triton is not None:
                         g -= s_coef * w
                     else:
                         g -= s_coef
-                g = tl.where(cols == tgt, g - t_coef, g)
-                if HAS_SOFTCAP:
-                    g = g * (1.0 - th * th)
-                g = g * logit_scale
+                g = logits_grad(tl.where(cols == tgt, g - t_coef, g), th, logit_scale, HAS_SOFTCAP)
                 # Safe in place (G == X): this block was read above, before it is written.
                 tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
 
@@ -302,11 +289,7 @@ def ce_rows_torch(
     for s in range(0, N, chunk_rows):
         e = min(N, s + chunk_rows)
         x = logits[s:e]
-        # No copy and no multiply by 1 when the logits already have the compute dtype (exact).
-        z = x if x.dtype == ct and logit_scale == 1.0 else x.to(ct) * logit_scale
-        if softcap > 0:
-            th = torch.tanh(z / softcap)
-            z = th * softcap
+        z, th = effective_logits(x, ct, softcap, logit_scale)
         tgt = target[s:e]
         valid = tgt != ignore_index
         t_safe = torch.where(valid, tgt, 0).unsqueeze(1)
@@ -341,10 +324,7 @@ def ce_rows_torch(
         if eps > 0:
             g -= (a * eps / V).unsqueeze(1) * (w if w is not None else 1.0)
         g.scatter_add_(1, t_safe, (-(a * (1.0 - eps) * w_t)).unsqueeze(1))
-        if softcap > 0:
-            g.mul_(1.0 - th * th)
-        if logit_scale != 1.0:
-            g.mul_(logit_scale)
+        logits_grad_(g, th, logit_scale)
         if g.dtype != grad_out.dtype:
             grad_out[s:e] = g
 
@@ -363,7 +343,7 @@ def _plain_ce_rows(logits, target, w, stats, loss_rows, z_rows, grad_out, chunk_
     for s in range(0, N, chunk_rows):
         e = min(N, s + chunk_rows)
         x = logits[s:e]
-        z = x if x.dtype == ct and logit_scale == 1.0 else x.to(ct) * logit_scale
+        z, _ = effective_logits(x, ct, 0.0, logit_scale)
         tgt = target[s:e]
         valid = tgt != ignore_index
         t_safe = torch.where(valid, tgt, 0).unsqueeze(1)
@@ -384,8 +364,7 @@ def _plain_ce_rows(logits, target, w, stats, loss_rows, z_rows, grad_out, chunk_
         g.exp_()
         g.mul_(coef.unsqueeze(1))
         g.scatter_add_(1, t_safe, (-coef).unsqueeze(1))
-        if logit_scale != 1.0:
-            g.mul_(logit_scale)
+        logits_grad_(g, None, logit_scale)
         if g.dtype != grad_out.dtype:
             grad_out[s:e] = g
 

@@ -74,11 +74,18 @@ _CPU_CHUNK_BYTES = 64 << 20
 _UPCAST_BYTES = 32 << 20
 
 
-def chunk_rows(N: int, V: int, device: torch.device, elem_bytes: int, chunk_size: int = 0) -> int:
+def chunk_rows(N: int, V: int, device: torch.device, elem_bytes: int, chunk_size: int = 0,
+               logits_kept: bool = False) -> int:
+    """Rows per chunk. `logits_kept`: the caller returns the whole [N, V] logits anyway; on the
+    CPU one [N, V] gradient buffer beside them is then no more than eager (logits and their
+    gradient) holds, and one chunk makes the grad-weight GEMM one K = N product instead of
+    N / C accumulations into the [V, H] fp32 buffer (each a read and write of it)."""
     if chunk_size > 0:
         c = chunk_size
     elif FLCE_CHUNK_ROWS:
         c = FLCE_CHUNK_ROWS
+    elif logits_kept and device.type == "cpu":
+        c = N
     else:
         if device.type == "cuda":
             c = _CUDA_CHUNK_BYTES // max(1, V * elem_bytes)
@@ -252,7 +259,8 @@ def fused_linear_cross_entropy_op(
     logits = h2.new_empty(N, V) if return_logits else None
     _chunk_loop(h2, weight, bias, t, ce_weight, stats, loss_rows, z_rows, logits_out=logits,
                 grad_logits=None, gh=gh, gw_acc=gw_acc, gb_acc=gb_acc, row_scale=None,
-                C=chunk_rows(N, V, h2.device, h2.element_size(), chunk_size),
+                C=chunk_rows(N, V, h2.device, h2.element_size(), chunk_size,
+                             logits_kept=return_logits),
                 grad_dtype=_fwd_grad_dtype(h2, ct),
                 ce_kw=_ce_kwargs(ignore_index, label_smoothing, lse_square_scale, softcap,
                                  logit_scale))

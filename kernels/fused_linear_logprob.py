@@ -55,12 +55,13 @@ from torch import Tensor
 from .cross_entropy import _block_and_warps, compute_dtype
 from .fused_linear_cross_entropy import _acc_mm_, _flat, _linear_into, chunk_rows
 from .runtime import use_triton
+from .triton_math import effective_logits, logits_grad_
 
 try:
     import triton
     import triton.language as tl
 
-    from .cross_entropy import _tanh
+    from .triton_math import load_logits, logits_grad, neg_zero
 except ImportError:  # pragma: no cover - torch path only
     triton = None
 
@@ -69,13 +70,6 @@ except ImportError:  # pragma: no cover - torch path only
 # Triton kernels (one program per row, the row streamed in BLOCK_V pieces)
 # --------------------------------------------------------------------------------------------
 if triton is not None:
-
-    @triton.jit
-    def _eff(x_ptr, cols, mask, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
-        z = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
-        if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
-        return z
 
     @triton.jit
     def _logprob_fwd_kernel(
@@ -91,8 +85,8 @@ if triton is not None:
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             mask = cols < V
-            z = tl.where(mask, _eff(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP),
-                         -float("inf"))
+            z, _ = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
+            z = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
             m = m_new
@@ -100,9 +94,9 @@ if triton is not None:
         tl.store(LSE + row, lse)
         tgt = tl.load(IDS + row).to(tl.int64)
         ok = (tgt >= 0) & (tgt < V)
-        z_t = _eff(x_row, tgt, ok, softcap, logit_scale, HAS_SOFTCAP)
+        z_t, th_t = load_logits(x_row, tgt, ok, softcap, logit_scale, HAS_SOFTCAP)
         lp = tl.where(ok, z_t - lse, float("nan"))
-        lp = tl.where(tgt == ignore_index, -0.0, lp)
+        lp = tl.where(tgt == ignore_index, neg_zero(), lp)
         tl.store(LP + row, lp)
         if WITH_ENTROPY:
             # Pass 2: -(p * logp).sum(), the terms eager sums (no lse - E[z] cancellation).
@@ -110,7 +104,8 @@ if triton is not None:
             for off in range(0, V, BLOCK_V):
                 cols = off + cols0
                 mask = cols < V
-                lg = _eff(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP) - lse
+                z, _ = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
+                lg = z - lse
                 acc += tl.sum(tl.where(mask, tl.exp(lg) * lg, 0.0), 0)
             tl.store(ENT + row, -acc)
 
@@ -137,18 +132,13 @@ if triton is not None:
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             mask = cols < V
-            z = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
-            if HAS_SOFTCAP:
-                th = _tanh(z / softcap)
-                z = softcap * th
+            z, th = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
             lg = z - lse
             p = tl.exp(lg)
             g = tl.where(cols == tgt, a, 0.0) - a * p
             if HAS_GENT:
                 g -= b * p * (lg + h)
-            if HAS_SOFTCAP:
-                g = g * (1.0 - th * th)
-            g = g * logit_scale
+            g = logits_grad(g, th, logit_scale, HAS_SOFTCAP)
             # Safe in place (G == X): this block was read above, before it is written.
             tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
 
@@ -180,18 +170,9 @@ def _launch_bwd(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_
 # --------------------------------------------------------------------------------------------
 # Torch twins of the row kernels (CPU, fp64): same formulas on one chunk
 # --------------------------------------------------------------------------------------------
-def _eff_torch(z: Tensor, ct, softcap: float, logit_scale: float):
-    ze = z if z.dtype == ct and logit_scale == 1.0 else z.to(ct) * logit_scale
-    th = None
-    if softcap > 0:
-        th = torch.tanh(ze / softcap)
-        ze = th * softcap
-    return ze, th
-
-
 def _rows_fwd_torch(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index):
     ct = lp.dtype
-    ze, _ = _eff_torch(z, ct, softcap, logit_scale)
+    ze, _ = effective_logits(z, ct, softcap, logit_scale)
     lse_c = torch.logsumexp(ze, -1)
     lse.copy_(lse_c)
     ignored = ids == ignore_index
@@ -204,7 +185,7 @@ def _rows_fwd_torch(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index)
 
 def _rows_bwd_torch(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_index):
     ct = lse.dtype
-    ze, th = _eff_torch(z, ct, softcap, logit_scale)
+    ze, th = effective_logits(z, ct, softcap, logit_scale)
     logp = ze - lse.unsqueeze(1)
     p = logp.exp()
     if glp is not None:
@@ -216,10 +197,7 @@ def _rows_bwd_torch(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ign
         d = torch.zeros_like(p)
     if gent is not None:
         d -= gent.to(ct).unsqueeze(1) * p * (logp + ent.unsqueeze(1))
-    if th is not None:
-        d.mul_(1.0 - th * th)
-    if logit_scale != 1.0:
-        d.mul_(logit_scale)
+    logits_grad_(d, th, logit_scale)
     g.copy_(d)  # the one rounding to hidden's dtype
 
 

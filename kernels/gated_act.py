@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ligerfx.kernels.rounding import cast_rne, round_to
 from ligerfx.kernels.runtime import cpu_decomposition, next_pow2, use_triton
+from ligerfx.kernels.triton_math import silu, silu_grad
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu_sq": 3}
 _MAX_BLOCK = 2048
@@ -43,8 +44,10 @@ _GELU_C = 0.044715
 
 @triton.jit
 def _act(g, ACT: tl.constexpr):
+    """act(g) in fp32: the one formula of each activation, for the forward and the backward's
+    recomputed value (eager's backward multiplies by the value its forward computed)."""
     if ACT == 0:
-        return g / (1.0 + tl.exp(-g))
+        return silu(g)
     elif ACT == 1:
         return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     elif ACT == 2:
@@ -63,78 +66,84 @@ def _relu(g):
 
 
 @triton.jit
-def _act_and_grad(g, ACT: tl.constexpr):
-    """act(g) and act'(g) in fp32."""
+def _act_grad(g, ACT: tl.constexpr):
+    """act'(g) in fp32."""
     if ACT == 0:
-        s = 1.0 / (1.0 + tl.exp(-g))
-        return g * s, s * (1.0 + g * (1.0 - s))
+        return silu_grad(g)
     elif ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
         pdf = 0.3989422804014327 * tl.exp(-0.5 * g * g)
-        return g * cdf, cdf + g * pdf
+        return cdf + g * pdf
     elif ACT == 2:
         # With s = sigmoid(2z) = (1 + tanh z) / 2:  act = g s,  act' = s + 2 g s (1 - s) z'.
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         s = 1.0 / (1.0 + tl.exp(-2.0 * z))
         dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
-        return g * s, s + 2.0 * g * s * (1.0 - s) * dz
+        return s + 2.0 * g * s * (1.0 - s) * dz
     else:
         # eager: threshold_backward(r <= 0 -> 0) of pow's 2 r (a NaN r passes through as NaN)
         r = _relu(g)
-        return r * r, tl.where(r <= 0.0, 0.0, 2.0 * r)
+        return tl.where(r <= 0.0, 0.0, 2.0 * r)
+
+
+@triton.jit
+def _block(N, BLOCK: tl.constexpr):
+    """This program's row, its column block and their mask (grid: row, column block)."""
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return tl.program_id(0).to(tl.int64), cols, cols < N
+
+
+@triton.jit
+def _load(ptr, row, stride, cols, mask):
+    return tl.load(ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, row, stride, cols, v, mask):
+    """v rounded (to nearest even) to ptr's dtype."""
+    tl.store(ptr + row * stride + cols, cast_rne(v, ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gated_fwd_kernel(g_ptr, u_ptr, y_ptr, g_stride, u_stride, y_stride, N,
                       ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask = _block(N, BLOCK)
+    g = _load(g_ptr, row, g_stride, cols, mask)
+    u = _load(u_ptr, row, u_stride, cols, mask)
     # Round act(g) to the input dtype before the multiply, as eager does.
     a = cast_rne(_act(g, ACT), g_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + row * y_stride + cols, cast_rne(a * u, y_ptr.dtype.element_ty), mask=mask)
+    _store(y_ptr, row, y_stride, cols, a * u, mask)
 
 
 @triton.jit
 def _gated_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr,
                       dy_stride, g_stride, u_stride, dg_stride, du_stride, N,
                       ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    dy = tl.load(dy_ptr + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    a, da = _act_and_grad(g, ACT)
+    row, cols, mask = _block(N, BLOCK)
+    dy = _load(dy_ptr, row, dy_stride, cols, mask)
+    g = _load(g_ptr, row, g_stride, cols, mask)
+    u = _load(u_ptr, row, u_stride, cols, mask)
     # dup uses the rounded act(g) the forward multiplied by.
-    a = cast_rne(a, g_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(du_ptr + row * du_stride + cols, cast_rne(dy * a, du_ptr.dtype.element_ty), mask=mask)
+    a = cast_rne(_act(g, ACT), g_ptr.dtype.element_ty).to(tl.float32)
+    _store(du_ptr, row, du_stride, cols, dy * a, mask)
     # eager rounds the product's gradient dy * up (act(gate)'s dtype) before act' multiplies it
     dz = round_to(dy * u, g_ptr.dtype.element_ty)
-    tl.store(dg_ptr + row * dg_stride + cols, cast_rne(dz * da, dg_ptr.dtype.element_ty), mask=mask)
+    _store(dg_ptr, row, dg_stride, cols, dz * _act_grad(g, ACT), mask)
 
 
 @triton.jit
 def _act_fwd_kernel(x_ptr, y_ptr, x_stride, y_stride, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * y_stride + cols, cast_rne(_act(x, ACT), y_ptr.dtype.element_ty), mask=mask)
+    row, cols, mask = _block(N, BLOCK)
+    _store(y_ptr, row, y_stride, cols, _act(_load(x_ptr, row, x_stride, cols, mask), ACT), mask)
 
 
 @triton.jit
 def _act_bwd_kernel(dy_ptr, x_ptr, dx_ptr, dy_stride, x_stride, dx_stride, N,
                     ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    dy = tl.load(dy_ptr + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    _, da = _act_and_grad(x, ACT)
-    tl.store(dx_ptr + row * dx_stride + cols, cast_rne(dy * da, dx_ptr.dtype.element_ty), mask=mask)
+    row, cols, mask = _block(N, BLOCK)
+    dy = _load(dy_ptr, row, dy_stride, cols, mask)
+    x = _load(x_ptr, row, x_stride, cols, mask)
+    _store(dx_ptr, row, dx_stride, cols, dy * _act_grad(x, ACT), mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,9 @@ import triton
 import triton.language as tl
 
 from . import rms_norm as rn
-from .rms_norm import _apply_weight, _effective_weight, rms_norm_backward_reference, rms_norm_reference
+from .rms_norm import (_apply_weight, _bwd_row_block, _dw_term, _effective_weight, _rms_bwd_tile, _rms_dx,
+                       _rms_tile_fwd, _store_tile, rms_norm_backward_reference, rms_norm_reference)
+from .triton_math import silu, silu_grad
 from .rounding import round_to
 from .runtime import KERNEL_DTYPES, cpu_decomposition, next_pow2, use_triton
 
@@ -57,20 +59,13 @@ def _gated_rms_fwd_kernel(
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-    tl.store(RSTD + rows, rstd, mask=rmask)
-    n = x * rstd[:, None]
-    if HAS_W:
-        w = _effective_weight(W, cols, cmask, offset, HAS_OFFSET, FP32_MODE)
-        h = _apply_weight(n, w[None, :], X.dtype.element_ty, FP32_MODE, ROUND_PROD)
-    else:
-        h = n
+    h = _rms_tile_fwd(x, W, RSTD, rows, cols, rmask, cmask, D, eps, offset, X.dtype.element_ty,
+                         HAS_W, FP32_MODE, HAS_OFFSET, ROUND_PROD)
     h = _round_code(h, NORM_DT)
     g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    a = round_to(g / (1.0 + tl.exp(-g)), G.dtype.element_ty)
+    a = round_to(silu(g), G.dtype.element_ty)
     y = _round_code(h * a, PROD_DT)
-    YDT = Y.dtype.element_ty
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], round_to(y, YDT).to(YDT), mask=mask)
+    _store_tile(Y, rows, stride_y, cols, y, mask)
 
 
 @triton.jit
@@ -91,39 +86,28 @@ def _gated_rms_bwd_kernel(
     GDT = G.dtype.element_ty
     dw = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     for i in range(0, blocks_per_prog):
-        rows = ((pid * blocks_per_prog + i) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        rmask = rows < n_rows
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rows, rmask, mask = _bwd_row_block(pid, i, blocks_per_prog, n_rows, cmask, BLOCK_R)
+        dy, rstd, n = _rms_bwd_tile(X, DY, RSTD, rows, cols, rmask, mask, stride_x, stride_dy)
         g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-        n = x * rstd[:, None]
         if HAS_W:
             h = _apply_weight(n, w, XDT, FP32_MODE, ROUND_PROD)
         else:
             h = n
         h = _round_code(h, NORM_DT)
-        s = 1.0 / (1.0 + tl.exp(-g))
-        a = round_to(g * s, GDT)
+        a = round_to(silu(g), GDT)  # the forward's value (eager's backward multiplies by it)
         dv = _round_code(dy, PROD_DT)  # the trailing cast's backward rounds dy to the product dtype
         dh = _round_code(dv * a, NORM_DT)
         dz = round_to(dv * h, GDT)
-        dg = dz * (s * (1.0 + g * (1.0 - s)))
-        tl.store(DG + rows[:, None] * stride_dg + cols[None, :], round_to(dg, GDT).to(GDT), mask=mask)
+        dg = dz * silu_grad(g)
+        _store_tile(DG, rows, stride_dg, cols, dg, mask)
+        # From here the RMSNorm backward of dh (rms_norm._rms_bwd_kernel's fused path)
         if HAS_W:
             gw = dh * w
         else:
             gw = dh
-        c = tl.sum(gw * n, axis=1) / D
-        dx = rstd[:, None] * (gw - n * c[:, None])
-        DXDT = DX.dtype.element_ty
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], round_to(dx, DXDT).to(DXDT), mask=mask)
+        _store_tile(DX, rows, stride_dx, cols, _rms_dx(gw, n, rstd, RSTD, rows, rmask, D, False), mask)
         if COMPUTE_DW:
-            if FP32_MODE:
-                dw += dh * n
-            else:  # llama multiplies the weight by n already rounded to x.dtype
-                dw += dh * round_to(n, XDT)
+            dw += _dw_term(dh, n, XDT, FP32_MODE)
     if COMPUTE_DW:
         tl.store(DW_PART + pid * D + cols, tl.sum(dw, axis=0), mask=cmask)
 
@@ -189,7 +173,8 @@ def _silu_and_grad(gate):
     """silu(gate) rounded to gate's dtype, and silu'(gate), computed in fp32 (fp64 for fp64)."""
     gf = gate.to(torch.promote_types(gate.dtype, torch.float32))
     s = torch.sigmoid(gf)
-    return (gf * s).to(gate.dtype), s * (1 + gf * (1 - s))
+    # F.silu, not gf * s: eager's value (the kernels' triton_math.silu is its formula)
+    return F.silu(gf).to(gate.dtype), s * (1 + gf * (1 - s))
 
 
 def gated_rms_norm_reference(x, weight, gate, eps, offset, casting_mode, norm_dtype, prod_dtype, out_dtype):

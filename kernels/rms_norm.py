@@ -77,6 +77,68 @@ def _add_grad(dx, DH, offs_dh, mask, DXDT: tl.constexpr, HAS_DH: tl.constexpr):
     return dx
 
 
+@triton.jit
+def _store_tile(P, rows, stride, cols, v, mask):
+    """Store fp32 [BLOCK_R, BLOCK_D] values rounded (round to nearest even) to P's dtype."""
+    PDT = P.dtype.element_ty
+    tl.store(P + rows[:, None] * stride + cols[None, :], round_to(v, PDT).to(PDT), mask=mask)
+
+
+@triton.jit
+def _rms_tile_fwd(x, W, RSTD, rows, cols, rmask, cmask, D, eps, offset, XDT: tl.constexpr,
+                  HAS_W: tl.constexpr, FP32_MODE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                  ROUND_PROD: tl.constexpr):
+    """The weighted norm of whole rows x (fp32 [BLOCK_R, BLOCK_D]), rstd stored to RSTD.  Shared
+    by the RMSNorm and gated RMSNorm forward kernels."""
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    tl.store(RSTD + rows, rstd, mask=rmask)
+    n = x * rstd[:, None]
+    if HAS_W:
+        w = _effective_weight(W, cols, cmask, offset, HAS_OFFSET, FP32_MODE)
+        y = _apply_weight(n, w[None, :], XDT, FP32_MODE, ROUND_PROD)
+    else:
+        y = n
+    return y
+
+
+@triton.jit
+def _bwd_row_block(pid, i, blocks_per_prog, n_rows, cmask, BLOCK_R: tl.constexpr):
+    """Rows of the backward's i-th row block of program pid, their mask and the tile mask."""
+    rows = ((pid * blocks_per_prog + i) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rmask = rows < n_rows
+    return rows, rmask, rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _rms_bwd_tile(X, DY, RSTD, rows, cols, rmask, mask, stride_x, stride_dy):
+    """(dy, rstd, n) of a row tile in fp32, n = x * rstd recomputed from the saved rstd."""
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+    return dy, rstd, x * rstd[:, None]
+
+
+@triton.jit
+def _rms_dx(g, n, rstd, C, rows, rmask, D, LOAD_C: tl.constexpr):
+    """The norm's input gradient rstd * (g - n * c), g = dy * w, c = mean(g * n) per row (read
+    from C when LOAD_C: the wide path's row-stats kernel computed it)."""
+    if LOAD_C:
+        c = tl.load(C + rows, mask=rmask, other=0.0)
+    else:
+        c = tl.sum(g * n, axis=1) / D
+    return rstd[:, None] * (g - n * c[:, None])
+
+
+@triton.jit
+def _dw_term(dy, n, XDT: tl.constexpr, FP32_MODE: tl.constexpr):
+    """One row tile's terms of dW = sum(dy * n)."""
+    if FP32_MODE:
+        t = dy * n
+    else:  # llama multiplies the weight by n already rounded to x.dtype
+        t = dy * round_to(n, XDT)
+    return t
+
+
 # ----------------------------------------------------------------------------- forward kernels
 
 
@@ -94,16 +156,9 @@ def _rms_fwd_fused_kernel(
     mask = rmask[:, None] & cmask[None, :]
     x = _load_input(X, R, H, rows[:, None] * stride_x + cols[None, :], rows[:, None] * stride_r + cols[None, :],
                     rows[:, None] * stride_h + cols[None, :], mask, HAS_RESIDUAL, True)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-    tl.store(RSTD + rows, rstd, mask=rmask)
-    n = x * rstd[:, None]
-    if HAS_W:
-        w = _effective_weight(W, cols, cmask, offset, HAS_OFFSET, FP32_MODE)
-        y = _apply_weight(n, w[None, :], X.dtype.element_ty, FP32_MODE, ROUND_PROD)
-    else:
-        y = n
-    YDT = Y.dtype.element_ty
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], round_to(y, YDT).to(YDT), mask=mask)
+    y = _rms_tile_fwd(x, W, RSTD, rows, cols, rmask, cmask, D, eps, offset, X.dtype.element_ty,
+                      HAS_W, FP32_MODE, HAS_OFFSET, ROUND_PROD)
+    _store_tile(Y, rows, stride_y, cols, y, mask)
 
 
 @triton.jit
@@ -182,33 +237,19 @@ def _rms_bwd_kernel(
     cmask = cols < D
     if HAS_W:
         w = _effective_weight(W, cols, cmask, offset, HAS_OFFSET, FP32_MODE)[None, :]
-    XDT = X.dtype.element_ty
-    DXDT = DX.dtype.element_ty
     dw = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     for i in range(0, blocks_per_prog):
-        rows = ((pid * blocks_per_prog + i) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        rmask = rows < n_rows
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-        n = x * rstd[:, None]
+        rows, rmask, mask = _bwd_row_block(pid, i, blocks_per_prog, n_rows, cmask, BLOCK_R)
+        dy, rstd, n = _rms_bwd_tile(X, DY, RSTD, rows, cols, rmask, mask, stride_x, stride_dy)
         if HAS_W:
             g = dy * w
         else:
             g = dy
-        if LOAD_C:
-            c = tl.load(C + rows, mask=rmask, other=0.0)
-        else:
-            c = tl.sum(g * n, axis=1) / D
-        dx = rstd[:, None] * (g - n * c[:, None])
-        dx = _add_grad(dx, DH, rows[:, None] * stride_dh + cols[None, :], mask, DXDT, HAS_DH)
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], round_to(dx, DXDT).to(DXDT), mask=mask)
+        dx = _rms_dx(g, n, rstd, C, rows, rmask, D, LOAD_C)
+        dx = _add_grad(dx, DH, rows[:, None] * stride_dh + cols[None, :], mask, DX.dtype.element_ty, HAS_DH)
+        _store_tile(DX, rows, stride_dx, cols, dx, mask)
         if COMPUTE_DW:
-            if FP32_MODE:
-                dw += dy * n
-            else:  # llama multiplies the weight by n already rounded to x.dtype
-                dw += dy * round_to(n, XDT)
+            dw += _dw_term(dy, n, X.dtype.element_ty, FP32_MODE)
     if COMPUTE_DW:
         tl.store(DW_PART + pid * D + cols, tl.sum(dw, axis=0), mask=cmask)
 

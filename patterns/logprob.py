@@ -3,8 +3,10 @@
 Post-training losses (DPO, ORPO, SimPO, GRPO, PPO) start from `log p(id_t)` per token and feed
 it to their own code.  The spellings found in users' and trainer libraries' code:
 
-- `log_softmax(z, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)` (`torch.gather`, `[..., None]`,
-  `log_softmax(z, -1, dtype=torch.float32)`);
+- `log_softmax(z, -1).gather(-1, index).squeeze(-1)` (`torch.gather`,
+  `log_softmax(z, -1, dtype=torch.float32)`), the index any value of shape `rows + (1,)`: the
+  ids with a trailing unit dim however spelled (`ids.unsqueeze(-1)`, `ids[:, 1:, None]`,
+  `ids.view(B, T, 1)`);
 - `z.gather(-1, ids[..., None]).squeeze(-1) - z.logsumexp(-1)`;
 - `-F.cross_entropy(z.view(-1, V), ids.view(-1), reduction="none").view(B, T)` (the negation,
   after reshapes, is what makes the per-token NLL a log-prob; rows at ignore_index give -0.0,
@@ -13,7 +15,12 @@ it to their own code.  The spellings found in users' and trainer libraries' code
   unrolls: `gather(z, ids) - stack([logsumexp(z[i], -1) for i in rows])`, and
   `stack([log_softmax(z[i], -1).gather(-1, ids[i, :, None])[..., 0] for i in rows])`;
 - optionally the per-token entropy of the same logits, `-(softmax(z) * log_softmax(z)).sum(-1)`
-  (or `exp(logp) * logp`, or `logsumexp(z) - (softmax(z) * z).sum(-1)`), computed in the same pass.
+  (or `exp(logp) * logp`, or `logsumexp(z) - (softmax(z) * z).sum(-1)`), computed in the same pass,
+  also when assembled from pieces of `z` (TRL's row loops and `entropy_from_logits` chunks:
+  `_entropy_of` carries row numbers to prove each row's entropy sits at its row's place).
+
+Logits also used outside (returned, logged): `fused_linear_cross_entropy` writes them from its
+pass for the spellings it reads, so those are left to it; the others are refused with the reason.
 
 `z` is the lm head's output after the row-wise chain the loss patterns read (casts, `/ T`,
 softcap, the `[:, :-1]` shift; `patterns/cross_entropy.py` `_step`), so the whole thing becomes
@@ -29,6 +36,8 @@ NLL and stays that pattern's; otherwise (per-sequence sums, ratios, logsigmoid, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -38,7 +47,7 @@ from ligerfx.canonical import CAST, CNode, View, node_value, op_name
 from ligerfx.matcher import match_at
 from ligerfx.passes import Skip
 from ligerfx.pattern import Pattern, register, trace_variant
-from ligerfx.symbolic import known_equal
+from ligerfx.symbolic import known_equal, known_int
 
 from .cross_entropy import _check_labels, _linear, _step, lm_head_of
 
@@ -47,22 +56,25 @@ NAME = "fused_linear_logprob"
 
 # -- the spellings -----------------------------------------------------------------------------
 
-def logprob_log_softmax(logits, ids):
-    return F.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+def logprob_log_softmax(logits, index):
+    # `index` is any spelling of the ids with a trailing unit dim (`ids.unsqueeze(-1)`,
+    # `ids[:, 1:, None]`, `ids.view(B, T, 1)`): its shape is checked (`_index_problem`), so
+    # gather reads `logits[..., index[..., 0]]` whatever computed it
+    return F.log_softmax(logits, -1).gather(-1, index).squeeze(-1)
 
 
-def logprob_gather_lse(logits, ids):
-    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+def logprob_gather_lse(logits, index):
+    return logits.gather(-1, index).squeeze(-1) - logits.logsumexp(-1)
 
 
-def logprob_gather_rows_lse(logits, ids, lse):
+def logprob_gather_rows_lse(logits, index, lse):
     # `lse` must be proved to be stack(logsumexp(logits[i], -1) for every row i) (_rows_lse)
-    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+    return logits.gather(-1, index).squeeze(-1) - lse
 
 
-def lookalike_other_dim(logits, ids):
+def lookalike_other_dim(logits, index):
     # a log-softmax over another dim than the gathered one is no log-prob: always refused
-    return F.log_softmax(logits, -2).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return F.log_softmax(logits, -2).gather(-1, index).squeeze(-1)
 
 
 def nll_cross_entropy(logits, ids, ignore_index):
@@ -77,7 +89,8 @@ _LOOK_ALIKES = {lookalike_other_dim: "the log-softmax is over dim -2, not the vo
 _GATHERED = (logprob_log_softmax, logprob_gather_lse, logprob_gather_rows_lse)
 
 _EXAMPLE_LOGITS = torch.randn(6, 10)
-_EXAMPLES = {"logits": _EXAMPLE_LOGITS, "ids": torch.randint(0, 10, (6,)),
+_EXAMPLE_IDS = torch.randint(0, 10, (6,))
+_EXAMPLES = {"logits": _EXAMPLE_LOGITS, "ids": _EXAMPLE_IDS, "index": _EXAMPLE_IDS[:, None],
              "lse": _EXAMPLE_LOGITS.logsumexp(-1), "ignore_index": -100}
 
 
@@ -128,6 +141,38 @@ def _row_index(view: View, n: fx.Node):
     return _plain(src), i
 
 
+def _unit_source(view: View, index: fx.Node):
+    """`x` (a CNode) when the gather index is `x` with a trailing unit dim added in one of the
+    ways the canonical view names (`unsqueeze(-1)`, `[..., None]`, a view/reshape adding a
+    trailing 1), else None."""
+    c = _plain(view[index]) if index in view else None
+    if c is None or not isinstance(c.args[0] if c.args else None, CNode):
+        return None
+    if (c.op == "unsqueeze" and c.args[1] == -1) or (c.op == "unflatten" and c.args[1:] == (-1, 1)):
+        return _plain(c.args[0])
+    return None
+
+
+def _row_ids(view: View, index: fx.Node):
+    """(ids CNode, i) when the gather index is row i of the ids with a trailing unit dim
+    (`ids[i].unsqueeze(-1)`, `ids[i][:, None]`, `ids[i, :, None]`), else None."""
+    src = _unit_source(view, index)
+    if src is not None:
+        return _row_index(view, src.node) if src.node is not None else None
+    if op_name(index) != "getitem" or len(index.args) != 2 or not isinstance(index.args[1], tuple):
+        return None
+    base, idx = index.args
+    whole = all(i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in idx[1:-1])
+    if (len(idx) < 2 or not isinstance(idx[0], int) or isinstance(idx[0], bool)
+            or idx[-1] is not None or not whole or sum(i is Ellipsis for i in idx) > 1
+            or base not in view):
+        return None
+    bv = _val(base)
+    if Ellipsis not in idx and (not isinstance(bv, torch.Tensor) or len(idx) - 1 != bv.dim()):
+        return None
+    return _plain(view[base]), idx[0]
+
+
 def _stack_parts(view: View, n: fx.Node):
     """The parts of `torch.stack(parts)` along dim 0 at `n`, else None."""
     c = _plain(view[n]) if n in view else None
@@ -143,9 +188,9 @@ def _rank(c: CNode):
 
 def _rows_of(src: CNode):
     v = src.value
-    if not isinstance(v, torch.Tensor) or v.dim() < 2 or not isinstance(v.shape[0], int):
+    if not isinstance(v, torch.Tensor) or v.dim() < 2:
         return None
-    return v.shape[0]
+    return known_int(v.shape[0])  # a SymInt Dynamo specialised (it unrolled a loop over it) too
 
 
 def _rows_lse(match, view: View):
@@ -178,7 +223,7 @@ def _row_loop(match, view: View):
     Returns (z node, ids node, stack node, covered nodes) or None when the match is not a row
     of such a loop; a string when it is one that cannot be fused."""
     zr = _row_index(view, match["logits"])
-    ir = _row_index(view, match["ids"])
+    ir = _row_ids(view, match["index"])
     if zr is None or ir is None:
         return None
     out = match.outputs[0]
@@ -188,21 +233,25 @@ def _row_loop(match, view: View):
     stack = users[0]
     parts = _stack_parts(view, stack)
     z, ids = zr[0], ir[0]
+    if _rows_of(z) is None and isinstance(z.value, torch.Tensor) and z.value.dim() >= 2:
+        return (f"the row loop stacks {len(parts)} rows of logits whose row count "
+                f"{z.value.shape[0]} is symbolic (dynamic shapes): the stack is not provably "
+                "every row, and the op would read them all")
     if _rows_of(z) != len(parts):
         return f"the row loop stacks {len(parts)} rows of logits with {_rows_of(z)} rows"
     covered = list(view[stack].covers)
     for i, p in enumerate(parts):
         found = None
         for m in match_at(match.pattern, match.variant, view, [_plain(p)]):
-            a, b = _row_index(view, m["logits"]), _row_index(view, m["ids"])
+            a, b = _row_index(view, m["logits"]), _row_ids(view, m["index"])
             if a is not None and b is not None and a[0] is z and b[0] is ids and a[1] == b[1] == i:
                 found = m
                 break
         if found is None or found.outputs[0] is not found.tops[0]:
             return (f"part {i} of the stacked row loop is not the log-prob of row {i} of the same "
                     "logits and ids")
-        covered += found.covered + _plain(view[found["logits"]]).covers \
-            + _plain(view[found["ids"]]).covers
+        # the ids rows stay (views, maybe read elsewhere); the logits rows read the lm head
+        covered += found.covered + _plain(view[found["logits"]]).covers
     if z.node is None or ids.node is None:
         return "the row loop's logits or ids have no graph node"
     return z.node, ids.node, stack, covered
@@ -303,6 +352,13 @@ def _identity_casts(view: View, z: fx.Node) -> list:
     return out
 
 
+def _ce_spelling(view: View, index: fx.Node) -> bool:
+    """Whether fused_linear_cross_entropy's gather variant reads this index: it is written with
+    `ids.unsqueeze(-1)` (or `ids[..., None]`); other spellings stay ours even when reduced."""
+    c = _plain(view[index]) if index in view else None
+    return c is not None and c.op == "unsqueeze" and c.args[1] == -1 and bool(c.args[0].nodes)
+
+
 def _cross_entropy_enabled(options) -> bool:
     if options is None:
         return True
@@ -311,21 +367,153 @@ def _cross_entropy_enabled(options) -> bool:
         "fused_linear_cross_entropy" not in (getattr(options, "exclude", None) or ())
 
 
+def _entropy_at(view: View, c: CNode, is_logits):
+    """The entropy match computing `c` whose logits satisfy `is_logits(CNode)`, or None."""
+    for var in _ENTROPY.variants:
+        for m in match_at(_ENTROPY, var, view, [c]):
+            if is_logits(_plain(view[m["logits"]])):
+                return m
+    return None
+
+
+def _static(shape) -> bool:
+    return all(isinstance(d, int) for d in shape)
+
+
+def _basic_index(ids: torch.Tensor, idx):
+    """ids[idx] for an index of ints and slices within ids' dims, else None."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    ok = all((isinstance(i, int) and not isinstance(i, bool)) or (isinstance(i, slice) and all(
+        isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step))) for i in items)
+    return ids[items] if ok and len(items) <= ids.dim() else None
+
+
+def _carry_rows(view: View, n: fx.Node, rows: dict, logits_side: bool):
+    """The row numbers `n` holds when it only picks, splits, stacks or reshapes values whose row
+    numbers are in `rows` (a tuple of them for split / chunk), else None.  On the logits side
+    the vocabulary dim (last) must be left whole; `rows` have the value's shape without it."""
+    if n in view and view[n].op == CAST and view[n].identity and n.args and n.args[0] in rows:
+        return rows[n.args[0]]
+    name, a = op_name(n), n.args
+    x = a[0] if a else None
+    vin, vout = _val(x) if isinstance(x, fx.Node) else None, _val(n)
+    if name == "getitem" and len(a) == 2 and x in rows:
+        if isinstance(rows[x], tuple):  # a piece of a split / chunk
+            k, pieces = a[1], rows[x]
+            return pieces[k] if isinstance(k, int) and -len(pieces) <= k < len(pieces) else None
+        return _basic_index(rows[x], a[1])
+    if name in ("split", "chunk") and x in rows and not isinstance(rows[x], tuple):
+        dim = n.kwargs.get("dim", a[2] if len(a) > 2 else 0)
+        size = a[1] if len(a) > 1 else n.kwargs.get("split_size_or_sections",
+                                                    n.kwargs.get("chunks"))
+        r = rows[x]
+        if not (isinstance(dim, int) and isinstance(size, int) and isinstance(vin, torch.Tensor)):
+            return None
+        dim = dim + vin.dim() if dim < 0 else dim
+        if dim >= r.dim():
+            return None  # a split of the vocabulary dim
+        return tuple(r.split(size, dim) if name == "split" else r.chunk(size, dim))
+    if name in ("view", "reshape", "flatten", "unflatten") and x in rows \
+            and isinstance(vout, torch.Tensor) and isinstance(vin, torch.Tensor):
+        shape = tuple(vout.shape[:-1]) if logits_side else tuple(vout.shape)
+        if logits_side and not known_equal(vin.shape[-1], vout.shape[-1]):
+            return None
+        return rows[x].reshape(shape) if _static(shape) else None
+    if not logits_side and name in ("stack", "cat") and a and isinstance(a[0], (list, tuple)):
+        parts = list(a[0])
+        dim = n.kwargs.get("dim", a[1] if len(a) > 1 else 0)
+        if not parts or not all(p in rows and not isinstance(rows[p], tuple) for p in parts):
+            return None
+        return (torch.stack if name == "stack" else torch.cat)([rows[p] for p in parts], dim)
+    return None
+
+
 def _entropy_of(view: View, z: fx.Node, lp_out: fx.Node):
-    """(entropy output node, its covered nodes) of an entropy computed from the logits `z`."""
+    """The entropy of the logits `z` computed beside the log-probs: (output node, covered nodes),
+    a near-miss reason, or None.
+
+    The entropy is row-wise, so a value assembled from entropies of pieces of the logits is the
+    entropy of the logits exactly when it holds each of their rows at that row's place.  Row
+    numbers are carried through the picks, splits, stacks and reshapes between `z` and the
+    entropies (TRL's row loops: `stack([entropy(z[i]) for i])`, `entropy_from_logits` over
+    `z.reshape(-1, V).split(c)` with `cat(...).reshape(B, T)`, or `extend` then `stack`)."""
     target = _plain(view[z])
-    for c in list(view.cnodes()):
-        if c.op not in ("neg", "sub") or not c.nodes:
+    zv, lv = _val(z), _val(lp_out)
+    lead = tuple(zv.shape[:-1])
+
+    def same_grad(out):  # an entropy under no_grad, unlike the log-probs, is left alone
+        return getattr(_val(out), "requires_grad", None) == getattr(lv, "requires_grad", None)
+
+    if not _static(lead):  # only the entropy of the logits themselves
+        for c in list(view.cnodes()):
+            if c.op in ("neg", "sub") and c.nodes:
+                m = _entropy_at(view, c, lambda x: x is target)
+                if m is not None and same_grad(m.outputs[0]):
+                    return m.outputs[0], m.covered
+        return None
+    base = torch.arange(math.prod(lead)).reshape(lead)
+    lrows, erows, leaves, from_ = {}, {}, {}, {}
+    for n in view.graph.nodes:
+        if n.op == "output":
             continue
-        for var in _ENTROPY.variants:
-            for m in match_at(_ENTROPY, var, view, [c]):
-                if _plain(view[m["logits"]]) is not target:
-                    continue
-                out = m.outputs[0]
-                ev, lv = _val(out), _val(lp_out)
-                if getattr(ev, "requires_grad", None) != getattr(lv, "requires_grad", None):
-                    continue  # computed under no_grad, unlike the log-probs: left alone
-                return out, m.covered
+        if n in view and _plain(view[n]) is target:
+            lrows[n] = base
+            continue
+        r = _carry_rows(view, n, lrows, True)
+        if r is not None:
+            lrows[n] = r
+            continue
+        c = view[n] if n in view else None
+        if c is not None and c.op in ("neg", "sub") and n in c.nodes:
+            m = _entropy_at(view, c, lambda x: x.node in lrows)
+            r = lrows.get(m["logits"]) if m is not None else None
+            if isinstance(r, torch.Tensor) and m.outputs[0] is m.tops[0] and m.tops[0] is n:
+                erows[n], leaves[n] = r, m
+                continue
+        r = _carry_rows(view, n, erows, False)
+        if r is not None:
+            erows[n] = r
+    reordered = None
+    for n, r in erows.items():
+        if isinstance(r, tuple) or tuple(r.shape) != lead:
+            continue
+        if not torch.equal(r, base):
+            if reordered is None and torch.equal(r.flatten().sort().values, base.flatten()):
+                reordered = (n, r)
+            continue
+        if not same_grad(n):
+            continue
+        covered, todo = [], [n]
+        while todo:  # everything between z and the entropy, z's own chain excepted
+            u = todo.pop()
+            if u in covered or lrows.get(u) is base:
+                continue
+            covered.append(u)
+            if u in leaves:
+                covered += leaves[u].covered
+                todo.append(leaves[u]["logits"])
+                continue
+            todo += [a for a in u.all_input_nodes if a in lrows or a in erows]
+        return n, list(dict.fromkeys(covered))
+    if reordered is not None:
+        n, r = reordered
+        k = int((r.flatten() != base.flatten()).nonzero()[0])
+        return (f"`{n.name}` assembles the entropy of the logits' rows in another order: its "
+                f"row {k} (counting over the leading dims {lead}) is the entropy of logits row "
+                f"{int(r.flatten()[k])}")
+    return None
+
+
+def _escaping_logits(chain: list, covered: list, outputs: list) -> tuple | None:
+    """(logits node, its outside user) when a value of the lm head's logits chain is read
+    outside the match (returned, logged, another loss), else None."""
+    inside, outs = set(covered), set(outputs)
+    for n in chain:
+        if n in outs:
+            continue
+        for u in n.users:
+            if u not in inside:
+                return n, u
     return None
 
 
@@ -339,7 +527,8 @@ def check(match):
             raise Skip  # reported only where an lm head computes the logits
         return None
     view = View(match.graph)
-    z, ids, extra = match["logits"], match["ids"], []
+    gathered = fn in _GATHERED
+    z, ids, extra = match["logits"], match["index" if gathered else "ids"], []
     rows = None
     if fn is logprob_log_softmax:
         rows = _row_loop(match, view)
@@ -351,6 +540,18 @@ def check(match):
         extra, problem = _rows_lse(match, view)
         if problem:
             return problem
+    # Outside a row loop the op reads the ids under the gather index: the value the unit dim
+    # was added to, when only the gather reads that index (then covered: the value's writes
+    # window starts there, ligerfx/mutation.py), else the index itself, its unit dim dropped.
+    index = ids if gathered else None
+    unit = gathered and rows is None
+    src = _unit_source(view, index) if unit else None
+    if src is not None and src.node is not None:
+        adds = list(dict.fromkeys(view[index].covers + _plain(view[index]).covers))
+        inside = set(match.covered) | set(adds)
+        if all(u in inside for n in adds for u in n.users):
+            ids, unit = src.node, False
+            match.covered = list(dict.fromkeys(match.covered + adds))
     zv, iv = _val(z), _val(ids)
     if not isinstance(zv, torch.Tensor) or zv.dim() < 1:
         return "the log-softmax input is not a tensor with a vocabulary dim"
@@ -363,11 +564,13 @@ def check(match):
             return "cross_entropy's input is not 2-D [tokens, vocab] with 1-D ids"
         if not isinstance(match["ignore_index"], int):
             return "`ignore_index` is not a Python int"
-    elif iv.dim() != zv.dim() - 1 or not all(
-            known_equal(a, b) for a, b in zip(iv.shape, zv.shape[:-1])):
-        # gather reads a corner of the input for a smaller index; the op reads every row
-        return (f"the token ids have shape {tuple(iv.shape)}, not the logits' rows "
-                f"{tuple(zv.shape[:-1])}")
+    else:
+        want = tuple(zv.shape[:-1]) + ((1,) if unit else ())  # (the index's shape, if unit)
+        if iv.dim() != len(want) or not all(known_equal(a, b) for a, b in zip(iv.shape, want)):
+            # gather reads a corner of the input for a smaller index (and a unit dim elsewhere
+            # than last, `ids[:, None]`, gathers other rows); the op reads every row once
+            return (f"the token ids have shape {tuple(iv.shape)}, not the logits' rows "
+                    f"{want}" + (" (the ids with a trailing unit dim)" if unit else ""))
     ls = match.nodes_of("log_softmax")
     top, steps = _walk_from(z, ls[0] if ls else None)
     head = lm_head_of(top, steps, match)
@@ -379,24 +582,46 @@ def check(match):
     if isinstance(head, str):
         return head
     hidden, weight, bias, scale, slices, kinds = head
-    entropy = None if rows is not None else _entropy_of(view, z, match.outputs[0])
+    entropy = _entropy_of(view, z, match.outputs[0])
+    if isinstance(entropy, str):
+        return entropy
     if (fn is logprob_log_softmax and rows is None and entropy is None
-            and _cross_entropy_enabled(match.options) and _reduced_to_scalar(match.outputs[0])):
+            and _cross_entropy_enabled(match.options) and _ce_spelling(view, index)
+            and _reduced_to_scalar(match.outputs[0])):
         raise Skip  # a per-token NLL reduced to a loss: fused_linear_cross_entropy's
     chain = [top] + [n for n, _, _ in steps if n not in match.covered]
     chain += _identity_casts(view, z)
     match.covered = list(dict.fromkeys(match.covered + chain + extra))
+    details = []
     if rows is not None:
         match.outputs, match.tops = [stack], [stack]
-        match.detail = f"row loop of {len(_stack_parts(view, stack))} rows"
+        details.append(f"row loop of {len(_stack_parts(view, stack))} rows")
     if entropy is not None:
         out, covered = entropy
         match.covered = list(dict.fromkeys(match.covered + covered))
         match.outputs = [match.outputs[0], out]
         match.tops = [match.tops[0], out]
-        match.detail = "entropy from the same pass"
+        details.append("entropy from the same pass")
+    match.detail = "; ".join(details)
+    logits_chain = [top] + [n for n, _, _ in steps] + _identity_casts(view, z) + [z]
+    escaping = _escaping_logits(logits_chain, match.covered, match.outputs)
+    if escaping is not None:
+        ce_reads = fn is nll_cross_entropy or (
+            fn is logprob_log_softmax and _ce_spelling(view, index))
+        if rows is None and entropy is None and _cross_entropy_enabled(match.options) and ce_reads:
+            # fused_linear_cross_entropy reads these spellings too and writes the logits from
+            # the same pass (return_logits): it takes them (docs/post_training.md counts bytes)
+            raise Skip
+        e, u = escaping
+        where = "a graph output" if u.op == "output" else f"`{u.name}`"
+        return (f"the lm head's logits `{e.name}` are also used by {where}, so the [N, V] logits "
+                "must exist anyway; liger::fused_linear_logprob does not write them (a rewrite "
+                "would add a second lm-head matmul to keep them); only the "
+                "log_softmax(z).gather(-1, ids.unsqueeze(-1)) and -cross_entropy(z, ids, "
+                "reduction='none') spellings are rewritten then, by fused_linear_cross_entropy, "
+                "which writes the logits from the same pass")
     match.params.update(logit_scale=scale[0], softcap=scale[1], slices=slices, kinds=kinds,
-                        entropy=entropy is not None, ce=fn is nll_cross_entropy)
+                        entropy=entropy is not None, ce=fn is nll_cross_entropy, unit=unit)
     match.bindings.update(hidden=hidden, lm_weight=weight, lm_bias=bias, token_ids=ids)
     return None
 
@@ -407,15 +632,18 @@ def _check_ids_or_ignored(ids, V: int, ignore_index: int):
                         "cross_entropy(): a target is out of range [0, number of classes)")
 
 
-def replace(logits, ids, ignore_index=-100, lse=None, hidden=None, lm_weight=None, lm_bias=None,
-            token_ids=None, *, match=None):
+def replace(logits, ids=None, ignore_index=-100, lse=None, index=None, hidden=None,
+            lm_weight=None, lm_bias=None, token_ids=None, *, match=None):
     if match is None:
         # registration check on the example inputs: the op with the identity as its lm head
+        ids = index.squeeze(-1) if ids is None else ids
         eye = torch.eye(logits.shape[-1], dtype=logits.dtype)
         return torch.ops.liger.fused_linear_logprob(logits, eye, None, ids, 1.0, 0.0, False,
                                                     ignore_index, 0)[0].to(logits.dtype)
     p = match.params
     V = match.value("lm_weight").shape[0]
+    if p["unit"]:
+        token_ids = token_ids.squeeze(-1)  # the gather index [..., 1] (shape checked)
     if p["ce"]:
         _check_ids_or_ignored(token_ids, V, ignore_index)
         ii = int(ignore_index)

@@ -1,17 +1,20 @@
 """Peak host memory of one step, measured in a fresh child process (shared by the memory tests).
 
 A test file runs itself as a script per variant (`run_child`); the child builds its inputs, warms
-up, calls `window()` to take the RSS base and reset the kernel's high-water mark, runs the step,
-and prints `result(...)`: VmHWM - VmRSS(base) in MiB plus whatever the parent compares (loss,
-gradient norms, rewrite counts).  Peak RSS cannot be compared inside one process, hence children.
+up and hands the step to `measure`, which calls `window()` to take the RSS base and reset the
+kernel's high-water mark, runs the step, and prints `result(...)`: VmHWM - VmRSS(base) in MiB plus
+what the parent compares (loss, gradient norms, rewrite counts) with `check_peak`.  Peak RSS cannot
+be compared inside one process, hence children.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import time
 
 
 def status_kib(field: str) -> int:
@@ -53,3 +56,38 @@ def run_child(script: str, mode: str, timeout: int = 600) -> dict:
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(mode: str, step, grads: dict) -> None:
+    """Child: run `step()` (forward and backward; it returns the loss) in a fresh window and print
+    the result line: the peak, the step's seconds, its loss, the norm of each `grads` tensor's
+    .grad (name -> tensor) and, when compiled, the rewrites and the number of graphs Dynamo made."""
+    gc.collect()
+    base = window()
+    t0 = time.perf_counter()
+    loss = step()
+    elapsed = time.perf_counter() - t0
+    fields = dict(seconds=elapsed, loss=loss.item(), counts={}, graphs=0,
+                  **{name: t.grad.norm().item() for name, t in grads.items()})
+    if mode == "compiled":
+        import torch
+
+        import ligerfx.backend
+
+        fields["counts"] = ligerfx.backend.last_report.counts
+        fields["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    result(mode, base, **fields)
+
+
+def check_peak(eager: dict, ours: dict, *, floor_mib: float, grad_w_mib: float, under: int,
+               grad_rtol: float = 1e-3) -> None:
+    """Parent: both children computed the same (loss, gh, gw), eager's peak really held what it
+    must (`floor_mib`: its [N, V] tensors), ours is a real measurement (at least w.grad's
+    `grad_w_mib`, which both keep) and under 1/`under` of eager's."""
+    # Same computation (fp32, same seed): the comparison is meaningless otherwise.
+    assert abs(ours["loss"] - eager["loss"]) <= 1e-4 * abs(eager["loss"]), (ours, eager)
+    for k in ("gh", "gw"):
+        assert abs(ours[k] - eager[k]) <= grad_rtol * eager[k], (k, ours[k], eager[k])
+    assert eager["increase_mib"] >= floor_mib, eager
+    assert ours["increase_mib"] >= grad_w_mib, ours
+    assert ours["increase_mib"] < eager["increase_mib"] / under, (ours, eager)

@@ -189,3 +189,25 @@ def test_flce_zero_check():
         x = torch.zeros(3, 4)
         x[2, 3] = bad
         assert not flce._all_zero(x), bad
+
+
+def test_flce_one_chunk_on_cpu_when_the_logits_are_kept(torch_path, monkeypatch):
+    # Returned logits already hold [N, V]: one gradient chunk beside them (one K = N grad-weight
+    # GEMM, no accumulation passes over [V, H]); without them the 64 MiB chunk budget stands.
+    N, V = 4096, 32000
+    assert flce.chunk_rows(N, V, torch.device("cpu"), 4, logits_kept=True) == N
+    assert flce.chunk_rows(N, V, torch.device("cpu"), 4) == 512
+    assert flce.chunk_rows(N, V, torch.device("cpu"), 4, chunk_size=64, logits_kept=True) == 64
+    calls = []
+    orig = flce._chunk_loop
+    monkeypatch.setattr(flce, "_chunk_loop", lambda *a, **k: (calls.append(k["C"]), orig(*a, **k)))
+    monkeypatch.setattr(flce, "_CPU_CHUNK_BYTES", 40 * 4 * 8)  # 16 rows (the least) otherwise
+    h, w, t = torch.randn(24, 8), torch.randn(40, 8), torch.randint(0, 40, (24,))
+    args = lambda keep: (h, w, None, t, None, -100, "mean", 0.0, 0.0, 0.0, 1.0, keep, True, True,
+                         False, 0)
+    kept = torch.ops.liger.fused_linear_cross_entropy(*args(True))
+    chunked = torch.ops.liger.fused_linear_cross_entropy(*args(False))
+    assert calls == [24, 16]
+    for a, b in zip(kept[:2] + kept[3:5], chunked[:2] + chunked[3:5]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(kept[2], h @ w.t(), rtol=1e-5, atol=1e-5)

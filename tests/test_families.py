@@ -6,7 +6,8 @@ structure, one rule for all (`find_sites`: the norm modules that run, the attent
 apply a rotary function, the gated / ReLU² MLPs, the loss), never from per-model numbers:
 
 - every norm is rewritten (`rms_norm` / `layer_norm`, or their residual-add forms), every gated
-  norm into `gated_rms_norm`, every attention's q and k into one `rope`, every dense gated MLP
+  norm into `gated_rms_norm`, every attention's q and k into one `rope` (a rotation with no
+  partner by the same angles into `rope_single`: DeepSeek-V4's compressor), every dense gated MLP
   (and expert block written as one gated product) into its activation's op, the loss into
   `fused_linear_cross_entropy` / `cross_entropy`, with no near miss;
 - one training step (loss and every gradient) equals eager in fp32 (relative error < 1e-4);
@@ -23,6 +24,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 import ligerfx.backend
 from tests.compare import compare_training_step
@@ -32,10 +34,7 @@ pytest.importorskip("transformers")
 
 # The one table: family -> what it waits for (items of issue 13 that other work adds).
 # Flip an entry (delete it) when its item lands; strict xfail fails the run until then.
-NEEDS = {
-    "deepseek_v4": "needs DeepSeek-V4's rotations paired (issue 13 §2): its compressor's "
-                   "rotations are rope_single today",
-}
+NEEDS: dict = {}
 # Every family's residual adds wait for item §1 (add_rms_norm / add_layer_norm).
 ADD_NORM_NEEDS = "needs add_rms_norm / add_layer_norm (issue 13 §1)"
 ADD_NORM_LANDED = True  # §1 landed
@@ -79,7 +78,8 @@ def test_family_rewritten_and_eager_equal(family):
     assert set(extra(report.counts, sites)) <= set(MLP_OPS) | {"add_norm"}, report.counts
     # a near miss at a site is a fusion the site lost (e.g. a norm's add refused); elsewhere it
     # explains a look-alike that is not a site (Qwen3-Next's linear attention L2-normalises q/k)
-    site_modules = {m for m, _, _ in sites.norms} | set(sites.rope) | {m for m, _ in sites.mlps}
+    site_modules = ({m for m, _, _ in sites.norms} | set(sites.rope) | set(sites.rope_single)
+                    | {m for m, _ in sites.mlps})
     at_sites = [str(m) for m in report.near_misses if m.location.module in site_modules]
     assert not at_sites, at_sites
 
@@ -100,7 +100,8 @@ def test_site_rule_counts_what_is_missing_and_what_is_extra():
 
     sites = Sites(norms=[("a", False, False), ("b", False, True), ("c", True, False)],
                   rope=["attn"], mlps=[("mlp", "swiglu"), ("moe", "gated tanh")], loss=1)
-    assert sites.expected() == dict(norm=2, gated_norm=1, add_norm=1, rope=1, loss=1, swiglu=1)
+    assert sites.expected() == dict(norm=2, gated_norm=1, add_norm=1, rope=1, rope_single=0,
+                                    loss=1, swiglu=1)
     counts = {"rms_norm": 1, "add_rms_norm": 1, "rope": 1, "swiglu": 2, "cross_entropy": 1}
     assert unrewritten(counts, sites) == {"gated_norm": (0, 1)}
     assert extra(counts, sites) == {"swiglu": (2, 1)}
@@ -108,7 +109,31 @@ def test_site_rule_counts_what_is_missing_and_what_is_extra():
     assert unrewritten(counts, sites) == {"gated_norm": (0, 1), "add_norm": (0, 1),
                                           "rope": (0, 1), "swiglu": (0, 1)}
     assert "add_norm" not in unrewritten(counts, sites, add_norm=False)
-    assert extra(counts, sites) == {"norm": (3, 2)}
+    # rotations the oracle finds paired are not covered by singles; singles beyond the lone
+    # rotations are extra
+    assert extra(counts, sites) == {"norm": (3, 2), "rope_single": (2, 0)}
+    lone = Sites(rope_single=["compressor", "compressor"], loss=1)
+    assert unrewritten({"rope_single": 1, "cross_entropy": 1}, lone) == {"rope_single": (1, 2)}
+    assert not unrewritten({"rope_single": 2, "cross_entropy": 1}, lone)
+
+
+def test_rotation_sites_pair_equal_tables_only():
+    """The oracle's rotary rule: one call rotating two tensors, or two calls with equal tables
+    and q/k-compatible tensors, is a pair; other tables (other positions, -sin) leave singles."""
+    from tests.models.families import _rotation_sites
+
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 1, 6, 8)
+    cos, sin = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    assert _rotation_sites([((q, k), [cos, sin])]) == (1, 0)
+    # DeepSeek-V4's attention: q and kv one call each (tables recomputed: equal values), the
+    # output rotated back by (cos, -sin)
+    calls = [((q,), [cos, sin]), ((k,), [cos.clone(), sin.clone()]), ((q,), [cos, -sin])]
+    assert _rotation_sites(calls) == (1, 1)
+    # its indexer: keys at window positions (other tables), queries at token positions
+    win = torch.randn(2, 1, 3, 8)
+    assert _rotation_sites([((win,), [cos[:, :3], sin[:, :3]]), ((q,), [cos, sin])]) == (0, 2)
+    # equal tables but tensors no launch takes as q and k (they differ in more than the heads)
+    assert _rotation_sites([((q,), [cos, sin]), ((q[:1, :2],), [cos, sin])]) == (0, 2)
 
 
 def test_tiny_config_keeps_each_layer_kind():

@@ -103,6 +103,31 @@ def grpo_step(model, input_ids, completion_mask, old_logps, ref_logps, advantage
             / completion_mask.sum(-1).clamp(min=1.0)).mean()
 
 
+def entropy_from_logits(logits, chunk_size=16):
+    # TRL trainer/utils.py: the entropy over chunks of the flattened rows, concatenated back
+    flat = logits.reshape(-1, logits.shape[-1])
+    ents = []
+    for chunk in flat.split(chunk_size, dim=0):
+        logps = F.log_softmax(chunk, dim=-1)
+        ents.append(-(torch.exp(logps) * logps).sum(-1))
+    return torch.cat(ents, dim=0).reshape(logits.shape[:-1])
+
+
+def grpo_trl_step(model, input_ids, completion_mask, old_logps, ref_logps, advantages):
+    # GRPOTrainer._get_per_token_logps_and_entropies as TRL spells it: the ids sliced with a
+    # trailing None, selective_log_softmax's row loop, entropy_from_logits's chunks
+    logits = model(input_ids=input_ids).logits[:, :-1, :] / 0.9
+    rows = [F.log_softmax(lg, -1).gather(-1, ix[:, None]).squeeze(-1)
+            for lg, ix in zip(logits, input_ids[:, 1:])]
+    per_token_logps = torch.stack(rows)
+    entropies = entropy_from_logits(logits)
+    coef = torch.exp(per_token_logps - old_logps)
+    per_token_kl = torch.exp(ref_logps - per_token_logps) - (ref_logps - per_token_logps) - 1
+    per_token_loss = -coef * advantages.unsqueeze(1) + 0.04 * per_token_kl - 0.01 * entropies
+    return ((per_token_loss * completion_mask).sum(-1)
+            / completion_mask.sum(-1).clamp(min=1.0)).mean()
+
+
 # -- the check -----------------------------------------------------------------------------------
 
 def _model():
@@ -116,7 +141,7 @@ def _inputs(kind, model):
     gen = torch.Generator().manual_seed(11)
     V = model.config.vocab_size
     input_ids = torch.randint(3, V, (BATCH, SEQ), generator=gen)
-    if kind == "grpo":
+    if kind.startswith("grpo"):
         mask = torch.ones(BATCH, SEQ - 1)
         mask[1, -3:] = 0  # padding after an early end of sequence
         with torch.no_grad():
@@ -133,7 +158,8 @@ def _inputs(kind, model):
     return (input_ids, labels, ref[:BATCH // 2], ref[BATCH // 2:])
 
 
-STEPS = {"dpo": dpo_step, "orpo": orpo_step, "simpo": simpo_step, "grpo": grpo_step}
+STEPS = {"dpo": dpo_step, "orpo": orpo_step, "simpo": simpo_step, "grpo": grpo_step,
+         "grpo_trl": grpo_trl_step}
 
 
 def _grads_equal(ref_model, test_model):
@@ -165,7 +191,7 @@ def test_post_training_loss_exact(kind, monkeypatch):
         if path == "torch":
             report = ligerfx.backend.last_report
             assert report.counts.get(NAME) == 1, str(report)
-            if kind == "grpo":
+            if kind.startswith("grpo"):
                 m = next(m for m in report.matches if m.pattern == NAME)
                 assert "entropy" in m.detail, str(report)
         loss.backward()

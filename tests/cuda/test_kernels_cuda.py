@@ -95,6 +95,16 @@ def test_relu_sq(dtype, shape):
     tga.test_relu_sq_bit_equal_to_eager("cuda", shape, dtype)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu_sq"])
+def test_gated_act_shares_the_activation(activation):
+    # the gated backward multiplies d(up) by the forward's act(gate), bit for bit (tests/kernels)
+    tga.test_gated_and_plain_share_the_activation("cuda", activation)
+
+
+def test_gated_rms_norm_is_rms_norm_times_silu():
+    tgrn.test_is_rms_norm_times_silu_bit_for_bit("cuda")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(4096 * 32, 128), (1, 128), (4096, 4096), (5, 8191), (3, 8192)],
                          ids=str)

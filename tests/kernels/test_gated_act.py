@@ -257,3 +257,19 @@ def test_act_opcheck():
     x = torch.randn(2, 3, 40, requires_grad=True)
     torch.library.opcheck(torch.ops.liger.act.default, (x, "relu_sq"))
     torch.library.opcheck(torch.ops.liger.act_backward.default, (torch.randn(2, 3, 40), x.detach(), "relu_sq"))
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_gated_and_plain_share_the_activation(kernel_path, activation):
+    # Regression: the gated backward recomputed silu / gelu_tanh as g * sigmoid where the forward
+    # divides (g / (1 + exp(-g)), eager's formula), so in fp32 d(up) differed from dy * act(gate)
+    # (the forward's value, which eager saves) in the last bit.  The activation is written once
+    # (kernels/triton_math.py, gated_act._act); in fp32 each product below is rounded once.
+    gate, up, dy = torch.randn(8, 700) * 3, torch.randn(8, 700), torch.randn(8, 700)
+    dgate, dup = torch.ops.liger.gated_act_backward(dy, gate, up, activation)
+    assert torch.equal(dup, dy * act(gate, activation))
+    # with up = 1 the gated op is the plain one, forward and backward
+    ones = torch.ones_like(up)
+    assert torch.equal(gated_act(gate, ones, activation), act(gate, activation))
+    assert torch.equal(torch.ops.liger.gated_act_backward(dy, gate, ones, activation)[0],
+                       torch.ops.liger.act_backward(dy, gate, activation))

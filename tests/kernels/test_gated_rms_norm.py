@@ -166,3 +166,21 @@ def test_opcheck(with_weight):
     torch.library.opcheck(torch.ops.liger.gated_rms_norm_backward.default,
                           (torch.randn(2, 3, 40), x.detach(), None if w is None else w.detach(), g.detach(),
                            rstd, 0.0, "llama", torch.float32, torch.float32, with_weight))
+
+
+def test_is_rms_norm_times_silu_bit_for_bit(kernel_path):
+    # Regression: silu(gate) was g * sigmoid(g) in the backward kernel and on the torch path, where
+    # eager (and the forward kernel) compute g / (1 + exp(-g)), so in fp32 y and dx differed from
+    # rms_norm(x) * F.silu(gate) in the last bit.  Now one silu (kernels/triton_math.py); in fp32
+    # the gated op is the rms_norm and act ops composed, forward and backward, bit for bit.
+    x, w, g, dy = torch.randn(7, 96), torch.randn(96), torch.randn(7, 96) * 3, torch.randn(7, 96)
+    f32 = torch.float32
+    y, rstd = torch.ops.liger.gated_rms_norm(x, w, g, EPS, 0.0, "llama", f32, f32, f32)
+    h, _ = torch.ops.liger.rms_norm(x, w, EPS, 0.0, "llama", f32)
+    a = torch.ops.liger.act(g, "silu")
+    assert torch.equal(y, h * a)
+    dx, dg, dw = torch.ops.liger.gated_rms_norm_backward(dy, x, w, g, rstd, 0.0, "llama", f32, f32, True)
+    want_dx, want_dw = torch.ops.liger.rms_norm_backward(dy * a, x, w, rstd, 0.0, "llama", True)
+    assert torch.equal(dg, torch.ops.liger.act_backward(dy * h, g, "silu"))
+    assert torch.equal(dx, want_dx)
+    torch.testing.assert_close(dw, want_dw)  # partial sums over other row blocks

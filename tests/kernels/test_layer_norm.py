@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ligerfx.kernels import layer_norm as ln
+from tests.kernels.test_rms_norm import assert_rounds_like_eager, nan_alloc
 
 SHAPES = [(1, 64), (7, 96), (3, 5, 80), (64, 257), (2, 9000)]
 # name -> (has weight, has bias, parameter dtype: "x" = x's dtype)
@@ -111,14 +112,7 @@ def test_kernel_rounding_matches_eager(dtype, wide, monkeypatch):
     y_eager = ln.layer_norm_reference(x, w, b, EPS, dtype)[0]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     y = ln.layer_norm(x, w, b, EPS)
-    assert (y != y_eager).float().mean().item() < 0.01
-    ulp = torch.finfo(dtype).eps * y_eager.float().abs().clamp_min(1e-3)
-    assert ((y.float() - y_eager.float()).abs() <= ulp).all()
-
-
-def nan_alloc(shape, dtype, device):
-    shape = (shape,) if isinstance(shape, int) else shape
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    assert_rounds_like_eager(y, y_eager, dtype)
 
 
 @pytest.mark.parametrize("wide", [False, True])

@@ -11,10 +11,18 @@ the sites a rewrite should cover:
   statistic); *gated* when it is called with a second tensor
   (the gate); *add-fed* when its input is the result of a same-shape tensor + tensor add (the
   residual add of issue 13 §1);
-- rotary: every module call during which a rotary function of its modeling file
-  (`apply_rotary_pos_emb`, `apply_rotary_emb`, ...: a module-level `apply*rot*` / `apply*rope*`
-  function, vision ones aside) ran: one `rope` site per attention call, however many tensors the
-  function is called for;
+- rotary: every call of a rotary function of its modeling file (`apply_rotary_pos_emb`,
+  `apply_rotary_emb`, ...: a module-level `apply*rot*` / `apply*rope*` function, vision ones
+  aside), by the innermost module call it ran in.  Tensors rotated by one launch make a `rope`
+  site: a call returning two (q and k) or two calls of one module call with equal tables (equal
+  values: the same angles, however computed) and tensors of one shape but the heads dim (the
+  kernel's q and k).  Any other rotation is a `rope_single` site: it has no partner rotated by
+  the same angles (DeepSeek-V4's compressor rotates only its compressed keys, at window
+  positions; its indexer rotates keys at window positions and queries at token positions; its
+  attention rotates the output back by (cos, -sin)), so one launch of its own is all it can get.
+  Equal values are what the oracle asks for; two value-equal tables read from different buffers
+  (which the compiler rightly does not pair: a buffer can change between calls) would fail the
+  test, a prompt to look, never a silent pass;
 - MLPs: every module call with an activation (`act_fn` / `activation_fn` / `act` /
   `activation`) and a gate (`gate_proj` or `gate_up_proj`: dense gated MLPs and expert blocks
   written as one gated product; or, whatever the projections are called, the module itself
@@ -147,7 +155,8 @@ class Sites:
     """What one eager forward ran that a rewrite should cover (module names for the messages)."""
 
     norms: list = field(default_factory=list)  # (module, gated, add_fed)
-    rope: list = field(default_factory=list)  # module of each attention call that rotated
+    rope: list = field(default_factory=list)  # module of each paired rotation (q and k)
+    rope_single: list = field(default_factory=list)  # module of each rotation without a partner
     mlps: list = field(default_factory=list)  # (module, kind): swiglu / geglu / relu_sq / other
     loss: int = 0
 
@@ -158,7 +167,7 @@ class Sites:
             norm=sum(not g for _, g, _ in self.norms),
             gated_norm=sum(g for _, g, _ in self.norms),
             add_norm=sum(a and not g for _, g, a in self.norms),
-            rope=len(self.rope), loss=self.loss, **mlp)
+            rope=len(self.rope), rope_single=len(self.rope_single), loss=self.loss, **mlp)
 
 
 def _activation_kind(act) -> str:
@@ -232,7 +241,8 @@ class _Sums(TorchFunctionMode):
 def find_sites(model: nn.Module, inputs: dict) -> Sites:
     """One eager forward (no grad) with hooks recording the sites of `Sites`."""
     names = {id(m): n for n, m in model.named_modules()}
-    sites, stack, calls, rotated = Sites(), [], collections.Counter(), set()
+    sites, stack, calls = Sites(), [], collections.Counter()
+    rotations = collections.defaultdict(list)  # module call -> [(rotated tensors, tables)]
     # activation module -> the module it is the activation of (no gate by name: see _mlp_kind)
     owners = {id(a): m for m in model.modules() if _mlp_kind(m) is None
               for a in (_activation(m),) if a is not None}
@@ -278,14 +288,26 @@ def find_sites(model: nn.Module, inputs: dict) -> Sites:
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post))
 
+    inside = []  # rotary calls in progress
+
     def wrap(fn):
         def counted(*a, **k):
-            if stack:
-                rotated.add(stack[-1])
-            out = fn(*a, **k)
+            inside.append(fn)
+            try:
+                out = fn(*a, **k)
+            finally:
+                inside.pop()
+            outs = [t for t in (out if isinstance(out, (tuple, list)) else (out,))
+                    if isinstance(t, torch.Tensor)]
+            # the outermost rotary call counts (GPT-OSS's `apply_rotary_pos_emb(q, k, ..)`
+            # calls `_apply_rotary_emb` once per tensor: the same rotations again)
+            if stack and not inside:
+                # the rotated tensors come first, the tables (cos/sin, freqs, positions) after
+                tensors = [v for v in (*a, *k.values()) if isinstance(v, torch.Tensor)]
+                rotations[stack[-1]].append((outs, tensors[len(outs):]))
             # a rotation's `x*cos + rot(x)*sin` is a sum but no residual add (HunYuan norms q/k
             # after rotating them)
-            for t in out if isinstance(out, (tuple, list)) else (out,):
+            for t in outs:
                 sums.ids.discard(id(t))
             return out
         return counted
@@ -310,9 +332,42 @@ def find_sites(model: nn.Module, inputs: dict) -> Sites:
             h.remove()
     sites.norms = [s for i, s in enumerate(sites.norms) if i not in dropped]
     by_id = {id(m): names[id(m)] for m in model.modules()}
-    sites.rope = sorted(by_id[i] for i, _ in rotated)
+    for (i, _), calls_here in rotations.items():
+        pairs, alone = _rotation_sites(calls_here)
+        sites.rope += [by_id[i]] * pairs
+        sites.rope_single += [by_id[i]] * alone
+    sites.rope.sort()
+    sites.rope_single.sort()
     sites.loss = int(inputs.get("labels") is not None)
     return sites
+
+
+def _same_tables(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _partners(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether x and y can be liger::rope's q and k: one shape but (at most) the heads dim."""
+    return (x.dim() == y.dim() and x.dtype == y.dtype
+            and sum(p != q for p, q in zip(x.shape, y.shape)) <= 1)
+
+
+def _rotation_sites(calls: list) -> tuple:
+    """(pairs, lone rotations) among the rotary calls of one module call, in call order."""
+    pairs, alone = 0, []
+    for outs, tables in calls:
+        if len(outs) >= 2:  # q and k rotated by one call
+            pairs += 1
+        elif outs:
+            mate = next((j for j, (o, t) in enumerate(alone)
+                         if _partners(o, outs[0]) and _same_tables(t, tables)), None)
+            if mate is None:
+                alone.append((outs[0], tables))
+            else:
+                alone.pop(mate)
+                pairs += 1
+    return pairs, len(alone)
 
 
 def found(counts: dict) -> dict:
@@ -320,7 +375,7 @@ def found(counts: dict) -> dict:
     c = collections.Counter(counts)
     out = dict(
         norm=sum(c[k] for k in NORM_OPS), gated_norm=sum(c[k] for k in GATED_NORM_OPS),
-        add_norm=sum(c[k] for k in ADD_NORM_OPS), rope=c["rope"],
+        add_norm=sum(c[k] for k in ADD_NORM_OPS), rope=c["rope"], rope_single=c["rope_single"],
         loss=sum(c[k] for k in LOSS_OPS))
     out.update({k: c[k] for k in MLP_OPS if c[k]})
     return out

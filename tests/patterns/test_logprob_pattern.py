@@ -78,9 +78,103 @@ def with_entropy_lse(h, w, ids):
     return lp, torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
 
 
+# -- the ids with a trailing unit dim, in every spelling (the gather index is read by shape) ---
+
+def index_none_after_slice(h, w, ids):
+    logits = _head(h, w)
+    return logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def index_view_unit(h, w, ids):
+    return F.log_softmax(_head(h, w), -1).gather(-1, ids.view(B, T, 1)).squeeze(-1)
+
+
+def index_reshape_unit_dim2(h, w, ids):
+    logp = F.log_softmax(_head(h, w), -1)
+    return logp.gather(2, ids.reshape(*ids.shape, 1)).squeeze(2)
+
+
+def index_also_read_elsewhere(h, w, ids):
+    idx = ids[:, 1:].unsqueeze(-1)  # the index itself is read again: the op reads it, squeezed
+    lp = F.log_softmax(_head(h, w)[:, :-1], -1).gather(-1, idx).squeeze(-1)
+    return lp * (idx.squeeze(-1) != 0)
+
+
+def trl_rows_index_none(h, w, ids):
+    z = _head(h, w)
+    return torch.stack([F.log_softmax(z[i], -1).gather(-1, ids[i, :, None]).squeeze(-1)
+                        for i in range(B)])
+
+
+# -- the entropy in TRL's row loops ------------------------------------------------------------
+
+def with_entropy_rows_same_loop(h, w, ids):
+    lps, ents = [], []
+    for row_logits, row_ids in zip(_head(h, w), ids):
+        logp = F.log_softmax(row_logits, -1)
+        lps.append(logp.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1))
+        ents.append(-(logp.exp() * logp).sum(-1))
+    return torch.stack(lps), torch.stack(ents)
+
+
+def with_entropy_rows_own_loop(h, w, ids):
+    # selective_log_softmax's fp32 branch, then entropy_from_logits as a loop of its own
+    z = _head(h, w) / 0.8
+    lse = torch.stack([torch.logsumexp(r, -1) for r in z])
+    lp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+    ent = torch.stack([-(F.softmax(r, -1) * F.log_softmax(r, -1)).sum(-1) for r in z])
+    return lp, ent
+
+
+def with_entropy_full_after_row_loop(h, w, ids):
+    z = _head(h, w)
+    lp = torch.stack([F.log_softmax(z[i], -1).gather(-1, ids[i].unsqueeze(-1)).squeeze(-1)
+                      for i in range(B)])
+    logp = F.log_softmax(z, -1)
+    return lp, -(logp.exp() * logp).sum(-1)
+
+
+def entropy_from_logits(logits, chunk_size=4):
+    # TRL trainer/utils.py: the entropy over chunks of the flattened rows, concatenated back
+    flat = logits.reshape(-1, logits.shape[-1])
+    ents = []
+    for chunk in flat.split(chunk_size, dim=0):
+        logps = F.log_softmax(chunk, dim=-1)
+        ents.append(-(torch.exp(logps) * logps).sum(-1))
+    return torch.cat(ents, dim=0).reshape(logits.shape[:-1])
+
+
+def entropy_from_logits_extend(logits, chunk_size=1):
+    # the earlier TRL version: chunks of the batch, `extend` (one getitem per row), stack
+    per_token = []
+    for chunk in logits.split(chunk_size, dim=0):
+        logps = F.log_softmax(chunk, dim=-1)
+        per_token.extend(-(torch.exp(logps) * logps).sum(-1))
+    return torch.stack(per_token)
+
+
+def with_entropy_grpo_trl(h, w, ids):
+    # GRPOTrainer._get_per_token_logps_and_entropies: temperature, selective_log_softmax's
+    # low-precision branch, entropy_from_logits
+    z = _head(h, w) / 0.7
+    lp = torch.stack([F.log_softmax(r, -1).gather(-1, i.unsqueeze(-1)).squeeze(-1)
+                      for r, i in zip(z, ids)])
+    return lp, entropy_from_logits(z)
+
+
+def with_entropy_trl_extend(h, w, ids):
+    z = _head(h, w)
+    lp = torch.gather(z, -1, ids.unsqueeze(-1)).squeeze(-1) \
+        - torch.stack([torch.logsumexp(r, -1) for r in z])
+    return lp, entropy_from_logits_extend(z)
+
+
 SPELLINGS = [lsm_gather_shift_temperature, lsm_dtype_kwarg_torch_gather, gather_minus_logsumexp,
              trl_rows_fp32, trl_rows_log_softmax, neg_cross_entropy_none, with_entropy_exp,
-             with_entropy_softmax, with_entropy_lse]
+             with_entropy_softmax, with_entropy_lse, index_none_after_slice, index_view_unit,
+             index_reshape_unit_dim2, index_also_read_elsewhere, trl_rows_index_none,
+             with_entropy_rows_same_loop, with_entropy_rows_own_loop,
+             with_entropy_full_after_row_loop, with_entropy_grpo_trl, with_entropy_trl_extend]
 
 
 def _args(seed, dtype=torch.float32, bias=False):
@@ -118,13 +212,42 @@ def _compare(fn, args, rtol=1e-4):
 
 @pytest.mark.parametrize("fn", SPELLINGS, ids=lambda f: f.__name__)
 def test_spellings_rewritten_and_exact(fn, kernel_path):
-    report = _compare(fn, _args(SPELLINGS.index(fn)))
+    args = _args(SPELLINGS.index(fn))
+    if fn is index_also_read_elsewhere:
+        args[2][0, 3] = 0  # a masked token
+    report = _compare(fn, args)
     assert report.counts.get(NAME) == 1, str(report)
     assert not report.counts.get("fused_linear_cross_entropy"), str(report)
     assert not report.counts.get("cross_entropy"), str(report)
     if fn.__name__.startswith("with_entropy"):
         m = next(m for m in report.matches if m.pattern == NAME)
         assert "entropy" in m.detail
+
+
+def test_reduced_nll_with_sliced_none_index_is_not_a_silent_miss():
+    # fused_linear_cross_entropy reads only `ids.unsqueeze(-1)`; this spelling stays ours
+    def sft(h, w, ids):
+        return -_head(h, w)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1).mean()
+
+    args = _args(31)
+    assert ligerfx.explain(sft, *args, options=OPTS).counts.get(NAME) == 1
+    got, _ = _compile(sft, *args)
+    assert rel_err(got, sft(*args)) < 1e-5
+
+
+def lsm_gather_logits_returned(h, w, ids):
+    z = _head(h, w) / 0.9
+    return F.log_softmax(z, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1), z
+
+
+def test_logits_returned_beside_log_probs_written_by_the_same_pass(kernel_path):
+    """The logits are an output anyway: fused_linear_cross_entropy's gather variant writes them
+    from its pass (return_logits), which saves the [N, V] log-softmax and its gradients."""
+    report = _compare(lsm_gather_logits_returned, _args(32))
+    assert report.counts.get("fused_linear_cross_entropy") == 1, str(report)
+    m = next(m for m in report.matches if m.pattern == "fused_linear_cross_entropy")
+    assert "logits also returned" in m.detail
+    assert not any(m.pattern == NAME for m in report.near_misses), str(report)
 
 
 def test_ignored_rows_of_cross_entropy_spelling_are_minus_zero(torch_path):
@@ -202,8 +325,38 @@ def bf16_log_softmax(h, w, ids):
 
 
 def logits_also_returned(h, w, ids):
+    # the gather - logsumexp spelling: no op here writes the logits from its pass
     z = _head(h, w)
-    return F.log_softmax(z, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1).sum(-1), z
+    return (z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)).sum(-1), z
+
+
+def row_loop_logits_logged(h, w, ids):
+    z = _head(h, w)
+    lp = torch.stack([F.log_softmax(z[i], -1).gather(-1, ids[i].unsqueeze(-1)).squeeze(-1)
+                      for i in range(B)])
+    return lp.sum(-1), z.argmax(-1)
+
+
+def index_none_not_trailing(h, w, ids):
+    # ids[:, None] is [B, 1, T]: gather reads row 0 of each sequence at T ids, not a log-prob
+    logp = F.log_softmax(_head(h, w), -1)
+    return logp.gather(-1, ids[:, None]).squeeze(-1).sum(-1)
+
+
+def entropy_chunks_swapped(h, w, ids):
+    # entropy_from_logits with its two chunks concatenated the wrong way round
+    z = _head(h, w)
+    lp = F.log_softmax(z, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    a, b = z.reshape(-1, V).split(B * T // 2)
+    ents = [-(F.softmax(c, -1) * F.log_softmax(c, -1)).sum(-1) for c in (b, a)]
+    return lp, torch.cat(ents).reshape(B, T)
+
+
+def entropy_rows_out_of_order(h, w, ids):
+    z = _head(h, w)
+    lp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
+    ent = torch.stack([-(F.softmax(z[i], -1) * F.log_softmax(z[i], -1)).sum(-1) for i in (1, 0)])
+    return lp, ent
 
 
 def rows_out_of_order(h, w, ids):
@@ -221,7 +374,11 @@ LOOK_ALIKES = [
     (tensor_temperature, "temperature as a Python number"),
     (ids_cover_part, "token ids have shape"),
     (bf16_log_softmax, "upcast_statistics"),
-    (logits_also_returned, "also used"),
+    (logits_also_returned, "does not write them"),
+    (row_loop_logits_logged, "does not write them"),
+    (index_none_not_trailing, "token ids have shape (2, 1, 6)"),
+    (entropy_rows_out_of_order, "rows in another order: its row 0"),
+    (entropy_chunks_swapped, "rows in another order: its row 0"),
     (rows_out_of_order, "stacked logsumexp"),
     (log_softmax_other_dim, "dim -2"),
 ]
@@ -310,3 +467,30 @@ def test_grad_mode_switch_the_op_cannot_express_is_refused():
     got, _ = _compile(log_probs_under_no_grad, *args)
     exp = log_probs_under_no_grad(*args)
     assert rel_err(got, exp) < 1e-5
+
+
+def test_entropy_of_other_logits_is_not_fused(torch_path):
+    """The entropy of another head's logits is not the log-probs' entropy: the log-probs are
+    rewritten alone, the entropy stays eager's."""
+    def fn(h, w, w2, ids):
+        lp = F.log_softmax(_head(h, w), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        z2 = _head(h, w2)
+        return lp, -(F.softmax(z2, -1) * F.log_softmax(z2, -1)).sum(-1)
+
+    h, w, ids = _args(33)
+    w2 = torch.randn_like(w).requires_grad_()
+    report = _compare(fn, (h, w, w2, ids))
+    assert report.counts.get(NAME) == 1, str(report)
+    m = next(m for m in report.matches if m.pattern == NAME)
+    assert "entropy" not in m.detail
+
+
+def test_row_loop_under_dynamic_shapes(torch_path):
+    """Regression: with dynamic=True the batch dim Dynamo specialised (it unrolled the loop over
+    it) is a SymInt of constant value; the row loop was refused with "... with None rows"."""
+    args = _args(34)
+    torch._dynamo.reset()
+    ligerfx.backend.last_report = None
+    got = torch.compile(trl_rows_log_softmax, backend="liger", options=OPTS, dynamic=True)(*args)
+    assert ligerfx.backend.last_report.counts.get(NAME) == 1, str(ligerfx.backend.last_report)
+    assert rel_err(got, trl_rows_log_softmax(*args)) < 1e-5

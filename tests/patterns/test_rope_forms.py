@@ -205,3 +205,42 @@ def test_look_alikes_are_near_misses(fn, signs, width, reason):
     reasons = [m.reason for m in report.near_misses if m.pattern in ROPE]
     assert reasons and all(reason in r for r in reasons), reasons
     compare_training_step(model, args, options=OPTS)  # what is left is still the same model
+
+
+# -- DeepSeek-V4's compressed attention: which rotations share their angles --------------------
+# (tests/models/compressed_attention.py) "own" is DeepSeek-V4: q and kv paired, the compressor's
+# and the indexer's rotations alone (rotary buffers of their own, other positions); "shared":
+# the indexer's window keys at the positions the compressor computes again from the same rotary
+# module, one launch with the compressor's; "shifted": that module at other positions, alone.
+
+
+def _compressed(rotary, layers=1):
+    from tests.models import compressed_attention
+
+    return compressed_attention.make(rotary, layers=layers)
+
+
+def _check_compressed(report, expected):
+    assert _counts(report) == expected
+    assert not report.near_misses, [str(m) for m in report.near_misses]
+    singles = [m.detail for m in report.matches if m.pattern == "rope_single"]
+    assert singles and all("not paired" in d for d in singles), singles
+
+
+def test_compressed_attention_training_step(kernel_path):
+    model, args, expected = _compressed("own")
+    _check_compressed(compare_training_step(model, args, options=OPTS), expected)
+
+
+def test_compressed_attention_pairs_recomputed_tables(torch_path):
+    # a pairing across two modules (the compressor's output is used before the indexer's keys
+    # exist): eager-equal; the interpreter runs the same kernel calls in the test above
+    model, args, expected = _compressed("shared")
+    _check_compressed(compare_training_step(model, args, options=OPTS), expected)
+
+
+@pytest.mark.parametrize("rotary", ["own", "shifted"])
+def test_compressed_attention_other_angles_alone(rotary):
+    # value-equal buffers of two modules, or one module at other positions: not one launch
+    model, args, expected = _compressed(rotary, layers=2)
+    _check_compressed(ligerfx.explain(model, *args), expected)
