@@ -6,11 +6,13 @@ teacher's logits under `no_grad`, the student's with gradients).  The fused op r
 of its insertion point.  That gives eager's gradients when every part of the match that ran with
 autograd off reads only inputs the op may treat as constants: those inputs are passed detached,
 which is exactly what `no_grad` did to them.  An input read both with and without autograd, or a
-part that ran with autograd on where the op would run with it off, cannot be expressed: refused.
+part that ran with autograd on where the op would run with it off, cannot be expressed: refused
+(unless none of that part's inputs requires grad: it then computes the same in either mode).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from .canonical import node_value
@@ -50,6 +52,15 @@ def modes(graph: fx.Graph) -> dict:
     return out
 
 
+def _reads_no_grad(n: fx.Node) -> bool:
+    """Every input of `n` is known (from its example value) to require no grad."""
+    def free(v):
+        if isinstance(v, torch.Tensor):
+            return not v.requires_grad
+        return isinstance(v, (bool, int, float, torch.SymInt, torch.SymFloat, torch.SymBool))
+    return all(free(node_value(a)) for a in n.all_input_nodes)
+
+
 def plan(match, where: fx.Node | None) -> tuple[str | None, set]:
     """(problem, bound input nodes to pass detached) for replacing `match` before `where`."""
     graph = match.graph
@@ -69,8 +80,12 @@ def plan(match, where: fx.Node | None) -> tuple[str | None, set]:
     # their inputs); parts that ran with it on where the op runs with it off (or in the
     # caller's unknown mode) would lose their gradients.
     off = [n for n in covered if m[n] is False and here is not False]
-    if any(m[n] != here and m[n] is not False for n in covered):
-        n = next(n for n in covered if m[n] != here and m[n] is not False)
+    # A node none of whose inputs requires grad computes the same value, requiring no grad, in
+    # either mode (HRM: a device `.to` after `no_grad` ends, absorbed as the norm's trailing cast).
+    wrong = [n for n in covered if m[n] != here and m[n] is not False
+             and not (here is False and _reads_no_grad(n))]
+    if wrong:
+        n = wrong[0]
         return (f"`{n.name}` runs with autograd {'on' if m[n] is True else 'as the caller set it'} "
                 "inside the pattern while the fused op would run with it "
                 f"{'off' if here is False else 'as the caller set it'}"), set()
