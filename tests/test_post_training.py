@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import ligerfx
 from tests.compare import rel_err
+from tests.models.trl_forms import entropy_from_logits
 
 pytest.importorskip("transformers")
 
@@ -101,16 +102,6 @@ def grpo_step(model, input_ids, completion_mask, old_logps, ref_logps, advantage
     per_token_loss = per_token_loss + beta * per_token_kl - ent_coef * entropies
     return ((per_token_loss * completion_mask).sum(-1)
             / completion_mask.sum(-1).clamp(min=1.0)).mean()
-
-
-def entropy_from_logits(logits, chunk_size=16):
-    # TRL trainer/utils.py: the entropy over chunks of the flattened rows, concatenated back
-    flat = logits.reshape(-1, logits.shape[-1])
-    ents = []
-    for chunk in flat.split(chunk_size, dim=0):
-        logps = F.log_softmax(chunk, dim=-1)
-        ents.append(-(torch.exp(logps) * logps).sum(-1))
-    return torch.cat(ents, dim=0).reshape(logits.shape[:-1])
 
 
 def grpo_trl_step(model, input_ids, completion_mask, old_logps, ref_logps, advantages):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import ligerfx
 from tests.compare import rel_err
+from tests.models.trl_forms import entropy_from_logits
 
 OPTS = {"inner": "aot_eager"}
 B, T, H, V = 2, 6, 8, 40
@@ -134,14 +135,8 @@ def with_entropy_full_after_row_loop(h, w, ids):
     return lp, -(logp.exp() * logp).sum(-1)
 
 
-def entropy_from_logits(logits, chunk_size=4):
-    # TRL trainer/utils.py: the entropy over chunks of the flattened rows, concatenated back
-    flat = logits.reshape(-1, logits.shape[-1])
-    ents = []
-    for chunk in flat.split(chunk_size, dim=0):
-        logps = F.log_softmax(chunk, dim=-1)
-        ents.append(-(torch.exp(logps) * logps).sum(-1))
-    return torch.cat(ents, dim=0).reshape(logits.shape[:-1])
+def _entropy_from_logits(logits):
+    return entropy_from_logits(logits, chunk_size=4)
 
 
 def entropy_from_logits_extend(logits, chunk_size=1):
@@ -159,7 +154,7 @@ def with_entropy_grpo_trl(h, w, ids):
     z = _head(h, w) / 0.7
     lp = torch.stack([F.log_softmax(r, -1).gather(-1, i.unsqueeze(-1)).squeeze(-1)
                       for r, i in zip(z, ids)])
-    return lp, entropy_from_logits(z)
+    return lp, _entropy_from_logits(z)
 
 
 def with_entropy_trl_extend(h, w, ids):
