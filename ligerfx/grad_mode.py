@@ -53,12 +53,13 @@ def modes(graph: fx.Graph) -> dict:
 
 
 def _reads_no_grad(n: fx.Node) -> bool:
-    """Every input of `n` is known (from its example value) to require no grad."""
+    """Neither `n` nor any of its inputs is known (from the example values) to require grad (a
+    factory asked for `requires_grad=True` reads nothing but makes a leaf that does)."""
     def free(v):
         if isinstance(v, torch.Tensor):
             return not v.requires_grad
         return isinstance(v, (bool, int, float, torch.SymInt, torch.SymFloat, torch.SymBool))
-    return all(free(node_value(a)) for a in n.all_input_nodes)
+    return free(node_value(n)) and all(free(node_value(a)) for a in n.all_input_nodes)
 
 
 def plan(match, where: fx.Node | None) -> tuple[str | None, set]:
