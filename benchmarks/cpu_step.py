@@ -10,7 +10,11 @@ AdamW.  Each variant trains its own copy built with the same seed.  After one co
 warm-up step per variant, the variants take turns step by step (eager, inductor, liger, eager, ...)
 so a load change on a shared machine hits all of them alike; the figures are medians, of the wall
 time and of the process's CPU time (time.process_time: all threads), which waiting for a core
-on a loaded machine does not inflate.
+on a loaded machine does not inflate.  The ratios are also given paired: the median over rounds
+of (other's step / liger's step) within one round, which cancels load that drifts between
+rounds.  The machine's steal time (/proc/stat: CPU time the hypervisor gave other guests) during
+the timed rounds is printed, as a share of the two cores' time: above a few percent the figures
+are noisy and worth rerunning.
 
 Peak memory: resident set size (RSS, /proc/self/statm) sampled every millisecond by a thread
 during one extra step per variant, minus the RSS just before that step, so weights, gradients of
@@ -71,6 +75,16 @@ class PeakRSS:
         self._t.join()
         self.peak = max(self.peak, rss_bytes())
         self.extra = self.peak - self.base
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs so far, from /proc/stat ((0, 0) where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
 def build(layers: int, seed: int = 0):
@@ -140,12 +154,15 @@ def main(argv=None, log=print) -> dict:
         step(fn, model, opt, inputs)  # warm-up: optimizer state exists from here on
         runs[v] = dict(fn=fn, model=model, opt=opt, times=[], cpu=[], first=first, loss0=loss0)
         log(f"  {v:9s} first step (compile) {first:7.1f} s, loss {loss0:.4f}")
+    steal0, total0 = cpu_jiffies()
     for _ in range(args.steps):
         for v, r in runs.items():
             t0, c0 = time.perf_counter(), time.process_time()
             step(r["fn"], r["model"], r["opt"], inputs)
             r["times"].append(time.perf_counter() - t0)
             r["cpu"].append(time.process_time() - c0)
+    steal1, total1 = cpu_jiffies()
+    steal = (steal1 - steal0) / (total1 - total0) if total1 > total0 else float("nan")
     for v, r in runs.items():
         with PeakRSS() as pk:
             step(r["fn"], r["model"], r["opt"], inputs)
@@ -160,7 +177,9 @@ def main(argv=None, log=print) -> dict:
             f"{r['cpu_s']:7.3f} s | peak +{r['peak_mib']:7.0f} MiB")
     out = {v: dict(step_s=r["step_s"], cpu_s=r["cpu_s"], peak_mib=r["peak_mib"], first_s=r["first"])
            for v, r in runs.items()}
-    log(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    log(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; steal time "
+        f"{100 * steal:.1f}% during the timed rounds")
+    out["steal"] = steal
     if "liger" in runs:
         lg = runs["liger"]
         parts = []
@@ -168,12 +187,15 @@ def main(argv=None, log=print) -> dict:
             if other in runs:
                 o = runs[other]
                 speed = o["step_s"] / lg["step_s"]
+                paired = statistics.median(a / b for a, b in zip(o["times"], lg["times"]))
+                out[f"paired_speedup_vs_{other}"] = paired
                 mem = lg["peak_mib"] / o["peak_mib"] if o["peak_mib"] > 0 else float("nan")
                 out[f"speedup_vs_{other}"] = speed
                 out[f"cpu_speedup_vs_{other}"] = o["cpu_s"] / lg["cpu_s"]
                 out[f"memory_vs_{other}"] = mem
                 parts.append(f"vs {other}: speed {speed:.2f}x ({'PASS' if speed >= 1 else 'FAIL'} >= 1.0), "
-                             f"CPU time {o['cpu_s'] / lg['cpu_s']:.2f}x, memory {mem:.2f}x")
+                             f"paired {paired:.2f}x, CPU time {o['cpu_s'] / lg['cpu_s']:.2f}x, "
+                             f"memory {mem:.2f}x")
         log("liger " + " | ".join(parts))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

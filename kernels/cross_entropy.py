@@ -53,7 +53,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .runtime import next_pow2, use_triton
+from .runtime import cpu_decomposition, next_pow2, use_triton
 from .triton_math import effective_logits, logits_grad_
 
 try:
@@ -281,7 +281,7 @@ def ce_rows_torch(
         temps = logits.dtype != ct or logit_scale != 1.0 or softcap > 0 or \
             (eps > 0 and w is not None) or grad_out is None or grad_out.dtype != ct
         chunk_rows = max(1, _TORCH_CHUNK_BYTES // max(1, V * 4)) if temps else max(1, N)
-    if eps == 0 and lse_square_scale == 0 and softcap <= 0 and V > 0:
+    if is_plain(eps, lse_square_scale, softcap, V):
         _plain_ce_rows(logits, target, w, stats, loss_rows, z_rows, grad_out, chunk_rows,
                        ignore_index=ignore_index, logit_scale=logit_scale, row_scale=row_scale)
         return
@@ -369,6 +369,36 @@ def _plain_ce_rows(logits, target, w, stats, loss_rows, z_rows, grad_out, chunk_
             grad_out[s:e] = g
 
 
+def plain_ce_functional(z: Tensor, target: Tensor, weight: Optional[Tensor], a_all: Tensor, *,
+                        ignore_index: int, logit_scale: float, want_grad: bool):
+    """_plain_ce_rows on fresh tensors instead of buffers: (loss_rows, grad or None) in a_all's
+    dtype, grad for grad_output = 1 scaled by a_all (1/denominator under "mean").
+
+    This is what the CPU decompositions hand inductor: it fuses the row reductions and the
+    gradient into one loop over each row, where the torch path makes three passes over [rows, V]
+    (log_softmax, exp, scale). Same formulas as _plain_ce_rows, so the same values up to the
+    rounding of a fused exp/log."""
+    ct = a_all.dtype
+    x, _ = effective_logits(z, ct, 0.0, logit_scale)
+    valid = target != ignore_index
+    t_safe = torch.where(valid, target, 0).unsqueeze(1)
+    ls = torch.log_softmax(x, -1)
+    w_t = weight.to(ct)[t_safe.squeeze(1)] if weight is not None else None
+    ls_t = ls.gather(1, t_safe).squeeze(1)
+    loss_rows = torch.where(valid, -ls_t if w_t is None else w_t * -ls_t, 0)
+    if not want_grad:
+        return loss_rows, None
+    a = torch.where(valid, a_all, 0)  # where, not multiply: a_all is inf when all are ignored
+    coef = a if w_t is None else a * w_t
+    g = (ls.exp() * coef.unsqueeze(1)).scatter_add(1, t_safe, (-coef).unsqueeze(1))
+    return loss_rows, (g * logit_scale if logit_scale != 1.0 else g)
+
+
+def is_plain(label_smoothing: float, lse_square_scale: float, softcap: float, V: int) -> bool:
+    """No smoothing, z-loss or softcap: the log_softmax formulation applies."""
+    return label_smoothing == 0 and lse_square_scale == 0 and softcap <= 0 and V > 0
+
+
 def _rows_2d(logits: Tensor, target: Tensor):
     V = logits.shape[-1]
     x = logits.reshape(-1, V)
@@ -429,17 +459,40 @@ def _(logits, target, weight=None, ignore_index=-100, reduction="mean", label_sm
     return loss, z, grad
 
 
+def _cross_entropy_cpu(logits, target, weight=None, ignore_index=-100, reduction="mean",
+                       label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0, logit_scale=1.0,
+                       compute_grad=True):
+    """CPU decomposition of liger::cross_entropy (plain losses; the others keep the op): the
+    forward's loss and gradient as one fused inductor loop per row, the partitioner free to
+    recompute the gradient in the backward as inductor does for F.cross_entropy."""
+    if not is_plain(label_smoothing, lse_square_scale, softcap, logits.shape[-1]):
+        return NotImplemented
+    x, t = _rows_2d(logits, target)
+    ct = compute_dtype(logits.dtype)
+    stats, denom_ce, denom_z = reduction_stats(t, weight, ignore_index, reduction, x.shape[1], ct)
+    loss_rows, g = plain_ce_functional(x, t, weight, stats[0], ignore_index=ignore_index,
+                                       logit_scale=logit_scale, want_grad=compute_grad)
+    loss, z = reduce_rows(loss_rows, torch.zeros_like(loss_rows), denom_ce, denom_z, reduction,
+                          target.shape, False)
+    grad = g.to(logits.dtype).view(logits.shape) if compute_grad else logits.new_empty(0)
+    return loss, z, grad
+
+
+def _scale_rows_torch(grad_loss: Tensor, grad_logits: Tensor, reduction: str) -> Tensor:
+    g = grad_logits.reshape(-1, grad_logits.shape[-1])
+    s = grad_loss.reshape(-1, 1) if reduction == "none" else grad_loss.reshape(())
+    return (g.to(compute_dtype(g.dtype)) * s).to(g.dtype).view(grad_logits.shape)
+
+
 @torch.library.custom_op("liger::cross_entropy_backward", mutates_args=())
 def cross_entropy_backward_op(grad_loss: Tensor, grad_logits: Tensor, reduction: str) -> Tensor:
     V = grad_logits.shape[-1]
     g = grad_logits.reshape(-1, V)
+    if not use_triton(g, grad_loss):
+        return _scale_rows_torch(grad_loss, grad_logits, reduction)
     s = grad_loss.reshape(-1) if reduction == "none" else grad_loss.reshape(())
-    if use_triton(g, grad_loss):
-        out = torch.empty_like(g)
-        launch_scale_rows(g, s.contiguous(), out)
-    else:
-        scale = s.unsqueeze(1) if reduction == "none" else s
-        out = (g.to(compute_dtype(g.dtype)) * scale).to(g.dtype)
+    out = torch.empty_like(g)
+    launch_scale_rows(g, s.contiguous(), out)
     return out.view(grad_logits.shape)
 
 
@@ -468,6 +521,11 @@ def _ce_backward(ctx, grad_loss, grad_z, grad_grad):
 
 
 cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+cpu_decomposition(torch.ops.liger.cross_entropy, applies=lambda logits, target, weight=None,
+                  ignore_index=-100, reduction="mean", label_smoothing=0.0, lse_square_scale=0.0,
+                  softcap=0.0, *_, **__: is_plain(label_smoothing, lse_square_scale, softcap,
+                                                  logits.shape[-1]))(_cross_entropy_cpu)
+cpu_decomposition(torch.ops.liger.cross_entropy_backward)(_scale_rows_torch)
 
 
 def cross_entropy(

@@ -16,7 +16,7 @@ Tensor? ce_weight=None, int ignore_index=-100, str reduction="mean", float label
 float lse_square_scale=0., float softcap=0., float logit_scale=1., bool return_logits=False,
 bool need_grad_hidden=True, bool need_grad_weight=True, bool need_grad_bias=True,
 int chunk_size=0) -> (Tensor loss, Tensor z_loss, Tensor logits, Tensor grad_hidden,
-Tensor grad_weight, Tensor grad_bias)``
+Tensor grad_weight, Tensor grad_bias, Tensor grad_logits)``
 
 * ``loss`` / ``z_loss``: as liger::cross_entropy (fp32; ``()`` or ``target.shape`` for "none").
 * ``logits``: when ``return_logits``, the raw lm-head output ``z`` (before scale/softcap) in the
@@ -30,6 +30,9 @@ Tensor grad_weight, Tensor grad_bias)``
   round). Rounding here and again after the scale would add a second bf16 rounding (about
   sqrt(2) x eager's error once grad_output is not a power of two, e.g. "sum" / token count).
   Saved for backward; not differentiable.
+* ``grad_logits``: only in the CPU mode of ``grads_from_logits`` (logits returned, fp32): the
+  CE gradient of the logits for grad_output = 1, ``[..., V]`` fp32, in place of the three
+  gradients above (then empty); the backward forms those from it. Else empty.
 
 ``liger::fused_linear_cross_entropy_backward(...) -> (grad_hidden, grad_weight, grad_bias)``
 scales the saved gradients by grad_output in fp32 and rounds once (so "sum" followed by a
@@ -38,6 +41,8 @@ division by a token count in the graph is as precise as eager) and adds the cont
 reduction "none" (per-row grad_output) or when a needed gradient was not computed in the forward
 (need_grad_* False), backward recomputes the chunks instead: logits, CE gradient scaled per row,
 then the GEMMs. hidden / weight / bias are saved for that path (they are alive anyway in training).
+Given a saved ``grad_logits`` (the CPU mode) it writes (grad_output * g [+ gradient on logits])
+@ W, its transpose @ hidden and its column sum straight into the returned gradients.
 
 Chunking: C rows per step, C = chunk_size if > 0, else the module-level FLCE_CHUNK_ROWS if set,
 else the largest multiple of 16 with C * V * element size <= 256 MiB on CUDA (V=256k, bf16:
@@ -56,9 +61,10 @@ import torch
 from torch import Tensor
 
 from .cross_entropy import (
-    _REDUCTIONS, ce_rows_torch, compute_dtype, launch_ce_forward, reduce_rows, reduction_stats,
+    _REDUCTIONS, ce_rows_torch, compute_dtype, is_plain, launch_ce_forward, plain_ce_functional,
+    reduce_rows, reduction_stats,
 )
-from .runtime import use_triton
+from .runtime import cpu_decomposition, use_triton
 
 # Rows per chunk override (tests set it to force the multi-chunk path); None = automatic.
 FLCE_CHUNK_ROWS: Optional[int] = None
@@ -234,6 +240,21 @@ def _ce_kwargs(ignore_index, label_smoothing, lse_square_scale, softcap, logit_s
                 lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale)
 
 
+def grads_from_logits(hidden: Tensor, weight: Tensor, return_logits: bool, reduction: str) -> bool:
+    """The CPU torch path's mode when the logits are returned (fp32, reduction not "none").
+
+    The [N, V] logits exist anyway there, so chunking saves nothing; what costs time on a CPU is
+    passes over [N, V] / [V, H] and fresh buffers (each first touch of a page is a fault). The
+    forward then keeps the logits' CE gradient (for grad_output = 1, fp32, one [N, V] buffer
+    like eager's log_softmax output) instead of the three gradients, and the backward writes the
+    two GEMMs with grad_output as their alpha straight into the gradients it returns: no fp32
+    [V, H] buffer saved beside the one returned, no pass scaling it. The forward's part is also
+    a CPU decomposition (plain losses), so under inductor the CE rows are one fused loop."""
+    return (return_logits and reduction != "none" and hidden.device.type == "cpu"
+            and not use_triton(hidden, weight)
+            and hidden.dtype == weight.dtype == torch.float32)
+
+
 @torch.library.custom_op("liger::fused_linear_cross_entropy", mutates_args=())
 def fused_linear_cross_entropy_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -241,7 +262,7 @@ def fused_linear_cross_entropy_op(
     label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float = 0.0,
     logit_scale: float = 1.0, return_logits: bool = False, need_grad_hidden: bool = True,
     need_grad_weight: bool = True, need_grad_bias: bool = True, chunk_size: int = 0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     assert reduction in _REDUCTIONS, reduction
     h2, t = _flat(hidden, target)
     N, V = h2.shape[0], weight.shape[0]
@@ -249,6 +270,20 @@ def fused_linear_cross_entropy_op(
     stats, denom_ce, denom_z = reduction_stats(t, ce_weight, ignore_index, reduction, V, ct)
     loss_rows = h2.new_empty(N, dtype=ct)
     z_rows = h2.new_empty(N, dtype=ct)
+    empty = hidden.new_empty(0)
+    if grads_from_logits(hidden, weight, return_logits, reduction):
+        logits = h2.new_empty(N, V)
+        _linear_into(h2, weight, bias, logits)
+        want = need_grad_hidden or need_grad_weight or (need_grad_bias and bias is not None)
+        g = h2.new_empty(N, V, dtype=ct) if want else None
+        ce_rows_torch(logits, t, ce_weight, stats, loss_rows, z_rows, g,
+                      **_ce_kwargs(ignore_index, label_smoothing, lse_square_scale, softcap,
+                                   logit_scale))
+        loss, z = reduce_rows(loss_rows, z_rows, denom_ce, denom_z, reduction, target.shape,
+                              lse_square_scale != 0)
+        shape = (*hidden.shape[:-1], V)
+        return (loss, z, logits.view(shape), empty.clone(), empty.clone(), empty.clone(),
+                g.view(shape) if g is not None else empty.clone())
     fwd_grads = reduction != "none"  # per-row grad_output: backward recomputes instead
     want_gb = fwd_grads and need_grad_bias and bias is not None
     # fp32 (ct) so that backward's scale by grad_output comes before the one rounding
@@ -266,13 +301,13 @@ def fused_linear_cross_entropy_op(
                                  logit_scale))
     loss, z = reduce_rows(loss_rows, z_rows, denom_ce, denom_z, reduction, target.shape,
                           lse_square_scale != 0)
-    empty = hidden.new_empty(0)
     return (
         loss, z,
         logits.view(*hidden.shape[:-1], V) if logits is not None else empty.clone(),
         gh.view(hidden.shape) if gh is not None else empty.clone(),
         gw_acc if gw_acc is not None else empty.clone(),
         gb_acc if gb_acc is not None else empty.clone(),
+        empty.clone(),
     )
 
 
@@ -283,8 +318,10 @@ def _(hidden, weight, bias, target, ce_weight=None, ignore_index=-100, reduction
       chunk_size=0):
     ct = compute_dtype(hidden.dtype)
     shape = target.shape if reduction == "none" else ()
-    fwd_grads = reduction != "none"
     V = weight.shape[0]
+    from_logits = grads_from_logits(hidden, weight, return_logits, reduction)
+    want = need_grad_hidden or need_grad_weight or (need_grad_bias and bias is not None)
+    fwd_grads = reduction != "none" and not from_logits
     return (
         hidden.new_empty(shape, dtype=ct),
         hidden.new_empty(shape, dtype=ct),
@@ -295,13 +332,82 @@ def _(hidden, weight, bias, target, ce_weight=None, ignore_index=-100, reduction
         else hidden.new_empty(0),
         bias.new_empty(bias.shape, dtype=ct) if fwd_grads and need_grad_bias and bias is not None
         else hidden.new_empty(0),
+        hidden.new_empty((*hidden.shape[:-1], V), dtype=ct) if from_logits and want
+        else hidden.new_empty(0),
     )
+
+
+def _flce_cpu_forward(hidden, weight, bias, target, ce_weight=None, ignore_index=-100,
+                      reduction="mean", label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0,
+                      logit_scale=1.0, return_logits=False, need_grad_hidden=True,
+                      need_grad_weight=True, need_grad_bias=True, chunk_size=0):
+    """CPU decomposition of the forward in the grads_from_logits mode (plain losses): the lm
+    head's GEMM and the CE rows as inductor sees them, so loss and logits gradient are one
+    fused loop; other calls keep the op (NotImplemented)."""
+    V = weight.shape[0]
+    if not (grads_from_logits(hidden, weight, return_logits, reduction)
+            and is_plain(label_smoothing, lse_square_scale, softcap, V)):
+        return NotImplemented
+    h2, t = _flat(hidden, target)
+    ct = compute_dtype(hidden.dtype)
+    stats, denom_ce, denom_z = reduction_stats(t, ce_weight, ignore_index, reduction, V, ct)
+    logits = torch.nn.functional.linear(h2, weight, bias)
+    want = need_grad_hidden or need_grad_weight or (need_grad_bias and bias is not None)
+    loss_rows, g = plain_ce_functional(logits, t, ce_weight, stats[0], ignore_index=ignore_index,
+                                       logit_scale=logit_scale, want_grad=want)
+    loss, z = reduce_rows(loss_rows, torch.zeros_like(loss_rows), denom_ce, denom_z, reduction,
+                          target.shape, False)
+    shape = (*hidden.shape[:-1], V)
+    empty = hidden.new_empty(0)
+    return (loss, z, logits.view(shape), empty.clone(), empty.clone(), empty.clone(),
+            g.view(shape) if want else empty.clone())
+
+
+def _flce_cpu_path(hidden, weight, bias, target, ce_weight=None, ignore_index=-100,
+                   reduction="mean", label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0,
+                   logit_scale=1.0, return_logits=False, *_, **__):
+    if not grads_from_logits(hidden, weight, return_logits, reduction):
+        return False
+    where = "decomposed for inductor" if is_plain(label_smoothing, lse_square_scale, softcap,
+                                                  weight.shape[0]) else "torch"
+    return (f"logits returned: loss and logits gradient in the forward ({where}), the gradient "
+            "GEMMs in the backward (liger::fused_linear_cross_entropy_backward)")
+
+
+cpu_decomposition(torch.ops.liger.fused_linear_cross_entropy,
+                  applies=_flce_cpu_path)(_flce_cpu_forward)
+
+
+def _grads_from_saved_logits(grad_loss, gl2, g, h2, weight, bias, need_gh, need_gw, need_gb):
+    """Backward of the grads_from_logits mode: g is the logits' CE gradient for grad_output = 1
+    (fp32). grad_output enters as the GEMMs' alpha (fp32, as eager's scaled gradient; the
+    product is rounded once), so each gradient is written once, into the tensor returned; a
+    nonzero gradient on the logits (rare: the logits used by another loss) is added to a scaled
+    copy of g first, one GEMM each as eager."""
+    alpha = float(grad_loss.reshape(())) if grad_loss is not None else None
+    if gl2 is not None:  # the loss's part is absent when grad_loss is (eager: no CE backward)
+        g = gl2.to(g.dtype) if alpha is None else torch.add(gl2.to(g.dtype), g, alpha=alpha)
+        alpha = 1.0
+
+    def product(a, b, like):
+        out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        if alpha is None:  # no gradient arrived at all
+            return out.zero_()
+        if alpha == 0.0:  # eager's 0 * g keeps g's NaN; BLAS skips the product at alpha = 0
+            return torch.mm(a, b, out=out).mul_(0.0)
+        return out.addmm_(a, b, beta=0.0, alpha=alpha)  # beta = 0: out's garbage is not read
+
+    gh = product(g, weight, h2) if need_gh else None
+    gw = product(g.t(), h2, weight) if need_gw else None
+    gb = (g.sum(0) * (alpha or 0.0)).to(bias.dtype) if need_gb else None
+    return gh, gw, gb
 
 
 @torch.library.custom_op("liger::fused_linear_cross_entropy_backward", mutates_args=())
 def fused_linear_cross_entropy_backward_op(
     grad_loss: Optional[Tensor], grad_logits: Optional[Tensor], saved_grad_hidden: Tensor,
-    saved_grad_weight: Tensor, saved_grad_bias: Tensor, hidden: Tensor, weight: Tensor,
+    saved_grad_weight: Tensor, saved_grad_bias: Tensor, saved_grad_logits: Tensor,
+    hidden: Tensor, weight: Tensor,
     bias: Optional[Tensor], target: Tensor, ce_weight: Optional[Tensor], ignore_index: int,
     reduction: str, label_smoothing: float, lse_square_scale: float, softcap: float,
     logit_scale: float, recompute: bool, need_grad_hidden: bool, need_grad_weight: bool,
@@ -318,7 +424,11 @@ def fused_linear_cross_entropy_backward_op(
         gl2 = None
     need_gb = need_grad_bias and bias is not None
     ct = compute_dtype(hidden.dtype)
-    if recompute:
+    if saved_grad_logits.numel() and not recompute:
+        gh, gw, gb = _grads_from_saved_logits(grad_loss, gl2, saved_grad_logits.reshape(N, V),
+                                              h2, weight, bias, need_grad_hidden,
+                                              need_grad_weight, need_gb)
+    elif recompute:
         gh = h2.new_empty(h2.shape) if need_grad_hidden else None
         gw_acc = torch.empty(weight.shape, dtype=ct, device=weight.device) \
             if need_grad_weight else None  # the first chunk sets it
@@ -369,8 +479,8 @@ def fused_linear_cross_entropy_backward_op(
 
 
 @fused_linear_cross_entropy_backward_op.register_fake
-def _(grad_loss, grad_logits, saved_grad_hidden, saved_grad_weight, saved_grad_bias, hidden,
-      weight, bias, target, ce_weight, ignore_index, reduction, label_smoothing,
+def _(grad_loss, grad_logits, saved_grad_hidden, saved_grad_weight, saved_grad_bias,
+      saved_grad_logits, hidden, weight, bias, target, ce_weight, ignore_index, reduction, label_smoothing,
       lse_square_scale, softcap, logit_scale, recompute, need_grad_hidden, need_grad_weight,
       need_grad_bias, chunk_size):
     return (
@@ -385,32 +495,36 @@ def _flce_setup_context(ctx, inputs, output):
     (hidden, weight, bias, target, ce_weight, ignore_index, reduction, label_smoothing,
      lse_square_scale, softcap, logit_scale, return_logits, need_gh, need_gw, need_gb,
      chunk_size) = inputs
-    _, z, logits, gh, gw, gb = output
-    ctx.mark_non_differentiable(z, gh, gw, gb)
+    _, z, logits, gh, gw, gb, gz = output
+    ctx.mark_non_differentiable(z, gh, gw, gb, gz)
     if not return_logits:
         ctx.mark_non_differentiable(logits)
     needs = ctx.needs_input_grad
     has_bias = bias is not None
-    # Recompute in backward when the forward could not produce a needed gradient.
-    ctx.recompute = reduction == "none" or (needs[0] and not need_gh) or \
-        (needs[1] and not need_gw) or (has_bias and needs[2] and not need_gb)
+    # Recompute in backward when the forward could not produce a needed gradient (the logits'
+    # gradient of the CPU mode gives all three).
+    if grads_from_logits(hidden, weight, return_logits, reduction):
+        ctx.recompute = gz.numel() == 0  # no gradient asked for in the forward, or no rows
+    else:
+        ctx.recompute = reduction == "none" or (needs[0] and not need_gh) or \
+            (needs[1] and not need_gw) or (has_bias and needs[2] and not need_gb)
     ctx.return_logits = return_logits
     ctx.has_bias = has_bias
     ctx.params = (ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
                   logit_scale)
     ctx.chunk_size = chunk_size
-    ctx.save_for_backward(gh, gw, gb, hidden, weight, bias, target, ce_weight)
+    ctx.save_for_backward(gh, gw, gb, gz, hidden, weight, bias, target, ce_weight)
 
 
 def _flce_backward(ctx, grad_loss, grad_z, grad_logits, *unused):
-    gh, gw, gb, hidden, weight, bias, target, ce_weight = ctx.saved_tensors
+    gh, gw, gb, gz, hidden, weight, bias, target, ce_weight = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if not ctx.return_logits:
         grad_logits = None
     if (grad_loss is None and grad_logits is None) or not any(needs[:3]):
         return (None,) * 16
     dh, dw, db = torch.ops.liger.fused_linear_cross_entropy_backward(
-        grad_loss, grad_logits, gh, gw, gb, hidden, weight, bias, target, ce_weight,
+        grad_loss, grad_logits, gh, gw, gb, gz, hidden, weight, bias, target, ce_weight,
         *ctx.params, ctx.recompute, needs[0], needs[1], ctx.has_bias and needs[2],
         ctx.chunk_size)
     return (dh if needs[0] else None, dw if needs[1] else None,

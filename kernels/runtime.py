@@ -76,18 +76,42 @@ def num_programs_hint(device: torch.device) -> int:
 # full pass over memory; inductor fuses the same math into one C++ loop.  An op whose kernel buys
 # nothing on CPU but speed registers its torch implementation here, and the backend hands these
 # to inductor as decompositions when the graph runs on the CPU (see ligerfx/backend.py), so the
-# forward and backward ops are inlined and fused.  Ops that also save memory (the chunked lm head
-# + loss) do not register: they keep their own CPU path.
+# forward and backward ops are inlined and fused.  Ops whose own CPU path also saves memory (the
+# chunked lm head + loss) register only for the calls where it does not (their decomposition
+# declines the others with NotImplemented, and `applies` tells the backend which calls those are).
 _CPU_DECOMPOSITIONS: dict = {}
+_APPLIES: dict = {}
 
 
-def cpu_decomposition(*ops):
-    """Decorator: `fn` (same signature as each op) is what inductor inlines for `ops` on CPU."""
+def cpu_decomposition(*ops, applies=None):
+    """Decorator: `fn` (same signature as each op) is what inductor inlines for `ops` on CPU.
+
+    `fn` may return NotImplemented for arguments it does not cover (the op then stays a call of
+    its own CPU implementation); `applies(*args, **kwargs)`, given the same arguments (fake
+    tensors), says beforehand which case a call is, for the report (see cpu_path)."""
     def deco(fn):
         for op in ops:
-            _CPU_DECOMPOSITIONS[op.default if hasattr(op, "default") else op] = fn
+            key = op.default if hasattr(op, "default") else op
+            _CPU_DECOMPOSITIONS[key] = fn
+            if applies is not None:
+                _APPLIES[key] = applies
         return fn
     return deco
+
+
+def cpu_path(op, args, kwargs) -> str | None:
+    """How `op`'s CPU decomposition covers a call with these arguments, in the report's words,
+    or None where it does not (the op's own CPU implementation runs).
+
+    `applies` may answer True (decomposed), False, or a string describing a split (part
+    decomposed, part the op's own)."""
+    if op not in _CPU_DECOMPOSITIONS:
+        return None
+    check = _APPLIES.get(op)
+    verdict = True if check is None else check(*args, **kwargs)
+    if verdict is True:
+        return "CPU: decomposed for inductor"
+    return f"CPU: {verdict}" if verdict else None
 
 
 def cpu_decompositions() -> dict:
@@ -123,7 +147,10 @@ def _in_op_layout(op, fn):
     def decomposed(*args, **kwargs):
         from ligerfx.layout import restride_plan
 
-        out, want = fn(*args, **kwargs), fake(*args, **kwargs)
+        out = fn(*args, **kwargs)
+        if out is NotImplemented:  # the op's own implementation runs instead
+            return out
+        want = fake(*args, **kwargs)
         single = isinstance(out, torch.Tensor)
         outs, wants = ((out,), (want,)) if single else (out, want)
         fixed = []

@@ -54,26 +54,45 @@ def _on_cpu(example_inputs) -> bool:
 
 
 def cpu_paths(gm: fx.GraphModule, report: Report) -> dict:
-    """On a CPU graph compiled by inductor: the decompositions to hand to inductor (every
-    `liger::` op that registered one, see kernels/runtime.py; inductor inlines those present), and
-    each match's `path` set to what runs on the CPU for it."""
-    from .kernels.runtime import cpu_decompositions
+    """On a CPU graph compiled by inductor: the decompositions to hand to inductor (the `liger::`
+    ops that registered one, see kernels/runtime.py; inductor inlines those present), and each
+    match's `path` set to what runs on the CPU for it."""
+    from .kernels.runtime import cpu_decompositions, cpu_path
     from .rewriter import PATTERN_META
 
     table = cpu_decompositions()
-    paths: dict = {}
+    calls = []
     for n in gm.graph.nodes:
         pattern = n.meta.get(PATTERN_META)
         op = n.target
         if isinstance(op, torch._ops.OpOverloadPacket):  # the rewriter calls torch.ops.liger.x
             op = op.default
-        if pattern and n.op == "call_function" and isinstance(op, torch._ops.OpOverload) \
+        # every liger op call, the user's own ones too (ligerfx.kernels' functions in a model)
+        if n.op == "call_function" and isinstance(op, torch._ops.OpOverload) \
                 and op.namespace == "liger":
-            paths[pattern] = "CPU: decomposed for inductor" if op in table \
-                else f"CPU: {op.name()}'s own CPU implementation"
+            args, kwargs = fx.node.map_aggregate((n.args, n.kwargs), _meta_val)
+            try:
+                path = cpu_path(op, args, kwargs)
+            except Exception:  # noqa: BLE001 - no example values: keep the op, which is safe
+                path = None
+            calls.append((pattern, op, path))
+    # Inductor either inlines an op everywhere or keeps every call of it (an op both in its
+    # decomposition table and left as a call is an error there), so an op whose decomposition
+    # does not cover all of its calls in this graph is kept for all of them.
+    for _, op, path in calls:
+        if path is None:
+            table.pop(op, None)
+    paths = {pattern: path if op in table else f"CPU: {op.name()}'s own CPU implementation"
+             for pattern, op, path in calls if pattern}
     for m in report.matches:
         m.path = paths.get(m.pattern, m.path)
     return table
+
+
+def _meta_val(a):
+    from .canonical import node_value
+
+    return node_value(a) if isinstance(a, fx.Node) else a
 
 
 def _inner(name: str, mode: str | None, decompositions: dict | None = None) -> Callable:

@@ -131,3 +131,18 @@ def test_plots_skipped_without_matplotlib(monkeypatch, tmp_path):
     msgs = []
     assert report.plot([], str(tmp_path), log=msgs.append) == []
     assert "matplotlib" in msgs[0]
+
+
+def test_cpu_step_reads_steal_time(monkeypatch, tmp_path):
+    # The CPU step benchmark qualifies its figures with the hypervisor's steal time from
+    # /proc/stat (8th field of the "cpu" line); a machine without the file gives (0, 0).
+    import cpu_step
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 2 30 800 5 0 1 40 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open",
+                        lambda f, *a, **k: real_open(stat if f == "/proc/stat" else f, *a, **k))
+    assert cpu_step.cpu_jiffies() == (40, 100 + 2 + 30 + 800 + 5 + 0 + 1 + 40)
+    stat.unlink()
+    assert cpu_step.cpu_jiffies() == (0, 0)

@@ -217,8 +217,8 @@ def _losses():
             N = TOKENS
             h, W, t = _e(N, H, dtype=dt), _e(V, H, dtype=dt), _e(N, dtype=torch.int64)
             out = flce(h, W, None, t, None, -100, red, 0.0, 0.0, 0.0, 1.0, red == "none")
-            flce_b(torch.empty_like(out[0]), None, out[3], out[4], out[5], h, W, None, t, None,
-                   -100, red, 0.0, 0.0, 0.0, 1.0, red == "none", True, True, False, 0)
+            flce_b(torch.empty_like(out[0]), None, out[3], out[4], out[5], out[6], h, W, None,
+                   t, None, -100, red, 0.0, 0.0, 0.0, 1.0, red == "none", True, True, False, 0)
         yield f"fused_linear_cross_entropy {dt} V=128256 H={LLAMA} {red}", run
 
 

@@ -162,7 +162,7 @@ def test_frozen_weight_and_recompute_fallback(kernel_path):
     """need_grad_* flags: skipped grads are not computed; a missing-but-needed one is recomputed."""
     h, w, b, target, _ = make(torch.float32, dict(bias=True))
     w.requires_grad_(False)
-    loss, z, logits, gh, gw, gb = torch.ops.liger.fused_linear_cross_entropy(
+    loss, z, logits, gh, gw, gb, _ = torch.ops.liger.fused_linear_cross_entropy(
         h, w, b, target, need_grad_weight=False)
     assert gw.numel() == 0 and gh.shape == h.shape and gb.shape == b.shape
     ref, _ = reference(h, w, b, target)
@@ -185,7 +185,7 @@ def test_no_grad_computes_no_gradients(kernel_path):
     h, w, b, target, _ = make(torch.float32, dict(bias=True))
     with torch.no_grad():
         loss = flce.fused_linear_cross_entropy(h, w, target, b)
-        _, _, _, gh, gw, gb = torch.ops.liger.fused_linear_cross_entropy(
+        _, _, _, gh, gw, gb, _ = torch.ops.liger.fused_linear_cross_entropy(
             h, w, b, target, need_grad_hidden=False, need_grad_weight=False,
             need_grad_bias=False)
     assert gh.numel() == gw.numel() == gb.numel() == 0
@@ -249,9 +249,10 @@ def test_opcheck(kernel_path, reduction, return_logits):
     args = (h, w, b, target, torch.rand(V), -100, reduction, 0.1, 1e-3, 2.0, 0.9, return_logits,
             True, True, True, 4)
     torch.library.opcheck(torch.ops.liger.fused_linear_cross_entropy.default, args)
-    loss, _, _, gh, gw, gb = torch.ops.liger.fused_linear_cross_entropy(*args)
+    loss, _, _, gh, gw, gb, gz = torch.ops.liger.fused_linear_cross_entropy(*args)
     bargs = (torch.randn_like(loss), torch.randn(n, V) if return_logits else None,
-             gh.detach(), gw.detach(), gb.detach(), h.detach(), w.detach(), b.detach(), target,
+             gh.detach(), gw.detach(), gb.detach(), gz.detach(), h.detach(), w.detach(),
+             b.detach(), target,
              None, -100, reduction, 0.1, 1e-3, 2.0, 0.9, reduction == "none", True, True, True, 4)
     torch.library.opcheck(torch.ops.liger.fused_linear_cross_entropy_backward.default, bargs)
 
