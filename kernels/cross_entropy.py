@@ -399,6 +399,19 @@ def is_plain(label_smoothing: float, lse_square_scale: float, softcap: float, V:
     return label_smoothing == 0 and lse_square_scale == 0 and softcap <= 0 and V > 0
 
 
+def plain_ce_loss(x: Tensor, t: Tensor, weight: Optional[Tensor], ignore_index: int,
+                  reduction: str, logit_scale: float, want_grad: bool, target_shape):
+    """(loss, z_loss, grad or None) of a plain loss on [N, V] logits x, from fresh tensors: the
+    CPU decompositions' body (liger::cross_entropy's, the fused lm head's logits mode)."""
+    ct = compute_dtype(x.dtype)
+    stats, denom_ce, denom_z = reduction_stats(t, weight, ignore_index, reduction, x.shape[1], ct)
+    loss_rows, g = plain_ce_functional(x, t, weight, stats[0], ignore_index=ignore_index,
+                                       logit_scale=logit_scale, want_grad=want_grad)
+    loss, z = reduce_rows(loss_rows, torch.zeros_like(loss_rows), denom_ce, denom_z, reduction,
+                          target_shape, False)
+    return loss, z, g
+
+
 def _rows_2d(logits: Tensor, target: Tensor):
     V = logits.shape[-1]
     x = logits.reshape(-1, V)
@@ -462,20 +475,19 @@ def _(logits, target, weight=None, ignore_index=-100, reduction="mean", label_sm
 def _cross_entropy_cpu(logits, target, weight=None, ignore_index=-100, reduction="mean",
                        label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0, logit_scale=1.0,
                        compute_grad=True):
-    """CPU decomposition of liger::cross_entropy (plain losses; the others keep the op): the
-    forward's loss and gradient as one fused inductor loop per row, the partitioner free to
-    recompute the gradient in the backward as inductor does for F.cross_entropy."""
-    if not is_plain(label_smoothing, lse_square_scale, softcap, logits.shape[-1]):
-        return NotImplemented
+    """CPU decomposition of liger::cross_entropy (plain losses, _ce_cpu_applies; the others keep
+    the op): the forward's loss and gradient as one fused inductor loop per row, the partitioner
+    free to recompute the gradient in the backward as inductor does for F.cross_entropy."""
     x, t = _rows_2d(logits, target)
-    ct = compute_dtype(logits.dtype)
-    stats, denom_ce, denom_z = reduction_stats(t, weight, ignore_index, reduction, x.shape[1], ct)
-    loss_rows, g = plain_ce_functional(x, t, weight, stats[0], ignore_index=ignore_index,
-                                       logit_scale=logit_scale, want_grad=compute_grad)
-    loss, z = reduce_rows(loss_rows, torch.zeros_like(loss_rows), denom_ce, denom_z, reduction,
-                          target.shape, False)
+    loss, z, g = plain_ce_loss(x, t, weight, ignore_index, reduction, logit_scale, compute_grad,
+                               target.shape)
     grad = g.to(logits.dtype).view(logits.shape) if compute_grad else logits.new_empty(0)
     return loss, z, grad
+
+
+def _ce_cpu_applies(logits, target, weight=None, ignore_index=-100, reduction="mean",
+                    label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0, *_, **__):
+    return is_plain(label_smoothing, lse_square_scale, softcap, logits.shape[-1])
 
 
 def _scale_rows_torch(grad_loss: Tensor, grad_logits: Tensor, reduction: str) -> Tensor:
@@ -521,10 +533,7 @@ def _ce_backward(ctx, grad_loss, grad_z, grad_grad):
 
 
 cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
-cpu_decomposition(torch.ops.liger.cross_entropy, applies=lambda logits, target, weight=None,
-                  ignore_index=-100, reduction="mean", label_smoothing=0.0, lse_square_scale=0.0,
-                  softcap=0.0, *_, **__: is_plain(label_smoothing, lse_square_scale, softcap,
-                                                  logits.shape[-1]))(_cross_entropy_cpu)
+cpu_decomposition(torch.ops.liger.cross_entropy, applies=_ce_cpu_applies)(_cross_entropy_cpu)
 cpu_decomposition(torch.ops.liger.cross_entropy_backward)(_scale_rows_torch)
 
 

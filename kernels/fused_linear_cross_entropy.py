@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from .cross_entropy import (
-    _REDUCTIONS, ce_rows_torch, compute_dtype, is_plain, launch_ce_forward, plain_ce_functional,
+    _REDUCTIONS, ce_rows_torch, compute_dtype, is_plain, launch_ce_forward, plain_ce_loss,
     reduce_rows, reduction_stats,
 )
 from .runtime import cpu_decomposition, use_triton
@@ -255,6 +255,12 @@ def grads_from_logits(hidden: Tensor, weight: Tensor, return_logits: bool, reduc
             and hidden.dtype == weight.dtype == torch.float32)
 
 
+def _wants_grad(need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool,
+                bias: Optional[Tensor]) -> bool:
+    """Whether the forward is asked for any gradient (the logits mode's grad_logits output)."""
+    return need_grad_hidden or need_grad_weight or (need_grad_bias and bias is not None)
+
+
 @torch.library.custom_op("liger::fused_linear_cross_entropy", mutates_args=())
 def fused_linear_cross_entropy_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -274,7 +280,7 @@ def fused_linear_cross_entropy_op(
     if grads_from_logits(hidden, weight, return_logits, reduction):
         logits = h2.new_empty(N, V)
         _linear_into(h2, weight, bias, logits)
-        want = need_grad_hidden or need_grad_weight or (need_grad_bias and bias is not None)
+        want = _wants_grad(need_grad_hidden, need_grad_weight, need_grad_bias, bias)
         g = h2.new_empty(N, V, dtype=ct) if want else None
         ce_rows_torch(logits, t, ce_weight, stats, loss_rows, z_rows, g,
                       **_ce_kwargs(ignore_index, label_smoothing, lse_square_scale, softcap,
@@ -320,7 +326,7 @@ def _(hidden, weight, bias, target, ce_weight=None, ignore_index=-100, reduction
     shape = target.shape if reduction == "none" else ()
     V = weight.shape[0]
     from_logits = grads_from_logits(hidden, weight, return_logits, reduction)
-    want = need_grad_hidden or need_grad_weight or (need_grad_bias and bias is not None)
+    want = _wants_grad(need_grad_hidden, need_grad_weight, need_grad_bias, bias)
     fwd_grads = reduction != "none" and not from_logits
     return (
         hidden.new_empty(shape, dtype=ct),
@@ -341,22 +347,15 @@ def _flce_cpu_forward(hidden, weight, bias, target, ce_weight=None, ignore_index
                       reduction="mean", label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0,
                       logit_scale=1.0, return_logits=False, need_grad_hidden=True,
                       need_grad_weight=True, need_grad_bias=True, chunk_size=0):
-    """CPU decomposition of the forward in the grads_from_logits mode (plain losses): the lm
-    head's GEMM and the CE rows as inductor sees them, so loss and logits gradient are one
-    fused loop; other calls keep the op (NotImplemented)."""
+    """CPU decomposition of the forward in the grads_from_logits mode, plain losses
+    (_flce_cpu_path; other calls keep the op): the lm head's GEMM and the CE rows as inductor
+    sees them, so loss and logits gradient are one fused loop."""
     V = weight.shape[0]
-    if not (grads_from_logits(hidden, weight, return_logits, reduction)
-            and is_plain(label_smoothing, lse_square_scale, softcap, V)):
-        return NotImplemented
     h2, t = _flat(hidden, target)
-    ct = compute_dtype(hidden.dtype)
-    stats, denom_ce, denom_z = reduction_stats(t, ce_weight, ignore_index, reduction, V, ct)
     logits = torch.nn.functional.linear(h2, weight, bias)
-    want = need_grad_hidden or need_grad_weight or (need_grad_bias and bias is not None)
-    loss_rows, g = plain_ce_functional(logits, t, ce_weight, stats[0], ignore_index=ignore_index,
-                                       logit_scale=logit_scale, want_grad=want)
-    loss, z = reduce_rows(loss_rows, torch.zeros_like(loss_rows), denom_ce, denom_z, reduction,
-                          target.shape, False)
+    want = _wants_grad(need_grad_hidden, need_grad_weight, need_grad_bias, bias)
+    loss, z, g = plain_ce_loss(logits, t, ce_weight, ignore_index, reduction, logit_scale, want,
+                               target.shape)
     shape = (*hidden.shape[:-1], V)
     empty = hidden.new_empty(0)
     return (loss, z, logits.view(shape), empty.clone(), empty.clone(), empty.clone(),
@@ -366,12 +365,13 @@ def _flce_cpu_forward(hidden, weight, bias, target, ce_weight=None, ignore_index
 def _flce_cpu_path(hidden, weight, bias, target, ce_weight=None, ignore_index=-100,
                    reduction="mean", label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0,
                    logit_scale=1.0, return_logits=False, *_, **__):
-    if not grads_from_logits(hidden, weight, return_logits, reduction):
+    # A smoothed / z-loss / softcapped loss in the logits mode runs the op's own torch CE math.
+    if not (grads_from_logits(hidden, weight, return_logits, reduction)
+            and is_plain(label_smoothing, lse_square_scale, softcap, weight.shape[0])):
         return False
-    where = "decomposed for inductor" if is_plain(label_smoothing, lse_square_scale, softcap,
-                                                  weight.shape[0]) else "torch"
-    return (f"logits returned: loss and logits gradient in the forward ({where}), the gradient "
-            "GEMMs in the backward (liger::fused_linear_cross_entropy_backward)")
+    return ("logits returned: loss and logits gradient in the forward (decomposed for "
+            "inductor), the gradient GEMMs in the backward "
+            "(liger::fused_linear_cross_entropy_backward)")
 
 
 cpu_decomposition(torch.ops.liger.fused_linear_cross_entropy,

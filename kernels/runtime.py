@@ -86,9 +86,10 @@ _APPLIES: dict = {}
 def cpu_decomposition(*ops, applies=None):
     """Decorator: `fn` (same signature as each op) is what inductor inlines for `ops` on CPU.
 
-    `fn` may return NotImplemented for arguments it does not cover (the op then stays a call of
-    its own CPU implementation); `applies(*args, **kwargs)`, given the same arguments (fake
-    tensors), says beforehand which case a call is, for the report (see cpu_path)."""
+    `applies(*args, **kwargs)`, given the same arguments (fake tensors), says which calls `fn`
+    covers (see cpu_path): it is the one test, asked by the backend before handing the table to
+    inductor and by the decomposition itself, which declines (NotImplemented: the op stays a
+    call of its own CPU implementation) wherever `applies` answers False."""
     def deco(fn):
         for op in ops:
             key = op.default if hasattr(op, "default") else op
@@ -117,7 +118,19 @@ def cpu_path(op, args, kwargs) -> str | None:
 def cpu_decompositions() -> dict:
     """OpOverload -> torch implementation, for every registered op (a copy), each giving its
     outputs the strides the op's fake implementation declares (see _in_op_layout)."""
-    return {op: _in_op_layout(op, fn) for op, fn in _CPU_DECOMPOSITIONS.items()}
+    return {op: _in_op_layout(op, _covering(op, fn)) for op, fn in _CPU_DECOMPOSITIONS.items()}
+
+
+def _covering(op, fn):
+    check = _APPLIES.get(op)
+    if check is None:
+        return fn
+
+    @functools.wraps(fn)
+    def covered(*args, **kwargs):
+        return fn(*args, **kwargs) if check(*args, **kwargs) else NotImplemented
+
+    return covered
 
 
 def _fake_impl(op):

@@ -417,3 +417,33 @@ def test_a_users_own_flce_call_the_decomposition_declines_compiles(torch_path):
     loss.backward()
     ref = torch.nn.functional.cross_entropy(h.detach().double() @ model.w.detach().double().t(), t)
     assert rel_err(loss.detach(), ref) < 1e-6
+
+
+@pytest.mark.slow  # an inductor compile of forward + backward
+def test_flce_logits_returned_with_smoothing_keeps_the_op(torch_path):
+    # The logits-gradient mode with label smoothing: the forward decomposition spells plain
+    # losses only and declines, so the op must not be in inductor's table (inlined and kept at
+    # once is an error there) and the report must say the op's own implementation runs.
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = torch.nn.Linear(16, 83, bias=False)
+
+        def forward(self, h, t):
+            z = self.lm(h)
+            return torch.nn.functional.cross_entropy(z.view(-1, 83), t.view(-1),
+                                                     label_smoothing=0.1), z
+
+    model = Head()
+    h, t = torch.randn(2, 7, 16, requires_grad=True), torch.randint(0, 83, (2, 7))
+    test = copy.deepcopy(model)
+    compiled = torch.compile(test, backend="liger", options={"inner": "inductor", "log_report": False})
+    loss, _ = compiled(h, t)
+    loss.backward()
+    paths = [m.path for m in backend.last_report.matches if m.pattern == "fused_linear_cross_entropy"]
+    assert paths == ["CPU: liger::fused_linear_cross_entropy's own CPU implementation"], paths
+    ref = copy.deepcopy(model).double()
+    loss_ref, _ = ref(h.detach().double(), t)
+    loss_ref.backward()
+    assert rel_err(loss.detach(), loss_ref.detach()) < 1e-6
+    assert rel_err(test.lm.weight.grad, ref.lm.weight.grad) < 1e-5
