@@ -376,21 +376,27 @@ def test_flce_calls_the_decomposition_covers_only_partly_keep_the_op(torch_path)
             lb = torch.nn.functional.cross_entropy(self.b(h).view(-1, 89), tb.view(-1))
             return la + lb, za
 
-    model = TwoHeads()
     h = torch.randn(2, 11, 16, requires_grad=True)
     ta, tb = torch.randint(0, 97, (2, 11)), torch.randint(0, 89, (2, 11))
+    paths = _flce_paths_of_a_step_equal_to_float64(TwoHeads(), h, ta, tb)
+    assert paths == ["CPU: liger::fused_linear_cross_entropy's own CPU implementation"] * 2, paths
+
+
+def _flce_paths_of_a_step_equal_to_float64(model, h, *targets):
+    """One liger step (inner inductor) of `model` (returning loss, logits): loss and every
+    parameter gradient against float64 eager; returns the fused lm head matches' CPU paths."""
     test = copy.deepcopy(model)
     compiled = torch.compile(test, backend="liger", options={"inner": "inductor", "log_report": False})
-    loss, _ = compiled(h, ta, tb)
+    loss, _ = compiled(h, *targets)
     loss.backward()
     paths = [m.path for m in backend.last_report.matches if m.pattern == "fused_linear_cross_entropy"]
-    assert paths == ["CPU: liger::fused_linear_cross_entropy's own CPU implementation"] * 2, paths
     ref = copy.deepcopy(model).double()
-    loss_ref, _ = ref(h.detach().double(), ta, tb)
+    loss_ref, _ = ref(h.detach().double(), *targets)
     loss_ref.backward()
     assert rel_err(loss.detach(), loss_ref.detach()) < 1e-6
     for p, p_ref in zip(test.parameters(), ref.parameters()):
         assert rel_err(p.grad, p_ref.grad) < 1e-5
+    return paths
 
 
 @pytest.mark.slow  # an inductor compile of forward + backward
@@ -434,16 +440,6 @@ def test_flce_logits_returned_with_smoothing_keeps_the_op(torch_path):
             return torch.nn.functional.cross_entropy(z.view(-1, 83), t.view(-1),
                                                      label_smoothing=0.1), z
 
-    model = Head()
     h, t = torch.randn(2, 7, 16, requires_grad=True), torch.randint(0, 83, (2, 7))
-    test = copy.deepcopy(model)
-    compiled = torch.compile(test, backend="liger", options={"inner": "inductor", "log_report": False})
-    loss, _ = compiled(h, t)
-    loss.backward()
-    paths = [m.path for m in backend.last_report.matches if m.pattern == "fused_linear_cross_entropy"]
+    paths = _flce_paths_of_a_step_equal_to_float64(Head(), h, t)
     assert paths == ["CPU: liger::fused_linear_cross_entropy's own CPU implementation"], paths
-    ref = copy.deepcopy(model).double()
-    loss_ref, _ = ref(h.detach().double(), t)
-    loss_ref.backward()
-    assert rel_err(loss.detach(), loss_ref.detach()) < 1e-6
-    assert rel_err(test.lm.weight.grad, ref.lm.weight.grad) < 1e-5
