@@ -1,1 +1,0 @@
-"""Triton kernels and the `liger::` torch ops that wrap them (installed as ligerfx.kernels)."""
