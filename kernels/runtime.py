@@ -158,7 +158,7 @@ def _in_op_layout(op, fn):
 
     @functools.wraps(fn)
     def decomposed(*args, **kwargs):
-        from ligerfx.layout import restride_plan
+        from ligerfx.graph.layout import restride_plan
 
         out = fn(*args, **kwargs)
         if out is NotImplemented:  # the op's own implementation runs instead

@@ -7,20 +7,20 @@
     ligerfx.register_pattern("my_op", pattern_fn, replacement_fn, example_inputs)  # your own
 """
 
-from . import _subpackages
+from . import _imports
 
-_subpackages.install(__name__, __path__[0])  # before anything imports ligerfx.kernels / .patterns
+_imports.install(__name__, __path__[0])  # before anything imports ligerfx.kernels / .patterns
 
 from .api import register_pattern  # noqa: E402
 from .backend import liger_backend  # noqa: E402
 from .compiling import compile  # noqa: E402
 from .explain import explain  # noqa: E402
-from .integrations import compile_in_place  # noqa: E402
+from .compiling import compile_in_place  # noqa: E402
 from .options import Options, OptionsError  # noqa: E402
-from .pattern import PatternError  # noqa: E402
-from .quantize import quantize_  # noqa: E402
-from .report import Report  # noqa: E402
-from .sparsify import sparsify_  # noqa: E402
+from .compiler.pattern import PatternError  # noqa: E402
+from .compress.quantize import quantize_  # noqa: E402
+from .compiler.report import Report  # noqa: E402
+from .compress.sparsify import sparsify_  # noqa: E402
 
 __all__ = ["liger_backend", "compile", "compile_in_place", "explain", "Options", "OptionsError", "PatternError", "Report",
            "register_pattern", "quantize_", "sparsify_"]

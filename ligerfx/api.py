@@ -1,6 +1,6 @@
 """`ligerfx.register_pattern`: the public way to teach the liger backend a new rewrite.
 
-A thin layer over `ligerfx.pattern.register` (which traces and checks); this adds the decorator
+A thin layer over `ligerfx.compiler.pattern.register` (which traces and checks); this adds the decorator
 form and makes sure built-in and plugin patterns are loaded first, so a duplicate name is caught
 at registration rather than later, when the built-ins load.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from .pattern import Pattern, PatternError, register
+from .compiler.pattern import Pattern, PatternError, register
 
 _UNSET: Any = object()
 

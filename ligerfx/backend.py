@@ -16,8 +16,8 @@ import torch.fx as fx
 
 from .frame_report import FrameReports
 from .options import Options
-from .passes import enabled_patterns, run_patterns
-from .report import Report
+from .compiler.passes import run_patterns
+from .compiler.report import Report
 
 log = logging.getLogger("ligerfx")
 
@@ -32,10 +32,12 @@ def rewrite(gm: fx.GraphModule, options: Options, upstream: list | tuple = (),
     """Apply every enabled pattern to `gm` in place (patterns import the kernels they call), then
     the quantization pass (which also counts linears packed by `ligerfx.quantize_`).
     `upstream` / `produced`: what earlier graphs of the model return, and this one (before the
-    rewrite), so a pattern cut by a graph boundary is reported (ligerfx/boundary.py)."""
+    rewrite), so a pattern cut by a graph boundary is reported (ligerfx/compiler/boundary.py)."""
+    from .builtins import enabled_patterns  # registers the built-ins and plugins on first use
+
     report = run_patterns(gm, enabled_patterns(options), options, upstream=upstream,
                           produced=produced)
-    from .quantize_pass import run_quantize
+    from .compiler.quantize_pass import run_quantize
 
     q = run_quantize(gm, options)
     if q.matches or q.near_misses:
@@ -58,7 +60,7 @@ def cpu_paths(gm: fx.GraphModule, report: Report) -> dict:
     ops that registered one, see kernels/runtime.py; inductor inlines those present), and each
     match's `path` set to what runs on the CPU for it."""
     from .kernels.runtime import cpu_decompositions, cpu_path
-    from .rewriter import PATTERN_META
+    from .compiler.rewriter import PATTERN_META
 
     table = cpu_decompositions()
     calls = []
@@ -90,7 +92,7 @@ def cpu_paths(gm: fx.GraphModule, report: Report) -> dict:
 
 
 def _meta_val(a):
-    from .canonical import node_value
+    from ligerfx.graph.nodes import node_value
 
     return node_value(a) if isinstance(a, fx.Node) else a
 

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from .backend import rewrite
 from .options import Options
-from .report import Report
+from .compiler.report import Report
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

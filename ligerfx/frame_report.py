@@ -18,7 +18,7 @@ import sys
 import weakref
 from typing import Any
 
-from .report import Report
+from .compiler.report import Report
 
 _EVAL_FRAME = os.path.join("_dynamo", "eval_frame.py")
 

@@ -42,7 +42,7 @@ def _origin(ep) -> str:
 def load_plugins(reload: bool = False) -> None:
     """Load every plugin once (`reload=True` looks again, e.g. after installing one)."""
     global _loaded
-    from .pattern import REGISTRY
+    from .compiler.pattern import REGISTRY
 
     with _lock:
         if _loaded and not reload:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .pattern import REGISTRY, Pattern, _examples_for, call_replacement
+from .compiler.pattern import REGISTRY, Pattern, _examples_for, call_replacement
 
 # (rtol, atol) per dtype: fused kernels reorder float sums, so bitwise equality is not expected.
 TOLERANCES = {

@@ -1,8 +1,8 @@
 """The package `ligerfx.patterns`: the built-in rewrite patterns.
 
-This file is the package's __init__ under another name (ligerfx/_subpackages.py says why).
+This file is the package's __init__ under another name (ligerfx/_imports.py says why).
 
-Each module registers one pattern family through `ligerfx.pattern.register`, the same path users'
+Each module registers one pattern family through `ligerfx.compiler.pattern.register`, the same path users'
 patterns take.  Importing this package registers them all.
 """
 

@@ -25,12 +25,12 @@ import torch
 import torch.fx as fx
 
 import ligerfx.kernels.add_norm  # noqa: F401 - defines torch.ops.liger.add_rms_norm / add_layer_norm
-from ligerfx import rewriter
-from ligerfx.canonical import node_value
-from ligerfx.passes import Skip
-from ligerfx.pattern import REGISTRY, register
-from ligerfx.precision import short, through_casts
-from ligerfx.symbolic import known_equal
+from ligerfx.compiler import rewriter
+from ligerfx.graph.nodes import node_value
+from ligerfx.compiler.passes import Skip
+from ligerfx.compiler.pattern import REGISTRY, register
+from ligerfx.graph.precision import short, through_casts
+from ligerfx.graph.symbolic import known_equal
 
 from . import layer_norm as _ln
 from . import rms_norm as _rms

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 
 import ligerfx.kernels.cross_entropy  # noqa: F401 - defines torch.ops.liger.cross_entropy
 import ligerfx.kernels.fused_linear_cross_entropy  # noqa: F401
-from ligerfx.canonical import CAST_METHODS, node_value
+from ligerfx.graph.nodes import CAST_METHODS, node_value
 from ligerfx.kernels.cross_entropy import compute_dtype
-from ligerfx.passes import Skip
-from ligerfx.pattern import register
-from ligerfx.precision import LOW, chain_problem, short
-from ligerfx.symbolic import known_equal
+from ligerfx.compiler.passes import Skip
+from ligerfx.compiler.pattern import register
+from ligerfx.graph.precision import LOW, chain_problem, short
+from ligerfx.graph.symbolic import known_equal
 
 _RESHAPES = {"view", "reshape", "flatten"}
 _LINEARS = {F.linear, torch._C._nn.linear}

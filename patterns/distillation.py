@@ -37,12 +37,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import ligerfx.kernels.distillation  # noqa: F401 - defines the liger:: ops
-from ligerfx.canonical import CAST_METHODS, node_value
+from ligerfx.graph.nodes import CAST_METHODS, node_value
 from ligerfx.kernels.cross_entropy import compute_dtype
-from ligerfx.passes import Skip
-from ligerfx.pattern import register
-from ligerfx.precision import short
-from ligerfx.symbolic import known_equal
+from ligerfx.compiler.passes import Skip
+from ligerfx.compiler.pattern import register
+from ligerfx.graph.precision import short
+from ligerfx.graph.symbolic import known_equal
 from .cross_entropy import _cast_problem, _linear, _parse_scale, _step
 
 # Basis of the kernel's elementwise terms, in its coefficient order (kernels/distillation.py).

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch.fx.proxy import Proxy
 
 import ligerfx.kernels.gated_act  # noqa: F401 - defines torch.ops.liger.gated_act
-from ligerfx.canonical import CAST_METHODS, node_value
-from ligerfx.pattern import register
-from ligerfx.precision import is_free_cast
-from ligerfx.symbolic import known_equal
+from ligerfx.graph.nodes import CAST_METHODS, node_value
+from ligerfx.compiler.pattern import register
+from ligerfx.graph.precision import is_free_cast
+from ligerfx.graph.symbolic import known_equal
 
 # ---------------------------------------------------------------------------------------------
 # Cast helpers (shared with patterns/rope.py).

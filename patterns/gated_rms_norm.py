@@ -23,11 +23,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import ligerfx.kernels.gated_rms_norm  # noqa: F401 - defines torch.ops.liger.gated_rms_norm
-from ligerfx.canonical import View, node_value
-from ligerfx.matcher import match_at
-from ligerfx.pattern import REGISTRY, register
-from ligerfx.precision import is_free_cast, short, through_casts
-from ligerfx.symbolic import known_equal
+from ligerfx.compiler.canonical import View
+from ligerfx.graph.nodes import node_value
+from ligerfx.compiler.matcher import match_at
+from ligerfx.compiler.pattern import REGISTRY, register
+from ligerfx.graph.precision import is_free_cast, short, through_casts
+from ligerfx.graph.symbolic import known_equal
 
 from . import rms_norm as base
 from .gated_act import apply_chain, cast_chain, dtype_of, trailing_chain, use_chain

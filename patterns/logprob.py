@@ -43,11 +43,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import ligerfx.kernels.fused_linear_logprob  # noqa: F401 - defines torch.ops.liger.fused_linear_logprob
-from ligerfx.canonical import CAST, CNode, View, node_value, op_name
-from ligerfx.matcher import match_at
-from ligerfx.passes import Skip
-from ligerfx.pattern import Pattern, register, trace_variant
-from ligerfx.symbolic import known_equal, known_int
+from ligerfx.compiler.canonical import CAST, CNode, View
+from ligerfx.graph.nodes import node_value, op_name
+from ligerfx.compiler.matcher import match_at
+from ligerfx.compiler.passes import Skip
+from ligerfx.compiler.pattern import Pattern, register, trace_variant
+from ligerfx.graph.symbolic import known_equal, known_int
 
 from .cross_entropy import _check_labels, _linear, _step, lm_head_of
 
@@ -542,7 +543,7 @@ def check(match):
             return problem
     # Outside a row loop the op reads the ids under the gather index: the value the unit dim
     # was added to, when only the gather reads that index (then covered: the value's writes
-    # window starts there, ligerfx/mutation.py), else the index itself, its unit dim dropped.
+    # window starts there, ligerfx/graph/mutation.py), else the index itself, its unit dim dropped.
     index = ids if gathered else None
     unit = gathered and rows is None
     src = _unit_source(view, index) if unit else None

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import ligerfx.kernels.rms_norm  # noqa: F401 - defines torch.ops.liger.rms_norm
-from ligerfx.canonical import node_value
-from ligerfx.pattern import register
-from ligerfx.precision import (ancestors_within, compute_problem, functional_norm_problem,
+from ligerfx.graph.nodes import node_value
+from ligerfx.compiler.pattern import register
+from ligerfx.graph.precision import (ancestors_within, compute_problem, functional_norm_problem,
                                input_chain_problems, kernel_compute_dtype, short, through_casts)
-from ligerfx.symbolic import is_vector_over_last_dim, known_equal
+from ligerfx.graph.symbolic import is_vector_over_last_dim, known_equal
 
 
 def _normed(x, eps, dim):

@@ -41,11 +41,11 @@ import torch
 import torch.fx as fx
 
 import ligerfx.kernels.rope  # noqa: F401 - defines torch.ops.liger.rope
-from ligerfx.canonical import CAST_METHODS, node_value
-from ligerfx.pattern import register
+from ligerfx.graph.nodes import CAST_METHODS, node_value
+from ligerfx.compiler.pattern import register
 from ligerfx.patterns.gated_act import (_FLOATS, _LOW, apply_chain, dtype_of,
                                         internal_casts, trailing_chain, use_chain, widens)
-from ligerfx.symbolic import known_equal, known_int
+from ligerfx.graph.symbolic import known_equal, known_int
 
 # ---------------------------------------------------------------------------------------------
 # Patterns.  Slices are written with scalar inputs (half, rot_end, pass_start) so one pattern

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ligerfx
-from ligerfx.example_model import make_example
+from ligerfx.tools.example_model import make_example
 from tests.compare import compare_training_step
 
 
@@ -102,7 +102,7 @@ def test_no_recompile_across_sequence_lengths():
 
 
 def test_demo_runs(capsys):
-    from ligerfx.demo import run
+    from ligerfx.tools.demo import run
 
     res = run(steps=2, inner="aot_eager")
     out = capsys.readouterr().out

@@ -8,7 +8,7 @@ them with one single-process eager run on the global batch (both ranks' halves t
 - `ddp`: DDP around a model compiled in place (`model.compile(backend="liger")`), one bucket.
 - `ddp_buckets`: the same with `bucket_cap_mb=1` on a model with ~4 MB of parameters, so Dynamo's
   DDP optimizer splits the graph at the bucket boundaries; every rewrite the unsplit model gets
-  must be found in some graph or reported as cut by a graph boundary (ligerfx/boundary.py).
+  must be found in some graph or reported as cut by a graph boundary (ligerfx/compiler/boundary.py).
 - `fsdp2`: `fully_shard` on every decoder layer and on the root, then compiled in place.
 
 Each rank's half holds the same number of label tokens, so the mean of the two ranks' losses is
@@ -266,7 +266,7 @@ def test_bucket_split_rewrites_found_or_reported_cut(results):
             if "graph boundary cuts it" in reason:
                 pattern = "rms_norm" if pattern == "add_rms_norm" else pattern
                 cut[pattern] = cut.get(pattern, 0) + 1
-        # none made up: before arithmetic stopped counting as evidence (ligerfx/boundary.py), the
+        # none made up: before arithmetic stopped counting as evidence (ligerfx/compiler/boundary.py), the
         # residual add after the split was reported as a cut `layer_norm` in this Llama
         assert set(cut) <= set(_unsplit_counts("ddp_buckets")), res["misses"]
         assert len(cut) == len(res["misses"]), res["misses"]

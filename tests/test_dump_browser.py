@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ligerfx.dump_graph import build as build_model
-from ligerfx.dump_graph import default_expanded
-from ligerfx.dump_svg import layout
+from ligerfx.dump.picture import build as build_model
+from ligerfx.dump.picture import default_expanded
+from ligerfx.dump.svg import layout
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "tmp" / "test-artifacts"
 
@@ -91,7 +91,7 @@ def test_html_dump_in_headless_chromium(tmp_path):
     exe = _chromium()
     pytest.importorskip("transformers")
     from ligerfx.dump import render, trace
-    from ligerfx.hf_targets import build
+    from ligerfx.dump.hf_targets import build
 
     model, args, kwargs = build("llama")
     model.model.layers[0].input_layernorm.variance_epsilon = torch.tensor(1e-6)
@@ -172,7 +172,7 @@ def test_html_dump_of_32_layers_in_headless_chromium(tmp_path):
     draws every node when everything is expanded.  (Load time: docs/dump.md, measured.)"""
     exe = _chromium()
     from ligerfx.dump import render, trace
-    from ligerfx.example_model import ExampleConfig, make_example
+    from ligerfx.tools.example_model import ExampleConfig, make_example
 
     model, ids, labels = make_example(seq=8, cfg=ExampleConfig(n_layers=32))
     d = trace(model, (ids, labels))

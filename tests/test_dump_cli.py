@@ -1,4 +1,4 @@
-"""`ligerfx dump` and `ligerfx patterns`, run in-process through `ligerfx.cli.main`.
+"""`ligerfx dump` and `ligerfx patterns`, run in-process through `ligerfx.tools.cli.main`.
 
 Targets: a file:factory, a package.module:factory and `hf:` models (json, dot, text, html);
 every error path must be one line on stderr, exit status 2, no traceback (unless --debug).
@@ -18,8 +18,8 @@ import textwrap
 import pytest
 import torch
 
-from ligerfx.cli import main
-from ligerfx.pattern import REGISTRY
+from ligerfx.tools.cli import main
+from ligerfx.compiler.pattern import REGISTRY
 
 MODEL_SRC = textwrap.dedent("""
     import torch

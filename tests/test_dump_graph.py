@@ -1,4 +1,4 @@
-"""The graph model behind the dump's picture (ligerfx/dump_graph.py) and its svg / dot drawings.
+"""The graph model behind the dump's picture (ligerfx/dump/picture.py) and its svg / dot drawings.
 
 On the example model and a tiny Hugging Face Llama, each with one norm's eps turned into a tensor
 (a real near miss): module groups, the layered layout, the regions each rewrite replaced (with
@@ -14,12 +14,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ligerfx import dump_graph
+from ligerfx.dump import picture
 from ligerfx.dump import render, trace
-from ligerfx.dump_cost import node_cost
-from ligerfx.dump_graph import NEAR_MISS, REWRITE, build, default_expanded
-from ligerfx.dump_svg import draw, layout
-from ligerfx.example_model import ExampleConfig, make_example
+from ligerfx.dump.cost import node_cost
+from ligerfx.dump.picture import NEAR_MISS, REWRITE, build, default_expanded
+from ligerfx.dump.svg import draw, layout
+from ligerfx.tools.example_model import ExampleConfig, make_example
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def example_dump():
 @pytest.fixture(scope="module")
 def llama_dump():
     pytest.importorskip("transformers")
-    from ligerfx.hf_targets import build as hf_build
+    from ligerfx.dump.hf_targets import build as hf_build
 
     model, args, kwargs = hf_build("llama")
     model.model.layers[0].input_layernorm.variance_epsilon = torch.tensor(1e-6)
@@ -268,4 +268,4 @@ def test_networkx_is_the_graph(example_dump):
 
     m = build(example_dump, 0)
     assert isinstance(m.graph, nx.DiGraph) and nx.is_directed_acyclic_graph(m.graph)
-    assert dump_graph.kernels(example_dump.after[0])["rms_norm"] == "liger::rms_norm"
+    assert picture.kernels(example_dump.after[0])["rms_norm"] == "liger::rms_norm"

@@ -137,7 +137,7 @@ def test_rotation_sites_pair_equal_tables_only():
 
 
 def test_tiny_config_keeps_each_layer_kind():
-    from ligerfx.hf_targets import _covering
+    from ligerfx.dump.hf_targets import _covering
 
     assert _covering(["lin", "lin", "lin", "full"] * 4, 2) == ["lin", "full"]
     assert _covering(["a", "a", "a"], 2) == ["a", "a"]

@@ -78,7 +78,7 @@ def test_python_m_dump_from_the_root():
     assert json.loads(out.stdout)  # the dump is JSON
 
 
-def test_ligerfx_subpackages_resolve_to_this_checkout():
+def test_ligerfx_imports_resolve_to_this_checkout():
     import ligerfx.kernels
     import ligerfx.patterns
 
@@ -86,7 +86,7 @@ def test_ligerfx_subpackages_resolve_to_this_checkout():
         assert [os.path.realpath(p) for p in mod.__path__] == \
             [os.path.realpath(os.path.join(ROOT, folder))]
     # importing one pattern module runs the package first: every built-in family is registered
-    from ligerfx.pattern import REGISTRY
+    from ligerfx.compiler.pattern import REGISTRY
 
     assert {"rms_norm", "rope", "fused_linear_cross_entropy", "swiglu"} <= set(REGISTRY.names())
 
@@ -129,9 +129,9 @@ def test_the_guard_sees_a_bare_import(tmp_path):
 
 def test_subpackage_finder_is_installed_once():
     import ligerfx
-    from ligerfx import _subpackages
+    from ligerfx import _imports
 
     before = list(sys.meta_path)
-    _subpackages.install("ligerfx", ligerfx.__path__[0])
+    _imports.install("ligerfx", ligerfx.__path__[0])
     assert sys.meta_path == before
     assert importlib.util.find_spec("ligerfx.kernels").origin.endswith("_package.py")

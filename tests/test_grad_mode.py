@@ -1,4 +1,4 @@
-"""`torch.no_grad()` blocks inside a match (ligerfx/grad_mode.py): the part that ran with autograd
+"""`torch.no_grad()` blocks inside a match (ligerfx/graph/grad_mode.py): the part that ran with autograd
 off reads detached inputs in the fused op, or the rewrite is refused with the reason."""
 
 import torch

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ligerfx.example_model import ExampleConfig, make_example
+from ligerfx.tools.example_model import ExampleConfig, make_example
 from tests.models import (HANDWRITTEN, HF_MODELS, LN_VARIANTS, MODELS, RMS_VARIANTS,
                           hf_model)
 

@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ligerfx
-from ligerfx.canonical import View, _node_pure
+from ligerfx.compiler.canonical import View
+from ligerfx.graph.nodes import node_pure
 from tests.compare import compare_training_step
 from tests.models.hf import tiny_causal_lm
 from tests.models.repeated_tables import make_deepseek, make_llama4
@@ -38,7 +39,7 @@ def test_purity_from_schema():
                 x[:, None, :])
 
     _, nodes = _call_nodes(f)
-    pure = [_node_pure(n) for n in nodes]
+    pure = [node_pure(n) for n in nodes]
     # repeat_interleave (method and function) is pure; dropout and rand_like draw random
     # numbers; add_ writes its input; out= writes; the plain getitem is a canonical op
     assert pure[:6] == [True, True, False, False, False, False]

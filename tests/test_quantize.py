@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import ligerfx
 from ligerfx import backend
-from ligerfx.quantize import QuantizedLinear
+from ligerfx.compress.quantize import QuantizedLinear
 from tests.models import hf_model
 
 # Logits error max|diff| / max|ref| against fp32 eager, measured (docs/quantization.md): int8

@@ -9,7 +9,7 @@ import torch
 
 import ligerfx
 from ligerfx import backend
-from ligerfx.quantize import QuantizedLinear
+from ligerfx.compress.quantize import QuantizedLinear
 from tests.models import hf_model
 from tests.test_quantize import Tiny, _compile, _llama_with_ref, _rel, _reload_matches
 

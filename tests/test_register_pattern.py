@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import ligerfx
 from ligerfx import PatternError, register_pattern
-from ligerfx.pattern import REGISTRY
+from ligerfx.compiler.pattern import REGISTRY
 from ligerfx.testing import check_pattern
 
 PLUGIN_DIR = os.path.join(os.path.dirname(__file__), "plugin_dist")
@@ -330,7 +330,7 @@ def test_docs_worked_example_runs(tmp_path, monkeypatch, capsys, triton_path):
     import json
     import re
 
-    from ligerfx.cli import main
+    from ligerfx.tools.cli import main
 
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "patterns.md")).read()
     blocks = re.findall(r"```python\n(.*?)```", doc, re.S)

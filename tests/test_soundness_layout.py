@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ligerfx import layout
-from ligerfx.hf_targets import small_config_kwargs
+from ligerfx.graph import layout
+from ligerfx.dump.hf_targets import small_config_kwargs
 from tests.compare import compare_training_step
 
 

@@ -16,7 +16,7 @@ from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mut
 
 import ligerfx
 import ligerfx.backend
-from ligerfx.mutation import Memory, written_args
+from ligerfx.graph.mutation import Memory, written_args
 from tests.compare import rel_err
 
 

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from ligerfx.hf_targets import small_config_kwargs
+from ligerfx.dump.hf_targets import small_config_kwargs
 from tests.compare import rel_err
 
 

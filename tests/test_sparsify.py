@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import ligerfx
 from ligerfx import backend
 from ligerfx.kernels.sparse24_matmul import broken_fraction, prune_24
-from ligerfx.sparsify import SparseLinear
+from ligerfx.compress.sparsify import SparseLinear
 from tests.models import hf_model
 
 

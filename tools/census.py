@@ -1,7 +1,7 @@
 """Census: every causal LM type of the installed transformers, built tiny, compiled with ligerfx.
 
 For each entry of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` that builds from a tiny config
-(`ligerfx.hf_targets.tiny_config_kwargs`): find its sites (norm module calls, rotary attention
+(`ligerfx.dump.hf_targets.tiny_config_kwargs`): find its sites (norm module calls, rotary attention
 calls, gated / ReLU² MLPs, the loss: tests/models/families.py `find_sites`), compile a copy with
 `backend="liger"` (inner eager by default: the rewritten graph run by Python with the
 `liger::` ops' autograd; `--inner aot_eager` traces it with AOTAutograd, falling back to eager

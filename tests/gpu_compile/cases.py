@@ -1,7 +1,7 @@
 """The shapes the offline compile records: every `liger::` op body at real model sizes.
 
 Each case is (label, fn); `fn()` runs an op body (forward and backward) on fake CUDA tensors inside
-`ligerfx.offline_compile.record`, so what gets compiled is what the launchers pick for that shape
+`ligerfx.tools.offline_compile.record`, so what gets compiled is what the launchers pick for that shape
 on that chip.  Sizes: Llama-3-8B (hidden 4096, MLP 14336, vocab 128256, 32/8 heads of 128),
 Qwen2-7B (3584, 18944, 152064, 28/4 heads), Gemma-7B (3072, 24576, 256000, 16 heads of 256),
 a 32k vocab, a 16384 hidden (the looped norm kernels), QK-norm over a 128 head dim, head dims
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ligerfx.kernels.fp8_matmul import FP8, MIN_CAPABILITY
-from ligerfx.offline_compile import Chip, op_body
+from ligerfx.tools.offline_compile import Chip, op_body
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 LLAMA = 4096

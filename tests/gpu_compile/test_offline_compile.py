@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for sm_90, sm_80 and sm_89 at the configurations its launchers pick
 for real model shapes, within each chip's shared-memory, register, thread and grid limits and
-without register spills (no GPU needed: ligerfx/offline_compile.py, shapes in cases.py).
+without register spills (no GPU needed: ligerfx/tools/offline_compile.py, shapes in cases.py).
 
 The compile runs in a subprocess: this session imported triton with TRITON_INTERPRET=1, and
 interpreted kernels cannot be compiled.  Triton's on-disk cache makes a rerun take seconds.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ligerfx import offline_compile as oc
+from ligerfx.tools import offline_compile as oc
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).with_name("cases.py")
@@ -41,7 +41,7 @@ def report(tmp_path_factory):
         pytest.skip("this triton wheel bundles no ptxas/cuobjdump (needs Linux x86-64 triton)")
     out = tmp_path_factory.mktemp("offline") / "report.json"
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-m", "ligerfx.offline_compile", str(CASES), "--json",
+    proc = subprocess.run([sys.executable, "-m", "ligerfx.tools.offline_compile", str(CASES), "--json",
                            str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1800)
     if not out.exists():

@@ -1,7 +1,7 @@
 """Model families of issue 13 §4 and the structural oracle of what each one should have rewritten.
 
 `FAMILIES` names each family Liger-Kernel patches, as the installed transformers builds it from a
-tiny config (2 layers, hidden 64, vocab 256: `ligerfx.hf_targets.tiny_config_kwargs`, which
+tiny config (2 layers, hidden 64, vocab 256: `ligerfx.dump.hf_targets.tiny_config_kwargs`, which
 shrinks every size key the type's default config carries).  `find_sites(model, inputs)` runs one
 eager forward and records, from the modules that actually run and the values that flow into them,
 the sites a rewrite should cover:
@@ -109,7 +109,7 @@ def build_tiny(model_type: str, seed: int = 0, **overrides):
     """(model, inputs) for the tiny causal LM of this model_type: seeded, fp32, train mode."""
     import transformers
 
-    from ligerfx.hf_targets import tiny_config_kwargs
+    from ligerfx.dump.hf_targets import tiny_config_kwargs
 
     kw = tiny_config_kwargs(model_type)
     kw.update(overrides)

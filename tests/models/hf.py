@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ligerfx.hf_targets import small_config_kwargs
+from ligerfx.dump.hf_targets import small_config_kwargs
 
 # Every model: hidden 64, 2 layers, 4 heads of 16, intermediate 128, vocab 256, no KV cache.
 # The configs are the package's own tiny ones (also behind `ligerfx dump hf:TYPE`), so the zoo

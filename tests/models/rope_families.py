@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ligerfx.hf_targets import small_config_kwargs
+from ligerfx.dump.hf_targets import small_config_kwargs
 
 LAYERS = 2
 _MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, q_lora_rank=16,

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ligerfx
-from ligerfx.example_model import make_example
+from ligerfx.tools.example_model import make_example
 from tests.compare import compare_training_step, rel_err
 from tests.models import HANDWRITTEN, hf_model
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ligerfx
-from ligerfx.canonical import CAST, View
+from ligerfx.compiler.canonical import CAST, View
 from tests.compare import compare_training_step
 
 D = 16
@@ -106,7 +106,7 @@ def test_nll_of_log_softmax_is_a_cross_entropy(kw, kernel_path):
 
 def _view_of(fn, *args):
     gm = fx.symbolic_trace(fn)
-    from ligerfx.pattern import _run_with_meta
+    from ligerfx.compiler.pattern import _run_with_meta
 
     _run_with_meta(gm, args)
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]

@@ -62,7 +62,7 @@ def test_llama_ref(kernel_path):
 @pytest.mark.parametrize("name", GATED)
 def test_replacement_matches_every_spelling(name):
     # ligerfx.testing.check_pattern: each variant vs the replacement, forward and backward
-    from ligerfx.pattern import REGISTRY
+    from ligerfx.compiler.pattern import REGISTRY
     from ligerfx.testing import check_pattern
 
     assert check_pattern(name) == 2 * len(REGISTRY.get(name).variants)

@@ -29,7 +29,7 @@ def test_styles_train_like_eager(style, monkeypatch):
 
 
 def test_every_rms_norm_spelling_is_a_variant():
-    from ligerfx.pattern import REGISTRY
+    from ligerfx.compiler.pattern import REGISTRY
     from ligerfx.testing import check_pattern
 
     n = len(REGISTRY.get("rms_norm").rewritable)

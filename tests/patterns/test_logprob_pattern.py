@@ -392,7 +392,7 @@ def test_look_alikes_not_rewritten(fn, why):
         assert rel_err(g, e) < 1e-5
 
 
-# -- writes (ligerfx/mutation.py: each value's window starts at its first read in the match) ---
+# -- writes (ligerfx/graph/mutation.py: each value's window starts at its first read in the match) ---
 
 def write_ids_after_head(h, w, ids):
     # TRL's get_batch_logps: the ids are written after the lm head ran, before the gather reads them
@@ -436,7 +436,7 @@ def lm_head_under_no_grad(h, w, ids):
 
 def test_grad_mode_switch_inside_the_match_detaches_the_frozen_part():
     """Regression: the fused op ran in one grad mode, so gradients reached h and w.  The head's
-    inputs, read only inside the `no_grad` block, are now passed detached (ligerfx/grad_mode.py)."""
+    inputs, read only inside the `no_grad` block, are now passed detached (ligerfx/graph/grad_mode.py)."""
     args = _args(10)
     report = ligerfx.explain(lm_head_under_no_grad, *args, options=OPTS)
     assert report.counts.get(NAME) == 1, str(report)

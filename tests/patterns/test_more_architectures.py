@@ -4,7 +4,7 @@ are still found (by the math), and a training step still equals eager."""
 import pytest
 import torch.nn as nn
 
-from ligerfx.hf_targets import build
+from ligerfx.dump.hf_targets import build
 from tests.compare import compare_training_step
 
 pytest.importorskip("transformers")

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ligerfx
-from ligerfx.precision import chain_problem, is_free_cast
+from ligerfx.graph.precision import chain_problem, is_free_cast
 
 EPS = 1e-6
 D = 16

@@ -101,7 +101,7 @@ def test_look_alikes():
 
 def test_nemotron(triton_path):
     transformers = pytest.importorskip("transformers")
-    from ligerfx.hf_targets import small_config_kwargs
+    from ligerfx.dump.hf_targets import small_config_kwargs
 
     kw = small_config_kwargs("nemotron")
     kw.update(num_hidden_layers=1)

@@ -5,7 +5,7 @@ import torch
 
 import ligerfx
 import ligerfx.kernels.rope as rope_kernels
-from ligerfx.example_model import make_example
+from ligerfx.tools.example_model import make_example
 from tests.compare import compare_training_step, rel_err
 from tests.models import HANDWRITTEN, HF_MODELS, hf_model
 from tests.models.extra_styles import EXTRA_STYLES, NEAR_MISSES
@@ -66,7 +66,7 @@ def test_llama_ref_complex_form(kernel_path):
 def test_cohere_interleaved_pairs(kernel_path):
     # Cohere rotates interleaved pairs with repeat_interleave'd tables: the kernel's interleaved
     # mode, once check proves each pair of cos/sin holds one angle
-    from ligerfx.hf_targets import build
+    from ligerfx.dump.hf_targets import build
 
     model, _, inputs = build("cohere")
     report = compare_training_step(model, inputs, options=OPTS)

@@ -1,0 +1,99 @@
+"""What the passes did to a model: rewrites, near misses and counts, readable and as JSON."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+from ligerfx.graph.source import Location
+
+
+
+
+
+
+
+
+
+
+
+@dataclass
+class MatchRecord:
+    pattern: str
+    location: Location
+    nodes: list  # names of the graph nodes replaced
+    graph: int = 0  # which captured graph (a model with graph breaks has several)
+    detail: str = ""  # e.g. the casting mode the rewrite chose
+    position: int = field(default=-1, repr=False)  # node index in its graph, for ordering
+    path: str = ""  # what runs, when the backend decided it (e.g. "CPU: decomposed for inductor")
+
+    def __str__(self) -> str:
+        d = f" ({self.detail})" if self.detail else ""
+        p = f" [{self.path}]" if self.path else ""
+        return f"{self.pattern}{d} at {self.location}: replaced {len(self.nodes)} nodes{p}"
+
+
+@dataclass
+class NearMiss:
+    pattern: str
+    location: Location
+    reason: str
+    graph: int = 0
+    position: int = field(default=-1, repr=False)
+    size: int = field(default=0, repr=False)  # nodes the refused match covered
+
+    def __str__(self) -> str:
+        return f"{self.pattern} at {self.location}: not rewritten: {self.reason}"
+
+
+@dataclass
+class Report:
+    """The result of `ligerfx.explain` (and what the backend logs)."""
+
+    matches: list = field(default_factory=list)
+    near_misses: list = field(default_factory=list)
+    graphs: int = 0
+    notes: list = field(default_factory=list)  # statements the user must see (e.g. dropped outputs)
+    graphs_before: list = field(default_factory=list)  # readable code of each graph, if recorded
+    graphs_after: list = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict:
+        return dict(Counter(m.pattern for m in self.matches))
+
+    def extend(self, other: "Report") -> None:
+        base = self.graphs
+        for m in other.matches:
+            m.graph += base
+            self.matches.append(m)
+        for n in other.near_misses:
+            n.graph += base
+            self.near_misses.append(n)
+        self.graphs += max(other.graphs, 1)
+        self.notes.extend(x for x in other.notes if x not in self.notes)
+        self.graphs_before.extend(other.graphs_before)
+        self.graphs_after.extend(other.graphs_after)
+
+    def to_dict(self) -> dict:
+        return {
+            "counts": self.counts,
+            "graphs": self.graphs,
+            "matches": [asdict(m) for m in self.matches],
+            "near_misses": [asdict(n) for n in self.near_misses],
+            "notes": list(self.notes),
+            "graphs_before": list(self.graphs_before),
+            "graphs_after": list(self.graphs_after),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"ligerfx: {len(self.matches)} rewrite(s) in {self.graphs} graph(s)"]
+        if self.counts:
+            lines.append("  counts: " + ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())))
+        for m in self.matches:
+            lines.append(f"  rewrote {m}")
+        for n in self.near_misses:
+            lines.append(f"  near miss: {n}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        return "\n".join(lines)
