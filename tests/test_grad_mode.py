@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import ligerfx
 import ligerfx.backend
+from tests.compare import rel_err
 
 T = 2.0
 
@@ -87,5 +88,9 @@ def test_trailing_cast_after_no_grad_ends_is_not_a_mode_change():
     exp = norm_under_no_grad_then_device_cast(*d)
     exp.square().sum().backward()
     assert torch.allclose(got.double(), exp, rtol=1e-5, atol=1e-6)
-    for g, a in zip(grads, d):
-        assert torch.allclose(g.double(), a.grad, rtol=1e-4, atol=1e-6)
+    # against float64, no further than eager's own float32 (an elementwise rtol of 1e-4 is tighter
+    # than eager's rounding on some CPUs' GEMMs: it failed on a near-zero element of w_in's grad)
+    e = [a.detach().clone().requires_grad_() for a in args]
+    norm_under_no_grad_then_device_cast(*e).square().sum().backward()
+    for g, a, ref in zip(grads, d, e):
+        assert rel_err(g.double(), a.grad) <= max(2 * rel_err(ref.grad.double(), a.grad), 1e-6)

@@ -318,7 +318,11 @@ def find_sites(model: nn.Module, inputs: dict) -> Sites:
         if mod is None or not modname.startswith("transformers.models."):
             continue
         for fname, fn in list(vars(mod).items()):
-            if (inspect.isfunction(fn) and fn.__module__ == modname and _ROTARY_FN.search(fname)
+            # a function, or (transformers >= 5.25 with Hugging Face's `kernels` installed) the
+            # module object `use_kernel_forward_from_hub` turns it into: its forward is the function
+            own = inspect.isfunction(fn) or (isinstance(fn, torch.nn.Module)
+                                             and inspect.ismethod(getattr(fn, "forward", None)))
+            if (own and fn.__module__ == modname and _ROTARY_FN.search(fname)
                     and "vision" not in fname):
                 patched.append((mod, fname, fn))
                 setattr(mod, fname, wrap(fn))
