@@ -15,8 +15,8 @@ Op
 Tensor? ce_weight=None, int ignore_index=-100, str reduction="mean", float label_smoothing=0.,
 float lse_square_scale=0., float softcap=0., float logit_scale=1., bool return_logits=False,
 bool need_grad_hidden=True, bool need_grad_weight=True, bool need_grad_bias=True,
-int chunk_size=0) -> (Tensor loss, Tensor z_loss, Tensor logits, Tensor grad_hidden,
-Tensor grad_weight, Tensor grad_bias, Tensor grad_logits)``
+int chunk_size=0, int logits_mode=-1) -> (Tensor loss, Tensor z_loss, Tensor logits,
+Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, Tensor grad_logits)``
 
 * ``loss`` / ``z_loss``: as liger::cross_entropy (fp32; ``()`` or ``target.shape`` for "none").
 * ``logits``: when ``return_logits``, the raw lm-head output ``z`` (before scale/softcap) in the
@@ -33,6 +33,14 @@ Tensor grad_weight, Tensor grad_bias, Tensor grad_logits)``
 * ``grad_logits``: only in the CPU mode of ``grads_from_logits`` (logits returned, fp32): the
   CE gradient of the logits for grad_output = 1, ``[..., V]`` fp32, in place of the three
   gradients above (then empty); the backward forms those from it. Else empty.
+
+``logits_mode`` says whether that mode is taken: 1 wherever the call allows it (CPU tensors,
+fp32, logits returned, reduction not "none"), 0 never, -1 (the default) decided per call, as
+``grads_from_logits`` does: off under Triton's interpreter.  Which outputs are empty depends on
+the mode, so a graph must not leave it to the environment: the environment at compile time (the
+fake implementation) and at run time could differ, e.g. a compiled graph loaded from inductor's
+on-disk cache by a process in the other mode.  The rewriter therefore decides it when it builds
+the graph and passes 0 or 1; the fake and real implementations then agree in every environment.
 
 ``liger::fused_linear_cross_entropy_backward(...) -> (grad_hidden, grad_weight, grad_bias)``
 scales the saved gradients by grad_output in fp32 and rounds once (so "sum" followed by a
@@ -240,8 +248,12 @@ def _ce_kwargs(ignore_index, label_smoothing, lse_square_scale, softcap, logit_s
                 lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale)
 
 
-def grads_from_logits(hidden: Tensor, weight: Tensor, return_logits: bool, reduction: str) -> bool:
+def grads_from_logits(hidden: Tensor, weight: Tensor, return_logits: bool, reduction: str,
+                      logits_mode: int = -1) -> bool:
     """The CPU torch path's mode when the logits are returned (fp32, reduction not "none").
+
+    `logits_mode` (the op's argument): 1 or 0 decides wherever the call allows the mode; -1
+    leaves it to the path this call would take (the torch path: not under the interpreter).
 
     The [N, V] logits exist anyway there, so chunking saves nothing; what costs time on a CPU is
     passes over [N, V] / [V, H] and fresh buffers (each first touch of a page is a fault). The
@@ -250,9 +262,13 @@ def grads_from_logits(hidden: Tensor, weight: Tensor, return_logits: bool, reduc
     two GEMMs with grad_output as their alpha straight into the gradients it returns: no fp32
     [V, H] buffer saved beside the one returned, no pass scaling it. The forward's part is also
     a CPU decomposition (plain losses), so under inductor the CE rows are one fused loop."""
-    return (return_logits and reduction != "none" and hidden.device.type == "cpu"
-            and not use_triton(hidden, weight)
-            and hidden.dtype == weight.dtype == torch.float32)
+    if logits_mode not in (-1, 0, 1):
+        raise ValueError(f"liger::fused_linear_cross_entropy: logits_mode must be -1 (decided per "
+                         f"call), 0 or 1, got {logits_mode!r}")
+    if not (return_logits and reduction != "none" and hidden.device.type == "cpu"
+            and hidden.dtype == weight.dtype == torch.float32):
+        return False
+    return bool(logits_mode) if logits_mode >= 0 else not use_triton(hidden, weight)
 
 
 def _wants_grad(need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool,
@@ -268,6 +284,7 @@ def fused_linear_cross_entropy_op(
     label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float = 0.0,
     logit_scale: float = 1.0, return_logits: bool = False, need_grad_hidden: bool = True,
     need_grad_weight: bool = True, need_grad_bias: bool = True, chunk_size: int = 0,
+    logits_mode: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     assert reduction in _REDUCTIONS, reduction
     h2, t = _flat(hidden, target)
@@ -277,7 +294,7 @@ def fused_linear_cross_entropy_op(
     loss_rows = h2.new_empty(N, dtype=ct)
     z_rows = h2.new_empty(N, dtype=ct)
     empty = hidden.new_empty(0)
-    if grads_from_logits(hidden, weight, return_logits, reduction):
+    if grads_from_logits(hidden, weight, return_logits, reduction, logits_mode):
         logits = h2.new_empty(N, V)
         _linear_into(h2, weight, bias, logits)
         want = _wants_grad(need_grad_hidden, need_grad_weight, need_grad_bias, bias)
@@ -321,11 +338,11 @@ def fused_linear_cross_entropy_op(
 def _(hidden, weight, bias, target, ce_weight=None, ignore_index=-100, reduction="mean",
       label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0, logit_scale=1.0,
       return_logits=False, need_grad_hidden=True, need_grad_weight=True, need_grad_bias=True,
-      chunk_size=0):
+      chunk_size=0, logits_mode=-1):
     ct = compute_dtype(hidden.dtype)
     shape = target.shape if reduction == "none" else ()
     V = weight.shape[0]
-    from_logits = grads_from_logits(hidden, weight, return_logits, reduction)
+    from_logits = grads_from_logits(hidden, weight, return_logits, reduction, logits_mode)
     want = _wants_grad(need_grad_hidden, need_grad_weight, need_grad_bias, bias)
     fwd_grads = reduction != "none" and not from_logits
     return (
@@ -346,7 +363,7 @@ def _(hidden, weight, bias, target, ce_weight=None, ignore_index=-100, reduction
 def _flce_cpu_forward(hidden, weight, bias, target, ce_weight=None, ignore_index=-100,
                       reduction="mean", label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0,
                       logit_scale=1.0, return_logits=False, need_grad_hidden=True,
-                      need_grad_weight=True, need_grad_bias=True, chunk_size=0):
+                      need_grad_weight=True, need_grad_bias=True, chunk_size=0, logits_mode=-1):
     """CPU decomposition of the forward in the grads_from_logits mode, plain losses
     (_flce_cpu_path; other calls keep the op): the lm head's GEMM and the CE rows as inductor
     sees them, so loss and logits gradient are one fused loop."""
@@ -364,9 +381,10 @@ def _flce_cpu_forward(hidden, weight, bias, target, ce_weight=None, ignore_index
 
 def _flce_cpu_path(hidden, weight, bias, target, ce_weight=None, ignore_index=-100,
                    reduction="mean", label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0,
-                   logit_scale=1.0, return_logits=False, *_, **__):
+                   logit_scale=1.0, return_logits=False, need_grad_hidden=True,
+                   need_grad_weight=True, need_grad_bias=True, chunk_size=0, logits_mode=-1):
     # A smoothed / z-loss / softcapped loss in the logits mode runs the op's own torch CE math.
-    if not (grads_from_logits(hidden, weight, return_logits, reduction)
+    if not (grads_from_logits(hidden, weight, return_logits, reduction, logits_mode)
             and is_plain(label_smoothing, lse_square_scale, softcap, weight.shape[0])):
         return False
     return ("logits returned: loss and logits gradient in the forward (decomposed for "
@@ -494,7 +512,7 @@ def _(grad_loss, grad_logits, saved_grad_hidden, saved_grad_weight, saved_grad_b
 def _flce_setup_context(ctx, inputs, output):
     (hidden, weight, bias, target, ce_weight, ignore_index, reduction, label_smoothing,
      lse_square_scale, softcap, logit_scale, return_logits, need_gh, need_gw, need_gb,
-     chunk_size) = inputs
+     chunk_size, logits_mode) = inputs
     _, z, logits, gh, gw, gb, gz = output
     ctx.mark_non_differentiable(z, gh, gw, gb, gz)
     if not return_logits:
@@ -503,7 +521,7 @@ def _flce_setup_context(ctx, inputs, output):
     has_bias = bias is not None
     # Recompute in backward when the forward could not produce a needed gradient (the logits'
     # gradient of the CPU mode gives all three).
-    if grads_from_logits(hidden, weight, return_logits, reduction):
+    if grads_from_logits(hidden, weight, return_logits, reduction, logits_mode):
         ctx.recompute = gz.numel() == 0  # no gradient asked for in the forward, or no rows
     else:
         ctx.recompute = reduction == "none" or (needs[0] and not need_gh) or \
@@ -522,13 +540,13 @@ def _flce_backward(ctx, grad_loss, grad_z, grad_logits, *unused):
     if not ctx.return_logits:
         grad_logits = None
     if (grad_loss is None and grad_logits is None) or not any(needs[:3]):
-        return (None,) * 16
+        return (None,) * 17
     dh, dw, db = torch.ops.liger.fused_linear_cross_entropy_backward(
         grad_loss, grad_logits, gh, gw, gb, gz, hidden, weight, bias, target, ce_weight,
         *ctx.params, ctx.recompute, needs[0], needs[1], ctx.has_bias and needs[2],
         ctx.chunk_size)
     return (dh if needs[0] else None, dw if needs[1] else None,
-            db if ctx.has_bias and needs[2] else None) + (None,) * 13
+            db if ctx.has_bias and needs[2] else None) + (None,) * 14
 
 
 fused_linear_cross_entropy_op.register_autograd(_flce_backward, setup_context=_flce_setup_context)

@@ -97,7 +97,10 @@ def _meta_val(a):
     return node_value(a) if isinstance(a, fx.Node) else a
 
 
-def _inner(name: str, mode: str | None, decompositions: dict | None = None) -> Callable:
+def _inner(name: str, mode: str | None, decompositions: dict | None = None,
+           cache_token: str | None = None) -> Callable:
+    """The inner backend. `cache_token` (inductor): ligerfx's decisions for this compile, put
+    into inductor's cache keys (ligerfx/compiler/cache_key.py)."""
     if name == "eager":
         return lambda gm, example_inputs: gm.forward
     if name == "aot_eager":
@@ -108,13 +111,18 @@ def _inner(name: str, mode: str | None, decompositions: dict | None = None) -> C
     def inductor(gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
-        patches = torch._inductor.list_mode_options(mode) if mode else None
+        from .compiler.cache_key import config_patches
+
+        patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+        if cache_token is not None:
+            patches.update(config_patches(cache_token))
         if not decompositions:
-            return compile_fx(gm, example_inputs, config_patches=patches)
+            return compile_fx(gm, example_inputs, config_patches=patches or None)
         from torch._inductor.decomposition import select_decomp_table
 
         table = {**select_decomp_table(), **decompositions}
-        return compile_fx(gm, example_inputs, config_patches=patches, decompositions=table)
+        return compile_fx(gm, example_inputs, config_patches=patches or None,
+                          decompositions=table)
 
     return inductor
 
@@ -139,4 +147,10 @@ def liger_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | 
                      "%d graph(s)%s (ligerfx.backend.last_report has them all)",
                      len(last_report.matches), len(last_report.near_misses), last_report.graphs,
                      f"; counts: {counts}" if counts else "")
-    return _inner(opts.inner, mode, decomps)(gm, example_inputs)
+    token = None
+    if opts.inner == "inductor":
+        from .compiler.cache_key import token as cache_token
+
+        # after the rewrite and cpu_paths: what they decided from the environment is keyed
+        token = cache_token(opts, mode, decomps)
+    return _inner(opts.inner, mode, decomps, token)(gm, example_inputs)

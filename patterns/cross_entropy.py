@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import ligerfx.kernels.cross_entropy  # noqa: F401 - defines torch.ops.liger.cross_entropy
 import ligerfx.kernels.fused_linear_cross_entropy  # noqa: F401
 from ligerfx.graph.nodes import CAST_METHODS, node_value
+from ligerfx.kernels.fused_linear_cross_entropy import grads_from_logits
 from ligerfx.kernels.cross_entropy import compute_dtype
 from ligerfx.compiler.passes import Skip
 from ligerfx.compiler.pattern import register
@@ -374,10 +375,14 @@ def replace_fused(target, hidden, lm_weight, lm_bias=None, weight=None, ignore_i
     bias_grad = lm_bias is not None and bool(getattr(_val(match["lm_bias"]), "requires_grad", False))
     escaping = p["escaping"]
     ret_logits = escaping is not None and not p["skip_logits"]
+    # The op's logits-gradient mode, decided now (the environment says whether this compile is
+    # for the interpreter) and written into the graph: its outputs then depend on the graph
+    # alone, not on the environment of the process that runs it (see the op's logits_mode).
+    logits_mode = int(grads_from_logits(hv, wv, ret_logits, reduction))
     out = torch.ops.liger.fused_linear_cross_entropy(
         h, lm_weight, lm_bias, target, weight, ignore_index, reduction, float(label_smoothing),
         0.0, float(p["softcap"]), float(p["logit_scale"]), ret_logits,
-        bool(hv.requires_grad), bool(wv.requires_grad), bias_grad, 0)
+        bool(hv.requires_grad), bool(wv.requires_grad), bias_grad, 0, logits_mode)
     loss = (-out[0] if gathered else out[0]).to(match.out_dtype)
     if escaping is None:
         return loss
