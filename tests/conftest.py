@@ -27,6 +27,18 @@ for _m in pkgutil.iter_modules(ligerfx.kernels.__path__):
     importlib.import_module(f"ligerfx.kernels.{_m.name}")
 
 
+from tests.tiers import is_slow, load  # noqa: E402
+
+_SLOW = load()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The quick tier: tests listed in tests/slow_tests.txt are `slow` too (tests/tiers.py)."""
+    for item in items:
+        if is_slow(item.nodeid, _SLOW):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(params=["torch", "triton"])
 def kernel_path(request, monkeypatch):
     """Run the test once on the torch path and once on the interpreted Triton kernels."""

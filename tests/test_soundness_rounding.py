@@ -36,7 +36,6 @@ def _three_ways(model_type, cls_name, **extra):
     return g64, g32, _grads(compiled, ids)
 
 
-@pytest.mark.slow
 def test_diffllama_lambda_gradients_are_fp32_rounding(torch_path):
     g64, g32, gl = _three_ways("diffllama", "DiffLlamaForCausalLM")
     lambdas = [n for n in g64 if "lambda" in n]

@@ -1,0 +1,68 @@
+"""The quick tier stays honest: tests/slow_tests.txt names tests that exist, and every test file
+keeps at least one test outside the slow tier, so `pytest -m "not slow"` still runs every module."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+from tests.tiers import HERE, load
+
+ROOT = os.path.dirname(HERE)
+
+
+def _is_slow_mark(node: ast.AST) -> bool:
+    return "slow" in ast.unparse(node) and "mark" in ast.unparse(node)
+
+
+def _tests(path: str) -> dict[str, bool]:
+    """Test function (or Class::method) -> whether its own source marks it slow."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    module_slow = any(isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark"
+                                                         for t in n.targets)
+                      and _is_slow_mark(n.value) for n in tree.body)
+    out = {}
+    for n in tree.body:
+        if isinstance(n, ast.FunctionDef) and n.name.startswith("test"):
+            out[n.name] = module_slow or any(map(_is_slow_mark, n.decorator_list))
+        elif isinstance(n, ast.ClassDef) and n.name.startswith("Test"):
+            for m in n.body:
+                if isinstance(m, ast.FunctionDef) and m.name.startswith("test"):
+                    out[f"{n.name}::{m.name}"] = module_slow or any(
+                        map(_is_slow_mark, n.decorator_list + m.decorator_list))
+    return out
+
+
+def _test_files() -> list[str]:
+    files = []
+    for dirpath, dirs, names in os.walk(HERE):
+        dirs[:] = [d for d in dirs if d not in ("__pycache__", "cuda")]  # cuda: GPU-only suite
+        files += [os.path.relpath(os.path.join(dirpath, f), ROOT).replace(os.sep, "/")
+                  for f in names if f.startswith("test_") and f.endswith(".py")]
+    return sorted(files)
+
+
+def test_every_listed_test_exists():
+    stale = []
+    for entry in load():
+        path, _, name = entry.split("[", 1)[0].partition("::")
+        full = os.path.join(ROOT, path)
+        if not os.path.isfile(full) or name not in _tests(full):
+            stale.append(entry)
+    assert not stale, ("tests/slow_tests.txt names tests that no longer exist (rerun "
+                       "tests/tiers.py):\n" + "\n".join(sorted(stale)))
+
+
+def test_every_test_file_has_a_quick_test():
+    listed = load()
+    bare = [f for f in _test_files()
+            if all(slow or f"{f}::{name}" in listed for name, slow in _tests(
+                os.path.join(ROOT, f)).items())]
+    assert not bare, "test files with no test left in the quick tier:\n" + "\n".join(bare)
+
+
+def test_the_guards_see_a_problem(tmp_path):
+    p = tmp_path / "test_x.py"
+    p.write_text("import pytest\n\n@pytest.mark.slow\ndef test_a():\n    pass\n\n"
+                 "def test_b():\n    pass\n\nclass TestC:\n    def test_d(self):\n        pass\n")
+    assert _tests(str(p)) == {"test_a": True, "test_b": False, "TestC::test_d": False}
