@@ -1,4 +1,4 @@
-"""How ligerfx's own names import: two meta path finders, put first on sys.meta_path by ligerfx.
+"""How ligerfx's own names import: two meta path finders that `import ligerfx` installs.
 
 ## `ligerfx.kernels` and `ligerfx.patterns`: the top-level kernels/ and patterns/ folders
 
@@ -10,16 +10,17 @@ transformers imports at start-up, is one such name.  Without __init__.py a folde
 PEP 420 namespace portion, which the import system uses only when no regular package or module of
 that name exists anywhere on sys.path, so the root can no longer hide another distribution.
 
-What was each package's __init__.py is its `_package.py`.  `SubpackageFinder` loads that file as the package and searches the folder for
-its modules: in a source checkout (editable install: setuptools' finder does not resolve a
+What was each package's __init__.py is its `_package.py`.  `SubpackageFinder`, first on
+sys.meta_path, loads that file as the package and searches the folder for its modules: in a source checkout (editable install: setuptools' finder does not resolve a
 namespace package nested under a mapped one) the folders beside ligerfx/, in an installed wheel
 the copies inside it.  Importing `ligerfx.patterns.rope` therefore still runs the package first,
 which registers every built-in family in its fixed order, exactly as an __init__.py did.
 
 ## Old module paths
-Until 0.2 every module sat directly in ligerfx/; they now live in rooms (graph/, compiler/,
-compress/, dump/, tools/; docs/architecture.md).  `MovedFinder` keeps each old path importing for
-one release, with a DeprecationWarning that names the new one: `ligerfx.canonical` is a module
+Up to this release every module sat directly in ligerfx/; they now live in rooms (graph/,
+compiler/, compress/, dump/, tools/; docs/architecture.md).  `MovedFinder`, last on
+sys.meta_path (only names nothing else finds reach it), keeps each old path importing for one
+release, with a DeprecationWarning that names the new one: `ligerfx.canonical` is a module
 holding the names of its new homes (a name that moved to another room is found there too), so
 `from ligerfx.canonical import View, node_value` keeps working.
 """
@@ -105,7 +106,7 @@ class MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install(package: str, package_dir: str) -> None:
-    """Put both finders first on sys.meta_path (once)."""
+    """Put SubpackageFinder first and MovedFinder last on sys.meta_path (once each)."""
     if not any(isinstance(f, SubpackageFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, SubpackageFinder(package, package_dir))
     if not any(isinstance(f, MovedFinder) for f in sys.meta_path):
