@@ -66,3 +66,17 @@ def test_the_guards_see_a_problem(tmp_path):
     p.write_text("import pytest\n\n@pytest.mark.slow\ndef test_a():\n    pass\n\n"
                  "def test_b():\n    pass\n\nclass TestC:\n    def test_d(self):\n        pass\n")
     assert _tests(str(p)) == {"test_a": True, "test_b": False, "TestC::test_d": False}
+
+
+def test_work_shared_through_a_cached_helper_goes_slow_together():
+    """test_families' two per-family tests share `_step` (lru_cache): in the full run the first
+    pays for the step, the second looks cheap.  Marking only the first would leave the second to
+    pay it in the quick tier, so both go, and the file keeps a test that shares nothing."""
+    from tests.tiers import choose
+
+    f = "tests/test_families.py"
+    log = [f"10.00s call     {f}::test_family_rewritten_and_eager_equal[llama3]",
+           f"0.10s call     {f}::test_family_residual_adds_fused[llama3]",
+           f"0.02s call     {f}::test_site_rule_counts_what_is_missing_and_what_is_extra"]
+    assert choose(log, budget=1.0) == [f"{f}::test_family_residual_adds_fused",
+                                       f"{f}::test_family_rewritten_and_eager_equal"]
