@@ -13,14 +13,13 @@ _imports.install(__name__, __path__[0])  # before anything imports ligerfx.kerne
 
 from .api import register_pattern  # noqa: E402
 from .backend import liger_backend  # noqa: E402
-from .compiling import compile  # noqa: E402
-from .explain import explain  # noqa: E402
-from .compiling import compile_in_place  # noqa: E402
-from .options import Options, OptionsError  # noqa: E402
 from .compiler.pattern import PatternError  # noqa: E402
-from .compress.quantize import quantize_  # noqa: E402
 from .compiler.report import Report  # noqa: E402
+from .compiling import compile, compile_in_place  # noqa: E402
+from .compress.quantize import quantize_  # noqa: E402
 from .compress.sparsify import sparsify_  # noqa: E402
+from .explain import explain  # noqa: E402
+from .options import Options, OptionsError  # noqa: E402
 
 __all__ = ["liger_backend", "compile", "compile_in_place", "explain", "Options", "OptionsError", "PatternError", "Report",
            "register_pattern", "quantize_", "sparsify_"]
