@@ -3,34 +3,16 @@ keeps at least one test outside the slow tier, so `pytest -m "not slow"` still r
 
 from __future__ import annotations
 
-import ast
 import os
 
-from tests.tiers import HERE, load
+from tests.tiers import HERE, load, read_tests
 
 ROOT = os.path.dirname(HERE)
 
 
-def _is_slow_mark(node: ast.AST) -> bool:
-    return "slow" in ast.unparse(node) and "mark" in ast.unparse(node)
-
-
 def _tests(path: str) -> dict[str, bool]:
     """Test function (or Class::method) -> whether its own source marks it slow."""
-    tree = ast.parse(open(path, encoding="utf-8").read(), path)
-    module_slow = any(isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark"
-                                                         for t in n.targets)
-                      and _is_slow_mark(n.value) for n in tree.body)
-    out = {}
-    for n in tree.body:
-        if isinstance(n, ast.FunctionDef) and n.name.startswith("test"):
-            out[n.name] = module_slow or any(map(_is_slow_mark, n.decorator_list))
-        elif isinstance(n, ast.ClassDef) and n.name.startswith("Test"):
-            for m in n.body:
-                if isinstance(m, ast.FunctionDef) and m.name.startswith("test"):
-                    out[f"{n.name}::{m.name}"] = module_slow or any(
-                        map(_is_slow_mark, n.decorator_list + m.decorator_list))
-    return out
+    return {name: t.marked_slow for name, t in read_tests(path).items()}
 
 
 def _test_files() -> list[str]:

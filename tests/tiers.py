@@ -14,10 +14,12 @@ them), and writes a test's id without its parameters when every parametrization 
 
 from __future__ import annotations
 
+import ast
 import collections
 import os
 import re
 import sys
+from typing import NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIST = os.path.join(HERE, "slow_tests.txt")
@@ -42,27 +44,47 @@ def is_slow(nodeid: str, listed: frozenset[str]) -> bool:
     return nodeid in listed or nodeid.split("[", 1)[0] in listed
 
 
-def _functions(path: str) -> dict[str, bool]:
-    """Test function -> whether it shares work with other tests of its file: a module-scoped
-    fixture it requests, or a module-level cached helper (`functools.lru_cache` / `cache`) it
-    calls.  Keeping such a test in the quick tier keeps that work, whichever test paid for it in
-    the full run."""
-    import ast
+class Facts(NamedTuple):
+    marked_slow: bool  # its own source marks it slow (decorator, class or module `pytestmark`)
+    shares_work: bool  # it requests a module-scoped fixture or calls a cached module helper
 
+
+def read_tests(path: str) -> dict[str, Facts]:
+    """Test function (or `Class::method`) of a file -> what its source says of it.
+
+    Sharing work: keeping such a test in the quick tier keeps the work (a module-scoped fixture's
+    set-up, a `functools.lru_cache` / `cache` helper's first call), whichever test paid for it in
+    the full run."""
     try:
         tree = ast.parse(open(path, encoding="utf-8").read(), path)
     except OSError:
         return {}
+
+    def slow_mark(node: ast.AST) -> bool:
+        text = ast.unparse(node)
+        return "slow" in text and "mark" in text
+
     defs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
     fixtures = {n.name for n in defs if any("fixture" in ast.unparse(d) and "module" in
                                             ast.unparse(d) for d in n.decorator_list)}
     cached = {n.name for n in defs if any("cache" in ast.unparse(d) for d in n.decorator_list)}
+    module_slow = any(isinstance(n, ast.Assign) and slow_mark(n.value)
+                      and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)
+                      for n in tree.body)
 
-    def shares(fn) -> bool:
+    def facts(fn: ast.FunctionDef, marks: list) -> Facts:
         called = {x.id for x in ast.walk(fn) if isinstance(x, ast.Name)}
-        return bool(fixtures & {a.arg for a in fn.args.args} or cached & called)
+        return Facts(module_slow or any(map(slow_mark, marks + fn.decorator_list)),
+                         bool(fixtures & {a.arg for a in fn.args.args} or cached & called))
 
-    return {n.name: shares(n) for n in defs if n.name.startswith("test")}
+    out = {}
+    for n in tree.body:
+        if isinstance(n, ast.FunctionDef) and n.name.startswith("test"):
+            out[n.name] = facts(n, [])
+        elif isinstance(n, ast.ClassDef) and n.name.startswith("Test"):
+            out.update({f"{n.name}::{m.name}": facts(m, n.decorator_list) for m in n.body
+                        if isinstance(m, ast.FunctionDef) and m.name.startswith("test")})
+    return out
 
 
 def choose(log_lines, budget: float) -> list[str]:
@@ -73,14 +95,15 @@ def choose(log_lines, budget: float) -> list[str]:
         if m:
             times[m.group(2)] += float(m.group(1))
             if " setup " in line:
-                setups[_file(m.group(2))] = max(setups[_file(m.group(2))],
-                                                        float(m.group(1)))
+                f = _file(m.group(2))
+                setups[f] = max(setups[f], float(m.group(1)))
     by_file = collections.defaultdict(list)
     for nid in times:
         by_file[_file(nid)].append(nid)
-    keep, users = set(), {}
+    keep, sharing = set(), {}
     for f, ids in by_file.items():
-        funcs = _functions(os.path.join(os.path.dirname(HERE), f))
+        funcs = {name: t.shares_work for name, t in
+                 read_tests(os.path.join(os.path.dirname(HERE), f)).items()}
         # a test too fast for --durations to list costs nothing (and is never marked)
         seen = {_func(nid) for nid in ids}
         candidates = list(ids) + [f"{f}::{name}" for name in funcs if name not in seen]
@@ -95,7 +118,7 @@ def choose(log_lines, budget: float) -> list[str]:
         kept = min(candidates, key=cost)
         keep.add(kept)
         if not funcs.get(_func(kept)):
-            users[f] = {name for name, uses in funcs.items() if uses}
+            sharing[f] = {name for name, shares in funcs.items() if shares}
     remaining, slow = sum(times.values()), set()
     for nid, t in sorted(times.items(), key=lambda x: -x[1]):
         if remaining <= budget:
@@ -106,11 +129,9 @@ def choose(log_lines, budget: float) -> list[str]:
     forced = set()  # whole test functions, parameters and all
     # where the kept test shares no work and a test that shares it is slow, every test sharing
     # it is: any of them left would pay for that work again
-    for f, names in users.items():
-        if any(_file(nid) == f and _func(nid) in names
-               for nid in slow):
-            slow = {nid for nid in slow if _file(nid) != f
-                    or _func(nid) not in names}
+    for f, names in sharing.items():
+        if any(_file(nid) == f and _func(nid) in names for nid in slow):
+            slow = {nid for nid in slow if _file(nid) != f or _func(nid) not in names}
             forced |= {f"{f}::{name}" for name in names}
     params = collections.defaultdict(set)
     for nid in times:
