@@ -250,6 +250,35 @@ def test_report_paths_are_named_modules():
     assert all(m.location.module in names for m in report.matches)
 
 
+class _GlobalGate(nn.Module):
+    """A module held in a global and called from inside the model's layers, as transformers'
+    hub-kernel wrappers around functions such as apply_rotary_pos_emb are."""
+
+    def forward(self, x):
+        return F.silu(x[..., :8]) * x[..., 8:]
+
+
+_GLOBAL_GATE = _GlobalGate()
+
+
+class _CallsGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 16, bias=False)
+
+    def forward(self, x):
+        return _GLOBAL_GATE(self.up(x))
+
+
+def test_report_path_of_a_global_module_is_its_caller():
+    # Regression: a global module's nodes were named after the global (G.<module>.<name>), so both
+    # layers' rewrites were reported at one made-up path and drawn outside their layers.
+    model = nn.Sequential(_CallsGlobal(), nn.Linear(8, 16), _CallsGlobal())
+    report = ligerfx.explain(model, torch.randn(2, 3, 16))
+    assert report.counts == {"swiglu": 2}
+    assert sorted(m.location.module for m in report.matches) == ["0", "2"]
+
+
 def test_quantize_skip_globs_from_named_modules():
     model = _peft_like()
     skip = "base_model.model.layers.0.*"

@@ -56,8 +56,12 @@ def locate(node: fx.Node) -> Location:
     loc = Location()
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
-        path = list(stack.values())[-1][0]
-        loc.module = clean_module_path(str(path))
+        # The innermost module reached from the model (L[...]); a module held in a global (G[...],
+        # as transformers' hub-kernel wrappers around functions are) is not in the model's tree,
+        # and naming it would pull the nodes of every layer that calls it into one place.
+        paths = [str(v[0]) for v in stack.values()]
+        local = [p for p in paths if not p.startswith("G[")]
+        loc.module = clean_module_path((local or paths)[-1])
     trace = node.meta.get("stack_trace") or ""
     frames = list(_FRAME.finditer(trace))
     # The innermost frame outside torch itself is the user's line (nn.RMSNorm's own code is not).
