@@ -1,9 +1,15 @@
 """2:4 semi-structured sparse linears: compressed weights expanded in registers, dense `tl.dot`.
 
 Format (`pack_24`): a weight W [N, K] (K a multiple of 8) is 2:4 sparse when every group of 4
-consecutive entries along K holds at most 2 entries that are not +0.0 (-0.0 counts as kept, so
-the expansion is bit-exact).  Each group stores exactly 2 (position, value) pairs, positions
-ascending; a group with fewer kept entries is filled with +0.0 positions:
+consecutive entries along K holds at most 2 non-zero entries; zeros of either sign count as zero
+(pruning written `w * mask`, as torch.nn.utils.prune does, leaves -0.0 where negative weights
+were dropped).  Each group stores exactly 2 (position, value) pairs, positions ascending: its
+non-zero entries, then its -0.0 entries while there is room, then +0.0 positions.  The expansion
+is therefore bit-exact except that a -0.0 with no room comes back as +0.0; x * -0.0 and x * +0.0
+are both zeros (or both nan for an inf/nan x), and adding a zero of either sign to a non-zero sum
+leaves it unchanged, so that can only change the sign of an output that is exactly zero (whose
+sign the dense product leaves to its accumulation: it depends on the summation order and on
+whether the sum starts from +0.0, which differs between BLAS paths):
 
     values  [N, K/2]   values[n, 2g], values[n, 2g+1]: the group g's two entries (W's dtype)
     meta    uint8 [N, K/8]: one nibble per group, group 2j in the low nibble of byte j, 2j+1 in
@@ -47,8 +53,8 @@ K_MULTIPLE = 8  # two groups of 4 share a metadata byte
 
 
 def kept_mask(weight: torch.Tensor) -> torch.Tensor:
-    """Entries the format must keep: everything but +0.0 (bitwise; -0.0 is kept)."""
-    return (weight != 0) | torch.signbit(weight)
+    """Entries the format must keep: the non-zero ones (nan and inf included; -0.0 is a zero)."""
+    return weight != 0
 
 
 def broken_fraction(weight: torch.Tensor) -> float:
@@ -69,15 +75,8 @@ def unsupported_reason(out_features: int, in_features: int, min_features: int) -
 
 
 def not_24_message(weight: torch.Tensor) -> str:
-    msg = (f"weight is not 2:4 sparse: {broken_fraction(weight):.1%} of its groups of 4 along "
-           "in_features have more than 2 non-zeros (prune it first: ligerfx.sparsify_)")
-    N, K = weight.shape
-    by_value = ((weight.detach() != 0).reshape(N, K // 4, 4).sum(-1) > 2).float().mean().item()
-    if by_value < broken_fraction(weight):
-        # -0.0 is kept because dropping it can flip the sign of an exactly-zero output
-        msg += (f"; counting -0.0 as non-zero (e.g. after a negative in-place scale), only "
-                f"{by_value:.1%} break the pattern: write +0.0 there (w[w == 0] = 0.0)")
-    return msg
+    return (f"weight is not 2:4 sparse: {broken_fraction(weight):.1%} of its groups of 4 along "
+            "in_features have more than 2 non-zeros (prune it first: ligerfx.sparsify_)")
 
 
 def prune_24(weight: torch.Tensor) -> torch.Tensor:
@@ -99,9 +98,11 @@ def pack_24(weight: torch.Tensor):
     kept = kept_mask(w)
     if (kept.sum(-1) > 2).any():
         raise ValueError(not_24_message(weight))
-    # Kept entries first, then +0.0 fillers; lowest positions first among equals; ascending.
+    # Non-zero entries first, then -0.0 (kept bit for bit where there is room), then +0.0
+    # fillers; lowest positions first among equals; stored in ascending position order.
     pos = torch.arange(4, device=w.device)
-    idx = (kept.to(torch.int64) * 8 + (3 - pos)).topk(2, dim=-1).indices.sort(-1).values
+    rank = kept.to(torch.int64) * 16 + torch.signbit(w).to(torch.int64) * 8 + (3 - pos)
+    idx = rank.topk(2, dim=-1).indices.sort(-1).values
     values = w.gather(-1, idx).reshape(N, K // 2).contiguous()
     nib = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.uint8)  # [N, K/4]
     meta = (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()

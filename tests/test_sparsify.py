@@ -1,7 +1,11 @@
 """2:4 sparsity end to end on tiny models (CPU): the compile pass, `ligerfx.sparsify_`, options."""
 
 import copy
+import functools
 import io
+import math
+import operator
+import warnings
 
 import pytest
 import torch
@@ -10,8 +14,12 @@ import torch.nn.functional as F
 
 import ligerfx
 from ligerfx import backend
+from torch.nn.utils import prune
+
+from ligerfx.compress import quantize as Q
+from ligerfx.compress.sparsify import NotServedSparseWarning, SparseLinear
+from ligerfx.kernels import sparse24_matmul as S24
 from ligerfx.kernels.sparse24_matmul import broken_fraction, prune_24
-from ligerfx.compress.sparsify import SparseLinear
 from tests.models import hf_model
 
 
@@ -148,23 +156,178 @@ class Small(nn.Module):
         return self.b(F.silu(self.a(x)))
 
 
-def test_in_place_change_is_rechecked():
+class _Spy:
+    """Counts the calls that serve a linear from its compressed form."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = Q.linear
+
+        def linear(*a, **k):
+            self.calls += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(Q, "linear", linear)
+
+    def take(self):
+        n, self.calls = self.calls, 0
+        return n
+
+
+def _entry(param):
+    (key,) = Q._keys[id(param)].values()
+    return Q._entries[key]
+
+
+def test_in_place_change_is_rechecked(kernel_path, monkeypatch):
     model = Small().eval()
     x = torch.randn(3, 32)
     compiled = _compile(model, sparsity="2:4")
+    spy = _Spy(monkeypatch)
+    w = model.a.weight
     with torch.no_grad():
         assert _rel(compiled(x), model(x)) < 1e-5
-        assert backend.last_report.counts == {"sparse24_linear": 1}
-        model.a.weight.mul_(3.0)  # still 2:4: re-compressed, the new values are served
-        assert _rel(compiled(x), model(x)) < 1e-5
-        model.a.weight.mul_(-1.0)  # pruned +0.0 become -0.0, which the format keeps
-        with pytest.raises(ValueError, match=r"only 0\.0% break.*w\[w == 0\] = 0\.0.*no longer is 2:4"):
+        assert backend.last_report.counts == {"sparse24_linear": 1} and spy.take() == 1
+        w.mul_(3.0)  # still 2:4: re-compressed, the new values are served
+        assert _rel(compiled(x), model(x)) < 1e-5 and spy.take() == 1
+        assert torch.equal(_entry(w).packed[0], S24.pack_24(w)[0])
+        w.mul_(-1.0)  # the pruned +0.0 become -0.0: zeros all the same, still 2:4
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _rel(compiled(x), model(x)) < 1e-5 and spy.take() == 1
+        w.add_(1.0)  # no longer 2:4: the exact dense product, with a warning
+        with pytest.warns(NotServedSparseWarning, match=r"no longer 2:4 \(weight is not 2:4 sparse: 100\.0%"):
+            assert torch.equal(compiled(x), model(x))
+        assert spy.take() == 0 and _entry(w).packed is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once per change, not per call
+            assert torch.equal(compiled(x), model(x))
+        w.copy_(prune_24(torch.randn_like(w)))  # 2:4 again: re-packed and served sparse
+        assert _rel(compiled(x), model(x)) < 1e-5 and spy.take() == 1
+        assert torch.equal(_entry(w).packed[1], S24.pack_24(w)[1])
+        w.add_(1.0)
+        with pytest.warns(NotServedSparseWarning):
             compiled(x)
-        model.a.weight[model.a.weight == 0] = 0.0  # as the message says: 2:4 again
-        assert _rel(compiled(x), model(x)) < 1e-5
-        model.a.weight.add_(1.0)  # no longer 2:4: a clear error, never a stale or wrong answer
-        with pytest.raises(ValueError, match="no longer is 2:4"):
-            compiled(x)
+
+
+@pytest.mark.parametrize("scheme", ["2:4", "2:4+int8"])
+def test_dense_fallback_keeps_the_gradient_exact(kernel_path, scheme):
+    """QLoRA-like: frozen weights, gradient of the input, through either form."""
+    model = Small().train().requires_grad_(False)
+    compiled = _compile(model, sparsity=scheme)
+    x = torch.randn(3, 32, requires_grad=True)
+    compiled(x).sum().backward()  # compiled, served sparse
+    assert backend.last_report.counts == {S24_OPS[scheme]: 1}
+    with torch.no_grad():
+        model.a.weight.add_(torch.rand_like(model.a.weight))  # dense now
+    x.grad = None
+    with pytest.warns(NotServedSparseWarning):
+        y = compiled(x)
+    y.sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = model(x_ref)
+    y_ref.sum().backward()
+    assert torch.equal(y, y_ref)
+    assert _rel(x.grad, x_ref.grad) < 1e-6
+
+
+S24_OPS = {"2:4": "sparse24_linear", "2:4+int8": "sparse24_int8_linear"}
+
+
+def test_weight_written_in_the_forward_is_left_dense(kernel_path):
+    class Writes(Small):
+        def forward(self, x):
+            self.a.weight.mul_(1.0)  # written by the graph: re-checked every call for nothing
+            return super().forward(x)
+
+    model = Writes().eval()
+    x = torch.randn(3, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _compile(model, sparsity="2:4")(x)
+        assert torch.equal(out, model(x))
+    rep = backend.last_report
+    assert not rep.counts
+    assert any("written in the graph (`mul_`" in n.reason for n in rep.near_misses), rep.near_misses
+
+
+def _pruned_model():
+    """A small model pruned to 2:4 the torch.nn.utils.prune way: weight_orig * weight_mask, which
+    leaves -0.0 wherever a negative weight was dropped."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48), nn.SiLU(),
+                          nn.Linear(48, 16, bias=False)).eval()
+    for lin in model[0], model[2], model[4]:
+        N, K = lin.weight.shape
+        mask = (torch.rand(N, K // 4, 4).argsort(-1) < 2).reshape(N, K).float()
+        prune.custom_from_mask(lin, "weight", mask)
+    return model
+
+
+def test_torch_prune_weights_are_served_sparse(kernel_path):
+    model = _pruned_model()
+    x = torch.randn(5, 32)
+    # Reparametrized (weight computed by a forward pre-hook): left alone, with a hint.
+    with torch.no_grad():
+        out = _compile(model, sparsity="2:4")(x)
+        assert torch.equal(out, model(x))
+    misses = [n.reason for n in backend.last_report.near_misses]
+    assert sorted(m.split(" from ")[1].split(",")[0] for m in misses) == [f"{i}.weight_orig" for i in (0, 2, 4)]
+    assert all("prune.remove(module, 'weight')" in m for m in misses), misses
+    for lin in model[0], model[2], model[4]:
+        prune.remove(lin, "weight")
+    assert all(torch.signbit(m.weight[m.weight == 0]).any() for m in (model[0], model[2], model[4]))
+    ref64 = copy.deepcopy(model).double()
+    for scheme in ("2:4", "2:4+int8"):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = _compile(model, sparsity=scheme)(x)
+            ref = ref64(x.double())
+        assert backend.last_report.counts == {S24_OPS[scheme]: 3}, backend.last_report.near_misses
+        if scheme == "2:4":
+            assert _rel(out, ref) < 1e-5
+        else:  # == int8 of the 2:4 weight
+            q = copy.deepcopy(model)
+            ligerfx.quantize_(q, "int8")
+            with torch.no_grad():
+                assert _rel(out, q(x)) < 1e-5 and _rel(out, ref) < 2e-2
+
+
+def test_minus_zero_weights_change_only_the_sign_of_exact_zero_outputs(kernel_path):
+    """The one difference counting -0.0 as zero makes: a dropped -0.0 weight times x is a zero
+    either way, and a zero added to a non-zero sum leaves it unchanged; only an output that is
+    exactly zero can come out with the other sign."""
+    lin = nn.Linear(32, 24, bias=False).eval()
+    mask = (torch.rand(24, 8, 4).argsort(-1) < 2).reshape(24, 32).float()
+    with torch.no_grad():
+        w = lin.weight.abs() * mask  # all kept weights positive, the pruned ones +0.0 ...
+        w[0] = -w[0] * 0.0  # ... a fully pruned output channel whose zeros are all -0.0
+        w[1:] = torch.where(mask[1:] > 0, lin.weight[1:], -lin.weight[1:].abs() * 0.0)
+        lin.weight.copy_(w)
+    x = torch.rand(6, 32) + 0.5  # positive: the products of row 0 are all -0.0
+    served = S24.unpack_24(*S24.pack_24(w))  # what the compressed form multiplies by
+    assert torch.equal(served, w) and not torch.equal(torch.signbit(served), torch.signbit(w))
+    # The arithmetic, one IEEE double sum per output in index order starting from the first
+    # product: row 0 sums to -0.0 with the -0.0 weights and to +0.0 with the +0.0 ones served.
+    def ordered_sum(xr, wr):
+        return functools.reduce(operator.add, [a * b for a, b in zip(xr.tolist(), wr.tolist())])
+
+    assert math.copysign(1, ordered_sum(x[0], w[0])) == -1.0
+    assert math.copysign(1, ordered_sum(x[0], served[0])) == 1.0
+    for r in range(6):
+        for n in range(1, 24):  # every other output: the same double, bit for bit
+            assert ordered_sum(x[r], w[n]) == ordered_sum(x[r], served[n]) != 0.0
+    # The same on the platform's matmul: equal everywhere, sign included, but at exact zeros.
+    a, b = F.linear(x, w), F.linear(x, served)
+    assert torch.equal(a, b) and (a[:, 0] == 0).all()
+    assert torch.equal(torch.signbit(a[:, 1:]), torch.signbit(b[:, 1:]))
+    # Served compiled: the exact zeros stay exact zeros, every other output as before.
+    with torch.no_grad():
+        out = _compile(lin, sparsity="2:4")(x)
+        ref = lin.double()(x.double())
+    assert backend.last_report.counts == {"sparse24_linear": 1}
+    assert torch.equal(out == 0, ref == 0) and (out[:, 0] == 0).all()
+    assert not (torch.signbit(out) != torch.signbit(ref.float()))[:, 1:].any()
+    assert _rel(out, ref) < 1e-5
 
 
 def test_sparsity_with_quantize_serves_the_rest_quantized():

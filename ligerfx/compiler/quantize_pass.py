@@ -12,10 +12,12 @@ placeholder whose `grapharg.example` is the real `nn.Parameter`), the pass
   replaces the op by `liger::frozen_quantized_weight` (cache lookup, re-quantizing a parameter
   changed in place) feeding `liger::<scheme>_linear`.
 
-With `sparsity` ("2:4" / "2:4+int8"), an eligible linear whose weight is exactly 2:4 sparse is
-served compressed (`liger::sparse24[_int8]_linear`, through the same cache); any other gets a near
-miss saying why (e.g. the fraction of groups that break the pattern) and is then quantized if
-`quantize` is set.
+With `sparsity` ("2:4" / "2:4+int8"), an eligible linear whose weight is exactly 2:4 sparse (zeros
+of either sign counting as zero) and not written by the graph itself becomes
+`liger::frozen_sparse24_linear`: served compressed through the same cache, or by the exact dense
+product (with a warning) while a weight written after compilation is not 2:4; any other gets a
+near miss saying why (e.g. the fraction of groups that break the pattern) and is then quantized
+if `quantize` is set.
 
 Linears already packed by `ligerfx.quantize_` (or `ligerfx.sparsify_`) reach the graph as
 `liger::<scheme>_linear` calls; they are counted here too (detail "quantize_").
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 
 from ligerfx.compress import quantize as Q
 from ligerfx.compress import sparsify as SP
+from ligerfx.graph.mutation import Memory, describe
 from ligerfx.graph.nodes import node_value
 from ligerfx.graph.source import clean_module_path, locate
 
@@ -106,6 +109,7 @@ def run_quantize(gm: fx.GraphModule, options) -> Report:
 
     grad_on = torch.is_grad_enabled()
     changed = False
+    memory = Memory(graph) if sparsity is not None else None
     for n in nodes:
         if n.op != "call_function" or n.target not in _LINEAR:
             continue
@@ -117,7 +121,7 @@ def run_quantize(gm: fx.GraphModule, options) -> Report:
             report.near_misses.append(NearMiss(op_name, loc, reason, position=position[n]))
 
         if info is None:
-            miss("the weight is not a module parameter (computed in the graph)")
+            miss("the weight is not a module parameter (computed in the graph" + _computed_from(w) + ")")
             continue
         path, param = info
         module = path.rsplit(".", 1)[0]
@@ -137,10 +141,10 @@ def run_quantize(gm: fx.GraphModule, options) -> Report:
         sdt = xv.dtype if isinstance(xv, torch.Tensor) and xv.dtype in _FLOATS else param.dtype
         if sparsity is not None:
             sparse_op = Q.OP_NAMES[sparsity]
-            reason = SP.frozen_reason(param)
+            reason = _written(memory, w) or SP.frozen_reason(param)
             if reason is None:
                 key = Q.frozen_weight(param, sparsity, 0, sdt)
-                _replace_linear(graph, n, x, w, b, key, sparsity, 0, sdt)
+                _replace_sparse_linear(graph, n, x, w, b, key, sparsity, sdt)
                 stored, dense = SP.bytes_stored(sparsity, param, sdt)
                 sparse_stored[0] += stored
                 sparse_stored[1] += dense
@@ -181,11 +185,49 @@ def _replace_linear(graph: fx.Graph, n: fx.Node, x, w, b, key: int, scheme: str,
                                      (w, key, scheme, gs, sdt))
         parts = [graph.call_function(operator.getitem, (packed, i)) for i in range(parts_n)]
         new = graph.call_function(op, (x, *parts, b))
+    _move_meta(n, new)
+
+
+def _move_meta(n: fx.Node, new: fx.Node) -> None:
+    """Give `new` the source facts of the linear `n` and put it in its place."""
     for k in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if k in n.meta:
             new.meta[k] = n.meta[k]
     n.replace_all_uses_with(new)
-    graph.erase_node(n)
+    n.graph.erase_node(n)
+
+
+def _replace_sparse_linear(graph: fx.Graph, n: fx.Node, x, w, b, key: int, scheme: str, sdt) -> None:
+    with graph.inserting_before(n):
+        new = graph.call_function(torch.ops.liger.frozen_sparse24_linear.default,
+                                  (x, w, key, scheme, sdt, b))
+    _move_meta(n, new)
+
+
+def _written(memory: Memory, w: fx.Node) -> str | None:
+    """A near-miss reason when the graph itself writes the weight's memory (e.g. `mul_` in the
+    forward): it would be re-checked and re-packed on every call, for nothing."""
+    hit = memory.first_write([w], -1, len(memory.pos))
+    if hit is None:
+        return None
+    return f"the weight is written in the graph ({describe(*hit)}); left to the dense product"
+
+
+def _computed_from(w) -> str:
+    """`from <parameter>` and a hint, when a computed weight is derived from a module parameter
+    (a pruning mask or weight-norm reparametrization)."""
+    seen, todo = set(), [w] if isinstance(w, fx.Node) else []
+    while todo:
+        v = todo.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        info = _param_of(v)
+        if info is not None:
+            return (f" from {info[0]}, e.g. a pruning mask applied in a forward pre-hook; make the "
+                    "result a parameter, e.g. torch.nn.utils.prune.remove(module, 'weight')")
+        todo.extend(v.all_input_nodes)
+    return ""
 
 
 def _count_sparsified(n: fx.Node, totals: list) -> None:

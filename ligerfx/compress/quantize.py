@@ -63,15 +63,10 @@ def pack(weight: torch.Tensor, scheme: str, group_size: int = 128,
         return int4_matmul.pack_int4(weight, group_size, scale_dtype)
     if scheme == "fp8":
         return _fp8().pack_fp8(weight)  # fp32 scales whatever scale_dtype
-    if scheme in SPARSE_SCHEMES:
-        try:
-            if scheme == "2:4":
-                return sparse24_matmul.pack_24(weight)
-            return sparse24_matmul.pack_24_int8(weight, scale_dtype)
-        except ValueError as e:  # only reachable after an in-place change (the pass checked it)
-            raise ValueError(f"{e}. A compiled graph serves this frozen weight 2:4-compressed and it "
-                             "no longer is 2:4 (changed in place?): keep it 2:4 or recompile "
-                             "(torch._dynamo.reset())") from None
+    if scheme == "2:4":
+        return sparse24_matmul.pack_24(weight)  # ValueError if the weight is not 2:4
+    if scheme == "2:4+int8":
+        return sparse24_matmul.pack_24_int8(weight, scale_dtype)
     raise ValueError(f"unknown quantization scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
 
 
@@ -89,12 +84,13 @@ def check_fp8_device(device: torch.device) -> None:
 
 
 class _Entry:
-    __slots__ = ("param", "ptr", "version", "packed", "args")
+    __slots__ = ("param", "ptr", "version", "packed", "args", "reason")
 
     def __init__(self, param, args):
         self.param = weakref.ref(param)
         self.args = args  # (scheme, group_size, scale_dtype)
         self.ptr = self.version = self.packed = None
+        self.reason = None  # why the current weight cannot be packed (a 2:4 scheme only)
 
 
 _entries: dict[int, _Entry] = {}
@@ -113,14 +109,39 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-def _refresh(entry: _Entry, weight: torch.Tensor) -> tuple:
+def _refresh(entry: _Entry, weight: torch.Tensor) -> bool:
+    """Re-pack `weight` into `entry` if it changed since the last call; True if it did.  A weight
+    a 2:4 scheme cannot pack leaves `entry.packed` None and the reason in `entry.reason` (checked
+    again only when the weight changes again)."""
     ptr, ver = weight.data_ptr(), _version(weight)
-    if entry.packed is None or entry.ptr != ptr or entry.version != ver:
-        scheme, group_size, scale_dtype = entry.args
+    if entry.ptr == ptr and entry.version == ver and (entry.packed is not None or entry.reason):
+        return False
+    scheme, group_size, scale_dtype = entry.args
+    entry.packed = entry.reason = None
+    try:
         with torch.no_grad():
             entry.packed = pack(weight, scheme, group_size, scale_dtype)
-        entry.ptr, entry.version = ptr, ver
-    return entry.packed
+    except ValueError as e:
+        if scheme not in SPARSE_SCHEMES:
+            raise
+        entry.reason = str(e)
+    entry.ptr, entry.version = ptr, ver
+    return True
+
+
+def cached_packed(key: int, weight: torch.Tensor, scheme: str, group_size: int,
+                  scale_dtype: torch.dtype) -> tuple:
+    """(packed tensors or None, why not, whether `weight` was checked afresh by this call) for the
+    cache entry `key` of `weight`.  A weight without an entry (a graph outliving its parameters'
+    entries) is packed afresh every call."""
+    entry = _entries.get(key)
+    if entry is None:
+        entry = _Entry(weight, (scheme, group_size, scale_dtype))
+        _refresh(entry, weight)
+        return entry.packed, entry.reason, True
+    with _lock:
+        fresh = _refresh(entry, weight)
+        return entry.packed, entry.reason, fresh
 
 
 def frozen_weight(param: torch.Tensor, scheme: str, group_size: int, scale_dtype: torch.dtype) -> int:
@@ -149,8 +170,11 @@ def frozen_quantized_weight(weight: torch.Tensor, key: int, scheme: str, group_s
         with torch.no_grad():
             return [t.clone() for t in pack(weight, scheme, group_size, scale_dtype)]
     with _lock:
+        _refresh(entry, weight)
+        if entry.packed is None:
+            raise ValueError(entry.reason)
         # Fresh views of the cached tensors: no copy (decode reads each weight byte once).
-        return [t.view(t.shape) for t in _refresh(entry, weight)]
+        return [t.view(t.shape) for t in entry.packed]
 
 
 @frozen_quantized_weight.register_fake

@@ -3,17 +3,25 @@ the compile pass uses to serve already-2:4 frozen weights losslessly.
 
 Schemes (format in kernels/sparse24_matmul.py): "2:4" (kept values in the weight's dtype and
 2-bit positions), "2:4+int8" (kept values quantized like the int8 scheme, plus per-channel
-scales).  The compile pass (ligerfx/compiler/quantize_pass.py) checks every frozen linear weight exactly
-(`frozen_reason`); a 2:4 weight is compressed once and cached per parameter by the low-bit cache
-(ligerfx/compress/quantize.py), which re-checks it after in-place changes.
+scales).  Zeros of either sign count as zero (see the format's docstring for the one difference
+that makes: the sign of an output that is exactly zero).
+
+The compile pass (ligerfx/compiler/quantize_pass.py) checks every frozen linear weight exactly
+(`frozen_reason`) and replaces the linear by `liger::frozen_sparse24_linear`: the weight is
+compressed once and cached per parameter by the low-bit cache (ligerfx/compress/quantize.py),
+which re-checks it when its version counter or storage changes.  A weight written so that it is
+no longer 2:4 is served by the exact dense product (`F.linear`, what eager runs) with a warning,
+until it is 2:4 again.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import quantize as Q
 from .schemes import validate_sparsity
@@ -43,6 +51,77 @@ def frozen_reason(weight: torch.Tensor) -> Optional[str]:
     if why is None and S24.broken_fraction(weight) > 0:
         why = S24.not_24_message(weight)
     return why
+
+
+# ----------------------------------------------------------------------------- compiled graphs
+
+
+class NotServedSparseWarning(UserWarning):
+    """A frozen weight compiled as 2:4 is not 2:4 any more: its linear runs dense (exactly)."""
+
+
+def _packed(weight, key, scheme, scale_dtype, where):
+    packed, reason, fresh = Q.cached_packed(key, weight, scheme, 0, scale_dtype)
+    if packed is None and fresh and where == "forward":
+        # Once per change of the weight, not per call.
+        warnings.warn(f"a frozen [{weight.shape[0]}, {weight.shape[1]}] linear weight compiled with "
+                      f"sparsity={scheme!r} was written and is no longer 2:4 ({reason}); it is served "
+                      "by the exact dense product until it is 2:4 again", NotServedSparseWarning,
+                      stacklevel=2)
+    return packed
+
+
+@torch.library.custom_op("liger::frozen_sparse24_linear", mutates_args=())
+def frozen_sparse24_linear(x: torch.Tensor, weight: torch.Tensor, key: int, scheme: str,
+                           scale_dtype: torch.dtype, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a frozen weight the compile pass found 2:4: served from its
+    cached compressed form, or by F.linear itself while the weight is not 2:4."""
+    packed = _packed(weight, key, scheme, scale_dtype, "forward")
+    if packed is None:
+        return F.linear(x, weight, bias)
+    return Q.linear(scheme, x, packed, bias)
+
+
+@frozen_sparse24_linear.register_fake
+def _(x, weight, key, scheme, scale_dtype, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("liger::frozen_sparse24_linear_backward", mutates_args=())
+def frozen_sparse24_linear_backward(grad: torch.Tensor, weight: torch.Tensor, key: int, scheme: str,
+                                    scale_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.Tensor:
+    """dx through the weight the forward served (autograd's saved-tensor check guarantees the
+    weight is the one the forward saw, so the cache gives the same answer)."""
+    packed = _packed(weight, key, scheme, scale_dtype, "backward")
+    if packed is None:  # what F.linear's backward computes
+        g2 = grad.reshape(-1, grad.shape[-1])
+        return (g2 @ weight).to(x_dtype).reshape(*grad.shape[:-1], weight.shape[1])
+    op = torch.ops.liger.sparse24_linear_backward if scheme == "2:4" else torch.ops.liger.sparse24_int8_linear_backward
+    return op(grad, *packed, x_dtype)
+
+
+@frozen_sparse24_linear_backward.register_fake
+def _(grad, weight, key, scheme, scale_dtype, x_dtype):
+    return grad.new_empty((*grad.shape[:-1], weight.shape[1]), dtype=x_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, key, scheme, scale_dtype, _ = inputs
+    ctx.save_for_backward(weight)
+    ctx.args = (key, scheme, scale_dtype, x.dtype)
+
+
+def _backward(ctx, grad):
+    (weight,) = ctx.saved_tensors
+    dx = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.liger.frozen_sparse24_linear_backward(grad, weight, *ctx.args)
+    if ctx.needs_input_grad[-1]:
+        dbias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return dx, None, None, None, None, dbias
+
+
+frozen_sparse24_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- eager API

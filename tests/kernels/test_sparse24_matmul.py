@@ -19,7 +19,7 @@ def _random_24(N, K, dtype=torch.float32):
     keep = torch.rand(N, K // 4, 4).argsort(-1) < 2
     keep[:, ::3, :] &= torch.rand(N, (K // 4 + 2) // 3, 4) < 0.5  # sparser groups
     w = torch.where(keep, w, 0.0)
-    w[0, 0] = torch.tensor([-0.0, 0.0, 1.5, 0.0])  # -0.0 is kept like any value
+    w[0, 0] = torch.tensor([-0.0, 0.0, 1.5, 0.0])  # a -0.0 with room is stored bit for bit
     return w.reshape(N, K).to(dtype)
 
 
@@ -51,12 +51,27 @@ def test_pack_is_lossless_bit_for_bit():
 def test_not_24_is_refused_with_the_fraction():
     w = _random_24(8, 32)  # 8 groups per row, 64 groups
     w[:4, 4:8] = torch.tensor([1.0, 2.0, 3.0, 0.0])  # 4 groups with 3 entries
-    w[5, 8:12] = torch.tensor([-0.0, 1.0, 2.0, 0.0])  # -0.0 counts: a 5th
+    w[5, 8:12] = torch.tensor([-0.0, 1.0, 2.0, 0.0])  # -0.0 is a zero: still 2:4
+    w[6, 8:12] = torch.tensor([-0.0, 1.0, 2.0, -1e-30])  # a tiny value is not: a 5th
     assert S.broken_fraction(w) == pytest.approx(5 / 64)
     with pytest.raises(ValueError, match=r"7\.8% of its groups"):
         S.pack_24(w)
     with pytest.raises(ValueError, match="multiple of 8"):
         S.pack_24(torch.zeros(4, 12))
+
+
+def test_minus_zero_counts_as_zero():
+    """`w * mask` pruning leaves -0.0 where negative weights were dropped: zeros all the same.
+    A -0.0 is stored bit for bit while its group has room, else it comes back as +0.0."""
+    w = torch.tensor([[-0.0, 1.0, -0.0, 2.0, -0.0, 0.0, 3.0, 0.0, -0.0, -0.0, -0.0, -0.0,
+                       0.0, 0.0, 0.0, 0.0]]).repeat(16, 1)
+    assert S.broken_fraction(w) == 0.0
+    d = S.unpack_24(*S.pack_24(w))
+    assert torch.equal(d, w)  # the same values (== does not see the sign of a zero)
+    flipped = torch.signbit(d) != torch.signbit(w)
+    assert flipped.sum(1).tolist() == [4] * 16  # group 0's two -0.0, group 2's last two
+    assert flipped[:, 0].all() and flipped[:, 2].all() and flipped[:, 10:12].all()
+    assert (w[flipped] == 0).all() and torch.signbit(d[:, 4]).all() and torch.signbit(d[:, 8:10]).all()
 
 
 def test_prune_keeps_the_two_largest():
