@@ -14,6 +14,14 @@ fp64 inputs)::
     ce  = sum_i ce_row[i] / (number of kept rows if ce_mean else 1)
     loss = kd * kd_coef + ce * ce_coef
 
+``coefs`` may carry two convention flags after the seven coefficients (1.0 = on; absent = off),
+so the kernel computes a term the way the user's code does where logits are -inf or a softmax
+underflows: ``coefs[7]``: the pt*lt term is xlogy (0 where pt == 0: F.kl_div's ``target *
+log(target)`` with log_target=False) instead of the plain product (0 * -inf = nan);
+``coefs[8]``: lt is ``log(softmax(zt * t_scale))`` (-inf where the softmax underflows, and pt is
+that softmax) instead of ``log_softmax``.  A term whose coefficient is 0 is not computed at all
+(never 0 * nan).
+
 The seven coefficients `coefs` span every divergence of the two distributions that the pattern
 (patterns/distillation.py) proves: forward KL KL(pt||ps) = pt*lt - pt*ls, reverse KL
 ps*ls - ps*lt, the generalised JSD beta*KL(pt||m) + (1-beta)*KL(ps||m) = beta*(pt*lt - pt*mx) +
@@ -92,6 +100,10 @@ if triton is not None:
         return new_m, s
 
     @triton.jit
+    def _cm(c, x):
+        return tl.where(c == 0.0, 0.0, c * x)
+
+    @triton.jit
     def _distill_terms(a, b, lse_a, lse_b, m_b, s_b, mix_s, mix_t, c0, c1, c2, c3, c4, c5, c6,
                        HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr, XLOGY_T: tl.constexpr,
                        LOGP_T: tl.constexpr):
@@ -107,21 +119,24 @@ if triton is not None:
         ptlt = pt * lt
         if XLOGY_T:
             ptlt = tl.where(pt == 0.0, 0.0, ptlt)
-        e = c0 * ps * ls + c1 * ps * lt + c3 * pt * ls + c4 * ptlt
-        h = c0 * ps * (ls + 1.0) + c1 * ps * lt + c3 * pt
+        # a term whose coefficient is 0 is absent (as in the code and the torch twin), not
+        # 0 * (a product that is nan where a logit is -inf)
+        e = _cm(c0, ps * ls) + _cm(c1, ps * lt) + _cm(c3, pt * ls) + _cm(c4, ptlt)
+        h = _cm(c0, ps * (ls + 1.0)) + _cm(c1, ps * lt) + _cm(c3, pt)
         if HAS_MIX:
             u = ls + mix_s
             v = lt + mix_t
             mm = tl.maximum(u, v)
+            mm = tl.where(mm == float("-inf"), 0.0, mm)  # logaddexp(-inf, -inf) = -inf
             mx = mm + tl.log(tl.exp(u - mm) + tl.exp(v - mm))
             r = tl.exp(u - mx)
-            e += c2 * ps * mx + c5 * pt * mx
-            h += c2 * ps * (mx + r) + c5 * pt * r
+            e += _cm(c2, ps * mx) + _cm(c5, pt * mx)
+            h += _cm(c2, ps * (mx + r)) + _cm(c5, pt * r)
         if HAS_TV:
             d = ps - pt
-            e += c6 * tl.abs(d)
+            e += _cm(c6, tl.abs(d))
             sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-            h += c6 * sgn * ps
+            h += _cm(c6, sgn * ps)
         return e, h, ps
 
     @triton.jit

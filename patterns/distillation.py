@@ -18,6 +18,14 @@ a gradient) and read the code below it as algebra, so every spelling of the same
   and an added `alpha * F.cross_entropy(student logits, labels)` reduce it to the scalar the op
   returns.  Scalar steps the algebra does not know stay in the graph (they read the op's loss).
 
+Each node is modelled exactly or refused with a reason: every tensor operand of an elementwise
+op has exactly the result's shape (symbol by symbol: no broadcasting), `exp` reads only a log-
+probability with coefficient 1 as a probability, a factor inside `abs` is kept, and the IEEE
+conventions are tracked per term (kl_div's xlogy, `log(softmax(z))` that is -inf where the
+softmax underflows) and passed to the kernel as flags, or refused where the kernel has none (the
+student's `log(softmax)`, kl_div with the student as target).  Means over zero or symbolic sizes
+are refused (the kernel takes numbers).
+
 When the student logits come from a linear that nothing else reads, the lm head is fused too
 (`liger::fused_linear_distillation`: chunked, no [N, V] tensor kept); a teacher that is a linear
 in the same graph (under no_grad) is fused into the same pass.  Otherwise the loss on the logits

@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import ligerfx.backend
 from tests.differential.oracle import collect_reports, compare
 
 N, H, V = 6, 16, 40
