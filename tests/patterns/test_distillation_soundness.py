@@ -324,3 +324,31 @@ def test_scale_written_two_ways(kernel_path):
         return (ps * (ls - lt)).sum(-1).mean()
 
     oracle(fn, expect="loss")
+
+
+@pytest.mark.parametrize("form", ["sum_T3", "cast_after_scale_view"])
+def test_bf16_student_cast_more(kernel_path, form):
+    def fn(s, t, y):
+        if form == "sum_T3":
+            return F.kl_div(_ls(s.float() / 3), _p(t.float() / 3), reduction="sum") * 9 / 5
+        sf = s.view(2, N // 2, V).float()
+        return (0.3 * F.kl_div(_ls(sf), _p(t.view(2, N // 2, V).float()), reduction="none")
+                .sum(-1)).mean()
+
+    oracle(fn, expect=None, head=True, dtype=torch.bfloat16)
+
+
+def test_student_logits_also_returned(kernel_path):
+    def fn(s, t, y):
+        loss = F.kl_div(_ls(s), _p(t), reduction="batchmean")
+        return loss + 0 * s.sum()
+
+    oracle(fn, expect=None, head=True)
+
+
+def test_batchmean_over_a_symbolic_batch_is_refused(kernel_path):
+    # the coefficient 1 / N would be baked in for the first batch size
+    def fn(s, t, y):
+        return F.kl_div(_ls(s), _p(t), reduction="batchmean")
+
+    oracle(fn, expect="symbolic", dynamic=True)
