@@ -51,6 +51,7 @@ from ligerfx.compiler.passes import Skip
 from ligerfx.compiler.pattern import register
 from ligerfx.graph.precision import short
 from ligerfx.graph.symbolic import known_equal
+from . import _distill_proof as proof
 from .cross_entropy import _cast_problem, _linear, _parse_scale, _step
 
 # Basis of the kernel's elementwise terms, in its coefficient order (kernels/distillation.py).
@@ -773,6 +774,11 @@ def _check(match, fused: bool):
     mix = t.mix or (0.0, 0.0)
     if not all(math.isfinite(c) for c in coefs + list(mix)):
         return "a divergence coefficient is not finite"
+    # the independent check: the matched code, read symbolically, equals the kernel's formula
+    why = proof.check(root, alg.leaves, coefs[:7], mix, t.ce[0] if ce else 0.0, _const,
+                      ce["node"] if ce else None, t.mask)
+    if why:
+        return why
     match.params.update(
         coefs=coefs, scales=[scale_s[0], scale_t[0], ce["scale"] if ce else 1.0, *mix],
         kd_denom=0.0 if t.denom == "count" else 1.0, ce_coef=t.ce[0] if ce else 0.0,

@@ -352,3 +352,56 @@ def test_batchmean_over_a_symbolic_batch_is_refused(kernel_path):
         return F.kl_div(_ls(s), _p(t), reduction="batchmean")
 
     oracle(fn, expect="symbolic", dynamic=True)
+
+
+# -- the independent symbolic check ----------------------------------------------------------------
+
+def _traced(fn, *args):
+    gm = torch.fx.symbolic_trace(fn)
+    env = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], args))
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = env[n] if n in env else super().run_node(n)
+            n.meta["example_value"] = out
+            return out
+
+    Record(gm).run(*args)
+    return gm.graph
+
+
+@pytest.mark.parametrize("c6,ok", [(0.5 / N, True), (1.0 / N, False), (0.5, False)])
+def test_symbolic_check_catches_a_dropped_factor(c6, ok):
+    from ligerfx.patterns import _distill_proof as proof
+    from ligerfx.patterns.distillation import _const
+
+    def fn(s, t):
+        return torch.abs((F.softmax(s, -1) - F.softmax(t, -1)) * 0.5).sum(-1).mean()
+
+    g = _traced(fn, torch.randn(N, V), torch.randn(N, V))
+    sm = [n for n in g.nodes if n.target is F.softmax]
+    leaves = {sm[0]: ("p", "s"), sm[1]: ("p", "t")}
+    root = [n for n in g.nodes if n.op == "output"][0].args[0]
+    why = proof.check(root, leaves, [0.0] * 6 + [c6], (0.0, 0.0), 0.0, _const, None, None)
+    assert (why is None) == ok, why
+
+
+def test_symbolic_check_mixture_and_kl_div():
+    from ligerfx.patterns import _distill_proof as proof
+    from ligerfx.patterns.distillation import _const
+
+    def fn(s, t):
+        ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+        m = torch.logsumexp(torch.stack([ls + math.log(0.7), lt + math.log(0.3)]), 0)
+        return (0.3 * F.kl_div(m, lt, reduction="none", log_target=True)
+                + 0.7 * F.kl_div(m, F.softmax(s, -1), reduction="none")).sum(-1).sum()
+
+    g = _traced(fn, torch.randn(N, V), torch.randn(N, V))
+    leaves = {n: ("l" if n.target is F.log_softmax else "p", "s" if i != 1 else "t")
+              for i, n in enumerate(n for n in g.nodes if n.target in (F.log_softmax, F.softmax))}
+    root = [n for n in g.nodes if n.op == "output"][0].args[0]
+    mix = (math.log(0.7), math.log(0.3))
+    good = [0.7, 0.0, -0.7, 0.0, 0.3, -0.3, 0.0]
+    assert proof.check(root, leaves, good, mix, 0.0, _const, None, None) is None
+    bad = [0.7, 0.0, -0.7, 0.0, 0.3, -0.2, 0.0]
+    assert "differ" in proof.check(root, leaves, bad, mix, 0.0, _const, None, None)
