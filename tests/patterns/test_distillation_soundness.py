@@ -405,3 +405,20 @@ def test_symbolic_check_mixture_and_kl_div():
     assert proof.check(root, leaves, good, mix, 0.0, _const, None, None) is None
     bad = [0.7, 0.0, -0.7, 0.0, 0.3, -0.2, 0.0]
     assert "differ" in proof.check(root, leaves, bad, mix, 0.0, _const, None, None)
+
+
+@pytest.mark.parametrize("form", ["kl_div", "log_softmax_of_teacher"])
+def test_conventions_over_several_blocks_and_chunks(kernel_path, monkeypatch, form):
+    from ligerfx.kernels import distillation as dk
+
+    monkeypatch.setattr(dk, "DISTILL_BLOCK_V", 16)
+    monkeypatch.setattr(dk, "DISTILL_CHUNK_ROWS", 4)
+
+    def fn(s, t, y):
+        if form == "kl_div":
+            return F.kl_div(_ls(s), _p(t), reduction="batchmean")
+        pt = _p(t)
+        return (pt * (torch.log(pt) - _ls(s))).sum(-1).sum()
+
+    oracle(fn, expect="loss", mask_t=MASK if form == "kl_div" else None,
+           t_scale=2.0 if form == "kl_div" else 60.0)
