@@ -43,6 +43,13 @@ def kernel_expr(coefs, mix, ce_coef) -> sympy.Expr:
         _q(ce_coef) * CE
 
 
+def _prod(xs):
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
 def _is(n, *targets):
     return n.op in ("call_function", "call_method") and n.target in targets
 
@@ -117,8 +124,14 @@ class _Reader:
         if _is(n, torch.sum, "sum", torch.mean, "mean"):
             e = self.val(a[0])
             if _is(n, torch.mean, "mean"):
-                vin, vout = node_value(a[0]), node_value(n)
-                e = e * sympy.Rational(vout.numel(), vin.numel())
+                vin = node_value(a[0])
+                dim = _arg(n, 1, "dim")
+                dims = range(vin.dim()) if dim is None else \
+                    [dim] if isinstance(dim, int) else list(dim)
+                sizes = [vin.shape[d] for d in dims]
+                if not all(isinstance(k, int) for k in sizes):
+                    raise Unproved(f"a mean over a symbolic size at `{n.name}`")
+                e = e / sympy.Integer(max(1, _prod(sizes))) if _prod(sizes) else e * sympy.nan
             return e
         if _is(n, "view", "reshape", "flatten", torch.reshape, torch.flatten, "float", "to") or \
                 _is(n, *CAST_METHODS):
@@ -145,6 +158,8 @@ def check(root, leaves, coefs, mix, ce_coef, const, ce_node, mask) -> str | None
                                                                              ce_coef)))
     except Unproved as e:
         return f"the symbolic check cannot read {e.args[0]}"
+    except Exception as e:  # noqa: BLE001 - a node this reading does not know: refuse, not crash
+        return f"the symbolic check failed ({type(e).__name__}: {str(e)[:100]})"
     if diff == 0:
         return None
     scale = max([abs(float(c)) for c in list(coefs) + [ce_coef] if c] or [1.0])

@@ -422,3 +422,11 @@ def test_conventions_over_several_blocks_and_chunks(kernel_path, monkeypatch, fo
 
     oracle(fn, expect="loss", mask_t=MASK if form == "kl_div" else None,
            t_scale=2.0 if form == "kl_div" else 60.0)
+
+
+def test_per_class_mean_under_dynamic_shapes(kernel_path):
+    def fn(s, t, y):
+        ls, lt = _ls(s), _ls(t)
+        return (lt.exp() * (lt - ls)).mean(-1).sum()
+
+    oracle(fn, expect=None, dynamic=True)
