@@ -14,6 +14,14 @@ fp64 inputs)::
     ce  = sum_i ce_row[i] / (number of kept rows if ce_mean else 1)
     loss = kd * kd_coef + ce * ce_coef
 
+``coefs`` may carry two convention flags after the seven coefficients (1.0 = on; absent = off),
+so the kernel computes a term the way the user's code does where logits are -inf or a softmax
+underflows: ``coefs[7]``: the pt*lt term is xlogy (0 where pt == 0: F.kl_div's ``target *
+log(target)`` with log_target=False) instead of the plain product (0 * -inf = nan);
+``coefs[8]``: lt is ``log(softmax(zt * t_scale))`` (-inf where the softmax underflows, and pt is
+that softmax) instead of ``log_softmax``.  A term whose coefficient is 0 is not computed at all
+(never 0 * nan).
+
 The seven coefficients `coefs` span every divergence of the two distributions that the pattern
 (patterns/distillation.py) proves: forward KL KL(pt||ps) = pt*lt - pt*ls, reverse KL
 ps*ls - ps*lt, the generalised JSD beta*KL(pt||m) + (1-beta)*KL(ps||m) = beta*(pt*lt - pt*mx) +
@@ -92,27 +100,43 @@ if triton is not None:
         return new_m, s
 
     @triton.jit
-    def _distill_terms(a, b, lse_a, lse_b, mix_s, mix_t, c0, c1, c2, c3, c4, c5, c6,
-                       HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr):
+    def _cm(c, x):
+        return tl.where(c == 0.0, 0.0, c * x)
+
+    @triton.jit
+    def _distill_terms(a, b, lse_a, lse_b, m_b, s_b, mix_s, mix_t, c0, c1, c2, c3, c4, c5, c6,
+                       HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr, XLOGY_T: tl.constexpr,
+                       LOGP_T: tl.constexpr):
         ls = a - lse_a
-        lt = b - lse_b
         ps = tl.exp(ls)
-        pt = tl.exp(lt)
-        e = c0 * ps * ls + c1 * ps * lt + c3 * pt * ls + c4 * pt * lt
-        h = c0 * ps * (ls + 1.0) + c1 * ps * lt + c3 * pt
+        if LOGP_T:
+            # the code's log(softmax(zt)): -inf where the softmax underflows
+            pt = tl.exp(b - m_b) / s_b
+            lt = tl.log(pt)
+        else:
+            lt = b - lse_b
+            pt = tl.exp(lt)
+        ptlt = pt * lt
+        if XLOGY_T:
+            ptlt = tl.where(pt == 0.0, 0.0, ptlt)
+        # a term whose coefficient is 0 is absent (as in the code and the torch twin), not
+        # 0 * (a product that is nan where a logit is -inf)
+        e = _cm(c0, ps * ls) + _cm(c1, ps * lt) + _cm(c3, pt * ls) + _cm(c4, ptlt)
+        h = _cm(c0, ps * (ls + 1.0)) + _cm(c1, ps * lt) + _cm(c3, pt)
         if HAS_MIX:
             u = ls + mix_s
             v = lt + mix_t
             mm = tl.maximum(u, v)
+            mm = tl.where(mm == float("-inf"), 0.0, mm)  # logaddexp(-inf, -inf) = -inf
             mx = mm + tl.log(tl.exp(u - mm) + tl.exp(v - mm))
             r = tl.exp(u - mx)
-            e += c2 * ps * mx + c5 * pt * mx
-            h += c2 * ps * (mx + r) + c5 * pt * r
+            e += _cm(c2, ps * mx) + _cm(c5, pt * mx)
+            h += _cm(c2, ps * (mx + r)) + _cm(c5, pt * r)
         if HAS_TV:
             d = ps - pt
-            e += c6 * tl.abs(d)
+            e += _cm(c6, tl.abs(d))
             sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-            h += c6 * sgn * ps
+            h += _cm(c6, sgn * ps)
         return e, h, ps
 
     @triton.jit
@@ -120,7 +144,8 @@ if triton is not None:
         zs_ptr, stride_zs, zt_ptr, stride_zt, g_ptr, stride_g, y_ptr, kdw_ptr, cew_ptr,
         kd_rows_ptr, ce_rows_ptr, V, ignore_index,
         s_scale, t_scale, ce_scale, mix_s, mix_t, c0, c1, c2, c3, c4, c5, c6,
-        HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr, HAS_CE: tl.constexpr,
+        HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr, XLOGY_T: tl.constexpr, LOGP_T: tl.constexpr,
+        HAS_CE: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -154,8 +179,8 @@ if triton is not None:
             msk = cols < V
             a = tl.load(zs_row + cols, mask=msk, other=0.0).to(tl.float32) * s_scale
             b = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32) * t_scale
-            e, h, ps = _distill_terms(a, b, lse_a, lse_b, mix_s, mix_t, c0, c1, c2, c3, c4, c5,
-                                      c6, HAS_MIX, HAS_TV)
+            e, h, ps = _distill_terms(a, b, lse_a, lse_b, m_b, s_b, mix_s, mix_t, c0, c1, c2, c3,
+                                      c4, c5, c6, HAS_MIX, HAS_TV, XLOGY_T, LOGP_T)
             acc_e += tl.where(msk, e, 0.0)
             acc_h += tl.where(msk, h, 0.0)
         tl.store(kd_rows_ptr + row, tl.sum(acc_e, 0))
@@ -182,8 +207,9 @@ if triton is not None:
                 msk = cols < V
                 z = tl.load(zs_row + cols, mask=msk, other=0.0).to(tl.float32)
                 b = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32) * t_scale
-                e, h, ps = _distill_terms(z * s_scale, b, lse_a, lse_b, mix_s, mix_t, c0, c1,
-                                          c2, c3, c4, c5, c6, HAS_MIX, HAS_TV)
+                e, h, ps = _distill_terms(z * s_scale, b, lse_a, lse_b, m_b, s_b, mix_s, mix_t,
+                                          c0, c1, c2, c3, c4, c5, c6, HAS_MIX, HAS_TV, XLOGY_T,
+                                          LOGP_T)
                 g = (s_scale * kdw) * (h - ps * sum_h)
                 if HAS_CE:
                     sm = tl.exp(z * ce_scale - lse_c)
@@ -207,8 +233,9 @@ def _launch_rows(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
         zs, zs.stride(0), zt, zt.stride(0), g if g is not None else zs,
         g.stride(0) if g is not None else 0, y if y is not None else dummy, kd_w,
         ce_w if ce_w is not None else dummy, kd_rows, ce_rows, V, P["ignore_index"],
-        *(float(x) for x in P["scales"]), *(float(x) for x in c),
-        HAS_MIX=bool(c[2] or c[5]), HAS_TV=bool(c[6]), HAS_CE=P["has_ce"],
+        *(float(x) for x in P["scales"]), *(float(x) for x in c[:N_COEFS]),
+        HAS_MIX=bool(c[2] or c[5]), HAS_TV=bool(c[6]), XLOGY_T=bool(c[7]), LOGP_T=bool(c[8]),
+        HAS_CE=P["has_ce"],
         COMPUTE_GRAD=g is not None, BLOCK_V=block, num_warps=warps,
     )
 
@@ -222,8 +249,13 @@ def _rows_torch(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
     c = P["coefs"]
     zf = zs.to(ct)
     ls = torch.log_softmax(zf * s_scale, -1)
-    lt = torch.log_softmax(zt.to(ct) * t_scale, -1)
-    ps, pt = ls.exp(), lt.exp()
+    ps = ls.exp()
+    if c[8]:  # the code's log(softmax(zt)): -inf where the softmax underflows
+        pt = torch.softmax(zt.to(ct) * t_scale, -1)
+        lt = pt.log()
+    else:
+        lt = torch.log_softmax(zt.to(ct) * t_scale, -1)
+        pt = lt.exp()
     want = g is not None
     e = torch.zeros(zs.shape[0], dtype=ct, device=zs.device)
     h = torch.zeros_like(ls) if want else None
@@ -237,7 +269,9 @@ def _rows_torch(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
     add(c[0], ps, ls, lambda: ps * (ls + 1.0))
     add(c[1], ps, lt, lambda: ps * lt)
     add(c[3], pt, ls, lambda: pt)
-    add(c[4], pt, lt, None)  # teacher-only: no gradient
+    if c[4]:  # teacher-only: no gradient; xlogy (kl_div's convention): 0 where pt is 0
+        ptlt = pt * lt
+        e.add_((torch.where(pt == 0, 0.0, ptlt) if c[7] else ptlt).sum(-1), alpha=c[4])
     if c[2] or c[5]:
         mx = torch.logaddexp(ls + mix_s, lt + mix_t)
         r = (ls + mix_s - mx).exp_() if want else None
@@ -292,7 +326,8 @@ def _chunk(N: int, V: int, device, elem: int, chunk_size: int) -> int:
 def _params(coefs, scales, ignore_index, has_ce):
     coefs = [float(x) for x in coefs]
     scales = [float(x) for x in scales]
-    assert len(coefs) == N_COEFS and len(scales) == 5, (coefs, scales)
+    assert len(coefs) in (N_COEFS, N_COEFS + 2) and len(scales) == 5, (coefs, scales)
+    coefs += [0.0] * (N_COEFS + 2 - len(coefs))  # the two convention flags default off
     return dict(coefs=coefs, scales=scales, ignore_index=int(ignore_index), has_ce=has_ce)
 
 
@@ -308,9 +343,10 @@ def _row_weights(N, kd_mask, labels, kd_coef, kd_denom, ce_coef, ignore_index, c
     kd_part = m, kd_den
     ce_w, ce_den = None, one
     if labels is not None:
-        valid = (labels.reshape(-1) != ignore_index).to(ct)
-        ce_den = valid.sum() if ce_mean else one
-        ce_w = valid * (ce_coef / ce_den)
+        valid = labels.reshape(-1) != ignore_index
+        ce_den = valid.to(ct).sum() if ce_mean else one
+        # every label ignored: eager's mean is 0 / 0 = nan, its gradient 0 (not 0 * inf)
+        ce_w = torch.where(valid, ce_coef / ce_den, 0.0)
     return kd_w, ce_w, kd_part, ce_den
 
 

@@ -18,6 +18,14 @@ a gradient) and read the code below it as algebra, so every spelling of the same
   and an added `alpha * F.cross_entropy(student logits, labels)` reduce it to the scalar the op
   returns.  Scalar steps the algebra does not know stay in the graph (they read the op's loss).
 
+Each node is modelled exactly or refused with a reason: every tensor operand of an elementwise
+op has exactly the result's shape (symbol by symbol: no broadcasting), `exp` reads only a log-
+probability with coefficient 1 as a probability, a factor inside `abs` is kept, and the IEEE
+conventions are tracked per term (kl_div's xlogy, `log(softmax(z))` that is -inf where the
+softmax underflows) and passed to the kernel as flags, or refused where the kernel has none (the
+student's `log(softmax)`, kl_div with the student as target).  Means over zero or symbolic sizes
+are refused (the kernel takes numbers).
+
 When the student logits come from a linear that nothing else reads, the lm head is fused too
 (`liger::fused_linear_distillation`: chunked, no [N, V] tensor kept); a teacher that is a linear
 in the same graph (under no_grad) is fused into the same pass.  Otherwise the loss on the logits
@@ -43,6 +51,7 @@ from ligerfx.compiler.passes import Skip
 from ligerfx.compiler.pattern import register
 from ligerfx.graph.precision import short
 from ligerfx.graph.symbolic import known_equal
+from . import _distill_proof as proof
 from .cross_entropy import _cast_problem, _linear, _parse_scale, _step
 
 # Basis of the kernel's elementwise terms, in its coefficient order (kernels/distillation.py).
@@ -121,6 +130,12 @@ class _T:
     denom: object = None  # None, "count" (of mask), checked at the op
     ce: tuple | None = None  # (coef, cross_entropy node)
     nodes: list = field(default_factory=list)  # fx nodes this value covers
+    # IEEE conventions: the sides whose log-probability is written log(softmax(z)) ("logp", -inf
+    # where the softmax underflows) or log_softmax(z) ("lsm"); the basis terms computed as
+    # xlogy (0 where p == 0, kl_div's target * log target) rather than a plain product.
+    logp: frozenset = frozenset()
+    lsm: frozenset = frozenset()
+    xlogy: frozenset = frozenset()
 
 
 def _merge_mix(a, b):
@@ -133,7 +148,17 @@ def _scale(t: _T, c: float) -> _T:
     if t.level in ("p", "stack"):
         raise _No()
     ce = (t.ce[0] * c, t.ce[1]) if t.ce else None
+    if t.level == "pd":  # the sign of ps - pt carries the factor (|c (ps - pt)| = |c| tv)
+        return replace(t, coefs={"sign": t.coefs["sign"] * c})
     return replace(t, coefs={k: v * c for k, v in t.coefs.items()}, offset=t.offset * c, ce=ce)
+
+
+def _conv(a: _T, b: _T) -> dict:
+    """The IEEE conventions of a combination of a and b (the union of both)."""
+    both = set(a.coefs) & set(b.coefs)
+    if (a.xlogy ^ b.xlogy) & both:
+        raise _No("a term is computed both as kl_div's xlogy and as a plain product")
+    return dict(logp=a.logp | b.logp, lsm=a.lsm | b.lsm, xlogy=a.xlogy | b.xlogy)
 
 
 def _add(a: _T, b: _T, sign: float) -> _T:
@@ -145,6 +170,7 @@ def _add(a: _T, b: _T, sign: float) -> _T:
         return _T("pd", {"sign": 1.0 if a.coefs["side"] == "s" else -1.0})
     if a.level in ("pd", "stack"):
         raise _No()
+    conv = _conv(a, b)
     coefs = dict(a.coefs)
     for k, v in b.coefs.items():
         coefs[k] = coefs.get(k, 0.0) + sign * v
@@ -155,17 +181,19 @@ def _add(a: _T, b: _T, sign: float) -> _T:
             raise _No("two cross-entropies")
         ce = a.ce or ((sign * b.ce[0], b.ce[1]) if b.ce else None)
         kd = a if a.coefs else b
-        return _T("scalar", coefs, mix=_merge_mix(a, b), mask=kd.mask, denom=kd.denom, ce=ce)
+        return _T("scalar", coefs, mix=_merge_mix(a, b), mask=kd.mask, denom=kd.denom, ce=ce,
+                  **conv)
     if a.level == "row" and a.mask is not b.mask:
         raise _No()
-    return _T(a.level, coefs, a.offset + sign * b.offset, _merge_mix(a, b), a.mask)
+    return _T(a.level, coefs, a.offset + sign * b.offset, _merge_mix(a, b), a.mask, **conv)
 
 
 def _product(p: _T, lg: _T) -> _T:
     if lg.offset:
         raise _No()
     side = p.coefs["side"]
-    return _T("elem", {(side, k): v for k, v in lg.coefs.items()}, mix=lg.mix)
+    return _T("elem", {(side, k): v for k, v in lg.coefs.items()}, mix=lg.mix, logp=lg.logp,
+              lsm=lg.lsm)
 
 
 _DIV = (operator.truediv, torch.div, torch.true_divide, "div", "true_divide")
@@ -215,7 +243,7 @@ class _Algebra:
             if n in self.leaves:
                 kind, side = self.leaves[n]
                 self.terms[n] = _T(kind, {"side": side} if kind == "p" else {side: 1.0},
-                                   nodes=[n])
+                                   nodes=[n], lsm=frozenset(side) if kind == "l" else frozenset())
                 continue
             if n.op not in ("call_function", "call_method") or not any(
                     isinstance(a, fx.Node) and a in self.terms for a in _flat(n.args)) and not (
@@ -252,10 +280,22 @@ class _Algebra:
                 side = y.coefs["side"]
             else:
                 raise _No("kl_div's target is not a softmax")
+            _same_shapes(n, [b["input"], b["target"]], out=False)
+            if side == "s" and not b["log_target"]:
+                raise _No("kl_div with the student's probabilities as its target (xlogy: "
+                          "eager's gradient is nan where they underflow to 0)")
             coefs = {(side, side): 1.0}
             for k, v in x.coefs.items():
                 coefs[(side, k)] = coefs.get((side, k), 0.0) - v
-            t = _T("elem", coefs, mix=x.mix)
+            # log_target=False: target * log(target) is xlogy (0 where the target is 0; where
+            # it is not, log(softmax) and log_softmax agree to rounding); log_target=True is
+            # exp(target) * (target - input), a plain product
+            conv = dict(logp=x.logp | y.logp, lsm=x.lsm | y.lsm,
+                        xlogy=frozenset() if b["log_target"] else frozenset([(side, side)]))
+            if not b["log_target"]:
+                if (side, side) in x.coefs:
+                    raise _No("kl_div's input reads the target's own log-probability")
+            t = _T("elem", coefs, mix=x.mix, **conv)
             red = b["reduction"]
             if b["size_average"] is not None or b["reduce"] is not None:
                 raise _No("kl_div with the legacy size_average/reduce arguments")
@@ -268,6 +308,7 @@ class _Algebra:
                 return self._reduce_all(t, v.numel())
             if red == "batchmean":
                 return self._reduce_all(t, v.shape[0] if v.dim() else 1)
+
             raise _No(f"kl_div reduction {red!r}")
         if _is(n, (F.cross_entropy,)):
             return self._ce(n)
@@ -275,6 +316,7 @@ class _Algebra:
             x, y = a[0], a[1]
             tx, ty = self.term(x), self.term(y)
             if tx is not None and ty is not None:
+                _same_shapes(n, [x, y])
                 if tx.level == "p" and ty.level == "l":
                     return _product(tx, ty)
                 if ty.level == "p" and tx.level == "l":
@@ -287,8 +329,11 @@ class _Algebra:
                 return _scale(t, _float(c))
             if t.level == "row":
                 return self._masked(t, other, n)
-            if isinstance(other, fx.Node) and _val(other).dim() == 0 and t.level != "l":
-                raise _No(f"the divergence is scaled by a tensor `{other.name}`")
+            ov = _val(other)
+            if isinstance(other, fx.Node) and t.level != "l" and (
+                    not isinstance(ov, torch.Tensor) or ov.dim() == 0):
+                raise _No(f"the divergence is scaled by `{other.name}` (a tensor or a symbolic "
+                          "number, not a constant)")
             raise _No()
         if _is(n, _DIV):
             t = self.term(a[0])
@@ -309,6 +354,7 @@ class _Algebra:
                 raise _No()
             tx, ty = self.term(a[0]), self.term(a[1])
             if tx is not None and ty is not None:
+                _same_shapes(n, [a[0], a[1]])
                 return _add(tx, ty, sign)
             t, other = (tx, a[1]) if tx is not None else (ty, a[0])
             c = _const(other)
@@ -325,35 +371,53 @@ class _Algebra:
             t = self.term(a[0])
             if t.level != "pd":
                 raise _No()
-            return _T("elem", {"tv": 1.0})
+            # |c (ps - pt)| = |c| |ps - pt|: the factor inside is kept
+            return _T("elem", {"tv": abs(t.coefs["sign"])})
         if _is(n, (torch.log, "log")):
             t = self.term(a[0])
             if t.level == "p":
-                return _T("l", {t.coefs["side"]: 1.0})
+                # log(softmax(z)): -inf where the softmax underflows, unlike log_softmax(z)
+                side = t.coefs["side"]
+                return _T("l", {side: 1.0}, logp=frozenset(side))
             raise _No()
         if _is(n, (torch.exp, "exp")):
             t = self.term(a[0])
             if t.level == "l" and not t.offset and len(t.coefs) == 1 and "m" not in t.coefs:
-                return _T("p", {"side": next(iter(t.coefs))})
+                (side, c), = t.coefs.items()
+                if c != 1.0:
+                    raise _No(f"exp of {c:g} times a log-probability is not a probability")
+                return _T("p", {"side": side})
+            if t.level == "l":
+                raise _No("exp of a log-linear value that is not one log-probability")
             raise _No()
         if _is(n, (torch.stack,)):
             items = a[0] if a else n.kwargs.get("tensors")
             dim = a[1] if len(a) > 1 else n.kwargs.get("dim", 0)
             ts = [self.term(x) for x in items]
+            nd = _val(n).dim()
+            if not isinstance(dim, int) or not -nd <= dim < nd:
+                raise _No()
+            dim %= nd
+            _same_shapes(n, list(items), out=False)
             if dim != 0 or len(ts) != 2 or any(t is None or t.level != "l" or len(t.coefs) != 1
                                                or "m" in t.coefs for t in ts):
                 raise _No()
             by = {next(iter(t.coefs)): t for t in ts}
             if set(by) != {"s", "t"} or any(t.coefs[k] != 1.0 for k, t in by.items()):
                 raise _No()
-            return _T("stack", mix=(by["s"].offset, by["t"].offset))
+            return _T("stack", mix=(by["s"].offset, by["t"].offset),
+                      **_conv(by["s"], by["t"]))
         if _is(n, (torch.logsumexp, "logsumexp")):
             t = self.term(a[0])
             dim = a[1] if len(a) > 1 else n.kwargs.get("dim")
             keep = a[2] if len(a) > 2 else n.kwargs.get("keepdim", False)
-            if t.level != "stack" or dim not in (0, (0,), [0]) or keep:
+            if isinstance(dim, (tuple, list)) and len(dim) == 1:
+                dim = dim[0]
+            nd = _val(a[0]).dim()
+            if t.level != "stack" or not isinstance(dim, int) or not -nd <= dim < nd or \
+                    dim % nd != 0 or keep:
                 raise _No()
-            return _T("l", {"m": 1.0}, mix=t.mix)
+            return _T("l", {"m": 1.0}, mix=t.mix, logp=t.logp, lsm=t.lsm)
         if _is(n, (torch.sum, "sum", torch.mean, "mean")):
             return self._sum(n)
         if _is(n, ("view", "reshape", "flatten", torch.reshape, torch.flatten)):
@@ -380,10 +444,15 @@ class _Algebra:
 
     def _reduce_all(self, t: _T, div):
         if t.level == "elem":
-            t = _T("row", t.coefs, mix=t.mix)
+            t = replace(t, level="row")
         if t.level != "row":
             raise _No()
-        out = _T("scalar", t.coefs, mix=t.mix, mask=t.mask)
+        out = _T("scalar", t.coefs, mix=t.mix, mask=t.mask, logp=t.logp, lsm=t.lsm,
+                 xlogy=t.xlogy)
+        if not isinstance(div, int):
+            raise _No(f"the mean divides by a symbolic size ({div}); the kernel takes a number")
+        if div == 0:
+            raise _No("the mean is over zero elements (eager gives nan)")
         return _scale(out, 1.0 / div) if div != 1 else out
 
     def _sum(self, n):
@@ -403,11 +472,14 @@ class _Algebra:
             return self._reduce_all(t, vin.numel() if mean else 1)
         if not isinstance(dim, int) or t.level != "elem" or dim % vin.dim() != vin.dim() - 1:
             raise _No("the divergence is summed over a dim other than the classes")
-        if mean:
-            return _scale(_T("row", t.coefs, mix=t.mix), 1.0 / vin.shape[-1])
+        row = _T("row", t.coefs, mix=t.mix, logp=t.logp, lsm=t.lsm, xlogy=t.xlogy)
         if b["keepdim"]:
             raise _No()
-        return _T("row", t.coefs, mix=t.mix)
+        if mean:
+            if not isinstance(vin.shape[-1], int):
+                raise _No("the mean divides by a symbolic size; the kernel takes a number")
+            return _scale(row, 1.0 / vin.shape[-1])
+        return row
 
     def _masked(self, t: _T, mask, n):
         if t.mask is not None or not isinstance(mask, fx.Node):
@@ -456,6 +528,21 @@ class _Algebra:
         return _T("scalar", ce=(1.0, dict(node=n, labels=b["target"], scale=sc[0],
                                           ignore_index=b["ignore_index"],
                                           mean=b["reduction"] == "mean", steps=steps)))
+
+
+def _same_shapes(n, operands, out=True):
+    """Refuse a node whose tensor operands broadcast: the kernel pairs the two distributions row
+    by row, element by element, so every operand must have exactly the shape of the result (of
+    each other for `out=False`), symbol by symbol."""
+    shapes = [tuple(_val(x).shape) for x in operands if isinstance(x, fx.Node) and
+              isinstance(_val(x), torch.Tensor)]
+    if out:
+        shapes.append(tuple(_val(n).shape))
+    first = shapes[0] if shapes else ()
+    for sh in shapes[1:]:
+        if len(sh) != len(first) or not all(known_equal(a, b) for a, b in zip(sh, first)):
+            raise _No(f"`{n.name}` broadcasts its operands ({', '.join(map(str, shapes))}); "
+                      "the kernel pairs the two distributions element by element")
 
 
 def _flat(args):
@@ -671,10 +758,27 @@ def _check(match, fused: bool):
     match.covered = list(dict.fromkeys(match.covered + nodes))
     match.outputs = [root]
     match.tops = [root]
+    if "s" in t.logp:
+        return ("the student's log-probability is written log(softmax(z)): -inf where the "
+                "softmax underflows (and a nan gradient), which the kernel's log_softmax is not; "
+                "write F.log_softmax(z, -1)")
+    if "t" in t.logp and "t" in t.lsm:
+        return ("the teacher's log-probability is written both as log(softmax(z)) and as "
+                "log_softmax(z) (they differ where the softmax underflows)")
+    bad = t.xlogy - {("t", "t")}
+    if bad:
+        return f"an xlogy term {sorted(bad)} the kernel does not compute as xlogy"
     coefs = [float(t.coefs.get(k, 0.0)) for k in _BASIS]
+    # the conventions (kernels/distillation.py): pt * lt as xlogy; lt as log(softmax(zt))
+    coefs += [1.0 if ("t", "t") in t.xlogy else 0.0, 1.0 if "t" in t.logp else 0.0]
     mix = t.mix or (0.0, 0.0)
     if not all(math.isfinite(c) for c in coefs + list(mix)):
         return "a divergence coefficient is not finite"
+    # the independent check: the matched code, read symbolically, equals the kernel's formula
+    why = proof.check(root, alg.leaves, coefs[:7], mix, t.ce[0] if ce else 0.0, _const,
+                      ce["node"] if ce else None, t.mask)
+    if why:
+        return why
     match.params.update(
         coefs=coefs, scales=[scale_s[0], scale_t[0], ce["scale"] if ce else 1.0, *mix],
         kd_denom=0.0 if t.denom == "count" else 1.0, ce_coef=t.ce[0] if ce else 0.0,
@@ -691,8 +795,8 @@ def _check(match, fused: bool):
         match.bindings["kd_mask"] = t.mask
     if ce is not None:
         match.bindings["labels"] = ce["labels"]
-    parts = [k for k, c in zip(["ps*ls", "ps*lt", "ps*m", "pt*ls", "pt*lt", "pt*m", "|ps-pt|"],
-                               coefs) if c]
+    parts = [k for k, c in zip(["ps*ls", "ps*lt", "ps*m", "pt*ls", "pt*lt", "pt*m", "|ps-pt|",
+                                "xlogy(pt, pt)", "lt = log(softmax)"], coefs) if c]
     match.detail = ("teacher head fused, " if fuse_t else "") + "terms " + ", ".join(parts) + \
         (f", + {t.ce[0]:g} * CE" if ce else "")
     return None

@@ -229,9 +229,10 @@ def _distillation():
     fkl = [0.0, 0.0, 0.0, -1.0, 1.0, 0.0, 0.0]
     jsd = [0.5, 0.0, -0.5, 0.0, 0.5, -0.5, 0.0]
     tvd = [0.0] * 6 + [0.5]
+    fkl_conv = fkl + [1.0, 1.0]  # kl_div's xlogy and log(softmax(teacher)) conventions
     # (dtype, coefficients, CE mixed in, gradients): every kernel flag value at least once.
     todo = ((BF16, fkl, False, True), (BF16, jsd, True, True), (FP32, tvd, False, True),
-            (BF16, fkl, True, False))
+            (BF16, fkl, True, False), (BF16, fkl_conv, False, True))
     for dt, coefs, ce, grad in todo:
         def run(dt=dt, coefs=coefs, ce=ce, grad=grad, V=128256, H=LLAMA):
             N = TOKENS
