@@ -207,8 +207,10 @@ def _run_nodes(gm: fx.GraphModule, nodes: list, env: dict, modes: dict, ambient:
         return env[a.name]
 
     for n in nodes:
-        args = fx.node.map_arg(n.args, val)
-        kwargs = fx.node.map_arg(n.kwargs, val)
+        # symbolic sizes a replacement baked into its arguments (`x.shape[-1]` under
+        # dynamic=True) are read as this call's values
+        args = fx.node.map_aggregate(fx.node.map_arg(n.args, val), _concrete)
+        kwargs = fx.node.map_aggregate(fx.node.map_arg(n.kwargs, val), _concrete)
         target = n.target
         if wide:
             args = fx.node.map_aggregate(args, _wide)
