@@ -297,3 +297,34 @@ def test_rule():
     lowb = ref.bfloat16()
     assert within_eager_rounding("y", lowb.clone(), lowb, ref, torch.bfloat16) is None
     assert within_eager_rounding("y", (ref * 1.01).bfloat16(), lowb, ref, torch.bfloat16)
+
+
+class Writes(Norm):
+    """Writes a buffer and an input in place around a validated rewrite, and draws dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(16))
+
+    def forward(self, x, cache):
+        self.count.add_(1)
+        out = torch.nn.functional.dropout(super().forward(x), 0.5)
+        cache.mul_(2)
+        return out + self.count, cache.sum()
+
+
+def test_validation_changes_nothing_the_program_sees():
+    """In-place writes happen once, and the random stream is the one without validation."""
+    results = []
+    for validate in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(1)
+        model, cache = Writes(), torch.ones(3)
+        x = torch.randn(4, 16)
+        out, total = _compile(model, validate=validate)(x, cache)
+        results.append((out, total, model.count.clone(), cache.clone(), torch.rand(3)))
+        if validate:
+            assert [v.status for v in ligerfx.backend.last_report.validation] == ["equal"]
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert torch.equal(results[1][2], torch.ones(16)) and torch.equal(results[1][3], 2 * torch.ones(3))

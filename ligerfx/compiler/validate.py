@@ -39,7 +39,7 @@ import torch
 import torch.fx as fx
 
 from ligerfx.graph import grad_mode
-from ligerfx.graph.mutation import has_writes
+from ligerfx.graph.mutation import Memory
 from ligerfx.graph.nodes import node_value
 
 
@@ -155,9 +155,9 @@ class _Capture(fx.Interpreter):
     nodes; stops once it has them all.  Grad-mode switches are not executed (the values are the
     same in either mode; each region later runs each node in its own mode)."""
 
-    def __init__(self, gm, wanted: set, clone: bool):
+    def __init__(self, gm, wanted: set, written: set):
         super().__init__(gm)
-        self.wanted, self.clone, self.values = set(wanted), clone, {}
+        self.wanted, self.written, self.values = set(wanted), written, {}
 
     def run_node(self, n):
         if grad_mode._switch(n) in (True, False):
@@ -166,7 +166,7 @@ class _Capture(fx.Interpreter):
             value = super().run_node(n)
         if n.name in self.wanted:
             # a later in-place write in the graph must not change the value a region read
-            self.values[n.name] = value.clone() if self.clone and isinstance(
+            self.values[n.name] = value.clone() if n.name in self.written and isinstance(
                 value, torch.Tensor) else value
             self.wanted.discard(n.name)
             if not self.wanted:
@@ -174,12 +174,23 @@ class _Capture(fx.Interpreter):
         return value
 
 
+def _written(graph: fx.Graph) -> set:
+    """Names of the nodes whose memory the graph may write in place."""
+    mem = Memory(graph)
+    if not mem.writes:
+        return set()
+    keys = frozenset().union(*(w.keys for w in mem.writes))
+    return {n.name for n in graph.nodes if n.op != "output" and mem.keys(n) & keys}
+
+
 def _capture(gm: fx.GraphModule, inputs: list, wanted: set) -> dict:
-    writes = has_writes(gm.graph)
+    written = _written(gm.graph)
     args = [_concrete(x) for x in inputs]
-    if writes:  # the graph writes in place: run it on copies, so the program's tensors keep theirs
-        args = [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in args]
-    interp = _Capture(gm, wanted, writes)
+    # inputs the graph writes in place are copied, so the program's tensors keep their values
+    places = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    args = [x.detach().clone() if isinstance(x, torch.Tensor) and name in written else x
+            for name, x in zip(places, args)]
+    interp = _Capture(gm, wanted, written)
     try:
         with torch.no_grad():
             interp.run(*args)
