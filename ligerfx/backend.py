@@ -28,15 +28,16 @@ _frames = FrameReports()
 
 
 def rewrite(gm: fx.GraphModule, options: Options, upstream: list | tuple = (),
-            produced: list | None = None) -> Report:
+            produced: list | None = None, refuse: dict | None = None) -> Report:
     """Apply every enabled pattern to `gm` in place (patterns import the kernels they call), then
     the quantization pass (which also counts linears packed by `ligerfx.quantize_`).
     `upstream` / `produced`: what earlier graphs of the model return, and this one (before the
-    rewrite), so a pattern cut by a graph boundary is reported (ligerfx/compiler/boundary.py)."""
+    rewrite), so a pattern cut by a graph boundary is reported (ligerfx/compiler/boundary.py).
+    `refuse`: matches translation validation dropped (`run_patterns`)."""
     from .builtins import enabled_patterns  # registers the built-ins and plugins on first use
 
     report = run_patterns(gm, enabled_patterns(options), options, upstream=upstream,
-                          produced=produced)
+                          produced=produced, refuse=refuse)
     from .compiler.quantize_pass import run_quantize
 
     q = run_quantize(gm, options)
@@ -91,6 +92,49 @@ def cpu_paths(gm: fx.GraphModule, report: Report) -> dict:
     return table
 
 
+def _validated(gm: fx.GraphModule, saved: fx.Graph, opts: Options, report: Report,
+               example_inputs: list, upstream) -> Report:
+    """Translation validation (ligerfx/compiler/validate.py): check each rewrite of `gm` on the
+    compile's real inputs; while one differs, rewrite a fresh copy of the original graph (`saved`)
+    into `gm` without it and check what that rewrite made.  Returns the final report."""
+    from .compiler import validate
+    from .compiler.report import ValidationRecord
+
+    done: dict = {}  # region key -> Result
+    refuse: dict = {}
+    dropped: list = []
+    while True:
+        original = fx.GraphModule(gm, validate.copy_graph(saved))
+        results = validate.check(original, gm, report.matches, example_inputs, done)
+        done.update((r.key, r) for r in results)
+        bad = [r for r in results if r.status == validate.DROPPED]
+        for r in results:
+            if r.status == validate.NOT_VALIDATED:
+                validate.warn(r)
+        if not bad:
+            break
+        if opts.validate == "raise":
+            raise validate.ValidationError("ligerfx translation validation: " + "; ".join(
+                f"the {r.record.pattern} rewrite at {r.record.location} differs from the "
+                f"original code: {r.detail}" for r in bad))
+        for r in bad:
+            validate.warn(r)
+            dropped.append(r)
+            refuse[(r.record.pattern, r.record.region["anchor"])] = (
+                f"translation validation: the rewrite differs from the original code on the "
+                f"first call's values: {r.detail}")
+        gm.graph = validate.copy_graph(saved)
+        gm.recompile()
+        report = rewrite(gm, opts, upstream, None, refuse=refuse)
+    report.validation = [
+        ValidationRecord(r.record.pattern, r.record.location, r.status, r.detail,
+                         position=r.record.position)
+        for r in [done[validate.region_key(m)] for m in report.matches if m.region is not None]
+        + dropped]
+    report.validation.sort(key=lambda v: v.position)
+    return report
+
+
 def _meta_val(a):
     from ligerfx.graph.nodes import node_value
 
@@ -134,7 +178,14 @@ def liger_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | 
     opts = Options.from_any(options)
     upstream = _frames.begin()
     produced: list = []
+    saved = None
+    if opts.validate:
+        from .compiler.validate import copy_graph
+
+        saved = copy_graph(gm.graph)  # the graph as Dynamo gave it
     report = rewrite(gm, opts, upstream, produced)
+    if saved is not None:
+        report = _validated(gm, saved, opts, report, example_inputs, upstream)
     decomps = None
     if opts.inner == "inductor" and _on_cpu(example_inputs):
         decomps = cpu_paths(gm, report)

@@ -9,9 +9,23 @@ from typing import Any, Mapping
 from ligerfx.compress.schemes import QUANT_SCHEMES, OptionsError, validate_quantize, validate_sparsity
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+VALIDATE_MODES = (False, True, "raise")
 
 
+def _validate_default():
+    """`validate`'s default: False, or what the LIGERFX_VALIDATE environment variable asks for
+    ("1"/"true": True, "raise": "raise", "0"/"false"/unset: False), so a test suite can turn
+    translation validation on for every compile without changing its code."""
+    import os
 
+    v = os.environ.get("LIGERFX_VALIDATE", "").strip().lower()
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    if v == "raise":
+        return "raise"
+    if v in ("1", "true", "yes", "on"):
+        return True
+    raise OptionsError(f"LIGERFX_VALIDATE must be 1, 0 or raise, got {v!r}")
 
 @dataclass(frozen=True)
 class Options:
@@ -34,6 +48,13 @@ class Options:
         in fp16/bf16 may be computed in fp32 by the kernels: more accurate, not bit-equal to
         eager; each rewrite that used it is listed in the report's notes.  Default False: such
         code is left alone with a near miss.
+    validate: translation validation (ligerfx/compiler/validate.py).  True: when a graph is
+        compiled (on the first call, with that call's real inputs) each rewritten region is also
+        run as the original code, forward and backward (on a random upstream gradient), and
+        compared within eager's own rounding; a region that differs is dropped with a warning and
+        a near miss, and the graph is compiled without it.  "raise": raise
+        `ligerfx.compiler.validate.ValidationError` instead of dropping (for test suites).
+        Default False, or the LIGERFX_VALIDATE environment variable (1 / raise).
     """
 
     inner: str = "inductor"
@@ -47,6 +68,7 @@ class Options:
     skip_logits: bool = False
     upcast_statistics: bool = False
     sparsity: str | None = None
+    validate: bool | str = field(default_factory=_validate_default)
     _extra: tuple = field(default=(), repr=False)
 
     @classmethod
@@ -67,10 +89,11 @@ class Options:
             if key in kw and kw[key] is not None:
                 kw[key] = _names(key, kw[key])
         opts = cls(**kw)
-        opts.validate()
+        opts.check()
         return opts
 
-    def validate(self) -> None:
+    def check(self) -> None:
+        """Raise OptionsError naming the option and its valid values for anything invalid."""
         if self.inner not in INNER_BACKENDS:
             raise OptionsError(f"option 'inner' must be one of {', '.join(INNER_BACKENDS)}; "
                                f"got {self.inner!r}")
@@ -78,6 +101,10 @@ class Options:
             if not isinstance(getattr(self, flag), bool):
                 raise OptionsError(f"option {flag!r} must be True or False, "
                                    f"got {getattr(self, flag)!r}")
+        if not any(self.validate is m or (isinstance(m, str) and self.validate == m)
+                   for m in VALIDATE_MODES):
+            raise OptionsError(f"option 'validate' must be True, False or \"raise\", "
+                               f"got {self.validate!r}")
         if not isinstance(self.quantize_lm_head, bool):
             raise OptionsError(f"option 'quantize_lm_head' must be True or False, "
                                f"got {self.quantize_lm_head!r}")
@@ -102,14 +129,6 @@ class Options:
                 raise OptionsError(f"option {key!r} names unknown pattern(s) "
                                    f"{', '.join(map(repr, bad))}; registered patterns are: "
                                    f"{', '.join(known)}")
-
-
-
-
-
-
-
-
 
 
 def _names(key: str, v: Any) -> tuple:

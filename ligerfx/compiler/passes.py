@@ -242,15 +242,19 @@ def _dependent_reason(anchors, pos: dict) -> str:
 
 
 def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, *,
-                 upstream: list | tuple = (), produced: list | None = None) -> Report:
+                 upstream: list | tuple = (), produced: list | None = None,
+                 refuse: dict | None = None) -> Report:
     """Rewrite `gm` in place and return the report for this graph.
 
     `options` (the backend's Options) is handed to constraints and replacements as
     `match.options`, for patterns whose behaviour an option sets.  `upstream`: what earlier graphs
     of the same compiled model return (`boundary.signature`), to report patterns a graph
     boundary cut in two; `produced`, when given, receives this graph's own signature (taken
-    before any rewrite)."""
+    before any rewrite).  `refuse`: {(pattern name, anchor node name): reason} for matches that
+    must become near misses with that reason (translation validation found them wrong: the graph
+    is rewritten again without them, compiler/validate.py)."""
     report = Report(graphs=1)
+    refuse = refuse or {}
     # near misses by the nodes their match covered: a later, smaller rewrite of those nodes
     # (q rotated alone after the q/k pair was refused) can say why the larger one was not made
     misses_at: dict[fx.Node, list] = {}
@@ -297,6 +301,8 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                         problem = None
                     # a look-alike is refused once its constraints did not skip it
                     problem = variant.refuse or kind or problem
+                    if problem is None:
+                        problem = refuse.get((pattern.name, match.tops[0].name))
                     if problem is None and any(n in claimed for n in match.covered):
                         continue
                     if problem is None:
@@ -338,7 +344,8 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                     rec = MatchRecord(pattern.name, locate(match.tops[0]),
                                       [n.name for n in match.covered],
                                       detail=match.detail,
-                                      position=position.get(match.tops[0], -1))
+                                      position=position.get(match.tops[0], -1),
+                                      region=_region(match, new))
                     claimed.update(match.covered)
                     claimed.update(match.outputs)
                     memory = None
@@ -375,6 +382,18 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
     report.near_misses.sort(key=lambda m: m.position)
     gm.recompile()
     return report
+
+
+def _region(match: Match, new: list) -> dict:
+    """What a rewrite replaced, by node name (names survive a deep copy of the graph): its anchor
+    (which identifies the match for `refuse`), the nodes it covered and the outputs it took over
+    (all nodes of the graph before any rewrite), and the nodes that now compute them."""
+    return {"anchor": match.tops[0].name,
+            "covered": [n.name for n in match.covered],
+            "outputs": [n.name for n in match.outputs],
+            "replacements": [r.name if isinstance(r, fx.Node) else None
+                             for r in match.replacements],
+            "new": [n.name for n in new]}
 
 
 def _one_per_cause(misses: list) -> list:

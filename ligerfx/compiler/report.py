@@ -9,15 +9,6 @@ from dataclasses import asdict, dataclass, field
 from ligerfx.graph.source import Location
 
 
-
-
-
-
-
-
-
-
-
 @dataclass
 class MatchRecord:
     pattern: str
@@ -27,6 +18,10 @@ class MatchRecord:
     detail: str = ""  # e.g. the casting mode the rewrite chose
     position: int = field(default=-1, repr=False)  # node index in its graph, for ordering
     path: str = ""  # what runs, when the backend decided it (e.g. "CPU: decomposed for inductor")
+    # What the rewrite replaced, by node name, for translation validation (compiler/validate.py):
+    # {"anchor", "covered", "outputs", "replacements", "new"}; None for rewrites not made by the
+    # pattern pass (the quantization pass, which is lossy by design)
+    region: dict | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         d = f" ({self.detail})" if self.detail else ""
@@ -48,6 +43,24 @@ class NearMiss:
 
 
 @dataclass
+class ValidationRecord:
+    """Translation validation of one rewrite (compiler/validate.py): `status` is "equal" (the
+    rewritten region gave the original's result within eager's rounding), "dropped" (it did not:
+    the graph was compiled without it) or "not validated" (the validator could not run it)."""
+
+    pattern: str
+    location: Location
+    status: str
+    detail: str = ""
+    graph: int = 0
+    position: int = field(default=-1, repr=False)
+
+    def __str__(self) -> str:
+        d = f": {self.detail}" if self.detail else ""
+        return f"{self.pattern} at {self.location}: {self.status}{d}"
+
+
+@dataclass
 class Report:
     """The result of `ligerfx.explain` (and what the backend logs)."""
 
@@ -57,6 +70,7 @@ class Report:
     notes: list = field(default_factory=list)  # statements the user must see (e.g. dropped outputs)
     graphs_before: list = field(default_factory=list)  # readable code of each graph, if recorded
     graphs_after: list = field(default_factory=list)
+    validation: list = field(default_factory=list)  # ValidationRecord per checked rewrite
 
     @property
     def counts(self) -> dict:
@@ -70,6 +84,9 @@ class Report:
         for n in other.near_misses:
             n.graph += base
             self.near_misses.append(n)
+        for v in other.validation:
+            v.graph += base
+            self.validation.append(v)
         self.graphs += max(other.graphs, 1)
         self.notes.extend(x for x in other.notes if x not in self.notes)
         self.graphs_before.extend(other.graphs_before)
@@ -79,11 +96,13 @@ class Report:
         return {
             "counts": self.counts,
             "graphs": self.graphs,
-            "matches": [asdict(m) for m in self.matches],
+            "matches": [{k: v for k, v in asdict(m).items() if k != "region"}
+                        for m in self.matches],
             "near_misses": [asdict(n) for n in self.near_misses],
             "notes": list(self.notes),
             "graphs_before": list(self.graphs_before),
             "graphs_after": list(self.graphs_after),
+            "validation": [asdict(v) for v in self.validation],
         }
 
     def __str__(self) -> str:
@@ -96,4 +115,14 @@ class Report:
             lines.append(f"  near miss: {n}")
         for note in self.notes:
             lines.append(f"  note: {note}")
+        if self.validation:
+            equal = sum(v.status == "equal" for v in self.validation)
+            lines.append(f"  translation validation: {equal} of {len(self.validation)} checked "
+                         "rewrite(s) equal to the original code")
+            for v in self.validation:
+                if v.status == "dropped":
+                    lines.append(f"  DROPPED by translation validation: {v.pattern} at "
+                                 f"{v.location}: {v.detail}")
+                elif v.status != "equal":
+                    lines.append(f"  not validated: {v.pattern} at {v.location}: {v.detail}")
         return "\n".join(lines)

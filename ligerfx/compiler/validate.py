@@ -1,0 +1,501 @@
+"""Translation validation: each rewrite checked against the code it replaced, on real values.
+
+With `options={"validate": True}` the backend, before handing a rewritten graph to the inner
+backend, runs the graph Dynamo gave (kept as a copy before the rewrite) on the example inputs of the
+compile, which are the real inputs of the first call, and keeps the values every rewritten region
+reads.  Each region is then run three ways on those same values:
+
+- the original nodes it replaced, in the inputs' dtypes (what eager computes),
+- the new nodes that replaced them (what the compiled graph computes),
+- the original nodes again in float64 (every floating input widened, every floating dtype the
+  code names read as float64): the reference,
+
+forward, and backward from a random upstream gradient (fresh `randn`, the same for the three; the
+real upstream gradient only exists after the whole model ran, long after the graph is compiled),
+to every floating input that required grad in the program.  Each node runs in the autograd mode it
+runs in in the program (`no_grad` blocks inside a region are kept).  `within_eager_rounding` is
+the rule "equal": the same non-finite positions and values, and elsewhere no further from float64
+than the original in its own dtype is (times 1.25, plus a floor of 2e-5 relative in fp32/fp64 and
+5% of the format's eps in bf16/fp16): the rule of tests/differential/oracle.py.
+
+A region that differs, or whose new nodes raise where the original did not, is reported by
+`check`; the backend rewrites a fresh copy of the original graph without it (a near miss says why),
+validates what that rewrite made, and compiles the result.  Where the validator itself cannot run
+a region (the original code or the float64 reference raises here; the inputs are fake, as in DDP's
+buckets) the rewrite is kept, reported as "not validated" with the reason, and a warning is given:
+the validator's limits do not take a checked pattern's rewrite away.  The global random state is
+saved and restored, and inputs the graph writes in place are cloned first, so validation changes
+nothing the program sees.  Only the pattern pass's rewrites are checked: the quantization pass is
+lossy by design.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ligerfx.graph import grad_mode
+from ligerfx.graph.mutation import Memory
+from ligerfx.graph.nodes import node_value
+
+
+class ValidationWarning(UserWarning):
+    """A rewrite was dropped (or could not be checked) by translation validation."""
+
+
+class ValidationError(RuntimeError):
+    """validate="raise": a rewrite differs from the code it replaced."""
+
+
+# -- the rule ----------------------------------------------------------------------------------
+
+def _err(x, ref, mask) -> float:
+    x, ref = x.double()[mask], ref.double()[mask]
+    if ref.numel() == 0:
+        return 0.0
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def within_eager_rounding(what: str, got, low, ref, dtype) -> str | None:
+    """None when `got` is as good as eager's `low` against the float64 `ref`, else the reason.
+
+    `got` / `low` may be None (no gradient).  Equal: same shape and dtype; integers identical;
+    the same non-finite positions and values; elsewhere a relative error (norm of the difference
+    over the norm of the reference) at most 1.25 times eager's, plus 2e-5 in fp32/fp64 or 5% of
+    the format's eps in fp16/bf16 (`dtype`: the values' dtype)."""
+    if low is None:
+        if got is not None and got.abs().sum() != 0:
+            return f"{what}: a gradient where eager has none"
+        return None
+    if got is None:
+        return f"{what}: no gradient where eager has one"
+    if got.shape != low.shape or got.dtype != low.dtype:
+        return f"{what}: {tuple(got.shape)} {got.dtype}, eager gives {tuple(low.shape)} {low.dtype}"
+    if not (got.is_floating_point() or got.is_complex()):
+        return None if torch.equal(got, low) else f"{what}: integer values differ"
+    fin_g, fin_l = torch.isfinite(got), torch.isfinite(low)
+    if not torch.equal(fin_g, fin_l):
+        return (f"{what}: {int((~fin_g).sum())} non-finite values, eager has "
+                f"{int((~fin_l).sum())} (at other positions)")
+    nonfin = ~fin_l
+    same = (got[nonfin] == low[nonfin]) | (got[nonfin].isnan() & low[nonfin].isnan())
+    if not same.all():
+        return f"{what}: inf/nan values differ from eager's"
+    mask = fin_l & torch.isfinite(ref)
+    e_got, e_low = _err(got, ref, mask), _err(low, ref, mask)
+    floor = 2e-5 if dtype in (torch.float32, torch.float64) else 0.05 * torch.finfo(dtype).eps
+    if e_got > 1.25 * e_low + floor:
+        return f"{what}: relative error {e_got:.3g} vs float64, eager {dtype} has {e_low:.3g}"
+    return None
+
+
+# -- results -----------------------------------------------------------------------------------
+
+EQUAL, DROPPED, NOT_VALIDATED = "equal", "dropped", "not validated"
+
+
+@dataclass
+class Result:
+    """The verdict on one rewrite: `record` is its MatchRecord, `status` EQUAL / DROPPED /
+    NOT_VALIDATED, `detail` what differed (or why it could not be checked)."""
+
+    record: object
+    status: str
+    detail: str = ""
+
+    @property
+    def key(self) -> tuple:
+        return region_key(self.record)
+
+
+def region_key(record) -> tuple:
+    """A rewrite's identity across rewrites of copies of one graph."""
+    r = record.region
+    return (record.pattern, r["anchor"], tuple(r["covered"]), tuple(r["outputs"]))
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph` with the same node names, node meta (shared, not copied) and the
+    attributes Dynamo sets on nodes (a placeholder's `_dynamo_source`, which AOTAutograd reads)."""
+    new = copy.deepcopy(graph)
+    by_name = {n.name: n for n in new.nodes}
+    for n in graph.nodes:
+        m = by_name[n.name]
+        for k, v in vars(n).items():
+            if k not in vars(m):
+                setattr(m, k, v)
+    return new
+
+
+# -- running nodes -----------------------------------------------------------------------------
+
+class _Done(Exception):
+    pass
+
+
+def _concrete(x):
+    """A symbolic int / float / bool's value on this call (no guard is added)."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        node = x.node
+        hint = getattr(node, "hint", None)
+        if hint is None:
+            hint = node.shape_env.size_hint(node.expr)
+        if isinstance(x, torch.SymInt):
+            return int(hint)
+        return float(hint) if isinstance(x, torch.SymFloat) else bool(hint)
+    return x
+
+
+class _Capture(fx.Interpreter):
+    """Runs the original graph without autograd (values only) and keeps the values of `wanted`
+    nodes; stops once it has them all.  Grad-mode switches are not executed (the values are the
+    same in either mode; each region later runs each node in its own mode)."""
+
+    def __init__(self, gm, wanted: set, written: set):
+        super().__init__(gm)
+        self.wanted, self.written, self.values = set(wanted), written, {}
+
+    def run_node(self, n):
+        if grad_mode._switch(n) in (True, False):
+            value = None
+        else:
+            value = super().run_node(n)
+        if n.name in self.wanted:
+            # a later in-place write in the graph must not change the value a region read
+            self.values[n.name] = value.clone() if n.name in self.written and isinstance(
+                value, torch.Tensor) else value
+            self.wanted.discard(n.name)
+            if not self.wanted:
+                raise _Done
+        return value
+
+
+def _written(graph: fx.Graph) -> set:
+    """Names of the nodes whose memory the graph may write in place."""
+    mem = Memory(graph)
+    if not mem.writes:
+        return set()
+    keys = frozenset().union(*(w.keys for w in mem.writes))
+    return {n.name for n in graph.nodes if n.op != "output" and mem.keys(n) & keys}
+
+
+def _capture(gm: fx.GraphModule, inputs: list, wanted: set) -> dict:
+    written = _written(gm.graph)
+    args = [_concrete(x) for x in inputs]
+    # inputs the graph writes in place are copied, so the program's tensors keep their values
+    places = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    args = [x.detach().clone() if isinstance(x, torch.Tensor) and name in written else x
+            for name, x in zip(places, args)]
+    interp = _Capture(gm, wanted, written)
+    try:
+        with torch.no_grad():
+            interp.run(*args)
+    except _Done:
+        pass
+    return interp.values
+
+
+_F64_METHODS = {"float": "double", "half": "double", "bfloat16": "double"}
+
+
+def _wide(a):
+    if isinstance(a, torch.dtype) and a.is_floating_point:
+        return torch.float64
+    if isinstance(a, torch.dtype) and a.is_complex:
+        return torch.complex128
+    return a
+
+
+def _run_nodes(gm: fx.GraphModule, nodes: list, env: dict, modes: dict, ambient: bool,
+               wide: bool = False) -> dict:
+    """Run `nodes` (in order) reading `env` (node name -> value, extended in place), each in its
+    autograd mode; `wide`: every floating dtype the code names is float64 (the reference)."""
+    def val(a):
+        return env[a.name]
+
+    for n in nodes:
+        # symbolic sizes a replacement baked into its arguments (`x.shape[-1]` under
+        # dynamic=True) are read as this call's values
+        args = fx.node.map_aggregate(fx.node.map_arg(n.args, val), _concrete)
+        kwargs = fx.node.map_aggregate(fx.node.map_arg(n.kwargs, val), _concrete)
+        target = n.target
+        if wide:
+            args = fx.node.map_aggregate(args, _wide)
+            kwargs = fx.node.map_aggregate(kwargs, _wide)
+            if n.op == "call_method":
+                target = _F64_METHODS.get(target, target)
+        mode = modes.get(n, grad_mode.AMBIENT)
+        on = ambient if mode in (grad_mode.AMBIENT, grad_mode.UNKNOWN) else mode
+        with torch.set_grad_enabled(on):
+            if n.op == "call_function":
+                env[n.name] = target(*args, **kwargs)
+            elif n.op == "call_method":
+                env[n.name] = getattr(args[0], target)(*args[1:], **kwargs)
+            elif n.op == "call_module":
+                env[n.name] = gm.get_submodule(target)(*args, **kwargs)
+            elif n.op == "get_attr":
+                obj = gm
+                for part in target.split("."):
+                    obj = getattr(obj, part)
+                env[n.name] = obj
+            else:
+                raise RuntimeError(f"cannot run `{n.name}` ({n.op}) as part of a region")
+    return env
+
+
+# -- one region --------------------------------------------------------------------------------
+
+def _reads(nodes: list) -> list:
+    """The nodes outside `nodes` that they read, in first-read order."""
+    inside, out = set(nodes), {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside:
+                out.setdefault(a, None)
+    return list(out)
+
+
+def _bridge(graph: fx.Graph, covered: list, start: set, limit: int = 6) -> list:
+    """Nodes of the original graph (outside `covered`) on short paths from the values in `start`
+    (what the new nodes read) to what the original nodes read instead (a cast the matcher looked
+    through binds the value before it), so both sides are differentiated with respect to the
+    same values (a cast's rounding of the gradient is then part of the check)."""
+    inside = set(covered)
+    targets = set(_reads(covered)) - start
+    if not targets:
+        return []
+    down: dict = {n: 0 for n in start}
+    frontier = list(start)
+    for depth in range(1, limit + 1):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u not in inside and u not in down and u.op != "output":
+                    down[u] = depth
+                    nxt.append(u)
+        frontier = nxt
+    up, stack = set(), [t for t in targets if t in down]
+    while stack:
+        n = stack.pop()
+        if n in up:
+            continue
+        up.add(n)
+        stack.extend(a for a in n.all_input_nodes if a in down)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted((n for n in up if n not in start), key=order.__getitem__)
+
+
+def _needs_grad(node: fx.Node, value) -> bool:
+    if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.is_complex()):
+        return False
+    meta = node_value(node)
+    return bool(getattr(meta, "requires_grad", True))
+
+
+def _leaf(value, grad: bool, wide: bool):
+    if not isinstance(value, torch.Tensor):
+        return value
+    v = value.detach()
+    if wide:
+        v = v.to(_wide(v.dtype))
+    return v.requires_grad_(True) if grad else v
+
+
+def _forward_backward(gm, nodes, outs, inputs, values, needs, modes, ambient, cot, wide=False):
+    """Run a region: its outputs, and the gradients of the inputs that need one (None when no
+    output requires grad)."""
+    env = {n.name: _leaf(values[k], needs[k], wide) for k, n in inputs.items()}
+    leaves = {k: env[n.name] for k, n in inputs.items() if needs[k]}
+    _run_nodes(gm, nodes, env, modes, ambient, wide)
+    results = [env[o.name] if isinstance(o, fx.Node) else None for o in outs]
+    diff = [(r, c) for r, c in zip(results, cot)
+            if c is not None and isinstance(r, torch.Tensor) and r.requires_grad]
+    grads = None
+    if diff and leaves:
+        gs = torch.autograd.grad([r for r, _ in diff],
+                                 list(leaves.values()),
+                                 [c.to(dtype=r.dtype, device=r.device) for r, c in diff],
+                                 allow_unused=True)
+        grads = dict(zip(leaves, gs))
+    return [r.detach() if isinstance(r, torch.Tensor) else r for r in results], grads, \
+        [r is not None and getattr(r, "requires_grad", False) for r in results]
+
+
+def check_region(record, original: fx.GraphModule, rewritten: fx.GraphModule, values: dict,
+                 new_to_old: dict, ambient: bool, seed: int = 0) -> Result:
+    """Validate one rewrite (see the module docstring)."""
+    reg = record.region
+    og, ng = original.graph, rewritten.graph
+    onodes = {n.name: n for n in og.nodes}
+    nnodes = {n.name: n for n in ng.nodes}
+    covered = [onodes[c] for c in reg["covered"]]
+    order = {n: i for i, n in enumerate(og.nodes)}
+    covered.sort(key=order.__getitem__)
+    new_order = {n: i for i, n in enumerate(ng.nodes)}
+    new = sorted((nnodes[x] for x in reg["new"] if x in nnodes), key=new_order.__getitem__)
+    outs_old = [onodes[o] for o in reg["outputs"]]
+    outs_new = [nnodes.get(r) if r is not None else None for r in reg["replacements"]]
+
+    # what the new nodes read, as nodes of the original graph
+    new_reads = {}
+    for r in _reads(new):
+        name = new_to_old.get(r.name, r.name)
+        if name not in onodes:
+            return Result(record, NOT_VALIDATED, f"the rewrite reads `{r.name}`, which is not a "
+                          "value of the original graph")
+        new_reads[r.name] = onodes[name]
+    old_nodes = sorted(set(covered) | set(_bridge(og, covered, set(new_reads.values()))),
+                       key=order.__getitem__)
+    # one set of inputs for both sides, named by the original graph's nodes
+    inputs = {n.name: n for n in _reads(old_nodes)}
+    inputs.update({n.name: n for n in new_reads.values()})
+    missing = [k for k in inputs if k not in values]
+    if missing:
+        return Result(record, NOT_VALIDATED, f"no value for `{missing[0]}`")
+    needs = {k: _needs_grad(n, values[k]) for k, n in inputs.items()}
+    # the new nodes read the same values under their own names
+    new_inputs = {k: n for k, n in inputs.items()}
+    new_env_names = {old.name: new_name for new_name, old in new_reads.items()}
+    omodes, nmodes = grad_mode.modes(og), grad_mode.modes(ng)
+
+    def run_new(cot):
+        env = {}
+        leaves = {}
+        for k in new_inputs:
+            v = _leaf(values[k], needs[k], False)
+            env[new_env_names.get(k, k)] = v
+            if needs[k]:
+                leaves[k] = v
+        _run_nodes(rewritten, new, env, nmodes, ambient)
+        results = [env[o.name] if isinstance(o, fx.Node) else None for o in outs_new]
+        diff = [(r, c) for r, c in zip(results, cot)
+                if c is not None and isinstance(r, torch.Tensor) and r.requires_grad]
+        grads = None
+        if diff and leaves:
+            gs = torch.autograd.grad([r for r, _ in diff], list(leaves.values()),
+                                     [c.to(dtype=r.dtype, device=r.device) for r, c in diff],
+                                     allow_unused=True)
+            grads = dict(zip(leaves, gs))
+        return [r.detach() if isinstance(r, torch.Tensor) else r for r in results], grads, \
+            [r is not None and getattr(r, "requires_grad", False) for r in results]
+
+    devices = sorted({v.device.index for v in values.values()
+                      if isinstance(v, torch.Tensor) and v.device.type == "cuda"
+                      and v.device.index is not None})
+    with torch.random.fork_rng(devices=devices):
+        # 1. the original region in its dtypes, forward only, to find the outputs to differentiate
+        try:
+            torch.manual_seed(seed)
+            low, _, low_rg = _forward_backward(original, old_nodes, outs_old, inputs, values,
+                                               needs, omodes, ambient, [None] * len(outs_old))
+        except Exception as e:  # noqa: BLE001 - the validator's limit, not the rewrite's fault
+            return Result(record, NOT_VALIDATED, f"the original region raised here: "
+                          f"{type(e).__name__}: {str(e)[:300]}")
+        g = torch.Generator().manual_seed(seed + 1)
+        cot = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(r.dtype)
+               if rg and (r.is_floating_point() or r.is_complex()) else None
+               for r, rg in zip(low, low_rg)]
+        try:
+            torch.manual_seed(seed)
+            low, low_g, _ = _forward_backward(original, old_nodes, outs_old, inputs, values,
+                                              needs, omodes, ambient, cot)
+            torch.manual_seed(seed)
+            ref, ref_g, _ = _forward_backward(original, old_nodes, outs_old, inputs, values,
+                                              needs, omodes, ambient, cot, wide=True)
+        except Exception as e:  # noqa: BLE001
+            return Result(record, NOT_VALIDATED, f"the original region (or its float64 reference) "
+                          f"raised here: {type(e).__name__}: {str(e)[:300]}")
+        try:
+            torch.manual_seed(seed)
+            got, got_g, _ = run_new(cot)
+        except Exception as e:  # noqa: BLE001 - the rewrite fails where the original does not
+            return Result(record, DROPPED, f"the rewritten code raised where the original did "
+                          f"not: {type(e).__name__}: {str(e)[:300]}")
+    problems = []
+    for i, (o, a, b, c) in enumerate(zip(outs_old, got, low, ref)):
+        if outs_new[i] is None:
+            continue  # the pattern replaced it by a value an option asked for (skip_logits)
+        what = f"output {i} (`{o.name}`)"
+        if isinstance(b, torch.Tensor):
+            p = within_eager_rounding(what, a if isinstance(a, torch.Tensor) else None, b,
+                                      c, b.dtype) if isinstance(a, torch.Tensor) else \
+                f"{what}: {type(a).__name__} where the original gives a tensor"
+        else:
+            p = None if a == b else f"{what}: {a!r} where the original gives {b!r}"
+        if p:
+            problems.append(p)
+    if low_g is not None:
+        for k in low_g:
+            lg = low_g[k]
+            gg = got_g.get(k) if got_g is not None else None
+            p = within_eager_rounding(f"gradient of `{k}`", gg, lg, ref_g.get(k),
+                                      values[k].dtype)
+            if p:
+                problems.append(p)
+    if problems:
+        return Result(record, DROPPED, "; ".join(problems))
+    return Result(record, EQUAL)
+
+
+def check(original: fx.GraphModule, rewritten: fx.GraphModule, records: list, inputs: list,
+          done: dict) -> list[Result]:
+    """Validate the rewrites in `records` (MatchRecords of `rewritten`, with regions) that are
+    not in `done` (region_key -> Result, from an earlier round); returns their Results."""
+    todo = [r for r in records if r.region is not None and region_key(r) not in done]
+    if not todo:
+        return []
+    if any(isinstance(x, torch._subclasses.FakeTensor) for x in inputs):
+        return [Result(r, NOT_VALIDATED, "the backend was given fake inputs (e.g. a DDP bucket), "
+                       "not the call's values") for r in todo]
+    # new node -> the original node whose value it computes, across all rewrites
+    new_to_old = {}
+    for r in records:
+        if r.region is None:
+            continue
+        for old, new in zip(r.region["outputs"], r.region["replacements"]):
+            if new is not None:
+                new_to_old[new] = old
+    wanted = set()
+    onodes = {n.name: n for n in original.graph.nodes}
+    nnodes = {n.name: n for n in rewritten.graph.nodes}
+    for r in todo:
+        covered = [onodes[c] for c in r.region["covered"] if c in onodes]
+        wanted.update(n.name for n in _reads(covered))
+        new = [nnodes[x] for x in r.region["new"] if x in nnodes]
+        wanted.update(new_to_old.get(n.name, n.name) for n in _reads(new))
+        # values the bridge may read (a cast's input): cheap to keep
+        for n in _reads(covered):
+            wanted.update(a.name for a in n.all_input_nodes)
+    wanted &= set(onodes)
+    ambient = torch.is_grad_enabled()
+    try:
+        devices = sorted({x.device.index for x in inputs if isinstance(x, torch.Tensor)
+                          and x.device.type == "cuda" and x.device.index is not None})
+        with torch.random.fork_rng(devices=devices):
+            values = _capture(original, inputs, wanted)
+    except Exception as e:  # noqa: BLE001 - the validator's limit: keep the rewrites
+        return [Result(r, NOT_VALIDATED, f"the original graph raised here: {type(e).__name__}: "
+                       f"{str(e)[:300]}") for r in todo]
+    out = []
+    for r in todo:
+        try:
+            out.append(check_region(r, original, rewritten, values, new_to_old, ambient))
+        except Exception as e:  # noqa: BLE001 - a validator bug must not break the user's call
+            out.append(Result(r, NOT_VALIDATED, f"validator error: {type(e).__name__}: {e}"))
+    return out
+
+
+def warn(result: Result) -> None:
+    rec = result.record
+    if result.status == DROPPED:
+        msg = (f"ligerfx translation validation: the {rec.pattern} rewrite at {rec.location} "
+               f"differs from the original code ({result.detail}); it is dropped and the graph "
+               "is compiled without it")
+    else:
+        msg = (f"ligerfx translation validation: could not check the {rec.pattern} rewrite at "
+               f"{rec.location} ({result.detail}); it is kept")
+    warnings.warn(msg, ValidationWarning, stacklevel=2)

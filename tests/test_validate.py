@@ -1,0 +1,330 @@
+"""Translation validation (`options={"validate": True}`, ligerfx/compiler/validate.py).
+
+A correct rewrite is checked equal and kept; a deliberately wrong pattern registered through the
+public API (a wrong forward, or a wrong backward) is caught on the first call: a warning, a report
+entry and a near miss, and the graph is compiled without it, so every call gives eager's result.
+Also: the "raise" mode and LIGERFX_VALIDATE, no-grad inference with dynamic shapes and a
+non-tensor output, a validator failure that keeps the rewrite, the option's validation.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ligerfx
+from ligerfx import register_pattern
+from ligerfx.compiler.pattern import REGISTRY
+from ligerfx.compiler.validate import ValidationWarning, within_eager_rounding
+from ligerfx.options import Options, OptionsError
+
+
+@pytest.fixture
+def names():
+    registered: list[str] = []
+    yield registered
+    for n in registered:
+        REGISTRY.remove(n)
+
+
+def _twice(x):
+    return x * 2
+
+
+@pytest.fixture
+def wrong_twice(names):
+    """`x * 2` "rewritten" to `x * 2.001`: same shape and dtype, wrong values."""
+    names.append("test_validate_wrong_twice")
+    register_pattern("test_validate_wrong_twice", _twice, lambda x: x * 2.001,
+                     (torch.randn(4),))
+    return "test_validate_wrong_twice"
+
+
+@torch.library.custom_op("ligerfx_test::validate_gelu_wrong_grad", mutates_args=())
+def _gelu_op(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+@_gelu_op.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _gelu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _gelu_wrong_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return grad * torch.sigmoid(1.702 * x)  # forgets the product rule
+
+
+_gelu_op.register_autograd(_gelu_wrong_backward, setup_context=_gelu_setup)
+
+
+def _quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+@pytest.fixture
+def wrong_grad(names):
+    names.append("test_validate_wrong_grad")
+    # a custom op (an autograd.Function would be traced through into its forward's ops)
+    register_pattern("test_validate_wrong_grad", _quick_gelu,
+                     lambda x: torch.ops.ligerfx_test.validate_gelu_wrong_grad(x),
+                     (torch.randn(2, 8),))
+    return "test_validate_wrong_grad"
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(torch.sin(x) * 2).sum()
+
+
+class Gelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(h * torch.sigmoid(1.702 * h))
+
+
+class Norm(nn.Module):
+    """A Llama RMSNorm (hand-written) after a linear: the built-in rms_norm rewrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.weight = nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        h = self.lin(x)
+        var = h.float().pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(var + 1e-6)
+        return self.weight * h
+
+
+def _compile(model, **options):
+    return torch.compile(model, backend="liger",
+                         options={"inner": "aot_eager", "log_report": False, **options})
+
+
+def _grads(model, out):
+    out.float().sum().backward() if out.dim() else out.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return grads
+
+
+def _validation_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, ValidationWarning)]
+
+
+def test_correct_rewrite_is_checked_equal_and_kept(kernel_path):
+    model = Norm()
+    x = torch.randn(4, 16)
+    ref = model(x)
+    gref = _grads(model, ref)
+    compiled = _compile(model, validate=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = compiled(x)
+    g = _grads(model, out)
+    report = ligerfx.backend.last_report
+    assert report.counts == {"rms_norm": 1}
+    assert [v.status for v in report.validation] == ["equal"]
+    assert "1 of 1 checked rewrite(s) equal" in str(report)
+    assert not _validation_warnings(record)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(g, gref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_wrong_forward_is_dropped_on_first_call(wrong_twice, inner):
+    model = Twice()
+    x = torch.randn(3, 8)
+    ref = model(x)
+    gref = _grads(model, ref)
+    compiled = _compile(model, validate=True, inner=inner)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = compiled(x)
+    (msg,) = _validation_warnings(record)
+    assert wrong_twice in msg and "differs from the original code" in msg and "dropped" in msg
+    assert "relative error" in msg
+    report = ligerfx.backend.last_report
+    assert wrong_twice not in report.counts
+    (v,) = report.validation
+    assert v.status == "dropped" and v.pattern == wrong_twice and "output 0" in v.detail
+    assert "sin(x) * 2" in v.location.code
+    (miss,) = [n for n in report.near_misses if n.pattern == wrong_twice]
+    assert miss.reason.startswith("translation validation:")
+    assert "DROPPED by translation validation" in str(report)
+    # the graph was compiled without the rewrite: this call and the later ones are eager's
+    assert torch.equal(out, ref)
+    for a, b in zip(_grads(model, out), gref):
+        assert torch.equal(a, b)
+    x2 = torch.randn(3, 8)
+    assert torch.equal(compiled(x2), model(x2))
+
+
+def test_wrong_backward_is_dropped(wrong_grad):
+    model = Gelu()
+    x = torch.randn(3, 8)
+    ref = model(x)
+    gref = _grads(model, ref)
+    compiled = _compile(model, validate=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = compiled(x)
+    (msg,) = _validation_warnings(record)
+    assert "gradient of" in msg and "output 0" not in msg  # the forward is right
+    report = ligerfx.backend.last_report
+    assert [v.status for v in report.validation] == ["dropped"]
+    assert wrong_grad not in report.counts
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(_grads(model, out), gref):
+        torch.testing.assert_close(a, b)
+
+
+def test_inductor(wrong_twice):
+    model = Twice()
+    x = torch.randn(3, 8)
+    compiled = _compile(model, validate=True, inner="inductor")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = compiled(x)
+    assert len(_validation_warnings(record)) == 1
+    assert wrong_twice not in ligerfx.backend.last_report.counts
+    # inductor's own fusion rounds differently from eager: close, not bit-equal
+    torch.testing.assert_close(out, model(x))
+
+
+def test_without_validate_the_wrong_rewrite_is_made(wrong_twice):
+    """The control: the pattern really is rewritten (and wrong) when validation is off."""
+    model = Twice()
+    x = torch.randn(3, 8)
+    out = _compile(model, validate=False)(x)
+    assert ligerfx.backend.last_report.counts == {wrong_twice: 1}
+    assert not ligerfx.backend.last_report.validation
+    assert not torch.equal(out, model(x))
+
+
+def test_raise_mode_and_environment(wrong_twice, monkeypatch):
+    monkeypatch.setenv("LIGERFX_VALIDATE", "raise")
+    assert Options().validate == "raise"
+    with pytest.raises(Exception, match="translation validation.*differs from the original"):
+        _compile(Twice())(torch.randn(3, 8))
+    monkeypatch.setenv("LIGERFX_VALIDATE", "1")
+    assert Options().validate is True
+    monkeypatch.setenv("LIGERFX_VALIDATE", "0")
+    assert Options().validate is False
+
+
+class Shaped(nn.Module):
+    def forward(self, x):
+        y = torch.cos(x) * 2
+        return y + 1, x.shape[0]
+
+
+def test_no_grad_dynamic_shapes_and_non_tensor_output(wrong_twice):
+    model = Shaped()
+    compiled = torch.compile(model, backend="liger", dynamic=True,
+                             options={"inner": "aot_eager", "log_report": False,
+                                      "validate": True})
+    with torch.no_grad(), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for n in (5, 7):
+            x = torch.randn(n, 3)
+            out, size = compiled(x)
+            assert size == n and torch.equal(out, model(x)[0])
+    assert len(_validation_warnings(record)) == 1
+    assert [v.status for v in ligerfx.backend.last_report.validation] == ["dropped"]
+
+
+def test_a_validator_failure_keeps_the_rewrite(monkeypatch):
+    from ligerfx.compiler import validate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("validator bug")
+
+    monkeypatch.setattr(validate, "check_region", broken)
+    model = Norm()
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = _compile(model, validate=True)(x)
+    (msg,) = _validation_warnings(record)
+    assert "could not check" in msg and "validator bug" in msg
+    report = ligerfx.backend.last_report
+    assert report.counts == {"rms_norm": 1}
+    assert [v.status for v in report.validation] == ["not validated"]
+    assert "not validated: rms_norm" in str(report)
+    torch.testing.assert_close(out, model(x))
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_option_must_be_a_mode(bad):
+    with pytest.raises(OptionsError, match="option 'validate' must be True, False or \"raise\""):
+        Options.from_any({"validate": bad})
+
+
+def test_environment_value_is_checked(monkeypatch):
+    monkeypatch.setenv("LIGERFX_VALIDATE", "sometimes")
+    with pytest.raises(OptionsError, match="LIGERFX_VALIDATE"):
+        Options()
+
+
+def test_rule():
+    ref = torch.randn(100, dtype=torch.float64)
+    low = ref.float()
+    assert within_eager_rounding("y", low.clone(), low, ref, torch.float32) is None
+    assert "relative error" in within_eager_rounding("y", low * 1.001, low, ref, torch.float32)
+    bad = low.clone()
+    bad[3] = float("nan")
+    assert "non-finite" in within_eager_rounding("y", bad, low, ref, torch.float32)
+    # bf16: a result as good as eager's rounding passes, one a unit in the last place off fails
+    lowb = ref.bfloat16()
+    assert within_eager_rounding("y", lowb.clone(), lowb, ref, torch.bfloat16) is None
+    assert within_eager_rounding("y", (ref * 1.01).bfloat16(), lowb, ref, torch.bfloat16)
+
+
+class Writes(Norm):
+    """Writes a buffer and an input in place around a validated rewrite, and draws dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(16))
+
+    def forward(self, x, cache):
+        self.count.add_(1)
+        out = torch.nn.functional.dropout(super().forward(x), 0.5)
+        cache.mul_(2)
+        return out + self.count, cache.sum()
+
+
+def test_validation_changes_nothing_the_program_sees():
+    """In-place writes happen once, and the random stream is the one without validation."""
+    results = []
+    for validate in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(1)
+        model, cache = Writes(), torch.ones(3)
+        x = torch.randn(4, 16)
+        out, total = _compile(model, validate=validate)(x, cache)
+        results.append((out, total, model.count.clone(), cache.clone(), torch.rand(3)))
+        if validate:
+            assert [v.status for v in ligerfx.backend.last_report.validation] == ["equal"]
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert torch.equal(results[1][2], torch.ones(16)) and torch.equal(results[1][3], 2 * torch.ones(3))
