@@ -12,8 +12,10 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from tests.differential import spelling as sp
-from tests.differential.perturb import perturbed
+from tests.differential.perturb import dynamic, perturbed
 from tests.differential.source import Case, Input, Src
+
+PATTERNS = ("fused_linear_cross_entropy", "cross_entropy")
 
 MATH_EDITS = (
     ("softcap with mismatched constants", r"(\d+\.0) \* torch\.tanh\((\w+) / \1\)", r"\1 * torch.tanh(\2 / 7.0)"),
@@ -78,4 +80,4 @@ def cases(draw):
     kind, what = draw(perturbed(src, MATH_EDITS))
     name = "fused_linear_cross_entropy" if head else "cross_entropy"
     return Case(src, (name,), kind, dtype,
-                what or f"{name}: {step}, {'shifted' if shift else 'no shift'}, {red}, ignore={ignore}")
+                what or f"{name}: {step}, {'shifted' if shift else 'no shift'}, {red}, ignore={ignore}", dynamic=dynamic(draw))

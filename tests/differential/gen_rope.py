@@ -10,8 +10,10 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from tests.differential import spelling as sp
-from tests.differential.perturb import perturbed
+from tests.differential.perturb import dynamic, perturbed
 from tests.differential.source import Case, Input, Src
+
+PATTERNS = ("rope", "rope_single")
 
 MATH_EDITS = (
     ("rotation direction flipped", r"torch\.cat\(\(-(\w+)2, (\w+)1\)", r"torch.cat((\g<1>2, -\g<2>1)"),
@@ -83,4 +85,4 @@ def cases(draw):
     layout = f"{'[b,h,t,d]' if bhtd else '[b,t,h,d]'}, {'[b,t,d]' if per_batch else '[t,d]'} tables"
     form = "interleaved" if interleaved else "rotate_half"
     return Case(src, ("rope",) if pair else ("rope_single",), kind, dtype,
-                what or f"{'q,k' if pair else 'q only'} {form}, {layout}, {'fp32' if upcast else 'cast tables'}")
+                what or f"{'q,k' if pair else 'q only'} {form}, {layout}, {'fp32' if upcast else 'cast tables'}", dynamic=dynamic(draw))
