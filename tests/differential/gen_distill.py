@@ -149,7 +149,7 @@ def cases(draw):
             src.inputs.append(Input("keep", (B, T), kind="mask"))
             mask = "keep"
         else:
-            mask = draw(st.sampled_from(("(labels != -100).float()", "labels != -100")))
+            mask = draw(st.sampled_from(("(labels != -100).float()", "(labels != -100)")))
         body.append(f"mask = {mask}" + (".reshape(-1)" if rows else ""))
         body.append("loss = (r * mask).sum() / mask.sum()")
     elif red == "sum":
