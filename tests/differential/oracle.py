@@ -13,7 +13,9 @@ judged by the case's kind (source.SPELLING / SAFETY / MATH): a spelling or a saf
 that is not rewritten must be reported as a near miss of its pattern (a silent miss fails).
 
 Set LIGERFX_DIFF_SURVEY=path to record failures as JSON lines there instead of raising (how the
-catalogue of holes in test_regressions.py was collected, with LIGERFX_DIFF_EXAMPLES=40).
+catalogue of holes in test_regressions.py was collected, with LIGERFX_DIFF_EXAMPLES=40); each
+example checked also adds a line (its kind) to path.count.  A case may ask for dynamic=True, extra
+backend options (`sparsity`) and inference (no_grad, frozen parameters): see source.Case.
 """
 
 from __future__ import annotations
@@ -151,6 +153,10 @@ def _fail(case: Case, seed: int, exc: type, msg: str) -> None:
 
 def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
     """Run the oracle on one case; returns the reports (raises WrongAnswer / SilentMiss / Crash)."""
+    survey = os.environ.get("LIGERFX_DIFF_SURVEY")
+    if survey:  # one line per example reaching the oracle: a long run's count
+        with open(survey + ".count", "a") as f:
+            f.write(f"{case.kind}\n")
     masters = make_inputs(case, seed)
     ref_model, low_model, test_model = case.build(True), case.build(), case.build()
     ref_in, ref_leaves = _leaves(case, masters, ref_model, True)
