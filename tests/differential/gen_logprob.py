@@ -52,7 +52,8 @@ def _logprob(draw, body, V) -> str:
         body.append("tok = sel - z.logsumexp(-1)")
     else:
         body.append(f"nll = F.cross_entropy(z.reshape(-1, {V}), idx.reshape(-1), reduction='none')")
-        body.append("tok = -nll.view_as(idx)")
+        body.append(draw(st.sampled_from(("tok = -nll.view_as(idx)", "tok = -nll.view(idx.shape)",
+                                          "tok = -(nll.reshape(idx.shape[0], -1))"))))
     return form
 
 
