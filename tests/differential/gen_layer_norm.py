@@ -5,8 +5,10 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from tests.differential import spelling as sp
-from tests.differential.perturb import perturbed, tensor_eps
+from tests.differential.perturb import dynamic, perturbed, tensor_eps
 from tests.differential.source import Case, Input, Src
+
+PATTERNS = ("layer_norm",)
 
 MATH_EDITS = (
     ("biased variance replaced by the unbiased one", r"unbiased=False", "unbiased=True"),
@@ -55,4 +57,4 @@ def cases(draw):
     kind, what = draw(perturbed(src, MATH_EDITS, (tensor_eps,)))
     eps = draw(st.sampled_from(("1e-05", "1e-06")))
     src.body = [line.replace("EPS", eps) for line in src.body]
-    return Case(src, ("layer_norm",), kind, dtype, what or f"{form} layer_norm ({affine})")
+    return Case(src, ("layer_norm",), kind, dtype, what or f"{form} layer_norm ({affine})", dynamic=dynamic(draw))

@@ -4,7 +4,8 @@ With a head (`nn.Linear`, `F.linear`, `@ W.t()`) in the graph the case is about
 `fused_linear_cross_entropy`; with the logits given as an input, about `cross_entropy`.  Between
 logits and loss: an fp32 upcast, `/ temperature`, a softcap, the label shift, `view(-1, V)`, and
 the loss spelled `F.cross_entropy` (ignore_index, reduction, label_smoothing) or
-`F.nll_loss(F.log_softmax(..))`, or `sum / num_items`.
+`F.nll_loss(F.log_softmax(..))`, or `sum / num_items`.  Edges: -inf vocabulary columns,
+underflowing rows, every label ignored, a zero-size batch, logits of another dtype, dynamic=True.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from tests.differential import spelling as sp
-from tests.differential.perturb import perturbed
+from tests.differential.perturb import dynamic, edges, perturbed
 from tests.differential.source import Case, Input, Src
+
+PATTERNS = ("fused_linear_cross_entropy", "cross_entropy")
 
 MATH_EDITS = (
     ("softcap with mismatched constants", r"(\d+\.0) \* torch\.tanh\((\w+) / \1\)", r"\1 * torch.tanh(\2 / 7.0)"),
@@ -76,6 +79,7 @@ def cases(draw):
     src.body = body
     src.returns = ["loss"]
     kind, what = draw(perturbed(src, MATH_EDITS))
+    kind, what = draw(edges(src, kind, what, logits=("logits",), labels=("labels",), shapes=()))
     name = "fused_linear_cross_entropy" if head else "cross_entropy"
     return Case(src, (name,), kind, dtype,
-                what or f"{name}: {step}, {'shifted' if shift else 'no shift'}, {red}, ignore={ignore}")
+                what or f"{name}: {step}, {'shifted' if shift else 'no shift'}, {red}, ignore={ignore}", dynamic=dynamic(draw))

@@ -5,8 +5,10 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from tests.differential import spelling as sp
-from tests.differential.perturb import perturbed, tensor_eps
+from tests.differential.perturb import dynamic, perturbed, tensor_eps
 from tests.differential.source import Case, Input, Src
+
+PATTERNS = ("rms_norm",)
 
 # Edits that change the math (each must then not be rewritten, unless still equal).
 MATH_EDITS = (
@@ -59,4 +61,4 @@ def cases(draw):
     src.returns = ["out"]
     kind, what = draw(perturbed(src, MATH_EDITS, (tensor_eps,)))
     src.body = [line.replace("EPS", eps) for line in src.body]
-    return Case(src, ("rms_norm",), kind, dtype, what or f"{form} rms_norm")
+    return Case(src, ("rms_norm",), kind, dtype, what or f"{form} rms_norm", dynamic=dynamic(draw))

@@ -2,7 +2,8 @@
 
 Spellings: rotate_half by slices or `chunk`, interleaved pairs (`stack(..).flatten(-2)` with
 `repeat_interleave` tables), [t, d] or [b, t, d] tables (positions given), [b, h, t, d] or
-[b, t, h, d] layouts, GQA, tables cast to the activation dtype or q upcast to fp32.
+[b, t, h, d] layouts, GQA, tables cast to the activation dtype or q upcast to fp32, one table
+of another dtype (mixed-dtype promotion), dynamic=True.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from tests.differential import spelling as sp
-from tests.differential.perturb import perturbed
+from tests.differential.perturb import dynamic, perturbed
 from tests.differential.source import Case, Input, Src
+
+PATTERNS = ("rope", "rope_single")
 
 MATH_EDITS = (
     ("rotation direction flipped", r"torch\.cat\(\(-(\w+)2, (\w+)1\)", r"torch.cat((\g<1>2, -\g<2>1)"),
@@ -60,8 +63,13 @@ def cases(draw):
     body.append("emb = freqs.repeat_interleave(2, dim=-1)" if interleaved else
                 "emb = torch.cat((freqs, freqs), dim=-1)")
     upcast = draw(st.booleans())
+    tables = {t: f"emb.{t}()" if upcast else f"emb.{t}().to(x.dtype)" for t in ("cos", "sin")}
+    mixed = draw(st.sampled_from((None, None, None, "cos", "sin")))
+    if mixed:  # one table of its own dtype: eager's type promotion rounds one branch differently
+        half = draw(st.sampled_from(("torch.bfloat16", "torch.float16", "torch.float32")))
+        tables[mixed] = f"emb.{mixed}().to({half})"
     for t in ("cos", "sin"):
-        body.append(f"{t} = emb.{t}()" if upcast else f"{t} = emb.{t}().to(x.dtype)")
+        body.append(f"{t} = {tables[t]}")
     axis = (1 if per_batch else 0) if bhtd else (2 if per_batch else 1)
     if bhtd and not per_batch and draw(st.booleans()):
         pass  # [t, d] tables broadcast against [b, h, t, d] as they are
@@ -80,7 +88,9 @@ def cases(draw):
     src.body = body
     src.returns = ["qo", "ko"] if pair else ["qo"]
     kind, what = draw(perturbed(src, MATH_EDITS))
+    if mixed:
+        what = f"{what}; {tables[mixed]}" if what else f"{mixed} table {tables[mixed]}"
     layout = f"{'[b,h,t,d]' if bhtd else '[b,t,h,d]'}, {'[b,t,d]' if per_batch else '[t,d]'} tables"
     form = "interleaved" if interleaved else "rotate_half"
     return Case(src, ("rope",) if pair else ("rope_single",), kind, dtype,
-                what or f"{'q,k' if pair else 'q only'} {form}, {layout}, {'fp32' if upcast else 'cast tables'}")
+                what or f"{'q,k' if pair else 'q only'} {form}, {layout}, {'fp32' if upcast else 'cast tables'}", dynamic=dynamic(draw))

@@ -13,7 +13,9 @@ judged by the case's kind (source.SPELLING / SAFETY / MATH): a spelling or a saf
 that is not rewritten must be reported as a near miss of its pattern (a silent miss fails).
 
 Set LIGERFX_DIFF_SURVEY=path to record failures as JSON lines there instead of raising (how the
-catalogue of holes in test_regressions.py was collected, with LIGERFX_DIFF_EXAMPLES=40).
+catalogue of holes in test_regressions.py was collected, with LIGERFX_DIFF_EXAMPLES=40); each
+example checked also adds a line (its kind) to path.count.  A case may ask for dynamic=True, extra
+backend options (`sparsity`) and inference (no_grad, frozen parameters): see source.Case.
 """
 
 from __future__ import annotations
@@ -71,10 +73,18 @@ def collect_reports(into: list):
         ligerfx.backend.rewrite = inner
 
 
-def _leaves(case: Case, masters, model, dtype):
-    inputs = [m.to(dtype).requires_grad_() if i.kind == "float" else m
-              for i, m in zip(case.src.inputs, masters)]
-    return inputs, [x for x in inputs if x.requires_grad] + list(model.parameters())
+def _leaves(case: Case, masters, model, reference: bool):
+    """The inputs in their dtypes (float64 for the reference) and the leaves whose gradients are
+    compared: the float inputs that need one, then the module's parameters."""
+    inputs = []
+    for i, m in zip(case.src.inputs, masters):
+        if i.kind in ("float", "mask"):
+            m = m.to(case.input_dtype(i, reference))
+            if i.kind == "float" and i.grad and case.grad:
+                m.requires_grad_()
+        inputs.append(m)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return inputs, [x for x in inputs if x.requires_grad] + params
 
 
 def _run(model, inputs, leaves, cotangents):
@@ -121,6 +131,8 @@ def compare(what: str, got, low, ref, dtype) -> str | None:
         return f"{what}: inf/nan values differ from eager's"
     mask = fin_l & torch.isfinite(ref)
     e_got, e_low = _err(got, ref, mask), _err(low, ref, mask)
+    if torch.finfo(low.dtype).eps > torch.finfo(dtype).eps:  # a half-precision output of a
+        dtype = low.dtype  # mixed-dtype case: its own format's floor
     floor = 2e-5 if dtype in (torch.float32, torch.float64) else 0.05 * torch.finfo(dtype).eps
     if e_got > 1.25 * e_low + floor:
         return f"{what}: relative error {e_got:.3g} vs float64, eager {dtype} has {e_low:.3g}"
@@ -134,24 +146,30 @@ def _fail(case: Case, seed: int, exc: type, msg: str) -> None:
         with open(survey, "a") as f:
             f.write(json.dumps({"patterns": case.patterns, "kind": case.kind, "what": case.what,
                                 "dtype": str(case.dtype), "failure": exc.__name__, "seed": seed,
-                                "message": msg, "source": case.source}) + "\n")
+                                "message": msg, "case": repr(case)}) + "\n")
         return
     raise exc(full)
 
 
 def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
     """Run the oracle on one case; returns the reports (raises WrongAnswer / SilentMiss / Crash)."""
+    survey = os.environ.get("LIGERFX_DIFF_SURVEY")
+    if survey:  # one line per example reaching the oracle: a long run's count
+        with open(survey + ".count", "a") as f:
+            f.write(f"{case.kind}\n")
     masters = make_inputs(case, seed)
     ref_model, low_model, test_model = case.build(True), case.build(), case.build()
-    ref_in, ref_leaves = _leaves(case, masters, ref_model, torch.float64)
+    ref_in, ref_leaves = _leaves(case, masters, ref_model, True)
+    eager_mode = torch.enable_grad() if case.grad else torch.no_grad()
     try:
-        ref_out = [o for o in ref_model(*ref_in)]
-        g = torch.Generator().manual_seed(seed + 1)
-        cot = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref_out
-               if o.is_floating_point() and o.requires_grad]
-        ref_out, ref_grads = _run(ref_model, ref_in, ref_leaves, cot)
-        low_in, low_leaves = _leaves(case, masters, low_model, case.dtype)
-        low_out, low_grads = _run(low_model, low_in, low_leaves, cot)
+        with eager_mode:
+            ref_out = [o for o in ref_model(*ref_in)]
+            g = torch.Generator().manual_seed(seed + 1)
+            cot = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref_out
+                   if o.is_floating_point() and o.requires_grad] if case.grad else None
+            ref_out, ref_grads = _run(ref_model, ref_in, ref_leaves, cot)
+            low_in, low_leaves = _leaves(case, masters, low_model, False)
+            low_out, low_grads = _run(low_model, low_in, low_leaves, cot)
     except Exception as e:  # the generated code is not valid eager code: not a case
         assume(False)
         raise AssertionError("unreachable") from e
@@ -162,12 +180,12 @@ def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     reports: list = []
-    compiled = torch.compile(test_model, backend="liger",
-                             options={"inner": "aot_eager", "log_report": False})
+    compiled = torch.compile(test_model, backend="liger", dynamic=case.dynamic or None,
+                             options={"inner": "aot_eager", "log_report": False, **case.options})
     for path in paths:
         grad_mode = torch.enable_grad() if cot is not None else torch.no_grad()
         with kernel_path(path), collect_reports(reports), grad_mode:
-            test_in, test_leaves = _leaves(case, masters, test_model, case.dtype)
+            test_in, test_leaves = _leaves(case, masters, test_model, False)
             try:
                 got_out, got_grads = _run(compiled, test_in, test_leaves, cot)
             except Exception as e:
@@ -175,8 +193,9 @@ def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
         problems = [compare(f"output {i}", a, b, c, case.dtype)
                     for i, (a, b, c) in enumerate(zip(got_out, low_out, ref_out))]
         if cot is not None:
-            names = [f"grad of input {i}" for i in range(len(test_leaves) - len(list(test_model.parameters())))]
-            names += [f"grad of {n}" for n, _ in test_model.named_parameters()]
+            names = [f"grad of input {i}" for i in range(len(test_leaves) - len([p for p in test_model.parameters()
+                                                                                  if p.requires_grad]))]
+            names += [f"grad of {n}" for n, p in test_model.named_parameters() if p.requires_grad]
             got_grads = got_grads or [None] * len(names)
             problems += [compare(n, a, b, c, case.dtype)
                          for n, a, b, c in zip(names, got_grads, low_grads, ref_grads)]
@@ -185,7 +204,8 @@ def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
             return _fail(case, seed, WrongAnswer, f"{path} path: " + "; ".join(problems) + "\n"
                          + _summary(reports)) or reports
     rewritten = any(m.pattern in case.patterns for r in reports for m in r.matches)
-    reported = any(n.pattern in case.patterns for r in reports for n in r.near_misses)
+    reported = any(n.pattern in case.patterns + case.reported_as
+                   for r in reports for n in r.near_misses)
     # A call Dynamo itself runs eagerly (a graph break, e.g. F.layer_norm with a tensor eps)
     # never reaches the backend: nothing ligerfx could rewrite or report.
     broke = bool(torch._dynamo.utils.counters["graph_break"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from hypothesis import strategies as st
 
 # Every spelling of a write Dynamo may produce (issue 10 §1); `{n}` is the written tensor.
@@ -163,3 +165,103 @@ def perturbed(draw, src, edits=(), extra_safety=()):
                 inp.scale = 1000.0
         return SPELLING, "inputs scaled by 1000"
     return SPELLING, ""
+
+
+# -- the values and shapes a rewrite must also get right (issue 22 §3) ------------------------------
+
+def _floats(src, names):
+    return [i for i in src.inputs if i.kind == "float" and i.name in names]
+
+
+@st.composite
+def extreme_values(draw, src, logits=(), labels=(), batch=True):
+    """Values at IEEE's edges in the named inputs: a -inf masked vocabulary (the same last-dim
+    columns of one or all `logits` inputs), a row range that underflows fp32's exp (> 104), every
+    label ignored, or a zero-size batch (dim 0 of every input; the generated code must reshape
+    with -1).  Returns the description, or None when none fits."""
+    floats = _floats(src, logits)
+    fits = []
+    if floats:
+        fits += ["-inf columns", "underflow"]
+    if any(i.kind == "labels" and i.name in labels for i in src.inputs):
+        fits.append("all ignored")
+    if batch and src.inputs:
+        fits.append("zero-size batch")
+    if not fits:
+        return None
+    what = draw(st.sampled_from(fits))
+    if what == "-inf columns":
+        V = floats[0].shape[-1]
+        cols = tuple(sorted(draw(st.sets(st.integers(0, V - 1), min_size=1, max_size=V // 3))))
+        hit = floats if draw(st.booleans()) else [draw(st.sampled_from(floats))]
+        for i in hit:
+            i.neginf = cols
+        return f"-inf at columns {cols} of {[i.name for i in hit]}"
+    if what == "underflow":
+        i = draw(st.sampled_from(floats))
+        i.spread = draw(st.sampled_from((110.0, 200.0)))
+        return f"{i.name}'s rows spread over {i.spread}"
+    if what == "all ignored":
+        for i in src.inputs:
+            if i.kind == "labels" and i.name in labels:
+                i.ignore = 1.0
+        return "every label ignored"
+    for i in src.inputs:
+        i.shape = (0,) + tuple(i.shape[1:])
+    return "zero-size batch"
+
+
+@st.composite
+def mixed_dtypes(draw, src, names):
+    """Pin some of the named float inputs to a dtype other than the case's: eager's type promotion
+    (and where it rounds) must be what the rewrite computes."""
+    floats = _floats(src, names)
+    if not floats:
+        return None
+    picked = draw(st.lists(st.sampled_from(floats), min_size=1, max_size=len(floats), unique_by=id))
+    for i in picked:
+        i.dtype = draw(st.sampled_from((torch.float32, torch.bfloat16, torch.float16)))
+    return "dtypes " + ", ".join(f"{i.name}: {str(i.dtype).replace('torch.', '')}" for i in picked)
+
+
+@st.composite
+def broadcast(draw, src, names):
+    """One of the named inputs given a size-1 leading dim (or fewer dims) that broadcasts against
+    the others in eager: a rewrite that compares shapes by their last dim or their numel breaks."""
+    floats = [i for i in _floats(src, names) + [i for i in src.inputs if i.kind == "mask"
+                                                 and i.name in names] if len(i.shape) >= 2]
+    if not floats:
+        return None
+    i = draw(st.sampled_from(floats))
+    how = draw(st.sampled_from(["drop"] + [f"dim {d}" for d in range(len(i.shape) - 1)]))
+    old = i.shape
+    i.shape = tuple(i.shape[1:]) if how == "drop" else tuple(
+        1 if d == int(how.split()[1]) else n for d, n in enumerate(i.shape))
+    return f"{i.name} broadcast: {old} -> {i.shape}"
+
+
+@st.composite
+def edges(draw, src, kind, what, logits=(), labels=(), shapes=(), batch=True):
+    """After `perturbed`: maybe one edge of the above (extreme values of `logits` / `labels`,
+    mixed dtypes of `logits`, `shapes` broadcast).  A broadcast changes what eager computes, so it
+    makes the case a MATH one (rewritten only if equal).  Returns (kind, description)."""
+    from tests.differential.source import MATH
+
+    pick = draw(st.sampled_from(("none", "none", "values", "values", "dtypes", "broadcast")))
+    extra = None
+    if pick == "values":
+        extra = draw(extreme_values(src, logits, labels, batch))
+    elif pick == "dtypes":
+        extra = draw(mixed_dtypes(src, logits))
+    elif pick == "broadcast":
+        extra = draw(broadcast(src, shapes))
+        if extra:
+            kind = MATH
+    if not extra:
+        return kind, what
+    return kind, f"{what}; {extra}" if what else extra
+
+
+def dynamic(draw) -> bool:
+    """Compile with dynamic=True about one case in four (symbolic sizes and scalars)."""
+    return draw(st.sampled_from((False, False, False, True)))

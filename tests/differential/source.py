@@ -28,14 +28,25 @@ _counter = itertools.count()
 
 @dataclass
 class Input:
-    """One forward argument: a float tensor (with gradient), int labels, or int positions."""
+    """One forward argument: a float tensor (with gradient unless `grad=False`), a 0/1 float row
+    mask, a bool mask, int labels, or int positions.
+
+    Floats may carry non-finite and extreme values: whole last-dim columns at -inf (a masked
+    vocabulary; give two inputs the same columns to mask both sides) and a ramp along the last
+    dim (`spread`: a row's range, > 104 makes fp32 softmax underflow to 0).  `dtype` pins the
+    operand's dtype whatever the case's (mixed-dtype cases); the float64 reference still runs
+    every operand in float64."""
 
     name: str
     shape: tuple
-    kind: str = "float"  # "float" | "labels" | "positions"
+    kind: str = "float"  # "float" | "mask" (0/1 floats) | "bool" | "labels" | "positions"
     high: int = 0  # labels: number of classes; positions: table length
-    ignore: bool = False  # labels: some positions set to -100
+    ignore: bool | float = False  # labels: fraction set to -100 (True: 0.3, 1.0: every one)
     scale: float = 1.0  # floats: magnitude (large for overflow cases)
+    grad: bool = True  # floats: a leaf that needs a gradient (False: teacher logits, no_grad data)
+    dtype: torch.dtype | None = None  # floats / masks: a fixed dtype; None: the case's dtype
+    neginf: tuple = ()  # floats: last-dim columns set to -inf in every row
+    spread: float = 0.0  # floats: a ramp 0..spread added along the last dim
 
 
 @dataclass
@@ -84,6 +95,10 @@ class Case:
     kind: str = SPELLING
     dtype: torch.dtype = torch.float32
     what: str = ""  # the spelling / perturbation, for the failure message
+    dynamic: bool = False  # torch.compile(..., dynamic=True)
+    options: dict = field(default_factory=dict)  # backend options beyond the oracle's own
+    grad: bool = True  # False: inference (parameters frozen, everything run under no_grad)
+    reported_as: tuple = ()  # further pattern names whose near miss (not rewrite) also counts
 
     @property
     def source(self) -> str:
@@ -103,12 +118,22 @@ class Case:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             m = ns["M"]()
-        return m.double() if reference else m.to(self.dtype)
+        m = m.double() if reference else m.to(self.dtype)
+        if not self.grad:
+            m.requires_grad_(False)
+        return m
+
+    def input_dtype(self, i: Input, reference: bool) -> torch.dtype:
+        return torch.float64 if reference else (i.dtype or self.dtype)
 
     def __repr__(self) -> str:  # hypothesis prints the falsifying example with this: the code
+        inputs = [(i.name, i.shape, i.kind, i.scale) + tuple(
+            f"{k}={getattr(i, k)}" for k in ("grad", "dtype", "neginf", "spread", "ignore")
+            if getattr(i, k) != Input.__dataclass_fields__[k].default) for i in self.src.inputs]
+        flags = "".join(f"; {k}" for k, on in (("dynamic=True", self.dynamic),
+                                               ("no_grad", not self.grad)) if on)
         return (f"[{self.kind}: {self.what}; dtype {self.dtype}; patterns {self.patterns}; "
-                f"inputs {[(i.name, i.shape, i.kind, i.scale) for i in self.src.inputs]}]\n"
-                + self.source)
+                f"options {self.options}{flags}; inputs {inputs}]\n" + self.source)
 
 
 def make_inputs(case: Case, seed: int):
@@ -117,11 +142,22 @@ def make_inputs(case: Case, seed: int):
     masters = []
     for i in case.src.inputs:
         if i.kind == "float":
-            masters.append(torch.randn(i.shape, generator=g, dtype=torch.float64) * i.scale)
+            t = torch.randn(i.shape, generator=g, dtype=torch.float64) * i.scale
+            if i.spread and t.dim():
+                t = t + torch.linspace(0.0, i.spread, t.shape[-1], dtype=torch.float64)
+            if i.neginf and t.dim():
+                t[..., list(i.neginf)] = float("-inf")
+            masters.append(t)
+        elif i.kind in ("mask", "bool"):  # about a third zeros, never all of them
+            t = torch.rand(i.shape, generator=g) >= 0.35
+            if t.numel():
+                t.view(-1)[0] = True
+            masters.append(t if i.kind == "bool" else t.double())
         elif i.kind == "labels":
             t = torch.randint(0, i.high, i.shape, generator=g)
             if i.ignore:
-                t[torch.rand(i.shape, generator=g) < 0.3] = -100
+                frac = 0.3 if i.ignore is True else float(i.ignore)
+                t[torch.rand(i.shape, generator=g) < frac] = -100
             masters.append(t)
         else:  # positions: a random permutation-ish set of table rows
             masters.append(torch.randint(0, i.high, i.shape, generator=g))

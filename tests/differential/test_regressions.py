@@ -9,7 +9,7 @@ misses, or a pattern/canonical gap fixed here).
 import torch
 
 from tests.differential.oracle import check
-from tests.differential.source import MATH, SAFETY, SPELLING, Case, Input, Written
+from tests.differential.source import SAFETY, SPELLING, Case, Input, Written
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
