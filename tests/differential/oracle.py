@@ -28,6 +28,7 @@ import torch
 from hypothesis import assume
 
 import ligerfx.backend
+from ligerfx.compiler.validate import within_eager_rounding
 from tests.differential.source import MATH, SAFETY, SPELLING, Case, make_inputs
 
 
@@ -102,41 +103,8 @@ def _run(model, inputs, leaves, cotangents):
     return outs, list(grads)
 
 
-def _err(x, ref, mask):
-    x, ref = x.double()[mask], ref.double()[mask]
-    if ref.numel() == 0:
-        return 0.0
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def compare(what: str, got, low, ref, dtype) -> str | None:
-    """None when `got` is as good as eager's `low` against float64 `ref`, else the reason."""
-    if low is None:
-        if got is not None and got.abs().sum() != 0:
-            return f"{what}: a gradient where eager has none"
-        return None
-    if got is None:
-        return f"{what}: no gradient where eager has one"
-    if got.shape != low.shape or got.dtype != low.dtype:
-        return f"{what}: {tuple(got.shape)} {got.dtype}, eager gives {tuple(low.shape)} {low.dtype}"
-    if not got.is_floating_point():
-        return None if torch.equal(got, low) else f"{what}: integer values differ"
-    fin_g, fin_l = torch.isfinite(got), torch.isfinite(low)
-    if not torch.equal(fin_g, fin_l):
-        return (f"{what}: {int((~fin_g).sum())} non-finite values, eager has "
-                f"{int((~fin_l).sum())} (at other positions)")
-    nonfin = ~fin_l
-    same = (got[nonfin] == low[nonfin]) | (got[nonfin].isnan() & low[nonfin].isnan())
-    if not same.all():
-        return f"{what}: inf/nan values differ from eager's"
-    mask = fin_l & torch.isfinite(ref)
-    e_got, e_low = _err(got, ref, mask), _err(low, ref, mask)
-    if torch.finfo(low.dtype).eps > torch.finfo(dtype).eps:  # a half-precision output of a
-        dtype = low.dtype  # mixed-dtype case: its own format's floor
-    floor = 2e-5 if dtype in (torch.float32, torch.float64) else 0.05 * torch.finfo(dtype).eps
-    if e_got > 1.25 * e_low + floor:
-        return f"{what}: relative error {e_got:.3g} vs float64, eager {dtype} has {e_low:.3g}"
-    return None
+# The rule is the validator's (one home): ligerfx/compiler/validate.py.
+compare = within_eager_rounding
 
 
 def _fail(case: Case, seed: int, exc: type, msg: str) -> None:
