@@ -31,6 +31,10 @@ tables (position ids) unsqueezed for [b, h, t, d] or [b, t, h, d], GQA (k with f
 `check` proves from the shapes alone (symbolically, no guards) that the tables broadcast the way
 the kernel indexes them and picks seq_dim; casts around the rotation are replayed exactly (an fp32
 upcast inside a bf16 model costs nothing: the kernel computes in fp32 anyway).
+Dtypes (patterns/rope_dtypes.py): both products must compute in one dtype (tables of mixed dtypes,
+where type promotion rounds one product to bf16 and not the other, are refused); with a low-precision
+q and wider tables the backward rounds each branch's gradient to q's dtype and sums them there, as
+eager's autograd does (liger::rope's grad_dtype).
 """
 
 from __future__ import annotations
