@@ -18,6 +18,12 @@ and rounds); with round_steps the kernel does exactly that, forward and backward
 eager's ops rounds the same way: two products, then their sum), so it is bit-equal to eager.
 Without it, the rotation is computed in fp32 and rounded once.
 
+`grad_dtype` (backward only): eager code whose products promote q to a wider dtype (a bf16 q times
+fp32 or fp16 tables computes in fp32) computes forward in that dtype, but autograd casts each
+product's gradient back to q's dtype and sums the two branches there.  With grad_dtype the
+backward rounds each of its two products and their sum to grad_dtype, which reproduces that; the
+result is stored in the gradient's own dtype (exact: it already holds grad_dtype values).
+
 q/k are 4-D, [b, h, t, d] (seq_dim=2) or [b, t, h, d] (seq_dim=1); k may have fewer heads (GQA).
 cos/sin are [t, r'], [1, t, r'] or [b, t, r'], fp32 or the activation dtype.  The backward is the
 exact transpose of the forward map (it does not assume the two cos halves are equal), so random
@@ -33,6 +39,7 @@ cos/sin row once for all heads in its block.  Strides are passed explicitly, so 
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -55,7 +62,7 @@ def _rope_heads(
     HALF: tl.constexpr, D: tl.constexpr,
     BH: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, BACKWARD: tl.constexpr,
-    ROUND_STEPS: tl.constexpr,
+    RDT: tl.constexpr,
 ):
     """Rotate heads [h0, h0 + BH) of one token of x into o; IN_PAIRS / OUT_PAIRS: the pairs sit
     at (2i, 2i+1) of x / o, else at (i, HALF + i).
@@ -86,21 +93,14 @@ def _rope_heads(
     c_b = c_b[None, :]
     s_a = s_a[None, :]
     s_b = s_b[None, :]
-    if ROUND_STEPS:
-        ODT = o_ptr.dtype.element_ty
-        if BACKWARD:
-            oa = round_to(round_to(xa * c_a, ODT) + round_to(xb * s_b, ODT), ODT)
-            ob = round_to(round_to(xb * c_b, ODT) - round_to(xa * s_a, ODT), ODT)
-        else:
-            oa = round_to(round_to(xa * c_a, ODT) - round_to(xb * s_a, ODT), ODT)
-            ob = round_to(round_to(xb * c_b, ODT) + round_to(xa * s_b, ODT), ODT)
-    elif BACKWARD:
+    # RDT: the dtype each product and the sum are rounded to (eager's roundings); fp32: none
+    if BACKWARD:
         # Transpose of [[C_a, -S_a], [S_b, C_b]].
-        oa = xa * c_a + xb * s_b
-        ob = xb * c_b - xa * s_a
+        oa = round_to(round_to(xa * c_a, RDT) + round_to(xb * s_b, RDT), RDT)
+        ob = round_to(round_to(xb * c_b, RDT) - round_to(xa * s_a, RDT), RDT)
     else:
-        oa = xa * c_a - xb * s_a
-        ob = xb * c_b + xa * s_b
+        oa = round_to(round_to(xa * c_a, RDT) - round_to(xb * s_a, RDT), RDT)
+        ob = round_to(round_to(xb * c_b, RDT) + round_to(xa * s_b, RDT), RDT)
 
     if OUT_PAIRS:
         o = tl.reshape(tl.join(oa, ob), (BH, 2 * BLOCK_HALF))
@@ -127,7 +127,7 @@ def _rope_kernel(
     HALF: tl.constexpr, D: tl.constexpr,
     BHQ: tl.constexpr, BHK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     INTERLEAVED: tl.constexpr, IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr,
-    BACKWARD: tl.constexpr, ROUND_STEPS: tl.constexpr,
+    BACKWARD: tl.constexpr, RDT: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -153,12 +153,12 @@ def _rope_kernel(
         _rope_heads(q_ptr, qo_ptr, q_sb, q_sh, q_st, q_sd, qo_sb, qo_sh, qo_st, qo_sd,
                     bi, ti, blk * BHQ, HQ, c_a, c_b, s_a, s_b,
                     HALF, D, BHQ, BLOCK_HALF, BLOCK_PASS, IN_PAIRS, OUT_PAIRS, BACKWARD,
-                    ROUND_STEPS)
+                    RDT)
     else:
         _rope_heads(k_ptr, ko_ptr, k_sb, k_sh, k_st, k_sd, ko_sb, ko_sh, ko_st, ko_sd,
                     bi, ti, (blk - n_qblk) * BHK, HK, c_a, c_b, s_a, s_b,
                     HALF, D, BHK, BLOCK_HALF, BLOCK_PASS, IN_PAIRS, OUT_PAIRS, BACKWARD,
-                    ROUND_STEPS)
+                    RDT)
 
 
 def _pair_layouts(interleaved: bool, halves_out: bool, backward: bool) -> tuple[bool, bool]:
@@ -202,9 +202,13 @@ def _check(q, k, cos, sin, seq_dim, interleaved, halves_out=False) -> int:
     return rot
 
 
-def _launch(q, k, cos, sin, q_out, k_out, seq_dim: int, interleaved: bool, backward: bool,
-            round_steps: bool = False, halves_out: bool = False) -> None:
-    """Launch the kernel: rotate q into q_out and k into k_out (forward, or transpose if backward)."""
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _launch(q, k, cos, sin, q_out, k_out, seq_dim: int, interleaved: bool, backward: bool, *,
+            round_dtype: torch.dtype | None = None, halves_out: bool = False) -> None:
+    """Launch the kernel: rotate q into q_out and k into k_out (forward, or transpose if backward);
+    each product and sum rounded to `round_dtype` (bf16 / fp16; None: fp32 throughout)."""
     in_pairs, out_pairs = _pair_layouts(interleaved, halves_out, backward)
     b, t, d = q.shape[0], q.shape[seq_dim], q.shape[3]
     hq, hk = q.shape[3 - seq_dim], k.shape[3 - seq_dim]
@@ -226,7 +230,7 @@ def _launch(q, k, cos, sin, q_out, k_out, seq_dim: int, interleaved: bool, backw
         t, hq, hk,
         HALF=half, D=d, BHQ=bhq, BHK=bhk, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
         INTERLEAVED=interleaved, IN_PAIRS=in_pairs, OUT_PAIRS=out_pairs, BACKWARD=backward,
-        ROUND_STEPS=round_steps,
+        RDT=_TL_DTYPES.get(round_dtype, tl.float32),
         num_warps=8 if tile >= 4096 else 4 if tile >= 512 else 2,
     )
 
@@ -242,11 +246,27 @@ def _table(c: torch.Tensor, x: torch.Tensor, seq_dim: int, dtype: torch.dtype) -
     return c.unsqueeze(1) if seq_dim == 2 else c.unsqueeze(2)
 
 
+def _round_dtype(x_dtype, backward: bool, round_steps: bool, grad_dtype) -> torch.dtype | None:
+    """The dtype each product and their sum are rounded to (module docstring: round_steps,
+    grad_dtype), or None when they are not rounded below the compute dtype."""
+    if backward and grad_dtype is not None:
+        d = grad_dtype
+    elif round_steps and x_dtype in (torch.bfloat16, torch.float16):
+        d = x_dtype
+    else:
+        return None
+    cdt = torch.promote_types(x_dtype, torch.float32)
+    return d if d != cdt and torch.promote_types(d, cdt) == cdt else None
+
+
 def rope_reference(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool = False,
-                   round_steps: bool = False, halves_out: bool = False) -> torch.Tensor:
+                   round_steps: bool = False, halves_out: bool = False,
+                   grad_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rotate one tensor in fp32 (or wider); `backward` applies the transpose map;
-    `round_steps` rounds each product and the sum to x's dtype (see the module docstring)."""
-    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward, round_steps, halves_out)
+    `round_steps` rounds each product and the sum to x's dtype, `grad_dtype` those of the backward
+    to it (see the module docstring)."""
+    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward, round_steps, halves_out,
+                      grad_dtype)
     out = torch.empty_like(x)  # same strides as the fake impl promises
     out[..., :rot] = o
     out[..., rot:] = x[..., rot:]
@@ -254,21 +274,24 @@ def rope_reference(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool 
 
 
 def rope_functional(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool = False,
-                    round_steps: bool = False, halves_out: bool = False) -> torch.Tensor:
+                    round_steps: bool = False, halves_out: bool = False,
+                    grad_dtype: torch.dtype | None = None) -> torch.Tensor:
     """rope_reference without writes into a buffer (a decomposition must be functional); its
     result is contiguous instead of laid out like x, which inductor accounts for."""
-    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward, round_steps, halves_out)
+    o, rot = _rotated(x, cos, sin, seq_dim, interleaved, backward, round_steps, halves_out,
+                      grad_dtype)
     o = o.to(x.dtype)
     return o if rot == x.shape[-1] else torch.cat((o, x[..., rot:]), dim=-1)
 
 
 def _rotated(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool,
-             round_steps: bool = False, halves_out: bool = False):
+             round_steps: bool = False, halves_out: bool = False, grad_dtype=None):
     """The rotated first `rot` features of x (compute dtype) and `rot`."""
     cdt = torch.promote_types(x.dtype, torch.float32)
+    rdt = _round_dtype(x.dtype, backward, round_steps, grad_dtype)
 
     def r(v):
-        return v.to(x.dtype).to(cdt) if round_steps else v
+        return v if rdt is None else v.to(rdt).to(cdt)
 
     rot = cos.shape[-1] * (2 if interleaved else 1)
     xr = x[..., :rot].to(cdt)
@@ -289,26 +312,27 @@ def _rotated(x, cos, sin, seq_dim: int, interleaved: bool, backward: bool,
 
 
 def _rope_impl(q, k, cos, sin, seq_dim, interleaved, backward, round_steps=False,
-               halves_out=False):
+               halves_out=False, grad_dtype=None):
     _check(q, k, cos, sin, seq_dim, interleaved, halves_out)
-    round_steps = round_steps and q.dtype in (torch.bfloat16, torch.float16)
     if use_triton(q, k, cos, sin):
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
         _launch(q, k, cos, sin, q_out, k_out, seq_dim, interleaved, backward,
-                round_steps=round_steps, halves_out=halves_out)
+                round_dtype=_round_dtype(q.dtype, backward, round_steps, grad_dtype),
+                halves_out=halves_out)
         return q_out, k_out
     return _rope_torch(q, k, cos, sin, seq_dim, interleaved, round_steps, halves_out,
-                       backward=backward)
+                       grad_dtype, backward=backward)
 
 
-def _rope_torch(q, k, cos, sin, seq_dim, interleaved, round_steps=False, halves_out=False, *,
-                backward=False, rotate=rope_reference):
+def _rope_torch(q, k, cos, sin, seq_dim, interleaved, round_steps=False, halves_out=False,
+                grad_dtype=None, *, backward=False, rotate=rope_reference):
     # positional order of the ops' schema (q, k, cos, sin, seq_dim, interleaved, round_steps,
-    # halves_out): the CPU decompositions below are called with it
+    # halves_out, grad_dtype): the CPU decompositions below are called with it
     _check(q, k, cos, sin, seq_dim, interleaved, halves_out)
-    round_steps = round_steps and q.dtype in (torch.bfloat16, torch.float16)
-    return (rotate(q, cos, sin, seq_dim, interleaved, backward, round_steps, halves_out),
-            rotate(k, cos, sin, seq_dim, interleaved, backward, round_steps, halves_out))
+    return (rotate(q, cos, sin, seq_dim, interleaved, backward, round_steps, halves_out,
+                   grad_dtype),
+            rotate(k, cos, sin, seq_dim, interleaved, backward, round_steps, halves_out,
+                   grad_dtype))
 
 
 # ----------------------------------------------------------------------------- torch ops
@@ -316,13 +340,13 @@ def _rope_torch(q, k, cos, sin, seq_dim, interleaved, round_steps=False, halves_
 
 @torch.library.custom_op("liger::rope", mutates_args=())
 def rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            seq_dim: int, interleaved: bool, round_steps: bool = False, halves_out: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            seq_dim: int, interleaved: bool, round_steps: bool = False, halves_out: bool = False,
+            grad_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     return _rope_impl(q, k, cos, sin, seq_dim, interleaved, False, round_steps, halves_out)
 
 
 @rope_op.register_fake
-def _(q, k, cos, sin, seq_dim, interleaved, round_steps=False, halves_out=False):
+def _(q, k, cos, sin, seq_dim, interleaved, round_steps=False, halves_out=False, grad_dtype=None):
     _check(q, k, cos, sin, seq_dim, interleaved, halves_out)
     return torch.empty_like(q), torch.empty_like(k)
 
@@ -330,33 +354,35 @@ def _(q, k, cos, sin, seq_dim, interleaved, round_steps=False, halves_out=False)
 @torch.library.custom_op("liger::rope_backward", mutates_args=())
 def rope_backward_op(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      seq_dim: int, interleaved: bool, round_steps: bool = False,
-                     halves_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     halves_out: bool = False, grad_dtype: Optional[torch.dtype] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     return _rope_impl(dq_out, dk_out, cos, sin, seq_dim, interleaved, True, round_steps,
-                      halves_out)
+                      halves_out, grad_dtype)
 
 
 @rope_backward_op.register_fake
-def _(dq_out, dk_out, cos, sin, seq_dim, interleaved, round_steps=False, halves_out=False):
+def _(dq_out, dk_out, cos, sin, seq_dim, interleaved, round_steps=False, halves_out=False,
+      grad_dtype=None):
     _check(dq_out, dk_out, cos, sin, seq_dim, interleaved, halves_out)
     return torch.empty_like(dq_out), torch.empty_like(dk_out)
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, cos, sin, seq_dim, interleaved, round_steps, halves_out = inputs
+    _, _, cos, sin, seq_dim, interleaved, round_steps, halves_out, grad_dtype = inputs
     if cos.requires_grad or sin.requires_grad:
         raise RuntimeError(
             "liger::rope does not compute gradients for cos/sin; detach them "
             "(they are normally derived from a frozen inv_freq buffer)")
     ctx.save_for_backward(cos, sin)
     ctx.seq_dim, ctx.interleaved, ctx.round_steps = seq_dim, interleaved, round_steps
-    ctx.halves_out = halves_out
+    ctx.halves_out, ctx.grad_dtype = halves_out, grad_dtype
 
 
 def _backward(ctx, dq_out, dk_out):
     cos, sin = ctx.saved_tensors
     dq, dk = torch.ops.liger.rope_backward(dq_out, dk_out, cos, sin, ctx.seq_dim, ctx.interleaved,
-                                           ctx.round_steps, ctx.halves_out)
-    return dq, dk, None, None, None, None, None, None
+                                           ctx.round_steps, ctx.halves_out, ctx.grad_dtype)
+    return dq, dk, None, None, None, None, None, None, None
 
 
 rope_op.register_autograd(_backward, setup_context=_setup_context)
@@ -368,6 +394,8 @@ cpu_decomposition(torch.ops.liger.rope_backward)(
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          seq_dim: int = 2, interleaved: bool = False, round_steps: bool = False,
-         halves_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+         halves_out: bool = False, grad_dtype: torch.dtype | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply rotary embeddings to q and k (see the module docstring); returns (q_out, k_out)."""
-    return torch.ops.liger.rope(q, k, cos, sin, seq_dim, interleaved, round_steps, halves_out)
+    return torch.ops.liger.rope(q, k, cos, sin, seq_dim, interleaved, round_steps, halves_out,
+                                grad_dtype)

@@ -1,8 +1,9 @@
 """`gated_rms_norm`: an RMSNorm whose output is multiplied by `silu(gate)` (Qwen3-Next's
 `Qwen3NextRMSNormGated`, gate applied after the norm) -> one `liger::gated_rms_norm`.
 
-The norm is whatever the `rms_norm` pattern accepts: each of its variants, times `F.silu(gate)`,
-is a variant here (built from that pattern's list, so a spelling added there is found here too).
+The norm is whatever the `rms_norm` pattern accepts: each of its variants, times `F.silu(gate)`
+or silu written out as `gate * torch.sigmoid(gate)` (accepted in fp32, where it is F.silu up to
+fp32's rounding; in bf16/fp16 eager rounds sigmoid and the product each: a near miss), is a variant here (built from that pattern's list, so a spelling added there is found here too).
 The norm part is then judged by the `rms_norm` pattern's own constraints, on the sub-match of
 that variant at the norm's output, so its casting rules (Llama / fp32 modes, statistics in fp32,
 lossy casts refused) are one code path for both patterns.  What is left to check here is the
@@ -36,27 +37,57 @@ from .gated_act import apply_chain, cast_chain, dtype_of, trailing_chain, use_ch
 _BASE = REGISTRY.get("rms_norm")
 
 
-def _gated(fn):
-    """`fn(...) * F.silu(gate)` with fn's parameters plus `gate`.  symbolic_trace reads the
-    parameter names from the function's code, so the wrapper is compiled with them spelled out."""
+def _gated(fn, silu: str = "F.silu(gate)", tag: str = "gated"):
+    """`fn(...) * silu` with fn's parameters plus `gate`.  symbolic_trace reads the parameter
+    names from the function's code, so the wrapper is compiled with them spelled out."""
     params = list(inspect.signature(fn).parameters)
     args = ", ".join(params)
-    src = f"def {fn.__name__}_gated({args}, gate):\n    return fn({args}) * F.silu(gate)\n"
-    scope = {"fn": fn, "F": F}
+    src = f"def {fn.__name__}_{tag}({args}, gate):\n    return fn({args}) * ({silu})\n"
+    scope = {"fn": fn, "F": F, "torch": torch}
     exec(compile(src, f"<gated {fn.__name__}>", "exec"), scope)  # noqa: S102 - our own source text
-    out = scope[f"{fn.__name__}_gated"]
-    out.__doc__ = f"{fn.__name__} times silu(gate)"
+    out = scope[f"{fn.__name__}_{tag}"]
+    out.__doc__ = f"{fn.__name__} times {silu}"
     return out
 
 
-# gated fn -> rms_norm's traced variant (not its look-alikes, matched only to be refused)
+# gated fn -> rms_norm's traced variant (not its look-alikes, matched only to be refused); silu
+# also written out as `gate * sigmoid(gate)` (SiLU's definition, as Mamba-2 / FLA code spells it)
 _VARIANTS = {_gated(v.fn): v for v in _BASE.rewritable}
+_WRITTEN = {_gated(v.fn, "gate * torch.sigmoid(gate)", "gated_sigmoid"): v for v in _BASE.rewritable}
+_VARIANTS.update(_WRITTEN)
+
+
+def _act_node(match):
+    """The node computing silu(gate): `F.silu`, or the product `gate * sigmoid(gate)`."""
+    if match.variant.fn not in _WRITTEN:
+        return match.nodes_of("silu")[0]
+    sig = match.nodes_of("sigmoid")[0]
+    inside = set(match.covered)
+    return next(u for u in match.nodes_of("mul")
+                if u in inside and any(through_casts(a)[0] is sig for a in u.args))
+
+
+def _written_silu_problem(match, act) -> str | None:
+    """`gate * sigmoid(gate)` rounds sigmoid and the product where eager computes them; the
+    kernel computes silu in fp32 and rounds once.  The two agree (to fp32's rounding, as the
+    `swiglu` pattern's written-out form does) only when both ops compute in fp32 with no cast
+    between them."""
+    sig = match.nodes_of("sigmoid")[0]
+    dts = {dtype_of(sig), dtype_of(act)}
+    if dts != {torch.float32}:
+        return (f"silu is written out as gate * sigmoid(gate) in {'/'.join(sorted(map(short, dts)))}: "
+                "eager rounds sigmoid and the product each, the kernel computes silu in fp32 and "
+                "rounds once (not reproduced; write F.silu or upcast the gate)")
+    a = next(a for a in act.args if isinstance(a, fx.Node) and through_casts(a)[0] is sig)
+    if any(dtype_of(c) != torch.float32 for c in through_casts(a)[1]):
+        return "sigmoid(gate) is cast before it multiplies the gate; the kernel keeps it in fp32"
+    return None
 
 
 def _norm_match(match):
     """The `rms_norm` pattern's match at the norm's output inside this match, or a reason."""
     top = match.tops[0]
-    silu = match.nodes_of("silu")[0]
+    silu = _act_node(match)
     sides = [a for a in top.args if isinstance(a, fx.Node)]
     norm_side = next((a for a in sides if cast_chain(a, silu) is None), None)
     if norm_side is None:
@@ -90,7 +121,11 @@ def check(match):
     g_chain = use_chain(match, "gate")
     if isinstance(g_chain, str):
         return g_chain
-    silu = match.nodes_of("silu")[0]
+    silu = _act_node(match)
+    if match.variant.fn in _WRITTEN:
+        problem = _written_silu_problem(match, silu)
+        if problem:
+            return problem
     a_dtype = dtype_of(silu)
     prod = dtype_of(match.tops[0])
     a_side = next(a for a in match.tops[0].args if isinstance(a, fx.Node) and a is not norm_side)
@@ -108,7 +143,8 @@ def check(match):
     match.params.update(casting_mode=sub.params["casting_mode"], norm_dtype=norm_dtype, prod=prod,
                         gate_chain=g_chain, out_dtype=out_chain[0] if out_chain else prod,
                         rest_chain=out_chain[1:])
-    match.detail = f"{sub.detail}, gate {short(a_dtype)}, product {short(prod)}"
+    written = " (silu written out)" if match.variant.fn in _WRITTEN else ""
+    match.detail = f"{sub.detail}, gate {short(a_dtype)}{written}, product {short(prod)}"
     return None
 
 
@@ -118,11 +154,11 @@ def replace(x, gate, weight=None, eps=None, offset=0.0, *, match=None):
     if match is None:  # the registration check runs the replacement on plain tensors
         norm_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
         return torch.ops.liger.gated_rms_norm(
-            x, weight, gate, float(eps), float(offset), "llama", norm_dtype,
+            x, weight, gate, base.scalar(eps), float(offset), "llama", norm_dtype,
             torch.promote_types(norm_dtype, gate.dtype), torch.promote_types(norm_dtype, gate.dtype))[0]
     p = match.params
     g = apply_chain(gate, p["gate_chain"])
-    y = torch.ops.liger.gated_rms_norm(x, weight, g, float(eps), float(offset), p["casting_mode"],
+    y = torch.ops.liger.gated_rms_norm(x, weight, g, base.scalar(eps), float(offset), p["casting_mode"],
                                        p["norm_dtype"], p["prod"], p["out_dtype"])[0]
     return apply_chain(y, p["rest_chain"], node_value(match.outputs[0]))
 

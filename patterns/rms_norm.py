@@ -224,6 +224,13 @@ def default_eps(x, eps):
     return eps
 
 
+def scalar(v):
+    """A scalar input for an op's `float` argument: a Python number as a float; a symbolic one
+    (a SymFloat eps under dynamic=True, traced as a graph value) passed on as it is, so it stays
+    symbolic (float() of it would fail on the proxy, or install a guard)."""
+    return float(v) if isinstance(v, (int, float)) else v
+
+
 def replace(x, weight=None, eps=None, offset=0.0, *, match=None):
     if match is not None:
         mode, out_dtype = match.params["casting_mode"], match.out_dtype

@@ -31,6 +31,10 @@ tables (position ids) unsqueezed for [b, h, t, d] or [b, t, h, d], GQA (k with f
 `check` proves from the shapes alone (symbolically, no guards) that the tables broadcast the way
 the kernel indexes them and picks seq_dim; casts around the rotation are replayed exactly (an fp32
 upcast inside a bf16 model costs nothing: the kernel computes in fp32 anyway).
+Dtypes (patterns/rope_dtypes.py): both products must compute in one dtype (tables of mixed dtypes,
+where type promotion rounds one product to bf16 and not the other, are refused); with a low-precision
+q and wider tables the backward rounds each branch's gradient to q's dtype and sums them there, as
+eager's autograd does (liger::rope's grad_dtype).
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ import torch.fx as fx
 import ligerfx.kernels.rope  # noqa: F401 - defines torch.ops.liger.rope
 from ligerfx.graph.nodes import CAST_METHODS, node_value
 from ligerfx.compiler.pattern import register
+from ligerfx.patterns import rope_dtypes
 from ligerfx.patterns.gated_act import (_FLOATS, _LOW, apply_chain, dtype_of,
-                                        internal_casts, trailing_chain, use_chain, widens)
+                                        internal_casts, trailing_chain, widens)
+from ligerfx.patterns.rope_dtypes import short, use_chain
 from ligerfx.graph.symbolic import known_equal, known_int
 
 # ---------------------------------------------------------------------------------------------
@@ -286,9 +292,10 @@ def _layout(table, x, what: str):
             "(batch, position) shared by all heads")
 
 
-def _plan(match, name: str, i: int):
-    """How to feed tensor `name` (match output i) to the kernel so it reproduces eager's dtypes:
-    (in_chain, out_chain, note), or a reason."""
+def _plan(match, name: str, i: int, tables):
+    """How to feed tensor `name` (match output i) to the kernel so it reproduces eager's dtypes,
+    forward and backward (patterns/rope_dtypes.py): (in_chain, out_chain, grad_dtype, note), or a
+    reason."""
     x = match.value(name)
     chain = use_chain(match, name)
     if isinstance(chain, str):
@@ -298,19 +305,32 @@ def _plan(match, name: str, i: int):
     out = trailing_chain(match, i)
     if cdt not in _FLOATS or use not in _FLOATS:
         return f"rotates in {cdt}, not a floating dtype the kernel handles"
+    problem = rope_dtypes.product_problem(match, tables, cdt)
+    if problem:
+        return problem
     if cdt in _LOW:
         if use != cdt:
             return f"`{name}` enters the rotation as {use} but the rotation computes in {cdt}"
-        # eager rounds each product and the sum to cdt: the kernel's round_steps does the same
-        return chain, out, f"; {str(cdt).replace('torch.', '')} rounded per op"
+        # eager rounds each product and the sum to cdt, and so does their backward: the kernel's
+        # round_steps does the same
+        return chain, out, None, f"; {short(cdt)} rounded per op"
+    # the rotation computes in cdt (fp32 / fp64) and rounds once; the backward rounds each
+    # branch's gradient where autograd casts it back and sums them there
+    g = rope_dtypes.grad_sum_dtype(match, name, tables, cdt)
+    if isinstance(g, str):
+        if getattr(x, "requires_grad", True):
+            return g
+        g = cdt  # no gradient: the backward is never run
+    grad_dtype = g if g != cdt else None
+    note = f"; {short(cdt)} math, gradient summed in {short(g)}" if grad_dtype else ""
     exact_in = all(widens(a, b) for a, b in zip([x.dtype] + chain, chain))
     if cdt == torch.float32 and exact_in and x.dtype in _FLOATS:
         if x.dtype == torch.float32:
-            return [], out, ""
+            return [], out, grad_dtype, note
         if out and out[0] == x.dtype:
             # x.float() ... .to(x.dtype): the kernel computes in fp32 and rounds once, the same
-            return [], out[1:], f"; fp32 math, {str(x.dtype).replace('torch.', '')} in/out"
-    return chain + ([cdt] if use != cdt else []), out, ""
+            return [], out[1:], grad_dtype, f"; fp32 math, {short(x.dtype)} in/out" + note
+    return chain + ([cdt] if use != cdt else []), out, grad_dtype, note
 
 
 _ELEMENTWISE_FNS = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
@@ -434,7 +454,7 @@ def check(match):
         return sign
     plans = []
     for i, n in enumerate(names):
-        p = _plan(match, n, i)
+        p = _plan(match, n, i, tables)
         if isinstance(p, str):
             return p
         plans.append(p)
@@ -448,13 +468,14 @@ def check(match):
         if isinstance(c, str):
             return c
         chains[t] = c
-    in_chain, out_chain, note = plans[0]
+    in_chain, out_chain, grad_dtype, note = plans[0]
     match.params.update(seq_dim=seq_dim, squeeze=squeeze,
                         interleaved=complex_form or fn in _PAIRS or fn in _STACK
                         or fn in _EVEN_ODD_FNS,
                         halves_out=fn in _EVEN_ODD_FNS, neg_sin=sign < 0,
                         one_angle_per_pair=fn in _HALF_TABLES,
                         in_chain=in_chain, out_chain=out_chain, table_chains=chains,
+                        grad_dtype=grad_dtype,
                         round_steps=dtype_of(match.tops[0]) in _LOW)
     layout_name = "[b, h, t, d]" if seq_dim == 2 else "[b, t, h, d]"
     form = ("complex" if complex_form else "pairs" if fn in _PAIRS else
@@ -505,7 +526,7 @@ def _run(q, k, cos, sin, p):
     qi = apply_chain(q, p["in_chain"])
     ki = apply_chain(k, p["in_chain"]) if k is not None else torch.narrow(qi, 3 - p["seq_dim"], 0, 0)
     out = torch.ops.liger.rope(qi, ki, cos, sin, p["seq_dim"], p["interleaved"],
-                               p["round_steps"], p["halves_out"])
+                               p["round_steps"], p["halves_out"], p.get("grad_dtype"))
     res = []
     for i, x in enumerate([q] if k is None else [q, k]):
         like = node_value(x.node)  # the kernel's output looks like its (cast) input

@@ -122,17 +122,21 @@ def _rope():
     # query heads and its one shared key), fp32 tables and bf16 tables rounded per step
     todo += [(BF16, (128, 1, 64, 64, True), 2, False, True),
              (BF16, (128, 1, 64, 64, True), 2, True, True)]
-    for dt, (hq, hk, d, r, inter), seq_dim, steps, halves in todo:
+    todo = [(*case, None) for case in todo]
+    # bf16 / fp16 q with fp32 tables, q upcast: the backward rounds each branch to q's dtype
+    todo += [(FP32, layouts[0], 2, False, False, BF16), (FP32, layouts[5], 2, False, False, FP16)]
+    for dt, (hq, hk, d, r, inter), seq_dim, steps, halves, grad_dt in todo:
         def run(dt=dt, hq=hq, hk=hk, d=d, r=r, inter=inter, seq_dim=seq_dim, steps=steps,
-                halves=halves, t=TOKENS):
+                halves=halves, grad_dt=grad_dt, t=TOKENS):
             shape_q = (1, hq, t, d) if seq_dim == 2 else (1, t, hq, d)
             shape_k = (1, hk, t, d) if seq_dim == 2 else (1, t, hk, d)
             q, k = _e(*shape_q, dtype=dt), _e(*shape_k, dtype=dt)
             cos = _e(t, r // 2 if inter else r, dtype=dt if steps else FP32)
-            qo, ko = rope(q, k, cos, cos, seq_dim, inter, steps, halves)
-            rope_b(qo, ko, cos, cos, seq_dim, inter, steps, halves)
+            qo, ko = rope(q, k, cos, cos, seq_dim, inter, steps, halves, grad_dt)
+            rope_b(qo, ko, cos, cos, seq_dim, inter, steps, halves, grad_dt)
         yield (f"rope {dt} heads={hq}/{hk} d={d} r={r} inter={inter} seq_dim={seq_dim} "
-               f"round_steps={steps}" + (" halves_out" if halves else "")), run
+               f"round_steps={steps}" + (" halves_out" if halves else "")
+               + (f" grad_dtype={grad_dt}" if grad_dt else "")), run
 
 
 def _gated():
