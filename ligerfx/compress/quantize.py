@@ -28,7 +28,6 @@ import torch.nn as nn
 
 from .schemes import validate_quantize
 from ligerfx.kernels import fp8_matmul, int4_matmul, int8_matmul, sparse24_matmul
-from ligerfx.kernels.int4_matmul import GROUP_SIZES
 
 SCHEMES = ("int8", "int4", "fp8")
 MIN_FEATURES = 16  # layers narrower than a 16-wide tensor-core tile are left alone
@@ -46,11 +45,8 @@ def unsupported_reason(scheme: str, out_features: int, in_features: int, group_s
     if min(out_features, in_features) < MIN_FEATURES:
         return (f"layer too small to quantize ({out_features}x{in_features}; both dims must be at "
                 f"least {MIN_FEATURES})")
-    if scheme == "int4" and in_features % group_size:
-        return (f"in_features={in_features} is not a multiple of group_size={group_size} "
-                f"(try group_size={max([g for g in GROUP_SIZES if in_features % g == 0], default=None)})"
-                if any(in_features % g == 0 for g in GROUP_SIZES) else
-                f"in_features={in_features} is not a multiple of any int4 group size {GROUP_SIZES}")
+    if scheme == "int4":
+        return int4_matmul.int4_unsupported(in_features, group_size)
     return None
 
 
@@ -159,9 +155,9 @@ def _(weight, key, scheme, group_size, scale_dtype):
     if scheme == "int8":
         return [weight.new_empty((N, K), dtype=torch.int8), weight.new_empty((N,), dtype=scale_dtype)]
     if scheme == "int4":
+        n = int4_matmul.n_groups(K, group_size)
         return [weight.new_empty((N, K // 2), dtype=torch.uint8),
-                weight.new_empty((N, K // group_size), dtype=scale_dtype),
-                weight.new_empty((N, K // group_size), dtype=scale_dtype)]
+                weight.new_empty((N, n), dtype=scale_dtype), weight.new_empty((N, n), dtype=scale_dtype)]
     if scheme in SPARSE_SCHEMES:
         values = weight.new_empty((N, K // 2), dtype=torch.int8 if scheme == "2:4+int8" else weight.dtype)
         meta = weight.new_empty((N, K // 8), dtype=torch.uint8)
@@ -188,8 +184,9 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("scale", torch.zeros(N, dtype=dtype, **kw))
         elif scheme == "int4":
             self.register_buffer("qweight", torch.zeros(N, K // 2, dtype=torch.uint8, **kw))
-            self.register_buffer("scale", torch.zeros(N, K // group_size, dtype=dtype, **kw))
-            self.register_buffer("offset", torch.zeros(N, K // group_size, dtype=dtype, **kw))
+            n = int4_matmul.n_groups(K, group_size)
+            self.register_buffer("scale", torch.zeros(N, n, dtype=dtype, **kw))
+            self.register_buffer("offset", torch.zeros(N, n, dtype=dtype, **kw))
         else:
             # fp8 bits kept as uint8: `model.to(dtype)` casts floating buffers, fp8 included.
             self.register_buffer("qweight", torch.zeros(N, K, dtype=torch.uint8, **kw))
