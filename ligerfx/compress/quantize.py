@@ -194,12 +194,16 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(N, dtype=dtype, **kw), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, scheme: str, group_size: int = 128) -> "QuantizedLinear":
+    def from_linear(cls, lin: nn.Linear, scheme: str, group_size: int = 128,
+                    packed: Optional[tuple] = None) -> "QuantizedLinear":
+        """`packed`: the weight already packed in `scheme` (by a calibrated method); else it is
+        rounded to nearest here."""
         w = lin.weight
         q = cls.__new__(cls)
         nn.Module.__init__(q)
         q.in_features, q.out_features, q.scheme, q.group_size = lin.in_features, lin.out_features, scheme, group_size
-        packed = pack(w, scheme, group_size, w.dtype)
+        if packed is None:
+            packed = pack(w, scheme, group_size, w.dtype)
         if scheme == "fp8":
             packed = (packed[0].view(torch.uint8), packed[1])
         for name, t in zip(("qweight", "scale", "offset"), packed):
@@ -246,20 +250,37 @@ def matches_any(name: str, globs: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
+METHODS = ("rtn", "gptq")
+
+
 def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterable[str] = (),
-              quantize_lm_head: bool = False) -> dict:
+              quantize_lm_head: bool = False, calibration: Optional[Iterable] = None,
+              method: Optional[str] = None) -> dict:
     """Replace eligible `nn.Linear` modules of `model` in place by packed `QuantizedLinear`s.
 
     Skipped: modules whose name matches a glob in `skip`, the lm head (found by structure) unless
     `quantize_lm_head`, and shapes the scheme cannot serve.  Returns {module name: reason} for
     every linear left alone.  Load a saved quantized state_dict into a model that went through
     the same `quantize_` call.
+
+    `calibration`: an iterable of batches (token-id tensors, or dicts of the model's keyword
+    arguments) the model is run on first; with it the default `method` is "gptq" (each weight
+    rounded against its layer's inputs, compressed/gptq.py), without it "rtn" (round to
+    nearest).  GPTQ serves int4 and int8; the packed format, and so the kernels, are the same.
     """
 
     validate_quantize(scheme, group_size)
+    if method is None:
+        method = "gptq" if calibration is not None and scheme in ("int4", "int8") else "rtn"
+    if method not in METHODS:
+        raise ValueError(f"quantize_: method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method == "gptq" and (calibration is None or scheme not in ("int4", "int8")):
+        raise ValueError("quantize_: method='gptq' needs calibration batches (calibration=...) "
+                         f"and scheme 'int4' or 'int8' (got scheme={scheme!r}"
+                         f"{', no calibration' if calibration is None else ''})")
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     heads = set() if quantize_lm_head else lm_head_like(model)
-    skipped = {}
+    skipped, chosen = {}, []
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear):
             continue
@@ -274,8 +295,23 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterab
             check_fp8_device(mod.weight.device)
         if reason is not None:
             skipped[name] = reason
-            continue
+        else:
+            chosen.append(name)
+    moments = {}
+    if method == "gptq" and chosen:
+        from .calibrate import input_moments
+
+        moments = input_moments(model, chosen, calibration)
+    for i, name in enumerate(chosen):
+        mod = model.get_submodule(name)
+        packed = None
+        if method == "gptq":
+            from .calibrate import progress
+            from .gptq import gptq_pack
+
+            packed = gptq_pack(mod.weight, moments.pop(name), scheme, group_size, mod.weight.dtype)
+            progress(i + 1, len(chosen), f"quantize_ ({scheme}, gptq)")
         parent, _, child = name.rpartition(".")
-        q = QuantizedLinear.from_linear(mod, scheme, group_size)
+        q = QuantizedLinear.from_linear(mod, scheme, group_size, packed=packed)
         setattr(model.get_submodule(parent) if parent else model, child, q)
     return skipped
