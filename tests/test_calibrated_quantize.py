@@ -47,6 +47,20 @@ def test_gptq_layer_beats_round_to_nearest_on_held_out_inputs(scheme, G):
         rtn, gptq = pack_int8(W), gptq_pack(W, H, "int8")
         assert gptq[0].dtype == torch.int8
     assert _out_err(held, W, deq(gptq)) < 0.8 * _out_err(held, W, deq(rtn))
+    if scheme == "int4":  # columns in input order, each group's grid from its compensated weights
+        seq = gptq_pack(W, H, "int4", G, act_order=False)
+        assert _out_err(held, W, deq(seq)) < 0.8 * _out_err(held, W, deq(rtn))
+
+
+def test_act_order_helps_where_input_energy_is_uneven():
+    N, K, G = 64, 192, 64
+    W = torch.randn(N, K)
+    energy = torch.exp(1.5 * torch.randn(K))  # a few input channels carry most of the energy
+    calib, held = _correlated(3000, K, 2) * energy, _correlated(3000, K, 3) * energy
+    H = calib.double().t() @ calib.double()
+    act = _out_err(held, W, unpack_int4(*gptq_pack(W, H, "int4", G)))
+    seq = _out_err(held, W, unpack_int4(*gptq_pack(W, H, "int4", G, act_order=False)))
+    assert act < 0.8 * seq
 
 
 def test_gptq_dead_inputs_and_singular_moments():
