@@ -2,18 +2,19 @@
 
 Format (`pack_int4`), asymmetric (scale and offset per group, which uses all 16 levels and is
 more accurate than symmetric int4 on weights whose groups are not centred): for W [N, K] and
-groups of G consecutive input features (G in 32/64/128, K a multiple of G),
+groups of G consecutive input features (G in 32/64/128; K even, the last group holds the
+K - G * (n - 1) features left when G does not divide K: n = ceil(K / G) groups),
 
     lo, hi    = min, max of the group;  scale = (hi - lo) / 15;  offset = lo
     (scale and offset stored in the activation dtype, then used as stored)
     q         = clamp(round((W - offset) / scale), 0, 15)
     packed    = uint8 [N, K/2]: packed[n, j] = q[n, 2j] | q[n, 2j+1] << 4
-    W'        = q * scale + offset      (scale, offset: [N, K/G])
+    W'        = q * scale + offset      (scale, offset: [N, ceil(K/G)])
 
 `liger::int4_linear(x, packed, scale, offset, bias)` = x @ W'^T + bias.  The kernel loads packed
 bytes, splits the nibbles, dequantizes them with their group's scale and offset in registers
 (computed in fp32, rounded to x.dtype for the tensor cores) and accumulates in fp32.  A K block
-never straddles two groups (BK divides G).  Decode shapes (M <= 16) split K over programs.
+never straddles two groups (BK divides G); the blocks past K are masked.  Decode shapes (M <= 16) split K over programs.
 The autograd formula gives the input (and bias) gradient; the weight is frozen.
 """
 
@@ -36,31 +37,79 @@ GROUP_SIZES = (32, 64, 128)
 # ----------------------------------------------------------------------------- packing
 
 
-def pack_int4(weight: torch.Tensor, group_size: int = 128, scale_dtype: Optional[torch.dtype] = None):
-    """Quantize W [N, K] -> (packed uint8 [N, K/2], scale [N, K/G], offset [N, K/G])."""
-    N, K = weight.shape
-    if group_size not in GROUP_SIZES or K % group_size:
-        raise ValueError(f"int4: K={K} must be a multiple of group_size, one of {GROUP_SIZES} "
-                         f"(got {group_size})")
-    scale_dtype = scale_dtype or weight.dtype
-    w = weight.detach().float().reshape(N, K // group_size, group_size)
+def n_groups(K: int, group_size: int) -> int:
+    return -(-K // group_size)
+
+
+def group_size_of(K: int, groups: int) -> int:
+    """The group size of a packed [N, K/2] weight with `groups` scales per row.  Unique: two sizes
+    of GROUP_SIZES (each twice the last) give the same count only when one group covers the row."""
+    for g in GROUP_SIZES:
+        if n_groups(K, g) == groups:
+            return g
+    raise ValueError(f"int4: {groups} groups per row fit no group size {GROUP_SIZES} for K={K}")
+
+
+def int4_unsupported(K: int, group_size: int) -> Optional[str]:
+    if group_size not in GROUP_SIZES:
+        return f"int4: group_size must be one of {GROUP_SIZES} (got {group_size})"
+    if K % 2:
+        return f"int4: in_features={K} is odd (two int4 values share a byte)"
+    return None
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w [N, K] as [N, n, G]: a partial last group is filled with copies of its own last value,
+    which changes neither its min nor its max."""
+    N, K = w.shape
+    pad = n_groups(K, group_size) * group_size - K
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(N, pad)], dim=1)
+    return w.reshape(N, -1, group_size)
+
+
+def grid_int4(weight: torch.Tensor, group_size: int = 128, scale_dtype: Optional[torch.dtype] = None):
+    """The quantisation grid of W [N, K]: (scale, offset) [N, ceil(K/G)] in `scale_dtype`,
+    from each group's min and max."""
+    problem = int4_unsupported(weight.shape[1], group_size)
+    if problem:
+        raise ValueError(problem)
+    w = _grouped(weight.detach().float(), group_size)
     lo, hi = w.amin(-1), w.amax(-1)
-    scale = ((hi - lo) / 15).to(scale_dtype)
-    offset = lo.to(scale_dtype)
-    s = scale.float()[..., None]
-    q = (w - offset.float()[..., None]) / torch.where(s > 0, s, 1.0)
-    q = q.round().clamp(0, 15).to(torch.uint8).reshape(N, K)
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return packed.contiguous(), scale, offset
+    return ((hi - lo) / 15).to(scale_dtype or weight.dtype), lo.to(scale_dtype or weight.dtype)
+
+
+def quantize_int4(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The int4 levels (uint8 in 0..15, [N, K]) of W on the grid (scale, offset) as stored."""
+    N, K = weight.shape
+    G = group_size_of(K, scale.shape[1])
+    s = torch.repeat_interleave(scale.float(), G, dim=1)[:, :K]
+    z = torch.repeat_interleave(offset.float(), G, dim=1)[:, :K]
+    q = (weight.detach().float() - z) / torch.where(s > 0, s, 1.0)
+    return q.round().clamp(0, 15).to(torch.uint8)
+
+
+def pack_levels(q: torch.Tensor) -> torch.Tensor:
+    """uint8 levels [N, K] -> packed bytes [N, K/2], low nibble first."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def pack_int4(weight: torch.Tensor, group_size: int = 128, scale_dtype: Optional[torch.dtype] = None):
+    """Quantize W [N, K] by rounding to nearest -> (packed uint8 [N, K/2], scale, offset
+    [N, ceil(K/G)])."""
+    scale, offset = grid_int4(weight, group_size, scale_dtype)
+    return pack_levels(quantize_int4(weight, scale, offset)), scale, offset
 
 
 def unpack_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                 dtype=torch.float32) -> torch.Tensor:
     N, half = packed.shape
-    q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(N, 2 * half)
-    G = 2 * half // scale.shape[1]
-    q = q.to(dtype).reshape(N, -1, G)
-    return (q * scale.to(dtype)[..., None] + offset.to(dtype)[..., None]).reshape(N, 2 * half)
+    K = 2 * half
+    q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(N, K)
+    G = group_size_of(K, scale.shape[1])
+    s = torch.repeat_interleave(scale.to(dtype), G, dim=1)[:, :K]
+    z = torch.repeat_interleave(offset.to(dtype), G, dim=1)[:, :K]
+    return q.to(dtype) * s + z
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -86,10 +135,12 @@ def _int4_mm_kernel(X, P, S, Z, B, Y, PART, M, N, K, stride_xm, stride_pn, strid
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    for k0 in range(k_lo, k_hi, BK):  # K is a multiple of G and BK divides G: blocks are whole
+    for k0 in range(k_lo, k_hi, BK):  # BK divides G: a block lies in one group
         rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_rows + rk[None, :], mask=mmask[:, None], other=0.0)
-        p = tl.load(p_rows + (k0 // 2 + tl.arange(0, HALF))[None, :], mask=nmask[:, None], other=0)
+        kmask = rk < K  # the last group may be partial
+        x = tl.load(x_rows + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        rp = k0 // 2 + tl.arange(0, HALF)
+        p = tl.load(p_rows + rp[None, :], mask=nmask[:, None] & (rp < K // 2)[None, :], other=0)
         q = tl.interleave(p & 15, p >> 4)  # [BN, BK] in K order: low nibble first
         g = k0 // G
         s = tl.load(s_rows + g, mask=nmask, other=0.0).to(tl.float32)
@@ -109,7 +160,7 @@ def int4_matmul_triton(x2, packed, scale, offset, bias, y=None, split=None):
     """y[M, N] = x2[M, K] @ W'^T + bias, through the Triton kernel."""
     M, K = x2.shape
     N = packed.shape[0]
-    G = K // scale.shape[1]
+    G = group_size_of(K, scale.shape[1])
     if y is None:
         y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     if M == 0:
@@ -150,10 +201,11 @@ def _check(x, packed, scale, offset, bias):
     N, K = packed.shape[0], 2 * packed.shape[1]
     if x.shape[-1] != K:
         raise ValueError(f"int4_linear: x has {x.shape[-1]} features, weight expects {K}")
-    if scale.dim() != 2 or scale.shape != offset.shape or scale.shape[0] != N or K % scale.shape[1]:
-        raise ValueError("int4_linear: scale and offset must be [out_features, in_features / group]")
-    if K // scale.shape[1] not in GROUP_SIZES:
-        raise ValueError(f"int4_linear: group size {K // scale.shape[1]} not one of {GROUP_SIZES}")
+    if scale.dim() != 2 or scale.shape != offset.shape or scale.shape[0] != N \
+            or not any(n_groups(K, g) == scale.shape[1] for g in GROUP_SIZES):
+        raise ValueError(f"int4_linear: scale and offset must be [out_features, ceil(in_features / "
+                         f"group)] with group in {GROUP_SIZES}; got {tuple(scale.shape)} for "
+                         f"in_features={K}")
     if bias is not None and bias.shape != (N,):
         raise ValueError("int4_linear: bias must be an [out_features] vector")
 

@@ -28,7 +28,6 @@ import torch.nn as nn
 
 from .schemes import validate_quantize
 from ligerfx.kernels import fp8_matmul, int4_matmul, int8_matmul, sparse24_matmul
-from ligerfx.kernels.int4_matmul import GROUP_SIZES
 
 SCHEMES = ("int8", "int4", "fp8")
 MIN_FEATURES = 16  # layers narrower than a 16-wide tensor-core tile are left alone
@@ -46,11 +45,8 @@ def unsupported_reason(scheme: str, out_features: int, in_features: int, group_s
     if min(out_features, in_features) < MIN_FEATURES:
         return (f"layer too small to quantize ({out_features}x{in_features}; both dims must be at "
                 f"least {MIN_FEATURES})")
-    if scheme == "int4" and in_features % group_size:
-        return (f"in_features={in_features} is not a multiple of group_size={group_size} "
-                f"(try group_size={max([g for g in GROUP_SIZES if in_features % g == 0], default=None)})"
-                if any(in_features % g == 0 for g in GROUP_SIZES) else
-                f"in_features={in_features} is not a multiple of any int4 group size {GROUP_SIZES}")
+    if scheme == "int4":
+        return int4_matmul.int4_unsupported(in_features, group_size)
     return None
 
 
@@ -183,9 +179,9 @@ def _(weight, key, scheme, group_size, scale_dtype):
     if scheme == "int8":
         return [weight.new_empty((N, K), dtype=torch.int8), weight.new_empty((N,), dtype=scale_dtype)]
     if scheme == "int4":
+        n = int4_matmul.n_groups(K, group_size)
         return [weight.new_empty((N, K // 2), dtype=torch.uint8),
-                weight.new_empty((N, K // group_size), dtype=scale_dtype),
-                weight.new_empty((N, K // group_size), dtype=scale_dtype)]
+                weight.new_empty((N, n), dtype=scale_dtype), weight.new_empty((N, n), dtype=scale_dtype)]
     if scheme in SPARSE_SCHEMES:
         values = weight.new_empty((N, K // 2), dtype=torch.int8 if scheme == "2:4+int8" else weight.dtype)
         meta = weight.new_empty((N, K // 8), dtype=torch.uint8)
@@ -212,8 +208,9 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("scale", torch.zeros(N, dtype=dtype, **kw))
         elif scheme == "int4":
             self.register_buffer("qweight", torch.zeros(N, K // 2, dtype=torch.uint8, **kw))
-            self.register_buffer("scale", torch.zeros(N, K // group_size, dtype=dtype, **kw))
-            self.register_buffer("offset", torch.zeros(N, K // group_size, dtype=dtype, **kw))
+            n = int4_matmul.n_groups(K, group_size)
+            self.register_buffer("scale", torch.zeros(N, n, dtype=dtype, **kw))
+            self.register_buffer("offset", torch.zeros(N, n, dtype=dtype, **kw))
         else:
             # fp8 bits kept as uint8: `model.to(dtype)` casts floating buffers, fp8 included.
             self.register_buffer("qweight", torch.zeros(N, K, dtype=torch.uint8, **kw))
@@ -221,12 +218,16 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(N, dtype=dtype, **kw), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, scheme: str, group_size: int = 128) -> "QuantizedLinear":
+    def from_linear(cls, lin: nn.Linear, scheme: str, group_size: int = 128,
+                    packed: Optional[tuple] = None) -> "QuantizedLinear":
+        """`packed`: the weight already packed in `scheme` (by a calibrated method); else it is
+        rounded to nearest here."""
         w = lin.weight
         q = cls.__new__(cls)
         nn.Module.__init__(q)
         q.in_features, q.out_features, q.scheme, q.group_size = lin.in_features, lin.out_features, scheme, group_size
-        packed = pack(w, scheme, group_size, w.dtype)
+        if packed is None:
+            packed = pack(w, scheme, group_size, w.dtype)
         if scheme == "fp8":
             packed = (packed[0].view(torch.uint8), packed[1])
         for name, t in zip(("qweight", "scale", "offset"), packed):
@@ -273,20 +274,37 @@ def matches_any(name: str, globs: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
+METHODS = ("rtn", "gptq")
+
+
 def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterable[str] = (),
-              quantize_lm_head: bool = False) -> dict:
+              quantize_lm_head: bool = False, calibration: Optional[Iterable] = None,
+              method: Optional[str] = None) -> dict:
     """Replace eligible `nn.Linear` modules of `model` in place by packed `QuantizedLinear`s.
 
     Skipped: modules whose name matches a glob in `skip`, the lm head (found by structure) unless
     `quantize_lm_head`, and shapes the scheme cannot serve.  Returns {module name: reason} for
     every linear left alone.  Load a saved quantized state_dict into a model that went through
     the same `quantize_` call.
+
+    `calibration`: an iterable of batches (token-id tensors, or dicts of the model's keyword
+    arguments) the model is run on first; with it the default `method` is "gptq" (each weight
+    rounded against its layer's inputs, compressed/gptq.py), without it "rtn" (round to
+    nearest).  GPTQ serves int4 and int8; the packed format, and so the kernels, are the same.
     """
 
     validate_quantize(scheme, group_size)
+    if method is None:
+        method = "gptq" if calibration is not None and scheme in ("int4", "int8") else "rtn"
+    if method not in METHODS:
+        raise ValueError(f"quantize_: method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method == "gptq" and (calibration is None or scheme not in ("int4", "int8")):
+        raise ValueError("quantize_: method='gptq' needs calibration batches (calibration=...) "
+                         f"and scheme 'int4' or 'int8' (got scheme={scheme!r}"
+                         f"{', no calibration' if calibration is None else ''})")
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     heads = set() if quantize_lm_head else lm_head_like(model)
-    skipped = {}
+    skipped, chosen = {}, []
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear):
             continue
@@ -301,8 +319,23 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterab
             check_fp8_device(mod.weight.device)
         if reason is not None:
             skipped[name] = reason
-            continue
+        else:
+            chosen.append(name)
+    moments = {}
+    if method == "gptq" and chosen:
+        from .calibrate import input_moments
+
+        moments = input_moments(model, chosen, calibration)
+    for i, name in enumerate(chosen):
+        mod = model.get_submodule(name)
+        packed = None
+        if method == "gptq":
+            from .calibrate import progress
+            from .gptq import gptq_pack
+
+            packed = gptq_pack(mod.weight, moments.pop(name), scheme, group_size, mod.weight.dtype)
+            progress(i + 1, len(chosen), f"quantize_ ({scheme}, gptq)")
         parent, _, child = name.rpartition(".")
-        q = QuantizedLinear.from_linear(mod, scheme, group_size)
+        q = QuantizedLinear.from_linear(mod, scheme, group_size, packed=packed)
         setattr(model.get_submodule(parent) if parent else model, child, q)
     return skipped

@@ -32,16 +32,32 @@ def test_pack_roundtrip(G):
     assert (unpack_int4(p2, s2, z2) - unpack_int4(p, s, z)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("K,G", [(96, 64), (576, 128), (80, 32), (48, 128)])
+def test_pack_partial_last_group(K, G):
+    # A group size that does not divide K: ceil(K / G) groups, the last one K - G * (n - 1) wide
+    # with its own min and max.
+    w = torch.randn(7, K) * torch.linspace(0.5, 3.0, K)
+    p, s, z = pack_int4(w, G)
+    n = -(-K // G)
+    assert p.shape == (7, K // 2) and s.shape == z.shape == (7, n)
+    for j in range(n):
+        grp = w[:, j * G:(j + 1) * G]
+        assert torch.equal(z[:, j], grp.amin(1)) and torch.allclose(s[:, j], (grp.amax(1) - grp.amin(1)) / 15)
+    err = (unpack_int4(p, s, z) - w).abs()
+    assert (err <= torch.repeat_interleave(s, G, dim=1)[:, :K] / 2 + 1e-5).all()
+
+
 def test_pack_rejects_bad_groups():
-    with pytest.raises(ValueError, match="multiple of group_size"):
-        pack_int4(torch.randn(4, 96), 64)
-    with pytest.raises(ValueError, match="multiple of group_size"):
+    with pytest.raises(ValueError, match="group_size must be one of"):
         pack_int4(torch.randn(4, 96), 48)
+    with pytest.raises(ValueError, match="odd"):
+        pack_int4(torch.randn(4, 95), 32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,G", [((1, 64, 48), 32), ((5, 128, 70), 64), ((37, 256, 33), 128),
-                                     ((70, 128, 130), 32)])
+                                     ((70, 128, 130), 32), ((3, 96, 40), 64), ((33, 80, 24), 32),
+                                     ((2, 48, 17), 128)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_forward(kernel_path, dtype, shape, G, bias):
     M, K, N = shape
@@ -55,8 +71,9 @@ def test_forward(kernel_path, dtype, shape, G, bias):
 
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("M", [2, 40])
-def test_launcher_split_k_and_poison(triton_path, split, M):
-    K, N, G = 192, 50, 32
+@pytest.mark.parametrize("K", [192, 176])  # 176: a partial last group of 16
+def test_launcher_split_k_and_poison(triton_path, split, M, K):
+    N, G = 50, 32
     x = torch.randn(M, K)
     p, s, z = pack_int4(torch.randn(N, K), G)
     b = torch.randn(N)
