@@ -63,3 +63,14 @@ def _seed_and_reset():
     torch.manual_seed(0)
     torch._dynamo.reset()
     yield
+
+
+@pytest.fixture
+def names():
+    """Names of patterns a test registers (it appends them); removed afterwards whatever happens."""
+    from ligerfx.compiler.pattern import REGISTRY
+
+    registered: list[str] = []
+    yield registered
+    for n in registered:
+        REGISTRY.remove(n)

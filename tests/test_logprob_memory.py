@@ -13,7 +13,6 @@ Run directly: python tests/test_logprob_memory.py eager|compiled
 import os
 import sys
 
-import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.memory_probe import check_peak, measure, run_child  # noqa: E402

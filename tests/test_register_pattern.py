@@ -84,13 +84,6 @@ class MLP(nn.Module):
         return self.down(h)
 
 
-@pytest.fixture
-def names():
-    """Names registered by a test; removed afterwards whatever happens."""
-    registered: list[str] = []
-    yield registered
-    for n in registered:
-        REGISTRY.remove(n)
 
 
 @pytest.fixture

@@ -17,17 +17,10 @@ import torch.nn as nn
 
 import ligerfx
 from ligerfx import register_pattern
-from ligerfx.compiler.pattern import REGISTRY
 from ligerfx.compiler.validate import ValidationWarning, within_eager_rounding
 from ligerfx.options import Options, OptionsError
 
 
-@pytest.fixture
-def names():
-    registered: list[str] = []
-    yield registered
-    for n in registered:
-        REGISTRY.remove(n)
 
 
 def _twice(x):
