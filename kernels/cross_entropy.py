@@ -60,6 +60,7 @@ try:
     import triton
     import triton.language as tl
 
+    from .rounding import cast_rne
     from .triton_math import load_logits, logits_grad
 except ImportError:  # pragma: no cover - torch path only
     triton = None
@@ -166,7 +167,7 @@ if triton is not None:
                         g -= s_coef
                 g = logits_grad(tl.where(cols == tgt, g - t_coef, g), th, logit_scale, HAS_SOFTCAP)
                 # Safe in place (G == X): this block was read above, before it is written.
-                tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
+                tl.store(g_row + cols, cast_rne(g, G.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _scale_rows_kernel(G, stride_g, S, stride_s, OUT, stride_o, V, BLOCK_V: tl.constexpr):
@@ -177,7 +178,8 @@ if triton is not None:
             cols = off + cols0
             mask = cols < V
             g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(OUT + row * stride_o + cols, (g * s).to(OUT.dtype.element_ty), mask=mask)
+            tl.store(OUT + row * stride_o + cols, cast_rne(g * s, OUT.dtype.element_ty),
+                     mask=mask)
 
 
 def _block_and_warps(V: int, device: torch.device, block_v: int | None):

@@ -61,6 +61,7 @@ try:
     import triton
     import triton.language as tl
 
+    from .rounding import cast_rne
     from .triton_math import load_logits, logits_grad, neg_zero
 except ImportError:  # pragma: no cover - torch path only
     triton = None
@@ -140,7 +141,7 @@ if triton is not None:
                 g -= b * p * (lg + h)
             g = logits_grad(g, th, logit_scale, HAS_SOFTCAP)
             # Safe in place (G == X): this block was read above, before it is written.
-            tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
+            tl.store(g_row + cols, cast_rne(g, G.dtype.element_ty), mask=mask)
 
 
 def _launch_fwd(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index):
