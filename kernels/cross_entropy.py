@@ -121,7 +121,11 @@ if triton is not None:
             m_new = tl.maximum(m, tl.max(z, 0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
             m = m_new
-        lse = m + tl.log(d)
+        # log-probabilities as eager's log_softmax forms them, (z - max) - log(sum): with
+        # z - lse instead, lse = max + log(sum) rounds log(sum) away when max is large (a row
+        # spread over hundreds), and the target's gradient p_t - 1 becomes 0 where eager's is not
+        logd = tl.log(d)
+        lse = m + logd
 
         # A target outside [0, V) is an error in eager; masked, it reads 0 instead of memory.
         z_t, th_t = load_logits(x_row, tgt, (tgt >= 0) & (tgt < V), softcap, logit_scale,
@@ -131,7 +135,7 @@ if triton is not None:
         else:
             w_t = 1.0
         w_tot = tl.load(STATS + 2)  # sum of class weights (V when unweighted)
-        ce = (1.0 - eps) * w_t * (lse - z_t)
+        ce = (1.0 - eps) * w_t * -((z_t - m) - logd)
         if HAS_SMOOTHING:
             ce += eps / V * (lse * w_tot - sum_wz)
         tl.store(LOSS + row, ce)
@@ -158,7 +162,7 @@ if triton is not None:
                 cols = off + cols0
                 mask = cols < V
                 z, th = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
-                g = tl.exp(z - lse) * p_coef
+                g = tl.exp((z - m) - logd) * p_coef
                 if HAS_SMOOTHING:
                     if HAS_WEIGHT:
                         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)

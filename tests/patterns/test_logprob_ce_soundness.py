@@ -92,3 +92,49 @@ def test_bf16_head_gradients_round_as_eager(kernel_path, fn, pattern):
         b = torch.randn(V, generator=g, dtype=torch.float64)
         ids = torch.randint(0, V, (B, T), generator=g)
         check(fn, [h, w, b, ids], torch.bfloat16, pattern, seed)
+
+
+# -- 3 and 4: logits spread over hundreds (log-probabilities formed as eager forms them) -------
+
+def ce_log_softmax_gather(logits, labels):
+    lp = F.log_softmax(logits, -1)
+    return -lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1).mean()
+
+
+def ce_functional(logits, labels):
+    return F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1))
+
+
+@pytest.mark.parametrize("fn", [ce_log_softmax_gather, ce_functional])
+@pytest.mark.parametrize("spread", [200.0, 1000.0])
+def test_cross_entropy_wide_rows(kernel_path, fn, spread):
+    # lse = max + log(sum) rounds log(sum) away: the target's gradient p_t - 1 became 0
+    for seed in range(3):
+        g = _gen(seed)
+        logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * spread
+        labels = torch.randint(0, V, (B, T), generator=g)
+        check(fn, [logits, labels], torch.float32, "cross_entropy", seed)
+
+
+def logprob_entropy(h, w, ids):
+    z = F.linear(h, w)
+    lp = F.log_softmax(z, -1)
+    tok = lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return tok, -(lp.exp() * lp).sum(-1)
+
+
+def logprob_entropy_softmax(h, w, ids):
+    z = F.linear(h, w)
+    tok = F.log_softmax(z, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return tok.sum(-1), -(F.softmax(z, -1) * F.log_softmax(z, -1)).sum(-1)
+
+
+@pytest.mark.parametrize("fn", [logprob_entropy, logprob_entropy_softmax])
+@pytest.mark.parametrize("scale", [1.0, 200.0, 1000.0])
+def test_logprob_entropy_large_logits(kernel_path, fn, scale):
+    for seed in range(3):
+        g = _gen(seed)
+        h = torch.randn(B, T, H, generator=g, dtype=torch.float64) * scale
+        w = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5
+        ids = torch.randint(0, V, (B, T), generator=g)
+        check(fn, [h, w, ids], torch.float32, "fused_linear_logprob", seed)
