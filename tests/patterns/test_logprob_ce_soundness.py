@@ -106,12 +106,15 @@ def ce_functional(logits, labels):
 
 
 @pytest.mark.parametrize("fn", [ce_log_softmax_gather, ce_functional])
-@pytest.mark.parametrize("spread", [200.0, 1000.0])
+@pytest.mark.parametrize("spread", [110.0, 200.0, 1000.0])
 def test_cross_entropy_wide_rows(kernel_path, fn, spread):
     # lse = max + log(sum) rounds log(sum) away: the target's gradient p_t - 1 became 0
     for seed in range(3):
         g = _gen(seed)
-        logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * spread
+        # a ramp over the vocabulary (the differential suite's "rows spread over ..."): the
+        # row max sits far from 0, next to terms that do not underflow
+        logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2 \
+            + torch.linspace(0.0, spread, V, dtype=torch.float64)
         labels = torch.randint(0, V, (B, T), generator=g)
         check(fn, [logits, labels], torch.float32, "cross_entropy", seed)
 
@@ -138,3 +141,49 @@ def test_logprob_entropy_large_logits(kernel_path, fn, scale):
         w = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5
         ids = torch.randint(0, V, (B, T), generator=g)
         check(fn, [h, w, ids], torch.float32, "fused_linear_logprob", seed)
+
+
+def ratio_log_softmax_gather(logits, labels, old):
+    lp = F.log_softmax(logits, -1)
+    tok = lp.gather(-1, labels[..., None]).squeeze(-1)
+    return torch.exp(tok - old)
+
+
+@pytest.mark.parametrize("spread", [110.0, 200.0])
+def test_per_token_log_softmax_wide_rows(kernel_path, spread):
+    for seed in range(3):
+        g = _gen(seed)
+        logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2 \
+            + torch.linspace(0.0, spread, V, dtype=torch.float64)
+        labels = torch.randint(0, V, (B, T), generator=g)
+        old = torch.randn(B, T, generator=g, dtype=torch.float64)
+        check(lambda x, y: ratio_log_softmax_gather(x, y, old), [logits, labels], torch.float32,
+              "cross_entropy", seed)
+
+
+# -- 5: -inf in the hidden state or the logits: eager's non-finite pattern ---------------------
+
+def logprob_head_per_sequence(h, w, b, ids):
+    z = F.linear(h, w, b).float() / 2.0
+    return z.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def neg_ce_head(h, w, b, ids):
+    z = F.linear(h, w, b).float() / 0.7
+    nll = F.cross_entropy(z.reshape(-1, V), ids.reshape(-1), reduction="none")
+    return -nll.view(ids.shape)
+
+
+@pytest.mark.parametrize("fn", [logprob_head_per_sequence, neg_ce_head])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_neg_inf_hidden_column(kernel_path, fn, dtype):
+    # a -inf hidden column makes logits of both signs infinite: eager's log_softmax is nan on the
+    # whole row (inf - inf), and so is every gradient
+    g = _gen(0)
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    h[..., 5] = float("-inf")
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    check(fn, [h, w, b, ids], dtype, "fused_linear_logprob")
+
