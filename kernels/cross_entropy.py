@@ -24,12 +24,16 @@ float logit_scale=1., bool compute_grad=True) -> (Tensor loss, Tensor z_loss, Te
 * ``loss``: fp32 (fp64 for fp64 logits); shape ``()`` for mean/sum, ``target.shape`` for "none".
   Includes the z-loss term.
 * ``z_loss``: same shape/dtype; the z-loss part alone, for logging. Not differentiable.
-* ``grad_logits``: d(loss)/d(logits) in the logits' dtype and shape, computed in the forward pass
-  (for "none": d(loss[i])/d(logits[i]) per row). Empty (numel 0) when ``compute_grad`` is False.
-  Not differentiable.
+* ``grad_logits``: d(loss)/d(logits) in the compute dtype (fp32; fp64 for fp64 logits) and the
+  logits' shape, computed in the forward pass (for "none": d(loss[i])/d(logits[i]) per row).
+  Empty (numel 0) when ``compute_grad`` is False. Not differentiable. Kept unrounded because
+  eager rounds the logits' gradient to their dtype once, after the upstream gradient scales it:
+  a bf16 copy scaled later would be rounded twice (bf16 logits' gradients up to 1.5x eager's
+  error under a per-token upstream gradient).
 
 ``liger::cross_entropy_backward(Tensor grad_loss, Tensor grad_logits, str reduction) -> Tensor``
-scales the stored gradient by grad_output (a scalar, or one value per row for "none").
+scales the stored gradient by grad_output (a scalar, or one value per row for "none"); the
+autograd formula then rounds it once to the logits' dtype.
 
 The gradient is a freshly allocated tensor, not written over the logits: torch.library does not
 allow an autograd formula on an op that mutates its inputs ("register_autograd ... non-functional
@@ -453,7 +457,7 @@ def cross_entropy_op(
     stats, denom_ce, denom_z = reduction_stats(t, weight, ignore_index, reduction, V, ct)
     loss_rows = torch.empty(N, dtype=ct, device=x.device)
     z_rows = torch.empty(N, dtype=ct, device=x.device)
-    grad = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad else None
+    grad = torch.empty(x.shape, dtype=ct, device=x.device) if compute_grad else None
     kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
               lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale)
     if use_triton(x):
@@ -473,8 +477,7 @@ def _(logits, target, weight=None, ignore_index=-100, reduction="mean", label_sm
     shape = target.shape if reduction == "none" else ()
     loss = logits.new_empty(shape, dtype=ct)
     z = logits.new_empty(shape, dtype=ct)
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad \
-        else logits.new_empty(0)
+    grad = logits.new_empty(logits.shape, dtype=ct) if compute_grad else logits.new_empty(0)
     return loss, z, grad
 
 
@@ -487,7 +490,7 @@ def _cross_entropy_cpu(logits, target, weight=None, ignore_index=-100, reduction
     x, t = _rows_2d(logits, target)
     loss, z, g = plain_ce_loss(x, t, weight, ignore_index, reduction, logit_scale, compute_grad,
                                target.shape)
-    grad = g.to(logits.dtype).view(logits.shape) if compute_grad else logits.new_empty(0)
+    grad = g.view(logits.shape) if compute_grad else logits.new_empty(0)
     return loss, z, grad
 
 
@@ -523,6 +526,7 @@ def _ce_setup_context(ctx, inputs, output):
     _, _, grad = output
     ctx.reduction = inputs[4]
     ctx.compute_grad = inputs[9]
+    ctx.logits_dtype = inputs[0].dtype
     ctx.mark_non_differentiable(output[1], grad)
     ctx.save_for_backward(grad)
 
@@ -535,7 +539,7 @@ def _ce_backward(ctx, grad_loss, grad_z, grad_grad):
         raise RuntimeError("liger::cross_entropy was called with compute_grad=False; "
                            "it cannot be differentiated")
     g = torch.ops.liger.cross_entropy_backward(grad_loss, grad, ctx.reduction)
-    return (g,) + (None,) * 9
+    return (g.to(ctx.logits_dtype),) + (None,) * 9  # the one rounding, as eager's
 
 
 cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)

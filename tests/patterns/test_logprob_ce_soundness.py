@@ -187,3 +187,29 @@ def test_neg_inf_hidden_column(kernel_path, fn, dtype):
     ids = torch.randint(0, V, (B, T), generator=g)
     check(fn, [h, w, b, ids], dtype, "fused_linear_logprob")
 
+
+
+# -- bf16 logits upcast, per-token upstream: the logits' gradient rounded once ------------------
+
+def ratio_upcast(logits, labels, old):
+    lp = F.log_softmax(logits.to(torch.float32), -1)
+    tok = lp.gather(-1, labels[..., None]).squeeze(-1)
+    return torch.exp(0.5 * (tok - old.float()))
+
+
+def scaled_mean_upcast(logits, labels):
+    return F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1)) * 0.37
+
+
+@pytest.mark.parametrize("fn", [ratio_upcast, scaled_mean_upcast])
+def test_bf16_logits_gradient_rounded_once(kernel_path, fn):
+    # the op's stored per-row gradient was bf16, then scaled by the upstream gradient and rounded
+    # again; eager rounds the scaled fp32 gradient once
+    for seed in range(3):
+        g = _gen(seed)
+        logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+        labels = torch.randint(0, V, (B, T), generator=g)
+        args = [logits, labels]
+        if fn is ratio_upcast:
+            args.append(torch.randn(B, T, generator=g, dtype=torch.float64))
+        check(fn, args, torch.bfloat16, "cross_entropy", seed)
