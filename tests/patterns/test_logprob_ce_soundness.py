@@ -213,3 +213,23 @@ def test_bf16_logits_gradient_rounded_once(kernel_path, fn):
         if fn is ratio_upcast:
             args.append(torch.randn(B, T, generator=g, dtype=torch.float64))
         check(fn, args, torch.bfloat16, "cross_entropy", seed)
+
+
+# -- 1: the negated per-token NLL reshaped with view_as is a log-prob --------------------------
+
+def neg_nll_view_as(h, w, ids):
+    z = F.linear(h, w)[:, :-1, :]
+    idx = ids[:, 1:].clamp_min(0)
+    nll = F.cross_entropy(z.reshape(-1, V), idx.reshape(-1), reduction="none")
+    tok = -nll.view_as(idx)
+    return (tok * (ids[:, 1:] != -100)).sum(-1)
+
+
+def test_neg_nll_view_as_is_a_logprob(kernel_path):
+    g = _gen(0)
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5
+    ids = torch.randint(0, V, (B, T), generator=g)
+    ids[0, 2] = -100
+    report = check(neg_nll_view_as, [h, w, ids], torch.float32, "fused_linear_logprob")
+    assert not report.counts.get("fused_linear_cross_entropy"), str(report)
