@@ -24,12 +24,16 @@ float logit_scale=1., bool compute_grad=True) -> (Tensor loss, Tensor z_loss, Te
 * ``loss``: fp32 (fp64 for fp64 logits); shape ``()`` for mean/sum, ``target.shape`` for "none".
   Includes the z-loss term.
 * ``z_loss``: same shape/dtype; the z-loss part alone, for logging. Not differentiable.
-* ``grad_logits``: d(loss)/d(logits) in the logits' dtype and shape, computed in the forward pass
-  (for "none": d(loss[i])/d(logits[i]) per row). Empty (numel 0) when ``compute_grad`` is False.
-  Not differentiable.
+* ``grad_logits``: d(loss)/d(logits) in the compute dtype (fp32; fp64 for fp64 logits) and the
+  logits' shape, computed in the forward pass (for "none": d(loss[i])/d(logits[i]) per row).
+  Empty (numel 0) when ``compute_grad`` is False. Not differentiable. Kept unrounded because
+  eager rounds the logits' gradient to their dtype once, after the upstream gradient scales it:
+  a bf16 copy scaled later would be rounded twice (bf16 logits' gradients up to 1.5x eager's
+  error under a per-token upstream gradient).
 
 ``liger::cross_entropy_backward(Tensor grad_loss, Tensor grad_logits, str reduction) -> Tensor``
-scales the stored gradient by grad_output (a scalar, or one value per row for "none").
+scales the stored gradient by grad_output (a scalar, or one value per row for "none"); the
+autograd formula then rounds it once to the logits' dtype.
 
 The gradient is a freshly allocated tensor, not written over the logits: torch.library does not
 allow an autograd formula on an op that mutates its inputs ("register_autograd ... non-functional
@@ -60,6 +64,7 @@ try:
     import triton
     import triton.language as tl
 
+    from .rounding import cast_rne
     from .triton_math import load_logits, logits_grad
 except ImportError:  # pragma: no cover - torch path only
     triton = None
@@ -120,7 +125,11 @@ if triton is not None:
             m_new = tl.maximum(m, tl.max(z, 0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
             m = m_new
-        lse = m + tl.log(d)
+        # log-probabilities as eager's log_softmax forms them, (z - max) - log(sum): with
+        # z - lse instead, lse = max + log(sum) rounds log(sum) away when max is large (a row
+        # spread over hundreds), and the target's gradient p_t - 1 becomes 0 where eager's is not
+        logd = tl.log(d)
+        lse = m + logd
 
         # A target outside [0, V) is an error in eager; masked, it reads 0 instead of memory.
         z_t, th_t = load_logits(x_row, tgt, (tgt >= 0) & (tgt < V), softcap, logit_scale,
@@ -130,7 +139,7 @@ if triton is not None:
         else:
             w_t = 1.0
         w_tot = tl.load(STATS + 2)  # sum of class weights (V when unweighted)
-        ce = (1.0 - eps) * w_t * (lse - z_t)
+        ce = (1.0 - eps) * w_t * -((z_t - m) - logd)
         if HAS_SMOOTHING:
             ce += eps / V * (lse * w_tot - sum_wz)
         tl.store(LOSS + row, ce)
@@ -157,7 +166,7 @@ if triton is not None:
                 cols = off + cols0
                 mask = cols < V
                 z, th = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
-                g = tl.exp(z - lse) * p_coef
+                g = tl.exp((z - m) - logd) * p_coef
                 if HAS_SMOOTHING:
                     if HAS_WEIGHT:
                         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -166,7 +175,7 @@ if triton is not None:
                         g -= s_coef
                 g = logits_grad(tl.where(cols == tgt, g - t_coef, g), th, logit_scale, HAS_SOFTCAP)
                 # Safe in place (G == X): this block was read above, before it is written.
-                tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
+                tl.store(g_row + cols, cast_rne(g, G.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _scale_rows_kernel(G, stride_g, S, stride_s, OUT, stride_o, V, BLOCK_V: tl.constexpr):
@@ -177,7 +186,8 @@ if triton is not None:
             cols = off + cols0
             mask = cols < V
             g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(OUT + row * stride_o + cols, (g * s).to(OUT.dtype.element_ty), mask=mask)
+            tl.store(OUT + row * stride_o + cols, cast_rne(g * s, OUT.dtype.element_ty),
+                     mask=mask)
 
 
 def _block_and_warps(V: int, device: torch.device, block_v: int | None):
@@ -447,7 +457,7 @@ def cross_entropy_op(
     stats, denom_ce, denom_z = reduction_stats(t, weight, ignore_index, reduction, V, ct)
     loss_rows = torch.empty(N, dtype=ct, device=x.device)
     z_rows = torch.empty(N, dtype=ct, device=x.device)
-    grad = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad else None
+    grad = torch.empty(x.shape, dtype=ct, device=x.device) if compute_grad else None
     kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
               lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale)
     if use_triton(x):
@@ -467,8 +477,7 @@ def _(logits, target, weight=None, ignore_index=-100, reduction="mean", label_sm
     shape = target.shape if reduction == "none" else ()
     loss = logits.new_empty(shape, dtype=ct)
     z = logits.new_empty(shape, dtype=ct)
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad \
-        else logits.new_empty(0)
+    grad = logits.new_empty(logits.shape, dtype=ct) if compute_grad else logits.new_empty(0)
     return loss, z, grad
 
 
@@ -481,7 +490,7 @@ def _cross_entropy_cpu(logits, target, weight=None, ignore_index=-100, reduction
     x, t = _rows_2d(logits, target)
     loss, z, g = plain_ce_loss(x, t, weight, ignore_index, reduction, logit_scale, compute_grad,
                                target.shape)
-    grad = g.to(logits.dtype).view(logits.shape) if compute_grad else logits.new_empty(0)
+    grad = g.view(logits.shape) if compute_grad else logits.new_empty(0)
     return loss, z, grad
 
 
@@ -517,6 +526,7 @@ def _ce_setup_context(ctx, inputs, output):
     _, _, grad = output
     ctx.reduction = inputs[4]
     ctx.compute_grad = inputs[9]
+    ctx.logits_dtype = inputs[0].dtype
     ctx.mark_non_differentiable(output[1], grad)
     ctx.save_for_backward(grad)
 
@@ -529,7 +539,7 @@ def _ce_backward(ctx, grad_loss, grad_z, grad_grad):
         raise RuntimeError("liger::cross_entropy was called with compute_grad=False; "
                            "it cannot be differentiated")
     g = torch.ops.liger.cross_entropy_backward(grad_loss, grad, ctx.reduction)
-    return (g,) + (None,) * 9
+    return (g.to(ctx.logits_dtype),) + (None,) * 9  # the one rounding, as eager's
 
 
 cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)

@@ -61,6 +61,7 @@ try:
     import triton
     import triton.language as tl
 
+    from .rounding import cast_rne
     from .triton_math import load_logits, logits_grad, neg_zero
 except ImportError:  # pragma: no cover - torch path only
     triton = None
@@ -72,14 +73,10 @@ except ImportError:  # pragma: no cover - torch path only
 if triton is not None:
 
     @triton.jit
-    def _logprob_fwd_kernel(
-        X, stride_x, IDS, LP, ENT, LSE, V, ignore_index, softcap, logit_scale,
-        HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)  # N * V exceeds 2**31 at 16k tokens x 256k vocab
-        x_row = X + row * stride_x
+    def _row_max_logsum(x_row, V, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr,
+                        BLOCK_V: tl.constexpr):
+        """(max, log of the sum of exp(z - max)) of one row: online, streamed in blocks."""
         cols0 = tl.arange(0, BLOCK_V)
-        # Pass 1: online max / sum of exp.
         m = -float("inf")
         d = 0.0
         for off in range(0, V, BLOCK_V):
@@ -90,12 +87,25 @@ if triton is not None:
             m_new = tl.maximum(m, tl.max(z, 0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
             m = m_new
-        lse = m + tl.log(d)
-        tl.store(LSE + row, lse)
+        return m, tl.log(d)
+
+    @triton.jit
+    def _logprob_fwd_kernel(
+        X, stride_x, IDS, LP, ENT, LSE, V, ignore_index, softcap, logit_scale,
+        HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)  # N * V exceeds 2**31 at 16k tokens x 256k vocab
+        x_row = X + row * stride_x
+        cols0 = tl.arange(0, BLOCK_V)
+        # Log-probabilities are formed as eager's log_softmax forms them, (z - max) - log(sum):
+        # z - lse instead rounds log(sum) away once max is large (logits spread over hundreds,
+        # or scaled up), and loses the entropy's small terms to cancellation.
+        m, logd = _row_max_logsum(x_row, V, softcap, logit_scale, HAS_SOFTCAP, BLOCK_V)
+        tl.store(LSE + row, m + logd)
         tgt = tl.load(IDS + row).to(tl.int64)
         ok = (tgt >= 0) & (tgt < V)
         z_t, th_t = load_logits(x_row, tgt, ok, softcap, logit_scale, HAS_SOFTCAP)
-        lp = tl.where(ok, z_t - lse, float("nan"))
+        lp = tl.where(ok, (z_t - m) - logd, float("nan"))
         lp = tl.where(tgt == ignore_index, neg_zero(), lp)
         tl.store(LP + row, lp)
         if WITH_ENTROPY:
@@ -105,7 +115,7 @@ if triton is not None:
                 cols = off + cols0
                 mask = cols < V
                 z, _ = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
-                lg = z - lse
+                lg = (z - m) - logd
                 acc += tl.sum(tl.where(mask, tl.exp(lg) * lg, 0.0), 0)
             tl.store(ENT + row, -acc)
 
@@ -119,7 +129,9 @@ if triton is not None:
         x_row = X + row * stride_x
         g_row = G + row * stride_g
         cols0 = tl.arange(0, BLOCK_V)
-        lse = tl.load(LSE + row)
+        # the forward's max and log-sum again (one more pass over the row in the chunk buffer),
+        # for the log-probabilities exactly as the forward formed them
+        m, logd = _row_max_logsum(x_row, V, softcap, logit_scale, HAS_SOFTCAP, BLOCK_V)
         tgt = tl.load(IDS + row).to(tl.int64)
         a = 0.0
         if HAS_GLP:
@@ -133,14 +145,14 @@ if triton is not None:
             cols = off + cols0
             mask = cols < V
             z, th = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
-            lg = z - lse
+            lg = (z - m) - logd
             p = tl.exp(lg)
             g = tl.where(cols == tgt, a, 0.0) - a * p
             if HAS_GENT:
                 g -= b * p * (lg + h)
             g = logits_grad(g, th, logit_scale, HAS_SOFTCAP)
             # Safe in place (G == X): this block was read above, before it is written.
-            tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
+            tl.store(g_row + cols, cast_rne(g, G.dtype.element_ty), mask=mask)
 
 
 def _launch_fwd(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index):
@@ -173,20 +185,21 @@ def _launch_bwd(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_
 def _rows_fwd_torch(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index):
     ct = lp.dtype
     ze, _ = effective_logits(z, ct, softcap, logit_scale)
-    lse_c = torch.logsumexp(ze, -1)
-    lse.copy_(lse_c)
+    lse.copy_(torch.logsumexp(ze, -1))
+    # eager's log_softmax, (z - max) - log(sum): z - logsumexp(z) rounds the log-sum away when
+    # the max is large and makes the entropy's terms cancel
+    logp = torch.log_softmax(ze, -1)
     ignored = ids == ignore_index
     safe = torch.where(ignored, 0, ids).long().unsqueeze(1)  # others out of range: gather raises
-    lp.copy_(torch.where(ignored, -0.0, ze.gather(1, safe).squeeze(1) - lse_c))
+    lp.copy_(torch.where(ignored, -0.0, logp.gather(1, safe).squeeze(1)))
     if ent is not None:
-        logp = ze.sub_(lse_c.unsqueeze(1)) if ze is not z else ze - lse_c.unsqueeze(1)
         ent.copy_(-(logp.exp() * logp).sum(-1))
 
 
 def _rows_bwd_torch(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_index):
     ct = lse.dtype
     ze, th = effective_logits(z, ct, softcap, logit_scale)
-    logp = ze - lse.unsqueeze(1)
+    logp = torch.log_softmax(ze, -1)  # the forward's log-probabilities, as it formed them
     p = logp.exp()
     if glp is not None:
         ignored = ids == ignore_index

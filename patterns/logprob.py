@@ -333,9 +333,13 @@ def _negated(node: fx.Node) -> bool:
             return False
         (u,) = users
         name = op_name(u)
+        if u.args[0] is not node:  # read for its shape only (`x.view_as(nll)`): not a reshape of it
+            return False
         if name == "neg":
             return True
-        if name not in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"):
+        # `view_as` / `reshape_as` (`-nll.view_as(ids)`) reshape like `view(ids.shape)`
+        if name not in ("view", "reshape", "view_as", "reshape_as", "flatten", "unflatten",
+                        "squeeze", "unsqueeze"):
             return False
         node = u
 
@@ -453,7 +457,7 @@ def _entropy_of(view: View, z: fx.Node, lp_out: fx.Node):
                     return m.outputs[0], m.covered
         return None
     base = torch.arange(math.prod(lead)).reshape(lead)
-    lrows, erows, leaves, from_ = {}, {}, {}, {}
+    lrows, erows, leaves = {}, {}, {}
     for n in view.graph.nodes:
         if n.op == "output":
             continue
