@@ -342,6 +342,8 @@ class _Algebra:
             c = _const(a[1])
             if c is not None:
                 self._check_const(c, n)
+                if _float(c) == 0:
+                    raise _No(f"`{n.name}` divides by zero (eager gives inf/nan)")
                 return _scale(t, 1.0 / _float(c))
             if t.level == "scalar" and self._is_count(a[1], t):
                 return replace(t, denom="count")
@@ -478,6 +480,8 @@ class _Algebra:
         if mean:
             if not isinstance(vin.shape[-1], int):
                 raise _No("the mean divides by a symbolic size; the kernel takes a number")
+            if vin.shape[-1] == 0:
+                raise _No("the mean is over zero classes (eager gives nan)")
             return _scale(row, 1.0 / vin.shape[-1])
         return row
 
@@ -599,6 +603,16 @@ def _tensor_scale(x):
     return None
 
 
+def _grad_leaf(graph) -> bool:
+    """Whether some (log_)softmax over the classes reads logits that need a gradient."""
+    for n in graph.nodes:
+        lf = _leaf(n)
+        if lf is not None and lf != "dim" and getattr(_val(_chain(lf[1])[0]), "requires_grad",
+                                                      False):
+            return True
+    return False
+
+
 def _analyse(match):
     """The divergence rooted at the anchor: (algebra, root, student info, teacher info)."""
     anchor = match.tops[0]
@@ -609,8 +623,11 @@ def _analyse(match):
         raise Skip
     top_s, steps_s = _chain(lf[1])
     sv = _val(top_s)
-    if not getattr(sv, "requires_grad", False):
-        raise Skip  # a teacher's softmax (or no training): the student's anchor handles it
+    if not getattr(sv, "requires_grad", False) and _grad_leaf(match.graph):
+        raise Skip  # a teacher's softmax: the student's anchor handles it
+    # Nothing needs a gradient (inference, torch.no_grad(), or eager's own backward would fail):
+    # the anchor stands for the student, so the loss is still rewritten (no gradient computed)
+    # or refused with a reason (a write between its uses, ...), never left alone silently.
     key_s = top_s, _parse_scale(steps_s)
     leaves, sides, other_dim = {}, {}, []
     for n in match.graph.nodes:
