@@ -45,6 +45,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import ligerfx.kernels.distillation  # noqa: F401 - defines the liger:: ops
+from ligerfx.graph import mutation
 from ligerfx.graph.nodes import CAST_METHODS, node_value
 from ligerfx.kernels.cross_entropy import compute_dtype
 from ligerfx.compiler.passes import Skip
@@ -773,6 +774,9 @@ def _check(match, fused: bool):
         nodes.append(top_t)
     # only the chain nodes whose every user is inside stay covered (others are shared)
     match.covered = list(dict.fromkeys(match.covered + nodes))
+    why = _written(match.graph, nodes)
+    if why:
+        return why
     match.outputs = [root]
     match.tops = [root]
     if "s" in t.logp:
@@ -816,6 +820,26 @@ def _check(match, fused: bool):
                                 "xlogy(pt, pt)", "lt = log(softmax)"], coefs) if c]
     match.detail = ("teacher head fused, " if fuse_t else "") + "terms " + ", ".join(parts) + \
         (f", + {t.ce[0]:g} * CE" if ce else "")
+    return None
+
+
+def _written(graph, nodes):
+    """A write (in place, through any view) to memory of a value the fused loss computes, after
+    that value is computed and before the loss is: the code then reads the written value at its
+    later uses, which the fused op never sees.  Named here, before the generic check that would only call the view or
+    the write an outside use."""
+    if not mutation.has_writes(graph):
+        return None
+    mem = mutation.Memory(graph)
+    last = max((mem.pos[n] for n in nodes if n in mem.pos), default=-1)
+    for n in nodes:
+        if n not in mem.pos or not isinstance(_val(n), torch.Tensor):
+            continue
+        keys = mem.keys(n)
+        for w in mem.writes:
+            if mem.pos[n] < mem.pos.get(w.node, -1) < last and keys & w.keys:
+                return (f"{mutation.describe(w, n)}, between the uses of `{n.name}` that the "
+                        "pattern would fuse")
     return None
 
 
