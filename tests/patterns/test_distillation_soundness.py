@@ -555,3 +555,31 @@ def _jsd_half(s, t, y):
 ], ids=["jsd1_teacher_inf_bf16", "kl_div_student_inf", "jsd_x1000_fp16"])
 def test_earlier_nonfinite_findings_stay_closed(kernel_path, fn, kw):
     oracle(fn, expect="loss", **kw)
+
+
+def test_empty_batch_sum_divided_by_rows_fused(kernel_path):
+    # the division by s.shape[0] = 0 stays in the graph (refused), so the fused op's upstream
+    # gradient is inf: eager's weight / bias gradients over no rows are 0, not 0 * inf = nan
+    def fn(h, t, head):
+        s = head(h)
+        d = F.kl_div(_ls(s.float()), _ls(t.float()), reduction="none", log_target=True)
+        return d.sum() / s.shape[0]
+
+    torch.manual_seed(0)
+    head = nn.Linear(H, V, bias=True)
+    h0 = torch.randn(0, 3, H, dtype=torch.float64)
+    t0 = torch.randn(0, 3, V, dtype=torch.float64)
+    outs, reports = {}, []
+    for name, dt in (("ref", torch.float64), ("low", torch.float16), ("got", torch.float16)):
+        m = copy.deepcopy(head).to(dt)
+        f = fn
+        if name == "got":
+            torch._dynamo.reset()
+            f = torch.compile(fn, backend="liger", options={"inner": "aot_eager", "log_report": False})
+        with collect_reports(reports if name == "got" else []):
+            loss = f(h0.to(dt), t0.to(dt), m)
+        outs[name] = [loss.detach(), *torch.autograd.grad(loss, list(m.parameters()))]
+    for i, (a, b, c) in enumerate(zip(outs["got"], outs["low"], outs["ref"])):
+        assert not compare(f"value {i}", a, b, c, torch.float16)
+    assert any(m.pattern in PATTERNS for r in reports for m in r.matches) or any(
+        n.pattern in PATTERNS for r in reports for n in r.near_misses)
