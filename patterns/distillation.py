@@ -29,7 +29,9 @@ are refused (the kernel takes numbers).
 When the student logits come from a linear that nothing else reads, the lm head is fused too
 (`liger::fused_linear_distillation`: chunked, no [N, V] tensor kept); a teacher that is a linear
 in the same graph (under no_grad) is fused into the same pass.  Otherwise the loss on the logits
-becomes `liger::distillation_loss`.  A temperature held in a tensor, a teacher with gradients, a
+becomes `liger::distillation_loss`.  Where no logits need a gradient (inference, no_grad) the
+anchor stands for the student (the forward is the same whichever side is which); a write to a
+value the loss computes, between its uses, is named in the near miss.  A temperature held in a tensor, a teacher with gradients, a
 mask of another shape, a softmax over another dim, a per-token divergence used by anything but a
 reduction, fp16/bf16 statistics: near misses.
 """
