@@ -474,6 +474,10 @@ def fused_linear_distillation_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     # The saved gradients are for grad_output = 1 in the compute dtype: scale, then round once.
     s = grad_loss.reshape(())
+    if hidden.numel() == 0 and hidden.shape[-1] != 0:
+        # no token rows: eager's weight / bias gradients are sums over no rows, 0 whatever the
+        # upstream gradient (an inf from `/ s.shape[0]` over an empty batch), never 0 * inf
+        s = torch.zeros_like(s)
     e = hidden.new_empty(0)
     gh = torch.mul(saved_gh, s).to(hidden.dtype) if need_grad_hidden else e.clone()
     gw = torch.mul(saved_gw, s).to(weight.dtype) if need_grad_weight else e.clone()

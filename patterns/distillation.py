@@ -29,7 +29,9 @@ are refused (the kernel takes numbers).
 When the student logits come from a linear that nothing else reads, the lm head is fused too
 (`liger::fused_linear_distillation`: chunked, no [N, V] tensor kept); a teacher that is a linear
 in the same graph (under no_grad) is fused into the same pass.  Otherwise the loss on the logits
-becomes `liger::distillation_loss`.  A temperature held in a tensor, a teacher with gradients, a
+becomes `liger::distillation_loss`.  Where no logits need a gradient (inference, no_grad) the
+anchor stands for the student (the forward is the same whichever side is which); a write to a
+value the loss computes, between its uses, is named in the near miss.  A temperature held in a tensor, a teacher with gradients, a
 mask of another shape, a softmax over another dim, a per-token divergence used by anything but a
 reduction, fp16/bf16 statistics: near misses.
 """
@@ -45,6 +47,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import ligerfx.kernels.distillation  # noqa: F401 - defines the liger:: ops
+from ligerfx.graph import mutation
 from ligerfx.graph.nodes import CAST_METHODS, node_value
 from ligerfx.kernels.cross_entropy import compute_dtype
 from ligerfx.compiler.passes import Skip
@@ -342,6 +345,8 @@ class _Algebra:
             c = _const(a[1])
             if c is not None:
                 self._check_const(c, n)
+                if _float(c) == 0:
+                    raise _No(f"`{n.name}` divides by zero (eager gives inf/nan)")
                 return _scale(t, 1.0 / _float(c))
             if t.level == "scalar" and self._is_count(a[1], t):
                 return replace(t, denom="count")
@@ -478,6 +483,8 @@ class _Algebra:
         if mean:
             if not isinstance(vin.shape[-1], int):
                 raise _No("the mean divides by a symbolic size; the kernel takes a number")
+            if vin.shape[-1] == 0:
+                raise _No("the mean is over zero classes (eager gives nan)")
             return _scale(row, 1.0 / vin.shape[-1])
         return row
 
@@ -599,6 +606,16 @@ def _tensor_scale(x):
     return None
 
 
+def _grad_leaf(graph) -> bool:
+    """Whether some (log_)softmax over the classes reads logits that need a gradient."""
+    for n in graph.nodes:
+        lf = _leaf(n)
+        if lf is not None and lf != "dim" and getattr(_val(_chain(lf[1])[0]), "requires_grad",
+                                                      False):
+            return True
+    return False
+
+
 def _analyse(match):
     """The divergence rooted at the anchor: (algebra, root, student info, teacher info)."""
     anchor = match.tops[0]
@@ -609,8 +626,11 @@ def _analyse(match):
         raise Skip
     top_s, steps_s = _chain(lf[1])
     sv = _val(top_s)
-    if not getattr(sv, "requires_grad", False):
-        raise Skip  # a teacher's softmax (or no training): the student's anchor handles it
+    if not getattr(sv, "requires_grad", False) and _grad_leaf(match.graph):
+        raise Skip  # a teacher's softmax: the student's anchor handles it
+    # Nothing needs a gradient (inference, torch.no_grad(), or eager's own backward would fail):
+    # the anchor stands for the student, so the loss is still rewritten (no gradient computed)
+    # or refused with a reason (a write between its uses, ...), never left alone silently.
     key_s = top_s, _parse_scale(steps_s)
     leaves, sides, other_dim = {}, {}, []
     for n in match.graph.nodes:
@@ -756,6 +776,9 @@ def _check(match, fused: bool):
         nodes.append(top_t)
     # only the chain nodes whose every user is inside stay covered (others are shared)
     match.covered = list(dict.fromkeys(match.covered + nodes))
+    why = _written(match.graph, nodes)
+    if why:
+        return why
     match.outputs = [root]
     match.tops = [root]
     if "s" in t.logp:
@@ -799,6 +822,26 @@ def _check(match, fused: bool):
                                 "xlogy(pt, pt)", "lt = log(softmax)"], coefs) if c]
     match.detail = ("teacher head fused, " if fuse_t else "") + "terms " + ", ".join(parts) + \
         (f", + {t.ce[0]:g} * CE" if ce else "")
+    return None
+
+
+def _written(graph, nodes):
+    """A write (in place, through any view) to memory of a value the fused loss computes, after
+    that value is computed and before the loss is: the code then reads the written value at its
+    later uses, which the fused op never sees.  Named here, before the generic check that would only call the view or
+    the write an outside use."""
+    if not mutation.has_writes(graph):
+        return None
+    mem = mutation.Memory(graph)
+    last = max((mem.pos[n] for n in nodes if n in mem.pos), default=-1)
+    for n in nodes:
+        if n not in mem.pos or not isinstance(_val(n), torch.Tensor):
+            continue
+        keys = mem.keys(n)
+        for w in mem.writes:
+            if mem.pos[n] < mem.pos.get(w.node, -1) < last and keys & w.keys:
+                return (f"{mutation.describe(w, n)}, between the uses of `{n.name}` that the "
+                        "pattern would fuse")
     return None
 
 
