@@ -112,3 +112,50 @@ def test_rope_pairs_table_written_between_rotations(kernel_path, dtype):
     reports = check_eager_equal(_PairsRopeWrittenTable, [x], dtype, grad=False)
     misses = [n for r in reports for n in r.near_misses if "after it is computed" in n.reason]
     assert misses, "\n".join(str(r) for r in reports)
+
+
+# ------------------------------------------------------------------ gated activations (items 1, 2, 4)
+
+ACTS = {
+    "relu_sq_pow": lambda g: F.relu(g) ** 2,
+    "relu_sq_square": lambda g: torch.square(F.relu(g)),
+    "relu_sq_mul": lambda g: F.relu(g) * F.relu(g),
+    "gelu": lambda g: F.gelu(g),
+    "gelu_tanh": lambda g: F.gelu(g, approximate="tanh"),
+    "silu": lambda g: g * torch.sigmoid(g),
+}
+
+
+class _Gated(nn.Module):
+    def __init__(self, act, gated=True):
+        super().__init__()
+        self.act, self.gated = ACTS[act], gated
+        self.gate = nn.Linear(16, 24, bias=False)
+        self.up = nn.Linear(16, 24, bias=False)
+
+    def forward(self, x):
+        a = self.act(self.gate(x))
+        return a * self.up(x) if self.gated else a
+
+
+def _neginf_input(seed):
+    torch.manual_seed(seed)
+    x = torch.randn(2, 3, 16)
+    x[..., [1, 5]] = float("-inf")  # a masked feature: gate/up hold +-inf and nan
+    return x
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("gated", [True, False])
+def test_gated_neginf_inputs(kernel_path, act, gated):
+    if not gated and not act.startswith("relu_sq"):
+        pytest.skip("only relu² has a non-gated rewrite")
+    for seed in range(3):
+        check_eager_equal(lambda: _Gated(act, gated), [_neginf_input(seed)], torch.float32, seed=seed)
+
+
+@pytest.mark.parametrize("act", ["relu_sq_pow", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gated_neginf_inputs_half(kernel_path, act, dtype):
+    # CPU eager's exact gelu(+inf) is NaN in bf16 but +inf in fp16: the kernels follow it
+    check_eager_equal(lambda: _Gated(act), [_neginf_input(0)], dtype)
