@@ -192,6 +192,15 @@ def _act_side_dtype(match, act: fx.Node):
     return None
 
 
+def _act_side_chain(match, act: fx.Node) -> list:
+    """The casts between act(gate) and the final multiply (dtypes, program order)."""
+    for a in match.tops[0].all_input_nodes:
+        c = cast_chain(a, act)
+        if c is not None:
+            return c
+    return []
+
+
 def check(match):
     gate, up = match.value("gate"), match.value("up")
     if "approximate" in match.bindings and match["approximate"] not in ("none", "tanh"):
@@ -230,6 +239,13 @@ def check(match):
     else:
         act_node = match.nodes_of(act_op)[0]
         a_dt = _act_side_dtype(match, act_node)
+        a_chain = _act_side_chain(match, act_node)
+        lossy = [d for d in a_chain if d not in _FLOATS or not widens(prod, d)]
+        if lossy:
+            # the kernel rounds act(gate) once, to the product dtype; a cast to a narrower or
+            # integer dtype in between rounds (or truncates, cutting the gradient) where it does not
+            return (f"act(gate) is cast through {lossy[0]} before the product "
+                    f"({str(prod).replace('torch.', '')}); the kernel does not reproduce that cast")
         if g_use == prod and a_dt == prod:
             gate_in = ("chain", g_chain)  # act in the product dtype: eager's roundings exactly
         elif (a_dt == prod and g_use == torch.float32 and gate.dtype == prod

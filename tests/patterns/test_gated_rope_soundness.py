@@ -159,3 +159,31 @@ def test_gated_neginf_inputs(kernel_path, act, gated):
 def test_gated_neginf_inputs_half(kernel_path, act, dtype):
     # CPU eager's exact gelu(+inf) is NaN in bf16 but +inf in fp16: the kernels follow it
     check_eager_equal(lambda: _Gated(act), [_neginf_input(0)], dtype)
+
+
+class _ActCastThrough(nn.Module):
+    """relu(g)**2 cast through a lossy dtype before the product with up (item 2): eager truncates
+    it (and its gradient stops there); the kernel would round it once to the product dtype."""
+
+    def __init__(self, via):
+        super().__init__()
+        self.via = via
+        self.gate = nn.Linear(16, 24, bias=False)
+        self.up = nn.Linear(16, 24, bias=False)
+        self.down = nn.Linear(24, 16, bias=False)
+
+    def forward(self, x):
+        a = F.relu(self.gate(x)) ** 2
+        a = a.to(self.via).to(a.dtype)
+        return self.down(a * self.up(x))
+
+
+@pytest.mark.parametrize("via", [torch.int32, torch.float16])
+def test_relu_sq_glu_act_cast_through_lossy_dtype(kernel_path, via):
+    for seed in range(2):
+        torch.manual_seed(seed)
+        x = torch.randn(2, 3, 16) * 1000
+        reports = check_eager_equal(lambda: _ActCastThrough(via), [x], torch.bfloat16, seed=seed)
+        assert not [m for r in reports for m in r.matches if m.pattern == "relu_sq_glu"]
+        assert [n for r in reports for n in r.near_misses if n.pattern == "relu_sq_glu"
+                and "cast through" in n.reason], "\n".join(str(r) for r in reports)
