@@ -2,7 +2,8 @@
 GeGLU, squared-ReLU GLU), and `liger::act`, y = act(x) (the non-gated relu² MLP of Nemotron).
 
 activation is "silu", "gelu" (exact, erf), "gelu_tanh" (tanh approximation) or "relu_sq"
-(relu(x)**2, eager's `torch.square(F.relu(x))`).  The non-gated op is the same family as the
+(relu(x)**2, eager's `torch.square(F.relu(x))`) or "silu_product" (SiLU written `g * sigmoid(g)`:
+sigmoid rounded, then the product, and autograd's backward of those two ops, rounding as they do).  The non-gated op is the same family as the
 gated one: the same activation code, the same loads and roundings with one operand fewer (up is
 1), so it lives here rather than in a file of its own.  gate and up may be
 strided views, e.g. the two halves of one fused projection (`proj.chunk(2, -1)`): rows are read
@@ -33,7 +34,7 @@ from ligerfx.kernels.rounding import cast_rne, round_to
 from ligerfx.kernels.runtime import cpu_decomposition, next_pow2, use_triton
 from ligerfx.kernels.triton_math import silu, silu_grad
 
-ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu_sq": 3}
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu_sq": 3, "silu_product": 4}
 _MAX_BLOCK = 2048
 
 _SQRT1_2 = 0.7071067811865476  # 1/sqrt(2)
@@ -54,9 +55,16 @@ def _act(g, ACT: tl.constexpr):
         # 0.5 * (1 + tanh(z)) == sigmoid(2z): no cancellation in the negative tail.
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         return g / (1.0 + tl.exp(-2.0 * z))
-    else:
+    elif ACT == 3:
         r = _relu(g)
         return r * r
+    else:
+        return g * _sigmoid(g)
+
+
+@triton.jit
+def _sigmoid(g):
+    return 1.0 / (1.0 + tl.exp(-g))
 
 
 @triton.jit
@@ -104,6 +112,10 @@ def _grad_times(dz, g, ACT: tl.constexpr):
     if ACT == 3:
         r = _relu(g)
         return tl.where(r <= 0.0, 0.0, dz * (2.0 * r))
+    elif ACT == 4:
+        # g * s: the product's two gradients, the sigmoid's (ds * (1 - s)) * s, then their sum
+        s = _sigmoid(g)
+        return dz * s + ((dz * g) * (1.0 - s)) * s
     else:
         return dz * _act_grad(g, ACT)
 
@@ -275,6 +287,8 @@ def _act_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
         return F.silu(g)
     if activation == "relu_sq":
         return torch.square(torch.relu(g))
+    if activation == "silu_product":
+        return g * torch.sigmoid(g)
     return F.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
@@ -302,6 +316,9 @@ def _grad_times_torch(dz: torch.Tensor, g: torch.Tensor, activation: str) -> tor
     if activation == "relu_sq":
         r = torch.relu(g)
         return torch.where(r <= 0, 0.0, dz * (2 * r))
+    if activation == "silu_product":
+        s = torch.sigmoid(g)
+        return dz * s + ((dz * g) * (1 - s)) * s
     return dz * _act_grad_torch(g, activation)
 
 

@@ -172,8 +172,12 @@ _ACT_OP = {swiglu: "silu", geglu: "gelu", relu_sq_glu: "square"}
 
 def _activation(match) -> str:
     fn = match.variant.fn
-    if fn in (swiglu, swiglu_sigmoid):
+    if fn is swiglu:
         return "silu"
+    if fn is swiglu_sigmoid:
+        # computed as written: sigmoid rounded, then the product (F.silu's x / (1 + exp(-x)) and
+        # its one-formula gradient round differently)
+        return "silu_product"
     if fn is geglu_erf:
         return "gelu"
     if fn is geglu_new:
@@ -258,7 +262,10 @@ def check(match):
                     f"product is {prod}: the kernel rounds act(gate) to the product dtype")
     match.params.update(gate_chain=gate_in[1], up_chain=u_chain, dtype=prod,
                         out_chain=trailing_chain(match), activation=_activation(match))
-    match.detail = f"{match.params['activation']}, {str(prod).replace('torch.', '')}{note}"
+    act = match.params["activation"]
+    if act == "silu_product":
+        act, note = "silu", note + "; g * sigmoid(g) as written"
+    match.detail = f"{act}, {str(prod).replace('torch.', '')}{note}"
     return None
 
 

@@ -187,3 +187,60 @@ def test_relu_sq_glu_act_cast_through_lossy_dtype(kernel_path, via):
         assert not [m for r in reports for m in r.matches if m.pattern == "relu_sq_glu"]
         assert [n for r in reports for n in r.near_misses if n.pattern == "relu_sq_glu"
                 and "cast through" in n.reason], "\n".join(str(r) for r in reports)
+
+
+class _SigmoidGate(nn.Module):
+    """SwiGLU written `h0 * (g * sigmoid(g))` before an ill-conditioned cube-based norm (item 4):
+    every rounding of the activation shows in the gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(16, 24, bias=False)
+        self.up = nn.Linear(16, 24, bias=False)
+
+    def forward(self, x):
+        g, h0 = self.gate(x), self.up(x)
+        y = h0 * (g * torch.sigmoid(g))
+        return y / (y ** 3).mean(-1, keepdim=True).abs().add(1e-6) ** (1 / 3)
+
+
+def test_swiglu_sigmoid_as_written(kernel_path):
+    for seed in range(4):
+        torch.manual_seed(seed)
+        reports = check_eager_equal(_SigmoidGate, [torch.randn(2, 3, 16)], torch.float32, seed=seed)
+        assert [m for r in reports for m in r.matches if m.pattern == "swiglu"]
+
+
+def test_swiglu_sigmoid_bit_equal_torch_path(monkeypatch):
+    # the torch path runs eager's own ops in eager's order: the same bits, forward and backward
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(0)
+    g, u, dy = torch.randn(3, 64), torch.randn(3, 64), torch.randn(3, 64)
+    ge, ue = g.clone().requires_grad_(), u.clone().requires_grad_()
+    ye = ue * (ge * torch.sigmoid(ge))
+    ye.backward(dy)
+    gk, uk = g.clone().requires_grad_(), u.clone().requires_grad_()
+    yk = torch.ops.liger.gated_act(gk, uk, "silu_product")
+    yk.backward(dy)
+    assert torch.equal(yk, ye) and torch.equal(gk.grad, ge.grad) and torch.equal(uk.grad, ue.grad)
+
+
+class _SigmoidGateOnly(nn.Module):
+    def forward(self, g, h0):
+        return h0 * (g * torch.sigmoid(g))
+
+
+def test_swiglu_sigmoid_rewrite_bit_equal_torch_path(monkeypatch):
+    # through the pattern: the rewrite of `h0 * (g * sigmoid(g))` gives eager's bits in fp32
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(1)
+    g, h, dy = torch.randn(4, 256) * 3, torch.randn(4, 256), torch.randn(4, 256)
+    torch._dynamo.reset()
+    compiled = torch.compile(_SigmoidGateOnly(), backend="liger", options={"inner": "aot_eager"})
+    res = []
+    for fn in (_SigmoidGateOnly(), compiled):
+        gi, hi = g.clone().requires_grad_(), h.clone().requires_grad_()
+        y = fn(gi, hi)
+        y.backward(dy)
+        res.append((y.detach(), gi.grad, hi.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*res)), [(a - b).abs().max() for a, b in zip(*res)]
