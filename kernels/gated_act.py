@@ -2,7 +2,8 @@
 GeGLU, squared-ReLU GLU), and `liger::act`, y = act(x) (the non-gated relu² MLP of Nemotron).
 
 activation is "silu", "gelu" (exact, erf), "gelu_tanh" (tanh approximation) or "relu_sq"
-(relu(x)**2, eager's `torch.square(F.relu(x))`).  The non-gated op is the same family as the
+(relu(x)**2, eager's `torch.square(F.relu(x))`) or "silu_product" (SiLU written `g * sigmoid(g)`:
+sigmoid rounded, then the product, and autograd's backward of those two ops, rounding as they do).  The non-gated op is the same family as the
 gated one: the same activation code, the same loads and roundings with one operand fewer (up is
 1), so it lives here rather than in a file of its own.  gate and up may be
 strided views, e.g. the two halves of one fused projection (`proj.chunk(2, -1)`): rows are read
@@ -33,7 +34,7 @@ from ligerfx.kernels.rounding import cast_rne, round_to
 from ligerfx.kernels.runtime import cpu_decomposition, next_pow2, use_triton
 from ligerfx.kernels.triton_math import silu, silu_grad
 
-ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu_sq": 3}
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu_sq": 3, "silu_product": 4}
 _MAX_BLOCK = 2048
 
 _SQRT1_2 = 0.7071067811865476  # 1/sqrt(2)
@@ -54,9 +55,26 @@ def _act(g, ACT: tl.constexpr):
         # 0.5 * (1 + tanh(z)) == sigmoid(2z): no cancellation in the negative tail.
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         return g / (1.0 + tl.exp(-2.0 * z))
-    else:
+    elif ACT == 3:
         r = _relu(g)
         return r * r
+    else:
+        return g * _sigmoid(g)
+
+
+@triton.jit
+def _sigmoid(g):
+    return 1.0 / (1.0 + tl.exp(-g))
+
+
+@triton.jit
+def _act_eager(g, ACT: tl.constexpr, INF_NAN: tl.constexpr):
+    """act(g) with eager's value at +inf: INF_NAN when eager on this device gives NaN there (see
+    _eager_nan_at_inf) where the formula gives +inf."""
+    a = _act(g, ACT)
+    if INF_NAN:
+        a = tl.where(g > 3.4028234663852886e38, g * 0.0, a)  # only +inf exceeds fp32's max
+    return a
 
 
 @triton.jit
@@ -87,6 +105,22 @@ def _act_grad(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _grad_times(dz, g, ACT: tl.constexpr):
+    """dz * act'(g) in fp32, in the order eager's autograd applies it.  relu²: pow's backward
+    dz * 2r first, then relu's threshold backward replaces it by 0 where r <= 0, so an inf dz
+    there gives 0 (eager), not 0 * inf = NaN."""
+    if ACT == 3:
+        r = _relu(g)
+        return tl.where(r <= 0.0, 0.0, dz * (2.0 * r))
+    elif ACT == 4:
+        # g * s: the product's two gradients, the sigmoid's (ds * (1 - s)) * s, then their sum
+        s = _sigmoid(g)
+        return dz * s + ((dz * g) * (1.0 - s)) * s
+    else:
+        return dz * _act_grad(g, ACT)
+
+
+@triton.jit
 def _block(N, BLOCK: tl.constexpr):
     """This program's row, its column block and their mask (grid: row, column block)."""
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -106,35 +140,37 @@ def _store(ptr, row, stride, cols, v, mask):
 
 @triton.jit
 def _gated_fwd_kernel(g_ptr, u_ptr, y_ptr, g_stride, u_stride, y_stride, N,
-                      ACT: tl.constexpr, BLOCK: tl.constexpr):
+                      ACT: tl.constexpr, INF_NAN: tl.constexpr, BLOCK: tl.constexpr):
     row, cols, mask = _block(N, BLOCK)
     g = _load(g_ptr, row, g_stride, cols, mask)
     u = _load(u_ptr, row, u_stride, cols, mask)
     # Round act(g) to the input dtype before the multiply, as eager does.
-    a = cast_rne(_act(g, ACT), g_ptr.dtype.element_ty).to(tl.float32)
+    a = cast_rne(_act_eager(g, ACT, INF_NAN), g_ptr.dtype.element_ty).to(tl.float32)
     _store(y_ptr, row, y_stride, cols, a * u, mask)
 
 
 @triton.jit
 def _gated_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr,
                       dy_stride, g_stride, u_stride, dg_stride, du_stride, N,
-                      ACT: tl.constexpr, BLOCK: tl.constexpr):
+                      ACT: tl.constexpr, INF_NAN: tl.constexpr, BLOCK: tl.constexpr):
     row, cols, mask = _block(N, BLOCK)
     dy = _load(dy_ptr, row, dy_stride, cols, mask)
     g = _load(g_ptr, row, g_stride, cols, mask)
     u = _load(u_ptr, row, u_stride, cols, mask)
     # dup uses the rounded act(g) the forward multiplied by.
-    a = cast_rne(_act(g, ACT), g_ptr.dtype.element_ty).to(tl.float32)
+    a = cast_rne(_act_eager(g, ACT, INF_NAN), g_ptr.dtype.element_ty).to(tl.float32)
     _store(du_ptr, row, du_stride, cols, dy * a, mask)
     # eager rounds the product's gradient dy * up (act(gate)'s dtype) before act' multiplies it
     dz = round_to(dy * u, g_ptr.dtype.element_ty)
-    _store(dg_ptr, row, dg_stride, cols, dz * _act_grad(g, ACT), mask)
+    _store(dg_ptr, row, dg_stride, cols, _grad_times(dz, g, ACT), mask)
 
 
 @triton.jit
-def _act_fwd_kernel(x_ptr, y_ptr, x_stride, y_stride, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _act_fwd_kernel(x_ptr, y_ptr, x_stride, y_stride, N, ACT: tl.constexpr, INF_NAN: tl.constexpr,
+                    BLOCK: tl.constexpr):
     row, cols, mask = _block(N, BLOCK)
-    _store(y_ptr, row, y_stride, cols, _act(_load(x_ptr, row, x_stride, cols, mask), ACT), mask)
+    _store(y_ptr, row, y_stride, cols, _act_eager(_load(x_ptr, row, x_stride, cols, mask), ACT, INF_NAN),
+           mask)
 
 
 @triton.jit
@@ -143,7 +179,7 @@ def _act_bwd_kernel(dy_ptr, x_ptr, dx_ptr, dy_stride, x_stride, dx_stride, N,
     row, cols, mask = _block(N, BLOCK)
     dy = _load(dy_ptr, row, dy_stride, cols, mask)
     x = _load(x_ptr, row, x_stride, cols, mask)
-    _store(dx_ptr, row, dx_stride, cols, dy * _act_grad(x, ACT), mask)
+    _store(dx_ptr, row, dx_stride, cols, _grad_times(dy, x, ACT), mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +209,8 @@ def launch_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, acti
         return
     grid, meta = _grid_and_meta(rows, n)
     _gated_fwd_kernel[grid](g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0), n,
-                            ACT=_activation_code(activation), **meta)
+                            ACT=_activation_code(activation),
+                            INF_NAN=_eager_nan_at_inf(activation, gate.dtype, gate.device), **meta)
 
 
 def launch_backward(dy, gate, up, dgate, dup, activation: str) -> None:
@@ -186,7 +223,8 @@ def launch_backward(dy, gate, up, dgate, dup, activation: str) -> None:
     grid, meta = _grid_and_meta(rows, n)
     _gated_bwd_kernel[grid](d2, g2, u2, dg2, du2,
                             d2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), n,
-                            ACT=_activation_code(activation), **meta)
+                            ACT=_activation_code(activation),
+                            INF_NAN=_eager_nan_at_inf(activation, gate.dtype, gate.device), **meta)
 
 
 def launch_act_forward(x: torch.Tensor, out: torch.Tensor, activation: str) -> None:
@@ -196,7 +234,8 @@ def launch_act_forward(x: torch.Tensor, out: torch.Tensor, activation: str) -> N
     if rows == 0 or n == 0:
         return
     grid, meta = _grid_and_meta(rows, n)
-    _act_fwd_kernel[grid](x2, y2, x2.stride(0), y2.stride(0), n, ACT=_activation_code(activation), **meta)
+    _act_fwd_kernel[grid](x2, y2, x2.stride(0), y2.stride(0), n, ACT=_activation_code(activation),
+                          INF_NAN=_eager_nan_at_inf(activation, x.dtype, x.device), **meta)
 
 
 def launch_act_backward(dy, x, dx, activation: str) -> None:
@@ -213,12 +252,50 @@ def launch_act_backward(dy, x, dx, activation: str) -> None:
 # ----------------------------------------------------------------------------- torch reference
 
 
+_AT_INF: dict = {}  # (activation, dtype) -> CPU eager's act(+inf) (filled below _act_torch)
+
+
+def _eager_at_inf(activation: str, dtype: torch.dtype, device: torch.device) -> float:
+    """Eager's act(+inf) for inputs of `dtype` on `device`'s type.  Eager is not one function
+    here: CPU's vectorized exact gelu gives NaN in fp32/bf16 (inf * 0 inside its erf) where its
+    fp16 and fp64 kernels and CUDA give +inf, so CPU eager is asked (at import, outside any
+    tracing: a vector of +inf long enough for the vectorized loop) rather than assumed."""
+    if torch.device(device).type != "cpu":
+        return float("inf")  # CUDA's kernels compute each formula as written: +inf
+    return _AT_INF.get((activation, dtype), float("inf"))
+
+
+def _eager_nan_at_inf(activation: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether eager gives NaN at +inf where the kernels' formulas give +inf."""
+    import math
+
+    return math.isnan(_eager_at_inf(activation, dtype, device))
+
+
+def _act_as_eager(g: torch.Tensor, activation: str, dtype: torch.dtype) -> torch.Tensor:
+    """act(g) computed in g's (wider) dtype, with eager's value at +inf for inputs of `dtype`."""
+    a = _act_torch(g, activation)
+    want = _eager_at_inf(activation, dtype, g.device)
+    got = _eager_at_inf(activation, g.dtype, g.device)
+    if not (want == got or (want != want and got != got)):
+        a = torch.where(g == float("inf"), want, a)
+    return a
+
+
 def _act_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":
         return F.silu(g)
     if activation == "relu_sq":
         return torch.square(torch.relu(g))
+    if activation == "silu_product":
+        return g * torch.sigmoid(g)
     return F.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+with torch.no_grad():
+    for _a in ACTIVATIONS:
+        for _dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            _AT_INF[(_a, _dt)] = float(_act_torch(torch.full((64,), float("inf"), dtype=_dt), _a)[0])
 
 
 def _act_grad_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
@@ -234,30 +311,41 @@ def _act_grad_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
     return 0.5 * (1 + th) + 0.5 * g * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_C * g * g)
 
 
+def _grad_times_torch(dz: torch.Tensor, g: torch.Tensor, activation: str) -> torch.Tensor:
+    """dz * act'(g), in eager's order (relu²: the threshold after the product, see _grad_times)."""
+    if activation == "relu_sq":
+        r = torch.relu(g)
+        return torch.where(r <= 0, 0.0, dz * (2 * r))
+    if activation == "silu_product":
+        s = torch.sigmoid(g)
+        return dz * s + ((dz * g) * (1 - s)) * s
+    return dz * _act_grad_torch(g, activation)
+
+
 def gated_act_reference(gate, up, activation: str) -> torch.Tensor:
     cdt = torch.promote_types(gate.dtype, torch.float32)
-    a = _act_torch(gate.to(cdt), activation).to(gate.dtype).to(cdt)
+    a = _act_as_eager(gate.to(cdt), activation, gate.dtype).to(gate.dtype).to(cdt)
     return (a * up.to(cdt)).to(gate.dtype).contiguous()
 
 
 def gated_act_backward_reference(dy, gate, up, activation: str):
     cdt = torch.promote_types(gate.dtype, torch.float32)
     g, u, d = gate.to(cdt), up.to(cdt), dy.to(cdt)
-    a = _act_torch(g, activation).to(gate.dtype).to(cdt)
+    a = _act_as_eager(g, activation, gate.dtype).to(gate.dtype).to(cdt)
     dz = (d * u).to(gate.dtype).to(cdt)  # eager rounds the product's gradient first
-    dgate = (dz * _act_grad_torch(g, activation)).to(gate.dtype).contiguous()
+    dgate = _grad_times_torch(dz, g, activation).to(gate.dtype).contiguous()
     dup = (d * a).to(up.dtype).contiguous()
     return dgate, dup
 
 
 def act_reference(x, activation: str) -> torch.Tensor:
     cdt = torch.promote_types(x.dtype, torch.float32)
-    return _act_torch(x.to(cdt), activation).to(x.dtype).contiguous()
+    return _act_as_eager(x.to(cdt), activation, x.dtype).to(x.dtype).contiguous()
 
 
 def act_backward_reference(dy, x, activation: str) -> torch.Tensor:
     cdt = torch.promote_types(x.dtype, torch.float32)
-    return (dy.to(cdt) * _act_grad_torch(x.to(cdt), activation)).to(x.dtype).contiguous()
+    return _grad_times_torch(dy.to(cdt), x.to(cdt), activation).to(x.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------- torch ops

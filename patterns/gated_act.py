@@ -172,8 +172,12 @@ _ACT_OP = {swiglu: "silu", geglu: "gelu", relu_sq_glu: "square"}
 
 def _activation(match) -> str:
     fn = match.variant.fn
-    if fn in (swiglu, swiglu_sigmoid):
+    if fn is swiglu:
         return "silu"
+    if fn is swiglu_sigmoid:
+        # computed as written: sigmoid rounded, then the product (F.silu's x / (1 + exp(-x)) and
+        # its one-formula gradient round differently)
+        return "silu_product"
     if fn is geglu_erf:
         return "gelu"
     if fn is geglu_new:
@@ -190,6 +194,15 @@ def _act_side_dtype(match, act: fx.Node):
         if cast_chain(a, act) is not None:
             return dtype_of(a)
     return None
+
+
+def _act_side_chain(match, act: fx.Node) -> list:
+    """The casts between act(gate) and the final multiply (dtypes, program order)."""
+    for a in match.tops[0].all_input_nodes:
+        c = cast_chain(a, act)
+        if c is not None:
+            return c
+    return []
 
 
 def check(match):
@@ -230,6 +243,13 @@ def check(match):
     else:
         act_node = match.nodes_of(act_op)[0]
         a_dt = _act_side_dtype(match, act_node)
+        a_chain = _act_side_chain(match, act_node)
+        lossy = [d for d in a_chain if d not in _FLOATS or not widens(prod, d)]
+        if lossy:
+            # the kernel rounds act(gate) once, to the product dtype; a cast to a narrower or
+            # integer dtype in between rounds (or truncates, cutting the gradient) where it does not
+            return (f"act(gate) is cast through {lossy[0]} before the product "
+                    f"({str(prod).replace('torch.', '')}); the kernel does not reproduce that cast")
         if g_use == prod and a_dt == prod:
             gate_in = ("chain", g_chain)  # act in the product dtype: eager's roundings exactly
         elif (a_dt == prod and g_use == torch.float32 and gate.dtype == prod
@@ -242,7 +262,10 @@ def check(match):
                     f"product is {prod}: the kernel rounds act(gate) to the product dtype")
     match.params.update(gate_chain=gate_in[1], up_chain=u_chain, dtype=prod,
                         out_chain=trailing_chain(match), activation=_activation(match))
-    match.detail = f"{match.params['activation']}, {str(prod).replace('torch.', '')}{note}"
+    act = match.params["activation"]
+    if act == "silu_product":
+        act, note = "silu", note + "; g * sigmoid(g) as written"
+    match.detail = f"{act}, {str(prod).replace('torch.', '')}{note}"
     return None
 
 

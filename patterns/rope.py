@@ -45,6 +45,7 @@ import torch
 import torch.fx as fx
 
 import ligerfx.kernels.rope  # noqa: F401 - defines torch.ops.liger.rope
+from ligerfx.graph import mutation
 from ligerfx.graph.nodes import CAST_METHODS, node_value
 from ligerfx.compiler.pattern import register
 from ligerfx.patterns import rope_dtypes
@@ -338,13 +339,17 @@ _ELEMENTWISE_FNS = {operator.mul, operator.add, operator.sub, operator.truediv, 
 _ELEMENTWISE_METHODS = {"mul", "add", "sub", "div", "neg", "cos", "sin"} | CAST_METHODS
 
 
-def _pairs_equal(n, depth: int = 12) -> bool:
+def _pairs_equal(n, depth: int = 12, used: list | None = None) -> bool:
     """Whether the values of `n` along its last dim come in equal pairs (2i, 2i+1), proved from
     the ops that built it: `repeat_interleave(t, 2, dim=-1)` under elementwise ops, casts,
-    broadcasts of a size-1 last dim, unsqueezes and indexing that leave the last dim whole."""
+    broadcasts of a size-1 last dim, unsqueezes and indexing that leave the last dim whole.
+    `used` collects the nodes the proof relies on (a write to one of them after it ran, e.g.
+    `sin[..., 0] = 0.5`, breaks the pairs: `check` looks for one)."""
     v = node_value(n) if isinstance(n, fx.Node) else None
     if depth == 0 or not isinstance(v, torch.Tensor) or v.dim() == 0:
         return False
+    if used is not None:
+        used.append(n)
     rank = v.dim()
     name = n.target if n.op == "call_method" else getattr(n.target, "__name__", None)
     args = list(n.args) + list(n.kwargs.values())
@@ -363,7 +368,7 @@ def _pairs_equal(n, depth: int = 12) -> bool:
                     return False
                 if (av.dim() == 0 or known_int(av.shape[-1]) == 1) and av.dim() <= rank:
                     continue  # broadcast along the last dim
-                if not _pairs_equal(a, depth - 1):
+                if not _pairs_equal(a, depth - 1, used):
                     return False
             elif not isinstance(a, (int, float, torch.dtype, torch.device, type(None))):
                 return False
@@ -371,7 +376,7 @@ def _pairs_equal(n, depth: int = 12) -> bool:
     if name == "unsqueeze" and len(n.args) == 2 and isinstance(n.args[1], int):
         if n.args[1] in (-1, rank - 1):
             return False
-        return _pairs_equal(n.args[0], depth - 1)
+        return _pairs_equal(n.args[0], depth - 1, used)
     if name == "getitem" and isinstance(n.args[0], fx.Node):
         # indexing that keeps the last dim whole: fewer indices than dims, no Ellipsis
         src, idx = n.args
@@ -379,7 +384,7 @@ def _pairs_equal(n, depth: int = 12) -> bool:
         items = idx if isinstance(idx, tuple) else (idx,)
         if (isinstance(sv, torch.Tensor) and Ellipsis not in items and None not in items
                 and len(items) < sv.dim()):
-            return _pairs_equal(src, depth - 1)
+            return _pairs_equal(src, depth - 1, used)
     return False
 
 
@@ -423,10 +428,17 @@ def check(match):
         elif fn in _STACK:
             pass
         elif fn in _PAIRS:
-            if not (_pairs_equal(match["cos"]) and _pairs_equal(match["sin"])):
+            used: list = []
+            if not (_pairs_equal(match["cos"], used=used) and _pairs_equal(match["sin"], used=used)):
                 return ("rotates interleaved pairs, but cos/sin are not provably one angle per "
                         "pair (2i, 2i+1) (built by repeat_interleave(.., 2, -1)), which the "
                         "kernel's interleaved form needs")
+            memory = mutation.Memory(match.graph)
+            last = max((memory.pos[c] for c in match.covered if c in memory.pos), default=0)
+            written = mutation.rewritten_before(used, last, memory)
+            if written:
+                return ("rotates interleaved pairs; cos/sin were built one angle per pair, but "
+                        f"{written}, so their pairs may differ where the rotation reads them")
         else:
             half = match.value("half")
             if half is None or not known_equal(half * 2, rot):

@@ -244,6 +244,21 @@ class Memory:
         return None
 
 
+def rewritten_before(nodes, until: int, memory: Memory) -> str | None:
+    """Why a fact a constraint proved about `nodes` from the ops that computed them (their values
+    come in equal pairs, ...) may no longer hold when read at position `until`: a write after a
+    node runs and before `until` to memory it lives in (the values were changed in place since the
+    proof's op made them); None when no such write exists."""
+    for n in nodes:
+        if n not in memory.pos:
+            continue
+        hit = memory.first_write({n}, memory.pos[n], until)
+        if hit is not None:
+            w, r = hit
+            return f"{describe(w, r)} after it is computed"
+    return None
+
+
 def has_writes(graph: fx.Graph) -> bool:
     return any(_flat_nodes(written_args(n)) for n in graph.nodes)
 
