@@ -317,7 +317,12 @@ def _plan(match, name: str, i: int, tables):
         return chain, out, None, f"; {short(cdt)} rounded per op"
     # the rotation computes in cdt (fp32 / fp64) and rounds once; the backward rounds each
     # branch's gradient where autograd casts it back and sums them there
-    g = rope_dtypes.grad_sum_dtype(match, name, tables, cdt)
+    if not chain and x.dtype == cdt:
+        # no cast on the way in and the products compute in x's own dtype: both branches'
+        # gradients are in that dtype and autograd sums them there, as the kernel does
+        g = cdt
+    else:
+        g = rope_dtypes.grad_sum_dtype(match, name, tables, cdt)
     if isinstance(g, str):
         if getattr(x, "requires_grad", True):
             return g

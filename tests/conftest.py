@@ -14,12 +14,6 @@ import torch  # noqa: E402
 # (the `pytest -m cuda` suite; tests/kernels/conftest.py skips the interpreter path there).
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
-# Translation validation on for the whole suite (issue 22): every rewrite any test makes is also
-# run as the code it replaced on the test's own values, and one that differs fails the test
-# (ValidationError) even where the test did not expect a rewrite.  Tests that check validation
-# itself pass `validate=` explicitly.  LIGERFX_VALIDATE=0 turns it off (to time the suite without).
-os.environ.setdefault("LIGERFX_VALIDATE", "raise")
-
 import importlib  # noqa: E402
 import pkgutil  # noqa: E402
 

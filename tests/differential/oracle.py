@@ -149,7 +149,10 @@ def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
     torch._dynamo.utils.counters.clear()
     reports: list = []
     compiled = torch.compile(test_model, backend="liger", dynamic=case.dynamic or None,
-                             options={"inner": "aot_eager", "log_report": False, **case.options})
+                             options={"inner": "aot_eager", "log_report": False,
+                                      # a rewrite that differs fails the case even where the
+                                      # comparison below would not see it (issue 22 §2)
+                                      "validate": "raise", **case.options})
     for path in paths:
         grad_mode = torch.enable_grad() if cot is not None else torch.no_grad()
         with kernel_path(path), collect_reports(reports), grad_mode:

@@ -23,7 +23,11 @@ LOWBIT_KERNELS = {"_int8_mm_kernel", "_int4_mm_kernel", "_splitk_reduce_kernel"}
 # Constexprs that hold one value on every GPU launch by design (interpreter-only workarounds).
 GPU_CONSTANT = {("_int8_mm_kernel", "UPCAST"), ("_int4_mm_kernel", "UPCAST"),
                 ("_fp8_mm_kernel", "UPCAST"), ("_sparse24_mm_kernel", "UPCAST"),
-                ("_quant_rows_kernel", "EMULATE_CAST")}
+                ("_quant_rows_kernel", "EMULATE_CAST"),
+                # eager's value of an activation at +inf on the CPU (NaN there, +inf on CUDA):
+                # only ever True on the CPU / interpreter (kernels/gated_act.py)
+                ("_gated_fwd_kernel", "INF_NAN"), ("_gated_bwd_kernel", "INF_NAN"),
+                ("_act_fwd_kernel", "INF_NAN")}
 
 
 def _have_ptxas() -> bool:
