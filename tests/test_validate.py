@@ -122,15 +122,22 @@ def _validation_warnings(record) -> list[str]:
     return [str(w.message) for w in record if issubclass(w.category, ValidationWarning)]
 
 
-def test_correct_rewrite_is_checked_equal_and_kept(kernel_path):
-    model = Norm()
-    x = torch.randn(4, 16)
+def _first_call(model, x, **opts):
+    """Eager's output and gradients, then the compiled model's first call with `opts` and the
+    warnings it raised: (ref, gref, compiled, out, record)."""
     ref = model(x)
     gref = _grads(model, ref)
-    compiled = _compile(model, validate=True)
+    compiled = _compile(model, **opts)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         out = compiled(x)
+    return ref, gref, compiled, out, record
+
+
+def test_correct_rewrite_is_checked_equal_and_kept(kernel_path):
+    model = Norm()
+    x = torch.randn(4, 16)
+    ref, gref, compiled, out, record = _first_call(model, x, validate=True)
     g = _grads(model, out)
     report = ligerfx.backend.last_report
     assert report.counts == {"rms_norm": 1}
@@ -146,12 +153,7 @@ def test_correct_rewrite_is_checked_equal_and_kept(kernel_path):
 def test_wrong_forward_is_dropped_on_first_call(wrong_twice, inner):
     model = Twice()
     x = torch.randn(3, 8)
-    ref = model(x)
-    gref = _grads(model, ref)
-    compiled = _compile(model, validate=True, inner=inner)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        out = compiled(x)
+    ref, gref, compiled, out, record = _first_call(model, x, validate=True, inner=inner)
     (msg,) = _validation_warnings(record)
     assert wrong_twice in msg and "differs from the original code" in msg and "dropped" in msg
     assert "relative error" in msg
@@ -174,12 +176,7 @@ def test_wrong_forward_is_dropped_on_first_call(wrong_twice, inner):
 def test_wrong_backward_is_dropped(wrong_grad):
     model = Gelu()
     x = torch.randn(3, 8)
-    ref = model(x)
-    gref = _grads(model, ref)
-    compiled = _compile(model, validate=True)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        out = compiled(x)
+    ref, gref, compiled, out, record = _first_call(model, x, validate=True)
     (msg,) = _validation_warnings(record)
     assert "gradient of" in msg and "output 0" not in msg  # the forward is right
     report = ligerfx.backend.last_report
