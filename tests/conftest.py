@@ -27,16 +27,71 @@ for _m in pkgutil.iter_modules(ligerfx.kernels.__path__):
     importlib.import_module(f"ligerfx.kernels.{_m.name}")
 
 
-from tests.tiers import is_slow, load  # noqa: E402
+from tests.tiers import is_slow, load, n_slices, slice_of  # noqa: E402
 
 _SLOW = load()
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slow-slice", default="auto",
+        help="which slow tests a run with no -m keeps: 'auto' (the default: the slice of "
+             "tests/slow_tests.txt that the commit's hash picks, so each runs every few commits, "
+             "also in a shallow clone), a number "
+             "K, 'all' (the whole suite) or 'none' (the quick tier, as -m 'not slow')")
+
+
+def _commit_number() -> int:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=30, cwd=os.path.dirname(__file__))
+        return int(out.stdout.strip()[:12], 16)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return 0  # not a git checkout: the first slice
+
+
+def _slice(config) -> int | None:
+    """The slow slice this run keeps; None: all of them (or -m decides)."""
+    want = config.getoption("--slow-slice")
+    if config.getoption("-m") or want == "all":
+        return None
+    n = n_slices(_SLOW)
+    if want == "none":
+        return -1
+    if want == "auto":
+        return _commit_number() % n
+    if not want.isdigit() or int(want) >= n:
+        raise pytest.UsageError(f"--slow-slice={want}: give auto, all, none or a slice 0..{n - 1}")
+    return int(want)
+
+
+def pytest_report_header(config):
+    k, n = _slice(config), n_slices(_SLOW)
+    if k is None:
+        return None
+    what = "none" if k < 0 else f"slice {k} of {n}"
+    return (f"slow tests: {what} (tests/slow_tests.txt; --slow-slice=all runs the whole suite, "
+            "-m 'not slow' the quick tier)")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The quick tier: tests listed in tests/slow_tests.txt are `slow` too (tests/tiers.py)."""
+    """The tiers: tests listed in tests/slow_tests.txt are `slow` too, and a run with no -m keeps
+    the quick tier plus one slice of the slow tests (tests/tiers.py)."""
     for item in items:
         if is_slow(item.nodeid, _SLOW):
             item.add_marker(pytest.mark.slow)
+    k = _slice(config)
+    if k is None:
+        return
+    keep, drop = [], []
+    for item in items:
+        slow = item.get_closest_marker("slow") is not None
+        (drop if slow and slice_of(item.nodeid, _SLOW) != k else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(params=["torch", "triton"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from tests.tiers import HERE, load, read_tests
+from tests.tiers import HERE, load, n_slices, read_tests
 
 ROOT = os.path.dirname(HERE)
 
@@ -60,5 +60,45 @@ def test_work_shared_through_a_cached_helper_goes_slow_together():
     log = [f"10.00s call     {f}::test_family_rewritten_and_eager_equal[llama3]",
            f"0.10s call     {f}::test_family_residual_adds_fused[llama3]",
            f"0.02s call     {f}::test_site_rule_counts_what_is_missing_and_what_is_extra"]
-    assert choose(log, budget=1.0) == [f"{f}::test_family_residual_adds_fused",
+    assert choose(log, budget=1.0)[0] == [f"{f}::test_family_residual_adds_fused",
                                        f"{f}::test_family_rewritten_and_eager_equal"]
+
+
+def test_slices_are_dealt_evenly_and_parametrized_tests_spread_by_parameter(tmp_path):
+    from tests.tiers import BY_PARAMETER, deal, load, slice_of
+
+    f = "tests/test_x.py"
+    times = {f"{f}::test_a": 9.0, f"{f}::test_b": 5.0, f"{f}::test_c": 4.0,
+             f"{f}::test_p[1]": 1.0, f"{f}::test_p[2]": 1.0}
+    where = deal([f"{f}::test_a", f"{f}::test_b", f"{f}::test_c", f"{f}::test_p"], times, 2)
+    assert where[f"{f}::test_p"] == BY_PARAMETER
+    assert where[f"{f}::test_b"] == where[f"{f}::test_c"] != where[f"{f}::test_a"]
+    listed = tmp_path / "slow.txt"
+    listed.write_text("# header\n[slice by parameter]\ntests/test_x.py::test_p\n"
+                      "[slice 0]\ntests/test_x.py::test_a\n[slice 1]\ntests/test_x.py::test_b\n")
+    got = load(str(listed))
+    assert got == {f"{f}::test_p": BY_PARAMETER, f"{f}::test_a": 0, f"{f}::test_b": 1}
+    assert slice_of(f"{f}::test_b", got) == 1 and slice_of(f"{f}::test_a", got) == 0
+    # one parametrization of two functions of a file: the same slice (they may share its work)
+    assert slice_of(f"{f}::test_p[7]", got) == slice_of(f"{f}::test_q[7]", got)
+    assert {slice_of(f"{f}::test_p[{i}]", got) for i in range(20)} == {0, 1}
+
+
+def test_a_run_without_m_keeps_one_slice():
+    """`pytest --collect-only` of this suite with a slice keeps every quick test and only that
+    slice's slow tests; `--slow-slice=all` keeps them all."""
+    import subprocess
+    import sys
+
+    def collected(*args):
+        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                              "-p", "no:randomly", "tests/test_tiers.py", "tests/test_families.py",
+                              *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        return {line for line in out.stdout.splitlines() if "::" in line}
+
+    every = collected("--slow-slice=all")
+    quick = collected("-m", "not slow")
+    slices = [collected(f"--slow-slice={k}") for k in range(n_slices(load()))]
+    assert quick < every and all(quick <= s <= every for s in slices)
+    assert set().union(*slices) == every
+    assert sum(len(s - quick) for s in slices) == len(every - quick)  # each slow test once

@@ -1,21 +1,27 @@
-"""The quick tier: which tests `pytest -m "not slow"` leaves out (tests/slow_tests.txt).
+"""The tiers: which tests `pytest -m "not slow"` leaves out, and the slices of those that each
+CI run adds (tests/slow_tests.txt).
 
-`load()` reads the list for tests/conftest.py, which marks the listed tests `slow`.  Run as a script
-on the output of a full run with `--durations=0` to choose the list again:
+`load()` reads the list for tests/conftest.py, which marks the listed tests `slow` and, on a run
+with no `-m`, keeps one slice of them (`--slow-slice`, by default the commit count modulo the
+number of slices, so every slow test runs every few commits).  Run as a script on the output of a
+full run with `--durations=0` to choose the list and its slices again:
 
-    python -m pytest -q -n 2 --dist loadfile --durations=0 > full.log
-    python tests/tiers.py full.log [--budget 300] > tests/slow_tests.txt.new
+    python -m pytest -q -n 2 --dist loadfile --slow-slice=all --durations=0 > full.log
+    python tests/tiers.py full.log [--budget 900] [--slices 4] > tests/slow_tests.txt.new
 
 It marks the slowest tests until the rest take about `--budget` seconds of test time, keeping the
 cheapest test of every file (so the quick tier still imports and runs every module; a test that
 shares work with others of its file, a module-scoped fixture or a cached helper, is slow with
-them), and writes a test's id without its parameters when every parametrization of it is slow.
+them), writes a test's id without its parameters when every parametrization of it is slow, and
+deals the slow tests into `--slices` slices of about equal time (dearest first, each to the
+lightest slice; tests sharing a cached helper's work for one parameter go together).
 """
 
 from __future__ import annotations
 
 import ast
 import collections
+import zlib
 import os
 import re
 import sys
@@ -35,13 +41,43 @@ def _file(nodeid: str) -> str:
     return nodeid.split("::")[0]
 
 
-def load(path: str = LIST) -> frozenset[str]:
+_SLICE = re.compile(r"^\[slice (\d+|by parameter)\]$")
+BY_PARAMETER = -1  # a whole parametrized test: each parametrization's slice is a hash of it
+
+
+def load(path: str = LIST) -> dict[str, int]:
+    """Listed test id -> its slice (0 for a list written before slices)."""
+    out, current = {}, 0
     with open(path, encoding="utf-8") as f:
-        return frozenset(line.strip() for line in f if line.strip() and not line.startswith("#"))
+        for line in f:
+            line = line.strip()
+            m = _SLICE.match(line)
+            if m:
+                current = BY_PARAMETER if m.group(1) == "by parameter" else int(m.group(1))
+            elif line and not line.startswith("#"):
+                out[line] = current
+    return out
 
 
-def is_slow(nodeid: str, listed: frozenset[str]) -> bool:
+def n_slices(listed: dict[str, int]) -> int:
+    return max(listed.values(), default=0) + 1
+
+
+def is_slow(nodeid: str, listed) -> bool:
     return nodeid in listed or nodeid.split("[", 1)[0] in listed
+
+
+def slice_of(nodeid: str, listed: dict[str, int]) -> int:
+    """The slice a slow test runs in: its listed one, else (marked slow in its own file) one
+    chosen by a stable hash of its file and function, so it is the same on every machine."""
+    for key in (nodeid, nodeid.split("[", 1)[0]):
+        if listed.get(key, BY_PARAMETER) != BY_PARAMETER:
+            return listed[key]
+    # by parameter: a file's tests of one parametrization together (they may share its work)
+    file, _, rest = nodeid.partition("::")
+    param = rest.partition("[")[2]
+    key = f"{file}[{param}" if param else nodeid
+    return zlib.crc32(key.encode()) % n_slices(listed)
 
 
 class Facts(NamedTuple):
@@ -87,7 +123,8 @@ def read_tests(path: str) -> dict[str, Facts]:
     return out
 
 
-def choose(log_lines, budget: float) -> list[str]:
+def choose(log_lines, budget: float) -> tuple[list[str], dict[str, float]]:
+    """(the slow ids, every test's measured time)."""
     times: collections.Counter = collections.Counter()
     setups: collections.Counter = collections.Counter()
     for line in log_lines:
@@ -140,16 +177,53 @@ def choose(log_lines, budget: float) -> list[str]:
     for func, ids in params.items():
         mine = ids & slow
         out |= {func} if mine == ids and len(ids) > 1 else mine
-    return sorted(out | forced)
+    return sorted(out | forced), times
+
+
+def deal(ids: list[str], times: dict[str, float], slices: int) -> dict[str, int]:
+    """Each listed id -> a slice, the slices about equal in time.  An id without parameters
+    stands for all its parametrizations; ids of one file that share a cached helper's work for
+    one parameter (test_families' two tests of one family) go together."""
+    groups: dict = collections.defaultdict(lambda: [0.0, []])
+    load_of = [0.0] * slices
+    out = {}
+    for i in ids:
+        mine = [t for n, t in times.items() if n == i or n.split("[", 1)[0] == i]
+        if len(mine) > 1:  # a whole parametrized test: spread by parameter (`slice_of`)
+            out[i] = BY_PARAMETER
+            load_of = [x + sum(mine) / slices for x in load_of]
+            continue
+        param = i.partition("[")[2]
+        key = (_file(i), param) if param else i
+        groups[key][0] += sum(mine)
+        groups[key][1].append(i)
+    for cost, members in sorted(groups.values(), key=lambda g: (-g[0], g[1])):
+        k = min(range(slices), key=lambda j: (load_of[j], j))
+        load_of[k] += cost
+        out.update({m: k for m in members})
+    return out
 
 
 def main(argv: list[str]) -> None:
-    budget = float(argv[argv.index("--budget") + 1]) if "--budget" in argv else 300.0
+    budget = float(argv[argv.index("--budget") + 1]) if "--budget" in argv else 900.0
+    slices = int(argv[argv.index("--slices") + 1]) if "--slices" in argv else 4
     with open(argv[0], encoding="utf-8") as f:
-        ids = choose(f, budget)
+        ids, times = choose(f, budget)
+    where = deal(ids, times, slices)
+    header = []
     with open(LIST, encoding="utf-8") as f:
-        header = [line for line in f if line.startswith("#")]
-    sys.stdout.write("".join(header) + "\n".join(ids) + "\n")
+        for line in f:  # the comment lines above the first slice (or the first id)
+            if not line.startswith("#"):
+                break
+            header.append(line)
+    body = []
+    for k in [BY_PARAMETER] + list(range(slices)):
+        mine = sorted(i for i in ids if where[i] == k)
+        cost = sum(t for n, t in times.items() if n in mine or n.split("[", 1)[0] in mine)
+        name = "by parameter" if k == BY_PARAMETER else k
+        body.append(f"[slice {name}]\n# about {cost:.0f} s of test time in the measured run\n")
+        body += [i + "\n" for i in mine]
+    sys.stdout.write("".join(header) + "".join(body))
 
 
 if __name__ == "__main__":
