@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
-from . import boundary, rewriter
+from . import boundary, detect, rewriter
 from ligerfx.graph import schedule
 from .canonical import INPUT, CNode, View
 from .matcher import Match, _match, _State, match_at
@@ -255,6 +255,7 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
     is rewritten again without them, compiler/validate.py)."""
     report = Report(graphs=1)
     refuse = refuse or {}
+    patterns = list(patterns)
     # near misses by the nodes their match covered: a later, smaller rewrite of those nodes
     # (q rotated alone after the q/k pair was refused) can say why the larger one was not made
     misses_at: dict[fx.Node, list] = {}
@@ -376,6 +377,11 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                         misses_at.setdefault(n, []).append(miss)
         graph.lint()
     report.near_misses.extend(m for a, m in cut_misses if a not in claimed)
+    # Detectors: a subgraph that looks like a family's instance but that no pattern rewrote or
+    # reported gets a near miss of its own (compiler/detect.py); it runs on the rewritten graph.
+    missed = set(misses_at) | {a for a, _ in cut_misses}
+    report.near_misses.extend(detect.run_detectors(graph, [p.name for p in patterns], claimed,
+                                                   missed, position))
     report.near_misses = _one_per_cause(report.near_misses)
     # Report in program order (candidates are scanned from the graph's end).
     report.matches.sort(key=lambda m: m.position)
