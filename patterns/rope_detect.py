@@ -120,21 +120,23 @@ def _up(c, use) -> CNode:
     return c
 
 
+def _unique(cs) -> tuple:
+    return tuple({id(c): c for c in cs}.values())
+
+
 def _angle_names(angles) -> str:
     return ", ".join(name(a) for a in angles)
 
 
 def _why(sums) -> str:
     """Which condition of a rotation the hit fails, where that can be told."""
-    for _, p, q in sums:
-        if {id(a) for a in p[5]} != {id(a) for a in q[5]}:
-            return (f"its cos and sin are of different angles (cos of {_angle_names(p[5])}, "
-                    f"sin of {_angle_names(q[5])}): not a rotation the rope kernel computes")
-    angles = {frozenset(id(a) for a in p[5]) for _, p, _ in sums}
-    if len(angles) > 1:
+    # (The kernel takes any cos and sin tables, of one angle or not; what it needs is the same
+    # pair of tables for both elements of a pair.)
+    tables = {(frozenset(id(a) for a in p[5]), frozenset(id(a) for a in q[5])) for _, p, q in sums}
+    if len(tables) > 1:
         return ("its rotated parts use different angle tables "
-                f"({'; '.join(_angle_names(p[5]) for _, p, _ in sums)}): the rope kernel uses one "
-                "angle per pair")
+                f"({'; '.join(_angle_names(_unique(p[5] + q[5])) for _, p, q in sums)}): the rope kernel "
+                "rotates both elements of a pair by one cos / sin table")
     dims = set().union(*(p[3] | q[3] for _, p, q in sums))
     off = sorted(d for d in dims if isinstance(d, int) and d != -1)
     if off:
