@@ -9,6 +9,7 @@ Fully rewritten models and look-alikes that are not the family get no detector n
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import ligerfx.builtins  # noqa: F401 - registers the built-in patterns and dete
 from ligerfx.compiler.canonical import View
 from ligerfx.compiler.detect import detectors, unregister_detector
 from tests.models import HANDWRITTEN
+from tests.models.extra_styles import EXTRA_STYLES
 from tests.models.hf import tiny_causal_lm
 
 EPS = 1e-6
@@ -290,23 +292,34 @@ def test_rewritten_handwritten_models_get_no_detector_near_miss(name):
 # -- the detectors are independent of the patterns ---------------------------------------------
 
 
-def _graph_of(model, **inputs):
+def _hits_before_rewriting(model, *args, **kwargs) -> dict:
     torch._dynamo.reset()
-    ex = torch._dynamo.explain(model)(**inputs)
+    ex = torch._dynamo.explain(model)(*args, **kwargs)
     assert ex.graph_count == 1
-    return ex.graphs[0]
+    view = View(ex.graphs[0].graph)
+    return {d.family: len(list(d.fn(view))) for d in detectors()}
 
 
-def test_detectors_see_every_instance_the_patterns_rewrite():
-    """On tiny Llama's graph before any rewrite, each detector finds every instance its family's
-    patterns rewrite (q and k are one rope rewrite, two rotations)."""
-    model, inputs = tiny_causal_lm("llama")
-    counts = ligerfx.explain(model, **inputs).counts
-    view = View(_graph_of(model, **inputs).graph)
-    hits = {d.family: len(list(d.fn(view))) for d in detectors()}
-    assert hits["rope"] == 2 * counts["rope"]
-    assert hits["rms_norm"] == counts["rms_norm"] + counts["add_rms_norm"]
-    assert hits["gated_act"] == counts["swiglu"]
+def _build(source, name):
+    if source == "hf":
+        model, inputs = tiny_causal_lm(name)
+        return model, (), inputs
+    model, batch, _ = EXTRA_STYLES[name]()
+    return model, batch, {}
+
+
+@pytest.mark.parametrize("source, name", [("hf", "llama"), ("hf", "phi3"), ("extra", "rope_gptj"),
+                                          ("extra", "rope_posids_bthd"),
+                                          ("extra", "mlp_fused_split"), ("extra", "mlp_gelu_new")])
+def test_detectors_see_every_instance_the_patterns_rewrite(source, name):
+    """On a model's graph before any rewrite, each detector finds every instance its family's
+    patterns rewrite (one rope rewrite of q and k is two rotations)."""
+    model, args, kwargs = _build(source, name)
+    counts = collections.Counter(ligerfx.explain(model, *args, **kwargs).counts)
+    hits = _hits_before_rewriting(model, *args, **kwargs)
+    assert hits["rope"] == 2 * counts["rope"] + counts["rope_single"] > 0, (hits, counts)
+    assert hits["rms_norm"] == counts["rms_norm"] + counts["add_rms_norm"], (hits, counts)
+    assert hits["gated_act"] == counts["swiglu"] + counts["geglu"] > 0, (hits, counts)
 
 
 # -- registration, reports, dump ---------------------------------------------------------------

@@ -6,6 +6,8 @@ is rewritten: inputs of the right kind (tensor or scalar), the pattern's own con
 may widen the match), and safety (no intermediate value escapes the subgraph, nothing it reads
 is written while it runs: ligerfx/graph/mutation.py).  A failure is
 recorded as a near miss with its reason.  Nodes claimed by one rewrite are never matched again.
+After the rewrites the registered detectors (detect.py) read the rewritten graph: what looks like
+an instance of a family that no rewrite took and no near miss covers is a near miss too.
 """
 
 from __future__ import annotations
