@@ -11,7 +11,7 @@ from . import _imports
 
 _imports.install(__name__, __path__[0])  # before anything imports ligerfx.kernels / .patterns
 
-from .api import register_pattern  # noqa: E402
+from .api import register_detector, register_pattern  # noqa: E402
 from .backend import liger_backend  # noqa: E402
 from .compiler.pattern import PatternError  # noqa: E402
 from .compiler.report import Report  # noqa: E402
@@ -22,5 +22,5 @@ from .explain import explain  # noqa: E402
 from .options import Options, OptionsError  # noqa: E402
 
 __all__ = ["liger_backend", "compile", "compile_in_place", "explain", "Options", "OptionsError", "PatternError", "Report",
-           "register_pattern", "quantize_", "sparsify_"]
+           "register_pattern", "register_detector", "quantize_", "sparsify_"]
 __version__ = "0.1.0"

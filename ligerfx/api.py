@@ -70,3 +70,22 @@ def register_pattern(name: str, pattern: Callable | Sequence[Callable] | None = 
         return fn
 
     return decorator
+
+
+def register_detector(family: str, fn: Callable | None = None, patterns: Sequence[str] = (), *,
+                      looks_like: str | None = None, replace: bool = False):
+    """Register a detector: `fn(view)` yields (anchor fx node, covered fx nodes, message) for each
+    subgraph of the canonical view (`view.graph` is the rewritten fx graph) that looks like an
+    instance of `family`.  A hit that no rewrite took and no near miss covers becomes a near miss
+    "looks like <looks_like> but no <family> pattern matched: <message>".  The detector runs when
+    one of `patterns` (the family's pattern names) is enabled, or always if none is given.
+    Decorator form: leave out `fn`.  See docs/patterns.md, "Detectors: no silent misses"."""
+    from .compiler.detect import register_detector as _register
+
+    _ensure_loaded()
+    if fn is None:
+        def decorator(f: Callable) -> Callable:
+            _register(family, f, patterns, looks_like=looks_like, replace=replace)
+            return f
+        return decorator
+    return _register(family, fn, patterns, looks_like=looks_like, replace=replace)

@@ -6,6 +6,8 @@ is rewritten: inputs of the right kind (tensor or scalar), the pattern's own con
 may widen the match), and safety (no intermediate value escapes the subgraph, nothing it reads
 is written while it runs: ligerfx/graph/mutation.py).  A failure is
 recorded as a near miss with its reason.  Nodes claimed by one rewrite are never matched again.
+After the rewrites the registered detectors (detect.py) read the rewritten graph: what looks like
+an instance of a family that no rewrite took and no near miss covers is a near miss too.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
-from . import boundary, rewriter
+from . import boundary, detect, rewriter
 from ligerfx.graph import schedule
 from .canonical import INPUT, CNode, View
 from .matcher import Match, _match, _State, match_at
@@ -255,6 +257,7 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
     is rewritten again without them, compiler/validate.py)."""
     report = Report(graphs=1)
     refuse = refuse or {}
+    patterns = list(patterns)
     # near misses by the nodes their match covered: a later, smaller rewrite of those nodes
     # (q rotated alone after the q/k pair was refused) can say why the larger one was not made
     misses_at: dict[fx.Node, list] = {}
@@ -376,6 +379,11 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                         misses_at.setdefault(n, []).append(miss)
         graph.lint()
     report.near_misses.extend(m for a, m in cut_misses if a not in claimed)
+    # Detectors: a subgraph that looks like a family's instance but that no pattern rewrote or
+    # reported gets a near miss of its own (compiler/detect.py); it runs on the rewritten graph.
+    missed = set(misses_at) | {a for a, _ in cut_misses}
+    report.near_misses.extend(detect.run_detectors(graph, [p.name for p in patterns], claimed,
+                                                   missed, position))
     report.near_misses = _one_per_cause(report.near_misses)
     # Report in program order (candidates are scanned from the graph's end).
     report.matches.sort(key=lambda m: m.position)

@@ -1,0 +1,105 @@
+"""Detector for RMS norms no norm pattern took (issue 23: a silent miss is a bug).
+
+What an RMS norm is, by data flow: the mean of the squares of x over its last dim (a `mean`, or a
+`sum` scaled by a number), plus eps or not, whose reciprocal square root (`rsqrt`, `1 / sqrt`,
+`sqrt` then divide: the canonical view spells them all `rsqrt`) multiplies x itself (also through
+a weight multiplied first).  A mean of squares with no rsqrt (a loss) is never a hit, nor a sum of
+squares alone (an L2 norm, which the rms_norm pattern reports itself).
+"""
+
+from __future__ import annotations
+
+from ligerfx.compiler.canonical import CNode
+from ligerfx.compiler.detect import fx_nodes, name, op, register_detector, strip
+
+
+def _number(a) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def _mean_of_squares(c):
+    """(mean node, x) when `c` is mean(x², last dim) (or sum(x², last dim) scaled by a number)."""
+    c = strip(c)
+    if not isinstance(c, CNode):
+        return None
+    if op(c) in ("mul", "div") and len(c.args) == 2 and _number(c.args[1]):
+        c2 = strip(c.args[0])
+        if isinstance(c2, CNode) and op(c2) == "sum":
+            c = c2
+        else:
+            return None
+    elif op(c) != "mean":
+        return None
+    if len(c.args) < 2 or c.args[1] != (-1,):
+        return None
+    sq = strip(c.args[0])
+    if not isinstance(sq, CNode) or op(sq) != "square":
+        return None
+    return c, strip(sq.args[0])
+
+
+def _scaled(c):
+    """(rsqrt node, its argument) when `c` is an rsqrt (through casts)."""
+    c = strip(c)
+    if isinstance(c, CNode) and op(c) == "rsqrt" and isinstance(c.args[0], CNode):
+        return c, c.args[0]
+    return None
+
+
+def _eps_and_mean(v):
+    """(mean match, eps description or None) for the rsqrt's argument."""
+    v = strip(v)
+    if not isinstance(v, CNode):
+        return None, None
+    hit = _mean_of_squares(v)
+    if hit is not None:
+        return hit, "no eps is added to the mean of squares"
+    if op(v) == "add" and len(v.args) == 2:
+        for m, e in (v.args, v.args[::-1]):
+            hit = _mean_of_squares(m)
+            if hit is not None:
+                if isinstance(e, CNode):
+                    return hit, (f"its eps {name(e)} is a tensor; the norm kernels take eps as a "
+                                 "Python number")
+                return hit, None
+    if op(v) in ("clamp", "clamp_min", "maximum", "max") and v.args:
+        hit = _mean_of_squares(v.args[0])
+        if hit is not None:
+            return hit, (f"eps bounds the mean with `{op(v)}` instead of being added to it "
+                         "(not the math of the norm kernels)")
+    return None, None
+
+
+def _multiplies(x, other) -> bool:
+    """Whether `other` is x (through casts), or x times something (a weight applied first)."""
+    o = strip(other)
+    if o is x:
+        return True
+    return (isinstance(o, CNode) and op(o) == "mul"
+            and any(strip(a) is x for a in o.args if isinstance(a, CNode)))
+
+
+def detect_rms_norm(view):
+    seen: set = set()
+    for c in view.cnodes():
+        if op(c) != "mul" or len(c.args) != 2 or not c.nodes:
+            continue
+        for r, other in (c.args, c.args[::-1]):
+            got = _scaled(r)
+            if got is None or id(got[0]) in seen:
+                continue
+            hit, why = _eps_and_mean(got[1])
+            if hit is None or not _multiplies(hit[1], other):
+                continue
+            mean, x = hit
+            seen.add(id(got[0]))
+            what = why or ("x * rsqrt(mean(x², -1) + eps) of "
+                           f"{name(x)}, in a spelling (casts, order of the weight) no norm "
+                           "pattern takes")
+            yield c.nodes[0], fx_nodes(c, got[0], mean), what
+            break
+
+
+register_detector("rms_norm", detect_rms_norm,
+                  patterns=("rms_norm", "add_rms_norm", "gated_rms_norm"),
+                  looks_like="an RMS norm")
