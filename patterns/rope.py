@@ -95,6 +95,43 @@ def _complex(x, freqs):
     return torch.view_as_real(xc * freqs).flatten(-2)
 
 
+def _complex_halves(x, freqs, half):
+    # the halves (x[i], x[h + i]) as complex numbers (`stack(chunk(x, 2, -1), -1)`), rotated, the
+    # real parts written back as the first half and the imaginary parts as the second
+    # (`cat(chunk(r, 2, -1), -2)`, a trailing dim of 1 dropped): rotate_half's layout
+    xc = torch.view_as_complex(torch.stack((x.float()[..., :half], x.float()[..., half:]), dim=-1))
+    r = torch.view_as_real(xc * freqs)
+    return torch.cat((r[..., :1], r[..., 1:]), dim=-2).squeeze(-1)
+
+
+def rope_complex_halves(q, k, freqs, half):
+    """RoPE, complex form on the halves: complex(q[..., :h], q[..., h:]) * freqs_cis, real and
+    imaginary parts concatenated (and k)."""
+    return _complex_halves(q, freqs, half), _complex_halves(k, freqs, half)
+
+
+def rope_single_complex_halves(q, freqs, half):
+    return _complex_halves(q, freqs, half)
+
+
+def _complex_halves_to_pairs(x, freqs, half):
+    xc = torch.view_as_complex(torch.stack((x.float()[..., :half], x.float()[..., half:]), dim=-1))
+    return torch.view_as_real(xc * freqs).flatten(-2)
+
+
+def lookalike_complex_halves_to_pairs(q, k, freqs, half):
+    return _complex_halves_to_pairs(q, freqs, half), _complex_halves_to_pairs(k, freqs, half)
+
+
+def lookalike_single_complex_halves_to_pairs(q, freqs, half):
+    return _complex_halves_to_pairs(q, freqs, half)
+
+
+_HALVES_TO_PAIRS = ("rotates the halves (x[i], x[h + i]) as complex numbers but writes the result "
+                    "as interleaved (real, imaginary) pairs; liger::rope writes a rotation of "
+                    "halves as halves (and of pairs as pairs or halves), not this mix")
+
+
 def rope_partial(q, k, cos, sin, half, rot_end, pass_start):
     """Partial rotary: rotate_half RoPE on the first rotary_dim channels, the rest passed on."""
     return (_partial(q, cos, sin, half, rot_end, pass_start),
@@ -261,7 +298,8 @@ for _f in (rope_rotate_half, rope_single_rotate_half, rope_partial, rope_single_
 _HALVES = tuple(_CHUNK + _CHUNK_SINGLE + _EVEN_ODD + _EVEN_ODD_SINGLE)
 _EVEN_ODD_FNS = tuple(_EVEN_ODD + _EVEN_ODD_SINGLE)
 
-_COMPLEX = (rope_complex, rope_single_complex)
+_COMPLEX_HALVES = (rope_complex_halves, rope_single_complex_halves)
+_COMPLEX = (rope_complex, rope_single_complex, *_COMPLEX_HALVES)
 # cos/sin hold one angle per pair already ([.., rotary_dim / 2]), as for the complex form
 _STACK = (rope_stack, rope_single_stack)
 _HALF_TABLES = _STACK + _HALVES  # tables of one angle per pair, named cos2/sin2
@@ -395,6 +433,8 @@ def _pairs_equal(n, depth: int = 12, used: list | None = None) -> bool:
 
 def check(match):
     fn = match.variant.fn
+    if match.variant.refuse is not None:
+        return None  # a look-alike: refused with its own reason
     if fn in _HALF_TABLES:
         match.bindings["cos"] = match.bindings.pop("cos2")
         match.bindings["sin"] = match.bindings.pop("sin2")
@@ -418,6 +458,8 @@ def check(match):
         if table.dtype not in (torch.complex64, torch.complex128):
             return f"freqs_cis is {table.dtype}, not complex"
         rot = table.shape[-1] * 2
+        if fn in _COMPLEX_HALVES and not known_equal(match.value("half") * 2, d):
+            return f"chunks q at {match.value('half')}, not into two halves of its {d} channels"
     else:
         cos, sin = match.value("cos"), match.value("sin")
         if cos.dim() != sin.dim() or not all(known_equal(a, b) for a, b in zip(cos.shape, sin.shape)):
@@ -487,15 +529,15 @@ def check(match):
         chains[t] = c
     in_chain, out_chain, grad_dtype, note = plans[0]
     match.params.update(seq_dim=seq_dim, squeeze=squeeze,
-                        interleaved=complex_form or fn in _PAIRS or fn in _STACK
-                        or fn in _EVEN_ODD_FNS,
+                        interleaved=(complex_form and fn not in _COMPLEX_HALVES) or fn in _PAIRS
+                        or fn in _STACK or fn in _EVEN_ODD_FNS,
                         halves_out=fn in _EVEN_ODD_FNS, neg_sin=sign < 0,
-                        one_angle_per_pair=fn in _HALF_TABLES,
+                        one_angle_per_pair=fn in _HALF_TABLES or complex_form,
                         in_chain=in_chain, out_chain=out_chain, table_chains=chains,
                         grad_dtype=grad_dtype,
                         round_steps=dtype_of(match.tops[0]) in _LOW)
     layout_name = "[b, h, t, d]" if seq_dim == 2 else "[b, t, h, d]"
-    form = ("complex" if complex_form else "pairs" if fn in _PAIRS else
+    form = ("complex halves" if fn in _COMPLEX_HALVES else "complex" if complex_form else "pairs" if fn in _PAIRS else
             "stacked pairs" if fn in _STACK else "even/odd pairs to halves" if fn in _EVEN_ODD_FNS
             else "chunked halves" if fn in _HALVES else "rotate_half")
     form = f"partial {form}" if fn in _PARTIAL else form
@@ -561,7 +603,8 @@ def _plain(q, k, cos, sin, interleaved):
     return qo if single else (qo, ko)
 
 
-def replace(q, k=None, cos=None, sin=None, freqs=None, cos2=None, sin2=None, *, match=None):
+def replace(q, k=None, cos=None, sin=None, freqs=None, cos2=None, sin2=None, half=None, *,
+            match=None):
     if cos2 is not None:  # registration check of the stacked form
         cos, sin = cos2, sin2
     if freqs is not None:
@@ -579,9 +622,9 @@ def replace(q, k=None, cos=None, sin=None, freqs=None, cos2=None, sin2=None, *, 
         sin = _table(sin, p["table_chains"]["sin"], p["squeeze"])
         if p["interleaved"] and not p["one_angle_per_pair"]:  # one angle per pair: the even channels
             cos, sin = cos[..., ::2], sin[..., ::2]
-        elif not p["interleaved"] and p["one_angle_per_pair"]:
-            # chunked halves: pair (i, h + i) has angle i; the kernel's halves form reads both
-            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    if not p["interleaved"] and p["one_angle_per_pair"]:
+        # chunked / complex halves: pair (i, h + i) has angle i; the kernel's halves form reads both
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
     if p["neg_sin"]:  # rotation by -theta: exact, x * -s is -(x * s)
         sin = torch.neg(sin)
     res = _run(q, k, cos, sin, p)
@@ -595,17 +638,20 @@ _EXAMPLES = {"q": torch.randn(2, 4, 5, 8), "k": torch.randn(2, 2, 5, 8), "cos": 
 
 register(
     "rope", [rope_partial, *_PARTIAL_SIGNED, rope_pairs_partial, rope_rotate_half, *_ROT_SIGNED,
-             rope_pairs, rope_complex, rope_stack, *_CHUNK, *_EVEN_ODD],
+             rope_pairs, rope_complex, rope_complex_halves, rope_stack, *_CHUNK, *_EVEN_ODD],
     replace, _EXAMPLES,
     # before the norms (10-11): a q/k norm applied after the rotation (HunYuan) must not take the
     # rotation's final `x*cos + rot(x)*sin` add for a residual add
     constraints=check, priority=15, allow_casts=True, builtin=True,
+    look_alikes={lookalike_complex_halves_to_pairs: _HALVES_TO_PAIRS},
     description="RoPE of q and k (rotate_half, partial rotary, complex) -> one liger::rope launch",
 )
 register(
     "rope_single", [rope_single_partial, *_PARTIAL_SIGNED_SINGLE, rope_single_pairs_partial,
                     rope_single_rotate_half, *_ROT_SIGNED_SINGLE, rope_single_pairs,
-                    rope_single_complex, rope_single_stack, *_CHUNK_SINGLE, *_EVEN_ODD_SINGLE],
+                    rope_single_complex, rope_single_complex_halves, rope_single_stack,
+                    *_CHUNK_SINGLE, *_EVEN_ODD_SINGLE],
     replace, _EXAMPLES, constraints=check, priority=14, allow_casts=True, builtin=True,
+    look_alikes={lookalike_single_complex_halves_to_pairs: _HALVES_TO_PAIRS},
     description="RoPE of one tensor (tables not shared with another) -> liger::rope",
 )
