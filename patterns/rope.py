@@ -16,6 +16,15 @@ Forms (each is the math, whatever the code's names):
   `apply_rotary_pos_emb_interleave`: `a, b = x[..., 0::2], x[..., 1::2]`), then
   `cat((a * cos - b * sin, b * cos + a * sin))` with tables of one angle per pair (head_dim / 2);
   the even/odd form writes its result de-interleaved, which the kernel's `halves_out` does.
+- pairs through `x.reshape(.., -1, 2).unbind(-1)` (`xr*cos - xi*sin`, `xr*sin + xi*cos`, stacked
+  back): the canonical view reads `unbind(-1)[i]` of an unflatten as `x[..., i::2]`, so it is the
+  gpt-fast form above;
+- halves with the sine's sign inside a product (`x1*cos + x2*sin`, `x1*(-sin) + x2*cos`): the view
+  reads `p + a*(-b)` as `p - a*b` (bit for bit), so it is the chunked-halves form by -theta;
+- complex halves: `view_as_real(view_as_complex(stack(chunk(x, 2, -1), -1)) * freqs_cis)` put back
+  with `cat(chunk(.., 2, -1), -2)` and the trailing 1 dropped: pair (i, h + i), real parts first,
+  rotate_half's layout (kernel halves mode, freqs' cos/sin repeated); written back as interleaved
+  (real, imag) pairs (`.flatten(-2)`) it is a look-alike refused with the reason.
 Signs.  Each form is written with the sign of each sine term spelled out (`cat((-x2, x1))` or
 `cat((x2, -x1))`; `a*cos - b*sin` or `a*cos + b*sin`), every combination a variant.  `check`
 derives the rotation from the signs: opposite signs are a rotation by +theta (Hugging Face) or

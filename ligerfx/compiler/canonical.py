@@ -28,7 +28,7 @@ Rules (each is an identity of real arithmetic, so a match means the same math):
   step 1, and an end at or past a static dim size is None (so `chunk(2)[1]` is `x[..., h:]`);
 - `cat`, `stack` and `flatten` carry negative dims; a `view` / `reshape` / `unflatten` that splits one dim
   in two with a static inner size is `unflatten(x, dim, inner)`; a `view` / `reshape` / `flatten`
-  that only drops a dim of static size 1 is `squeeze`;
+  that only drops a trailing dim of static size 1 is `squeeze(x, -1)`;
 - one integer index (`x[..., i]`, `x.select(d, i)`, piece i of `x.unbind(d)`) is `select(x, d, i)`
   (negative dim, index in [0, size)); a bare `x[i]` keeps its `getitem` form; selecting the inner
   dim of an `unflatten(src, d, k)` is the strided slice `slice(src, d, i, None, k)`
@@ -438,7 +438,9 @@ class View:
         return self._mk("select", (self._of[x], dim, i), node)
 
     def _drop_unit_dim(self, node: fx.Node) -> CNode | None:
-        # A view / reshape / flatten that only removes one dim of static size 1: `squeeze` of it.
+        # A view / reshape / flatten that only removes a trailing dim of static size 1: `squeeze`
+        # of it.  Trailing only: a leading or middle dim of size 1 is usually a batch or head
+        # count of 1 (`x.view(-1, d)` at batch 1), which must keep the spelling its pattern has.
         src = node.args[0] if node.args else None
         if not isinstance(src, fx.Node):
             return None
@@ -450,9 +452,8 @@ class View:
             return None
         from ligerfx.graph.symbolic import known_equal, known_int
 
-        for d in range(len(si)):
-            if known_int(si[d]) == 1 and all(known_equal(a, b) for a, b in zip(si[:d] + si[d + 1:], so)):
-                return self._mk("squeeze", (self._of[src], d - len(si)), node)
+        if known_int(si[-1]) == 1 and all(known_equal(a, b) for a, b in zip(si[:-1], so)):
+            return self._mk("squeeze", (self._of[src], -1), node)
         return None
 
     def _slice(self, node, x, dim, start, end, step) -> CNode | None:

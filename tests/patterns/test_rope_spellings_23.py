@@ -231,3 +231,33 @@ def test_single_tensor_spellings():
 
         report = ligerfx.explain(_QOnly(model), torch.randn(B, T, E))
         assert _counts(report) == {"rope": 0, "rope_single": 1}, (spelling, report.near_misses)
+
+
+class _PairsUnbind(nn.Module):
+    """GPT-J's interleaved pairs in real arithmetic, the pairs taken by unbind, on tables built
+    one angle per pair (`repeat_interleave(2, -1)`): the canonical select-of-unflatten is the
+    strided slice, so this is the `pairs` form."""
+
+    def __init__(self):
+        super().__init__()
+        self.wq, self.wk = nn.Linear(E, H * D, bias=False), nn.Linear(E, 2 * D, bias=False)
+        self.register_buffer("ang", _angles(D // 2))
+
+    def rot(self, x):
+        emb = self.ang.repeat_interleave(2, dim=-1)
+        c, s = emb.cos()[None, :, None, :], emb.sin()[None, :, None, :]
+        xr, xi = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        return x * c + torch.stack((-xi, xr), -1).flatten(3) * s
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.rot(self.wq(x).view(b, t, H, D))
+        k = self.rot(self.wk(x).view(b, t, 2, D))
+        return (q.sum(2) * k.sum(2)).sum(-1)
+
+
+def test_pairs_by_unbind_training_step(kernel_path):
+    report = compare_training_step(_PairsUnbind(), (torch.randn(B, T, E),))
+    assert _counts(report) == {"rope": 1, "rope_single": 0}, report.near_misses
+    (m,) = [m for m in report.matches if m.pattern == "rope"]
+    assert m.detail.startswith("pairs"), m.detail
