@@ -24,7 +24,9 @@ Forms (each is the math, whatever the code's names):
 - complex halves: `view_as_real(view_as_complex(stack(chunk(x, 2, -1), -1)) * freqs_cis)` put back
   with `cat(chunk(.., 2, -1), -2)` and the trailing 1 dropped: pair (i, h + i), real parts first,
   rotate_half's layout (kernel halves mode, freqs' cos/sin repeated); written back as interleaved
-  (real, imag) pairs (`.flatten(-2)`) it is a look-alike refused with the reason.
+  (real, imag) pairs (`.flatten(-2)`) it is a look-alike refused with the reason;
+- complex pairs to halves: the complex form's interleaved pairs put back with
+  `cat(chunk(.., 2, -1), -2)` (real parts first): interleaved mode with `halves_out`.
 Signs.  Each form is written with the sign of each sine term spelled out (`cat((-x2, x1))` or
 `cat((x2, -x1))`; `a*cos - b*sin` or `a*cos + b*sin`), every combination a variant.  `check`
 derives the rotation from the signs: opposite signs are a rotation by +theta (Hugging Face) or
@@ -121,6 +123,22 @@ def rope_complex_halves(q, k, freqs, half):
 
 def rope_single_complex_halves(q, freqs, half):
     return _complex_halves(q, freqs, half)
+
+
+def _complex_to_halves(x, freqs):
+    # interleaved pairs as complex numbers, written back as halves (real parts first): the
+    # kernel's interleaved mode with halves_out
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    r = torch.view_as_real(xc * freqs)
+    return torch.cat((r[..., :1], r[..., 1:]), dim=-2).squeeze(-1)
+
+
+def rope_complex_to_halves(q, k, freqs):
+    return _complex_to_halves(q, freqs), _complex_to_halves(k, freqs)
+
+
+def rope_single_complex_to_halves(q, freqs):
+    return _complex_to_halves(q, freqs)
 
 
 def _complex_halves_to_pairs(x, freqs, half):
@@ -308,7 +326,8 @@ _HALVES = tuple(_CHUNK + _CHUNK_SINGLE + _EVEN_ODD + _EVEN_ODD_SINGLE)
 _EVEN_ODD_FNS = tuple(_EVEN_ODD + _EVEN_ODD_SINGLE)
 
 _COMPLEX_HALVES = (rope_complex_halves, rope_single_complex_halves)
-_COMPLEX = (rope_complex, rope_single_complex, *_COMPLEX_HALVES)
+_COMPLEX_TO_HALVES = (rope_complex_to_halves, rope_single_complex_to_halves)
+_COMPLEX = (rope_complex, rope_single_complex, *_COMPLEX_HALVES, *_COMPLEX_TO_HALVES)
 # cos/sin hold one angle per pair already ([.., rotary_dim / 2]), as for the complex form
 _STACK = (rope_stack, rope_single_stack)
 _HALF_TABLES = _STACK + _HALVES  # tables of one angle per pair, named cos2/sin2
@@ -540,13 +559,15 @@ def check(match):
     match.params.update(seq_dim=seq_dim, squeeze=squeeze,
                         interleaved=(complex_form and fn not in _COMPLEX_HALVES) or fn in _PAIRS
                         or fn in _STACK or fn in _EVEN_ODD_FNS,
-                        halves_out=fn in _EVEN_ODD_FNS, neg_sin=sign < 0,
+                        halves_out=fn in _EVEN_ODD_FNS or fn in _COMPLEX_TO_HALVES,
+                        neg_sin=sign < 0,
                         one_angle_per_pair=fn in _HALF_TABLES or complex_form,
                         in_chain=in_chain, out_chain=out_chain, table_chains=chains,
                         grad_dtype=grad_dtype,
                         round_steps=dtype_of(match.tops[0]) in _LOW)
     layout_name = "[b, h, t, d]" if seq_dim == 2 else "[b, t, h, d]"
-    form = ("complex halves" if fn in _COMPLEX_HALVES else "complex" if complex_form else "pairs" if fn in _PAIRS else
+    form = ("complex halves" if fn in _COMPLEX_HALVES else "complex pairs to halves"
+            if fn in _COMPLEX_TO_HALVES else "complex" if complex_form else "pairs" if fn in _PAIRS else
             "stacked pairs" if fn in _STACK else "even/odd pairs to halves" if fn in _EVEN_ODD_FNS
             else "chunked halves" if fn in _HALVES else "rotate_half")
     form = f"partial {form}" if fn in _PARTIAL else form
@@ -647,7 +668,8 @@ _EXAMPLES = {"q": torch.randn(2, 4, 5, 8), "k": torch.randn(2, 2, 5, 8), "cos": 
 
 register(
     "rope", [rope_partial, *_PARTIAL_SIGNED, rope_pairs_partial, rope_rotate_half, *_ROT_SIGNED,
-             rope_pairs, rope_complex, rope_complex_halves, rope_stack, *_CHUNK, *_EVEN_ODD],
+             rope_pairs, rope_complex, rope_complex_halves, rope_complex_to_halves, rope_stack,
+             *_CHUNK, *_EVEN_ODD],
     replace, _EXAMPLES,
     # before the norms (10-11): a q/k norm applied after the rotation (HunYuan) must not take the
     # rotation's final `x*cos + rot(x)*sin` add for a residual add
@@ -658,7 +680,8 @@ register(
 register(
     "rope_single", [rope_single_partial, *_PARTIAL_SIGNED_SINGLE, rope_single_pairs_partial,
                     rope_single_rotate_half, *_ROT_SIGNED_SINGLE, rope_single_pairs,
-                    rope_single_complex, rope_single_complex_halves, rope_single_stack,
+                    rope_single_complex, rope_single_complex_halves,
+                    rope_single_complex_to_halves, rope_single_stack,
                     *_CHUNK_SINGLE, *_EVEN_ODD_SINGLE],
     replace, _EXAMPLES, constraints=check, priority=14, allow_casts=True, builtin=True,
     look_alikes={lookalike_single_complex_halves_to_pairs: _HALVES_TO_PAIRS},

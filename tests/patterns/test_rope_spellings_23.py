@@ -261,3 +261,33 @@ def test_pairs_by_unbind_training_step(kernel_path):
     assert _counts(report) == {"rope": 1, "rope_single": 0}, report.near_misses
     (m,) = [m for m in report.matches if m.pattern == "rope"]
     assert m.detail.startswith("pairs"), m.detail
+
+
+class _ComplexPairsToHalves(nn.Module):
+    """The mirror of `complex_halves`: interleaved pairs as complex numbers, the result written
+    back as halves (real parts first): the kernel's interleaved mode with halves_out."""
+
+    def __init__(self):
+        super().__init__()
+        self.wq, self.wk = nn.Linear(E, H * D, bias=False), nn.Linear(E, 2 * D, bias=False)
+        ang = _angles(D // 2)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(ang), ang))
+
+    def rot(self, x):
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        out = torch.cat(torch.chunk(torch.view_as_real(xc * self.freqs_cis), 2, dim=-1), dim=-2)
+        return out.squeeze(-1).type_as(x)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.rot(self.wq(x).view(b, t, H, D).transpose(1, 2))
+        k = self.rot(self.wk(x).view(b, t, 2, D).transpose(1, 2))
+        w = torch.arange(1, D + 1, dtype=q.dtype) / D
+        return ((q * w).sum(1) * (k * w).sum(1)).sum(-1)
+
+
+def test_complex_pairs_to_halves_training_step(kernel_path):
+    report = compare_training_step(_ComplexPairsToHalves(), (torch.randn(B, T, E),))
+    assert _counts(report) == {"rope": 1, "rope_single": 0}, report.near_misses
+    (m,) = [m for m in report.matches if m.pattern == "rope"]
+    assert m.detail.startswith("complex pairs to halves"), m.detail
