@@ -449,14 +449,32 @@ def _pairs_equal(n, depth: int = 12, used: list | None = None) -> bool:
             return False
         return _pairs_equal(n.args[0], depth - 1, used)
     if name == "getitem" and isinstance(n.args[0], fx.Node):
-        # indexing that keeps the last dim whole: fewer indices than dims, no Ellipsis
         src, idx = n.args
         sv = node_value(src)
         items = idx if isinstance(idx, tuple) else (idx,)
-        if (isinstance(sv, torch.Tensor) and Ellipsis not in items and None not in items
-                and len(items) < sv.dim()):
+        if isinstance(sv, torch.Tensor) and _keeps_last_dim(items, sv.dim()):
             return _pairs_equal(src, depth - 1, used)
     return False
+
+
+def _keeps_last_dim(items, rank: int) -> bool:
+    """Whether indexing by `items` leaves the last dim of a rank-`rank` value as the result's last
+    dim, whole: fewer indices than dims (no Ellipsis), or only new dims (None), whole slices and an
+    Ellipsis, with no None after the last dim's own index (`t[None, :, None, :]`,
+    `t[:, None]`, `t[..., None, :]`)."""
+    if all(i is not Ellipsis and i is not None for i in items) and len(items) < rank:
+        return True
+    if not all(i is None or i is Ellipsis or (isinstance(i, slice) and i.start is None
+                                              and i.stop is None and i.step in (None, 1))
+               for i in items) or sum(i is Ellipsis for i in items) > 1:
+        return False
+    real = [k for k, i in enumerate(items) if i is not None]
+    if Ellipsis not in items and len(real) < rank:
+        return True  # the trailing dims, the last one among them, are not indexed
+    # the last dim is indexed by the last non-None item (a whole slice or the Ellipsis): no new
+    # dim may follow it
+    return bool(real) and len(real) <= rank + (Ellipsis in items) and all(
+        i is not None for i in items[real[-1]:])
 
 
 def check(match):

@@ -291,3 +291,17 @@ def test_complex_pairs_to_halves_training_step(kernel_path):
     assert _counts(report) == {"rope": 1, "rope_single": 0}, report.near_misses
     (m,) = [m for m in report.matches if m.pattern == "rope"]
     assert m.detail.startswith("complex pairs to halves"), m.detail
+
+
+@pytest.mark.parametrize("items,rank,keeps", [
+    ((None, slice(None), None, slice(None)), 2, True), ((slice(None), None), 2, True),
+    ((None,), 2, True), ((Ellipsis, None, slice(None)), 2, True), ((0,), 2, True),
+    ((Ellipsis, None), 2, False), ((slice(None), slice(None), None), 2, False),
+    ((slice(None), 0), 2, False), ((Ellipsis, 0), 2, False),
+    ((slice(1, None), None), 2, False),  # conservative: a cut dim with a new one is not followed
+    ((None, slice(None, 2)), 1, False)])
+def test_keeps_last_dim(items, rank, keeps):
+    # the pairs proof follows indexing only where the table's last dim stays whole and last
+    from ligerfx.patterns.rope import _keeps_last_dim
+
+    assert _keeps_last_dim(items, rank) is keeps
