@@ -16,6 +16,17 @@ Forms (each is the math, whatever the code's names):
   `apply_rotary_pos_emb_interleave`: `a, b = x[..., 0::2], x[..., 1::2]`), then
   `cat((a * cos - b * sin, b * cos + a * sin))` with tables of one angle per pair (head_dim / 2);
   the even/odd form writes its result de-interleaved, which the kernel's `halves_out` does.
+- pairs through `x.reshape(.., -1, 2).unbind(-1)` (`xr*cos - xi*sin`, `xr*sin + xi*cos`, stacked
+  back): the canonical view reads `unbind(-1)[i]` of an unflatten as `x[..., i::2]`, so it is the
+  gpt-fast form above;
+- halves with the sine's sign inside a product (`x1*cos + x2*sin`, `x1*(-sin) + x2*cos`): the view
+  reads `p + a*(-b)` as `p - a*b` (bit for bit), so it is the chunked-halves form by -theta;
+- complex halves: `view_as_real(view_as_complex(stack(chunk(x, 2, -1), -1)) * freqs_cis)` put back
+  with `cat(chunk(.., 2, -1), -2)` and the trailing 1 dropped: pair (i, h + i), real parts first,
+  rotate_half's layout (kernel halves mode, freqs' cos/sin repeated); written back as interleaved
+  (real, imag) pairs (`.flatten(-2)`) it is a look-alike refused with the reason;
+- complex pairs to halves: the complex form's interleaved pairs put back with
+  `cat(chunk(.., 2, -1), -2)` (real parts first): interleaved mode with `halves_out`.
 Signs.  Each form is written with the sign of each sine term spelled out (`cat((-x2, x1))` or
 `cat((x2, -x1))`; `a*cos - b*sin` or `a*cos + b*sin`), every combination a variant.  `check`
 derives the rotation from the signs: opposite signs are a rotation by +theta (Hugging Face) or
@@ -93,6 +104,59 @@ def _stack_pairs(x, cos, sin):
 def _complex(x, freqs):
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * freqs).flatten(-2)
+
+
+def _complex_halves(x, freqs, half):
+    # the halves (x[i], x[h + i]) as complex numbers (`stack(chunk(x, 2, -1), -1)`), rotated, the
+    # real parts written back as the first half and the imaginary parts as the second
+    # (`cat(chunk(r, 2, -1), -2)`, a trailing dim of 1 dropped): rotate_half's layout
+    xc = torch.view_as_complex(torch.stack((x.float()[..., :half], x.float()[..., half:]), dim=-1))
+    r = torch.view_as_real(xc * freqs)
+    return torch.cat((r[..., :1], r[..., 1:]), dim=-2).squeeze(-1)
+
+
+def rope_complex_halves(q, k, freqs, half):
+    """RoPE, complex form on the halves: complex(q[..., :h], q[..., h:]) * freqs_cis, real and
+    imaginary parts concatenated (and k)."""
+    return _complex_halves(q, freqs, half), _complex_halves(k, freqs, half)
+
+
+def rope_single_complex_halves(q, freqs, half):
+    return _complex_halves(q, freqs, half)
+
+
+def _complex_to_halves(x, freqs):
+    # interleaved pairs as complex numbers, written back as halves (real parts first): the
+    # kernel's interleaved mode with halves_out
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    r = torch.view_as_real(xc * freqs)
+    return torch.cat((r[..., :1], r[..., 1:]), dim=-2).squeeze(-1)
+
+
+def rope_complex_to_halves(q, k, freqs):
+    return _complex_to_halves(q, freqs), _complex_to_halves(k, freqs)
+
+
+def rope_single_complex_to_halves(q, freqs):
+    return _complex_to_halves(q, freqs)
+
+
+def _complex_halves_to_pairs(x, freqs, half):
+    xc = torch.view_as_complex(torch.stack((x.float()[..., :half], x.float()[..., half:]), dim=-1))
+    return torch.view_as_real(xc * freqs).flatten(-2)
+
+
+def lookalike_complex_halves_to_pairs(q, k, freqs, half):
+    return _complex_halves_to_pairs(q, freqs, half), _complex_halves_to_pairs(k, freqs, half)
+
+
+def lookalike_single_complex_halves_to_pairs(q, freqs, half):
+    return _complex_halves_to_pairs(q, freqs, half)
+
+
+_HALVES_TO_PAIRS = ("rotates the halves (x[i], x[h + i]) as complex numbers but writes the result "
+                    "as interleaved (real, imaginary) pairs; liger::rope writes a rotation of "
+                    "halves as halves (and of pairs as pairs or halves), not this mix")
 
 
 def rope_partial(q, k, cos, sin, half, rot_end, pass_start):
@@ -261,7 +325,9 @@ for _f in (rope_rotate_half, rope_single_rotate_half, rope_partial, rope_single_
 _HALVES = tuple(_CHUNK + _CHUNK_SINGLE + _EVEN_ODD + _EVEN_ODD_SINGLE)
 _EVEN_ODD_FNS = tuple(_EVEN_ODD + _EVEN_ODD_SINGLE)
 
-_COMPLEX = (rope_complex, rope_single_complex)
+_COMPLEX_HALVES = (rope_complex_halves, rope_single_complex_halves)
+_COMPLEX_TO_HALVES = (rope_complex_to_halves, rope_single_complex_to_halves)
+_COMPLEX = (rope_complex, rope_single_complex, *_COMPLEX_HALVES, *_COMPLEX_TO_HALVES)
 # cos/sin hold one angle per pair already ([.., rotary_dim / 2]), as for the complex form
 _STACK = (rope_stack, rope_single_stack)
 _HALF_TABLES = _STACK + _HALVES  # tables of one angle per pair, named cos2/sin2
@@ -383,18 +449,38 @@ def _pairs_equal(n, depth: int = 12, used: list | None = None) -> bool:
             return False
         return _pairs_equal(n.args[0], depth - 1, used)
     if name == "getitem" and isinstance(n.args[0], fx.Node):
-        # indexing that keeps the last dim whole: fewer indices than dims, no Ellipsis
         src, idx = n.args
         sv = node_value(src)
         items = idx if isinstance(idx, tuple) else (idx,)
-        if (isinstance(sv, torch.Tensor) and Ellipsis not in items and None not in items
-                and len(items) < sv.dim()):
+        if isinstance(sv, torch.Tensor) and _keeps_last_dim(items, sv.dim()):
             return _pairs_equal(src, depth - 1, used)
     return False
 
 
+def _keeps_last_dim(items, rank: int) -> bool:
+    """Whether indexing by `items` leaves the last dim of a rank-`rank` value as the result's last
+    dim, whole: fewer indices than dims (no Ellipsis), or only new dims (None), whole slices and an
+    Ellipsis, with no None after the last dim's own index (`t[None, :, None, :]`,
+    `t[:, None]`, `t[..., None, :]`)."""
+    if all(i is not Ellipsis and i is not None for i in items) and len(items) < rank:
+        return True
+    if not all(i is None or i is Ellipsis or (isinstance(i, slice) and i.start is None
+                                              and i.stop is None and i.step in (None, 1))
+               for i in items) or sum(i is Ellipsis for i in items) > 1:
+        return False
+    real = [k for k, i in enumerate(items) if i is not None]
+    if Ellipsis not in items and len(real) < rank:
+        return True  # the trailing dims, the last one among them, are not indexed
+    # the last dim is indexed by the last non-None item (a whole slice or the Ellipsis): no new
+    # dim may follow it
+    return bool(real) and len(real) <= rank + (Ellipsis in items) and all(
+        i is not None for i in items[real[-1]:])
+
+
 def check(match):
     fn = match.variant.fn
+    if match.variant.refuse is not None:
+        return None  # a look-alike: refused with its own reason
     if fn in _HALF_TABLES:
         match.bindings["cos"] = match.bindings.pop("cos2")
         match.bindings["sin"] = match.bindings.pop("sin2")
@@ -418,6 +504,8 @@ def check(match):
         if table.dtype not in (torch.complex64, torch.complex128):
             return f"freqs_cis is {table.dtype}, not complex"
         rot = table.shape[-1] * 2
+        if fn in _COMPLEX_HALVES and not known_equal(match.value("half") * 2, d):
+            return f"chunks q at {match.value('half')}, not into two halves of its {d} channels"
     else:
         cos, sin = match.value("cos"), match.value("sin")
         if cos.dim() != sin.dim() or not all(known_equal(a, b) for a, b in zip(cos.shape, sin.shape)):
@@ -487,15 +575,17 @@ def check(match):
         chains[t] = c
     in_chain, out_chain, grad_dtype, note = plans[0]
     match.params.update(seq_dim=seq_dim, squeeze=squeeze,
-                        interleaved=complex_form or fn in _PAIRS or fn in _STACK
-                        or fn in _EVEN_ODD_FNS,
-                        halves_out=fn in _EVEN_ODD_FNS, neg_sin=sign < 0,
-                        one_angle_per_pair=fn in _HALF_TABLES,
+                        interleaved=(complex_form and fn not in _COMPLEX_HALVES) or fn in _PAIRS
+                        or fn in _STACK or fn in _EVEN_ODD_FNS,
+                        halves_out=fn in _EVEN_ODD_FNS or fn in _COMPLEX_TO_HALVES,
+                        neg_sin=sign < 0,
+                        one_angle_per_pair=fn in _HALF_TABLES or complex_form,
                         in_chain=in_chain, out_chain=out_chain, table_chains=chains,
                         grad_dtype=grad_dtype,
                         round_steps=dtype_of(match.tops[0]) in _LOW)
     layout_name = "[b, h, t, d]" if seq_dim == 2 else "[b, t, h, d]"
-    form = ("complex" if complex_form else "pairs" if fn in _PAIRS else
+    form = ("complex halves" if fn in _COMPLEX_HALVES else "complex pairs to halves"
+            if fn in _COMPLEX_TO_HALVES else "complex" if complex_form else "pairs" if fn in _PAIRS else
             "stacked pairs" if fn in _STACK else "even/odd pairs to halves" if fn in _EVEN_ODD_FNS
             else "chunked halves" if fn in _HALVES else "rotate_half")
     form = f"partial {form}" if fn in _PARTIAL else form
@@ -561,7 +651,8 @@ def _plain(q, k, cos, sin, interleaved):
     return qo if single else (qo, ko)
 
 
-def replace(q, k=None, cos=None, sin=None, freqs=None, cos2=None, sin2=None, *, match=None):
+def replace(q, k=None, cos=None, sin=None, freqs=None, cos2=None, sin2=None, half=None, *,
+            match=None):
     if cos2 is not None:  # registration check of the stacked form
         cos, sin = cos2, sin2
     if freqs is not None:
@@ -579,9 +670,9 @@ def replace(q, k=None, cos=None, sin=None, freqs=None, cos2=None, sin2=None, *, 
         sin = _table(sin, p["table_chains"]["sin"], p["squeeze"])
         if p["interleaved"] and not p["one_angle_per_pair"]:  # one angle per pair: the even channels
             cos, sin = cos[..., ::2], sin[..., ::2]
-        elif not p["interleaved"] and p["one_angle_per_pair"]:
-            # chunked halves: pair (i, h + i) has angle i; the kernel's halves form reads both
-            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    if not p["interleaved"] and p["one_angle_per_pair"]:
+        # chunked / complex halves: pair (i, h + i) has angle i; the kernel's halves form reads both
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
     if p["neg_sin"]:  # rotation by -theta: exact, x * -s is -(x * s)
         sin = torch.neg(sin)
     res = _run(q, k, cos, sin, p)
@@ -595,17 +686,22 @@ _EXAMPLES = {"q": torch.randn(2, 4, 5, 8), "k": torch.randn(2, 2, 5, 8), "cos": 
 
 register(
     "rope", [rope_partial, *_PARTIAL_SIGNED, rope_pairs_partial, rope_rotate_half, *_ROT_SIGNED,
-             rope_pairs, rope_complex, rope_stack, *_CHUNK, *_EVEN_ODD],
+             rope_pairs, rope_complex, rope_complex_halves, rope_complex_to_halves, rope_stack,
+             *_CHUNK, *_EVEN_ODD],
     replace, _EXAMPLES,
     # before the norms (10-11): a q/k norm applied after the rotation (HunYuan) must not take the
     # rotation's final `x*cos + rot(x)*sin` add for a residual add
     constraints=check, priority=15, allow_casts=True, builtin=True,
+    look_alikes={lookalike_complex_halves_to_pairs: _HALVES_TO_PAIRS},
     description="RoPE of q and k (rotate_half, partial rotary, complex) -> one liger::rope launch",
 )
 register(
     "rope_single", [rope_single_partial, *_PARTIAL_SIGNED_SINGLE, rope_single_pairs_partial,
                     rope_single_rotate_half, *_ROT_SIGNED_SINGLE, rope_single_pairs,
-                    rope_single_complex, rope_single_stack, *_CHUNK_SINGLE, *_EVEN_ODD_SINGLE],
+                    rope_single_complex, rope_single_complex_halves,
+                    rope_single_complex_to_halves, rope_single_stack,
+                    *_CHUNK_SINGLE, *_EVEN_ODD_SINGLE],
     replace, _EXAMPLES, constraints=check, priority=14, allow_casts=True, builtin=True,
+    look_alikes={lookalike_single_complex_halves_to_pairs: _HALVES_TO_PAIRS},
     description="RoPE of one tensor (tables not shared with another) -> liger::rope",
 )

@@ -27,7 +27,14 @@ Rules (each is an identity of real arithmetic, so a match means the same math):
   `split` of a static size) is `slice(x, dim, start, end, step)`: a missing start is 0, a missing
   step 1, and an end at or past a static dim size is None (so `chunk(2)[1]` is `x[..., h:]`);
 - `cat`, `stack` and `flatten` carry negative dims; a `view` / `reshape` / `unflatten` that splits one dim
-  in two with a static inner size is `unflatten(x, dim, inner)`.
+  in two with a static inner size is `unflatten(x, dim, inner)`; a `view` / `reshape` / `flatten`
+  that only drops a trailing dim of static size 1 is `squeeze(x, -1)`;
+- one integer index (`x[..., i]`, `x.select(d, i)`, piece i of `x.unbind(d)`) is `select(x, d, i)`
+  (negative dim, index in [0, size)); a bare `x[i]` keeps its `getitem` form; selecting the inner
+  dim of an `unflatten(src, d, k)` is the strided slice `slice(src, d, i, None, k)`
+  (`x.unflatten(-1, (-1, 2))[..., 1]` is `x[..., 1::2]`);
+- negation moves out of a sum: `p + (-q)` and `(-q) + p` are `p - q`, `p + a * (-b)` is
+  `p - a * b` (exact: negation is, and rounding is symmetric).
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ _PURE = _UNARY | _REDUCTIONS | {"add", "sub", "mul", "div", "pow", CAST, "silu",
                                 "rms_norm", "layer_norm", "linear", "matmul", "getitem",
                                 "transpose", "unsqueeze", "slice", "unflatten", "cat",
                                 "stack", "flatten", "view", "reshape", "expand", "permute",
-                                "squeeze"}
+                                "squeeze", "select"}
 
 _NO_DEFAULT = object()
 _FLOAT_WIDE = (torch.float32, torch.float64)
@@ -287,6 +294,10 @@ class View:
         if name in ("add", "sub"):
             if not _is_one(a[2]):
                 return None
+            if name == "add":
+                signed = self._add_negated(x, a[1], node)
+                if signed is not None:
+                    return signed
             return self._mk(name, (x, a[1]), node)
         if name == "div":
             if a[2] is not None:
@@ -376,6 +387,9 @@ class View:
             if not isinstance(src, fx.Node):
                 return None
             if isinstance(idx, int) and not isinstance(idx, bool):
+                along = _unbind_dim(src)
+                if along is not None:  # `x.unbind(d)[i]` is `x.select(d, i)`
+                    return self._select(node, src.args[0], along, idx)
                 piece = _split_piece(src, idx)
                 return None if piece is None else self._slice(node, *piece)
             return self._index_slice(node, src, idx)
@@ -388,8 +402,58 @@ class View:
                     end = None
                 return self._slice(node, x, dim, start, end, 1)
             return None
+        if name == "select":
+            args = list(node.args) + [node.kwargs.get(k) for k in ("dim", "index") if k in node.kwargs]
+            if len(args) == 3 and isinstance(args[0], fx.Node):
+                return self._select(node, *args)
+            return None
         if name in ("view", "reshape", "unflatten"):
-            return self._unflatten(node)
+            return self._unflatten(node) or self._drop_unit_dim(node)
+        if name == "flatten":
+            return self._drop_unit_dim(node)
+        return None
+
+    def _select(self, node, x, dim, i) -> CNode | None:
+        """`select(x, dim, i)` with a negative dim and, where the size is static, an index in
+        [0, size); on a dim of static size 1 it is `squeeze` (the same values)."""
+        rank = _rank(node_value(x))
+        if (rank is None or not isinstance(dim, int) or not -rank <= dim < rank
+                or not isinstance(i, int) or isinstance(i, bool)):
+            return None
+        size = _static_size(x, dim)
+        dim = dim - rank if dim >= 0 else dim
+        if size is not None:
+            if not -size <= i < size:
+                return None
+            i = i + size if i < 0 else i
+            if size == 1:
+                return self._mk("squeeze", (self._of[x], dim), node)
+            u = self._of[x]
+            if u.op == "unflatten" and u.nodes and u.args[1] == dim and u.args[2] == size:
+                # element i of each group of `size` along a dim split by unflatten: the strided
+                # slice `src[..., i::size]` of the dim before the split (the unflatten is folded)
+                c = self._mk("slice", (u.args[0], dim, i, None, size), node)
+                c.folded.extend(n for n in u.covers if n not in c.folded and n not in c.nodes)
+                return c
+        return self._mk("select", (self._of[x], dim, i), node)
+
+    def _drop_unit_dim(self, node: fx.Node) -> CNode | None:
+        # A view / reshape / flatten that only removes a trailing dim of static size 1: `squeeze`
+        # of it.  Trailing only: a leading or middle dim of size 1 is usually a batch or head
+        # count of 1 (`x.view(-1, d)` at batch 1), which must keep the spelling its pattern has.
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node):
+            return None
+        vin, vout = node_value(src), node_value(node)
+        if not isinstance(vin, torch.Tensor) or not isinstance(vout, torch.Tensor):
+            return None
+        si, so = tuple(vin.shape), tuple(vout.shape)
+        if len(so) != len(si) - 1:
+            return None
+        from ligerfx.graph.symbolic import known_equal, known_int
+
+        if known_int(si[-1]) == 1 and all(known_equal(a, b) for a, b in zip(si[:-1], so)):
+            return self._mk("squeeze", (self._of[src], -1), node)
         return None
 
     def _slice(self, node, x, dim, start, end, step) -> CNode | None:
@@ -430,7 +494,7 @@ class View:
         return self._slice(node, src, d, start, end, step)
 
     def _index_squeeze(self, node, src, items, rank) -> CNode | None:
-        # `x[..., 0]` on a dim of static size 1, nothing else cut: squeeze of that dim.
+        # `x[..., i]`, nothing else cut: select (squeeze on a dim of static size 1).
         if sum(i is Ellipsis for i in items) > 1 or len(items) - (Ellipsis in items) > rank:
             return None
         if not all((isinstance(i, int) and not isinstance(i, bool)) or i is Ellipsis
@@ -441,9 +505,7 @@ class View:
         fill = (slice(None),) * (rank - (len(items) - (Ellipsis in items)))
         items = items[:at] + fill + items[at + (Ellipsis in items):]
         d = next(k for k, i in enumerate(items) if isinstance(i, int))
-        if items[d] not in (0, -1) or _static_size(src, d) != 1:
-            return None
-        return self._mk("squeeze", (self._of[src], d - rank), node)
+        return self._select(node, src, d, items[d])
 
     def _index_unsqueeze(self, node, src, items, rank) -> CNode | None:
         # `x[..., None]`, `x[:, None]`: one new dim of size 1 and nothing cut is unsqueeze.
@@ -490,6 +552,31 @@ class View:
                 inner = known_int(so[d + 1])
                 if inner is not None and known_equal(so[d] * inner, si[d]):
                     return self._mk("unflatten", (self._of[src], d - len(si), inner), node)
+        return None
+
+    def _add_negated(self, x: Any, y: Any, node: fx.Node) -> CNode | None:
+        """`p + (-q)`, `(-q) + p`, `p + a * (-b)`, `p + (-a) * b` as `p - q` / `p - a * b`.
+        IEEE negation is exact and rounding is symmetric, so `a * (-b)` rounds to `-(a * b)` and
+        `p + (-q)` is `p - q` bit for bit, in every dtype (type promotion ignores the sign); the
+        negation nodes are folded into the subtraction."""
+        for p, q in ((x, y), (y, x)):
+            if not isinstance(p, CNode) or not isinstance(q, CNode) or not q.nodes:
+                continue
+            if q.op == "neg":
+                c = self._mk("sub", (p, q.args[0]), node)
+                c.folded.extend(n for n in q.covers if n not in c.folded)
+                return c
+            if q.op == "mul" and len(q.args) == 2:
+                m0, m1 = q.args
+                negs = [i for i, m in enumerate((m0, m1))
+                        if isinstance(m, CNode) and m.op == "neg" and m.nodes]
+                if len(negs) != 1:
+                    continue
+                i = negs[0]
+                inner = q.args[i].args[0]
+                prod = CNode("mul", (inner, m1) if i == 0 else (m0, inner), nodes=[],
+                             folded=list(q.covers) + list(q.args[i].covers), meta_node=q.node)
+                return self._mk("sub", (p, prod), node)
         return None
 
     def _unary(self, name: str, x: Any, node: fx.Node) -> CNode:
@@ -550,6 +637,18 @@ def _static_size(x: fx.Node, dim: int) -> int | None:
 
 
 _CHUNK = {torch.chunk: "chunk", torch.split: "split"}
+
+
+def _unbind_dim(src: fx.Node) -> int | None:
+    """The dim of an `unbind` node (method or function), or None."""
+    if not ((src.op == "call_method" and src.target == "unbind")
+            or (src.op == "call_function" and src.target is torch.unbind)):
+        return None
+    args = list(src.args[1:]) + [src.kwargs.get("dim")] if "dim" in src.kwargs else list(src.args[1:])
+    if len(src.args) < 1 or not isinstance(src.args[0], fx.Node) or len(args) > 1:
+        return None
+    dim = args[0] if args else 0
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) else None
 
 
 def _split_piece(src: fx.Node, i: int):

@@ -11,6 +11,7 @@ a reason, never a rewrite.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -228,6 +229,22 @@ def _absorb_trailing_casts(node: fx.Node, view: View, allow_casts: bool, covered
     return node
 
 
+def _spent_splits(covered: list) -> list:
+    """Tuple-valued nodes (`chunk`, `split`, `unbind`) that read a covered node and whose every
+    piece is covered: the view reads the pieces as slices / selects of the covered value, so the
+    tuple dies with them (and must, or it would keep the covered value alive)."""
+    inside, out = set(covered), []
+    for n in covered:
+        for u in n.users:
+            if (u in inside or u in out or not isinstance(node_value(u), (tuple, list))
+                    or not u.users):
+                continue
+            if all(w in inside and w.op == "call_function" and w.target is operator.getitem
+                   for w in u.users):
+                out.append(u)
+    return out
+
+
 def match_at(pat: Pattern, var: TracedVariant, view: View, anchors: list[CNode]) -> Iterator[Match]:
     """All structural matches of `var` whose outputs are computed by `anchors` (one per output)."""
     st0 = _State({}, {}, [], [])
@@ -249,5 +266,6 @@ def match_at(pat: Pattern, var: TracedVariant, view: View, anchors: list[CNode])
             top = a.nodes[0]
             tops.append(top)
             outs.append(_absorb_trailing_casts(top, view, pat.allow_casts, covered, casts))
+        covered += _spent_splits(covered)
         bindings = {k: (v.node if isinstance(v, CNode) else v) for k, v in st.bind.items()}
         yield Match(pat, var, view.graph, bindings, outs, tops, covered, casts, st.pmap)

@@ -45,6 +45,7 @@ FUNCTIONS: dict[Any, str] = {
     torch.softmax: "softmax", F.softmax: "softmax", torch.log_softmax: "log_softmax",
     F.log_softmax: "log_softmax", F.pad: "pad", torch.narrow: "narrow",
     torch.unflatten: "unflatten", torch.gather: "gather", torch.logsumexp: "logsumexp",
+    torch.select: "select", torch.unbind: "unbind",
 }
 
 
