@@ -76,6 +76,12 @@ def pytest_report_header(config):
             "-m 'not slow' the quick tier)")
 
 
+def pytest_terminal_summary(terminalreporter, config):
+    line = pytest_report_header(config)  # also under -q, so a CI log says which slice ran
+    if line:
+        terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(config, items):
     """The tiers: tests listed in tests/slow_tests.txt are `slow` too, and a run with no -m keeps
     the quick tier plus one slice of the slow tests (tests/tiers.py)."""
