@@ -35,10 +35,10 @@ _SLOW = load()
 def pytest_addoption(parser):
     parser.addoption(
         "--slow-slice", default="auto",
-        help="which slow tests a run with no -m keeps: 'auto' (the default: the slice of "
-             "tests/slow_tests.txt that the commit's hash picks, so each runs every few commits, "
-             "also in a shallow clone), a number "
-             "K, 'all' (the whole suite) or 'none' (the quick tier, as -m 'not slow')")
+        help="which slow tests a run with no -m keeps: 'auto' (the default: with no paths "
+             "given, the slice of tests/slow_tests.txt that the commit's hash picks, so each "
+             "runs every few commits, also in a shallow clone; with paths given, all their "
+             "tests), a number K, 'all' (the whole suite) or 'none' (the quick tier)")
 
 
 def _commit_number() -> int:
@@ -57,6 +57,8 @@ def _slice(config) -> int | None:
     want = config.getoption("--slow-slice")
     if config.getoption("-m") or want == "all":
         return None
+    if want == "auto" and config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+        return None  # files or tests named on the command line: all of them
     n = n_slices(_SLOW)
     if want == "none":
         return -1

@@ -85,8 +85,8 @@ def test_slices_are_dealt_evenly_and_parametrized_tests_spread_by_parameter(tmp_
 
 
 def test_a_run_without_m_keeps_one_slice():
-    """`pytest --collect-only` of this suite with a slice keeps every quick test and only that
-    slice's slow tests; `--slow-slice=all` keeps them all."""
+    """`pytest --collect-only` with a slice keeps every quick test and only that slice's slow
+    tests; `--slow-slice=all`, or files named with the default `auto`, keep them all."""
     import subprocess
     import sys
 
@@ -101,4 +101,16 @@ def test_a_run_without_m_keeps_one_slice():
     slices = [collected(f"--slow-slice={k}") for k in range(n_slices(load()))]
     assert quick < every and all(quick <= s <= every for s in slices)
     assert set().union(*slices) == every
+    assert collected() == every  # files named on the command line: all their tests
     assert sum(len(s - quick) for s in slices) == len(every - quick)  # each slow test once
+
+
+def test_a_test_marked_slow_in_its_file_is_not_the_files_quick_test():
+    """The regression: test_soundness_rounding's cheapest test (XLM's, 4.8 s) is marked slow in
+    its own file, so keeping it left the file with nothing in the quick tier."""
+    from tests.tiers import choose
+
+    f = "tests/test_soundness_rounding.py"
+    log = [f"5.61s call     {f}::test_diffllama_lambda_gradients_are_fp32_rounding",
+           f"4.81s call     {f}::test_xlm_key_bias_gradient_is_zero_in_exact_math"]
+    assert choose(log, budget=0.0)[0] == [f"{f}::test_xlm_key_bias_gradient_is_zero_in_exact_math"]

@@ -139,11 +139,14 @@ def choose(log_lines, budget: float) -> tuple[list[str], dict[str, float]]:
         by_file[_file(nid)].append(nid)
     keep, sharing = set(), {}
     for f, ids in by_file.items():
-        funcs = {name: t.shares_work for name, t in
-                 read_tests(os.path.join(os.path.dirname(HERE), f)).items()}
+        facts = read_tests(os.path.join(os.path.dirname(HERE), f))
+        funcs = {name: t.shares_work for name, t in facts.items()}
         # a test too fast for --durations to list costs nothing (and is never marked)
         seen = {_func(nid) for nid in ids}
         candidates = list(ids) + [f"{f}::{name}" for name in funcs if name not in seen]
+        # one its own file marks slow cannot be the file's quick test
+        candidates = [n for n in candidates
+                      if not getattr(facts.get(_func(n)), "marked_slow", False)] or candidates
 
         # what a test that shares work pays when kept alone: the set-up of the file's fixtures,
         # or the dearest sharing test's time (it paid the cached helper's work)

@@ -441,13 +441,10 @@ class View:
         # A view / reshape / flatten that only removes a trailing dim of static size 1: `squeeze`
         # of it.  Trailing only: a leading or middle dim of size 1 is usually a batch or head
         # count of 1 (`x.view(-1, d)` at batch 1), which must keep the spelling its pattern has.
-        src = node.args[0] if node.args else None
-        if not isinstance(src, fx.Node):
+        shapes = _view_shapes(node)
+        if shapes is None:
             return None
-        vin, vout = node_value(src), node_value(node)
-        if not isinstance(vin, torch.Tensor) or not isinstance(vout, torch.Tensor):
-            return None
-        si, so = tuple(vin.shape), tuple(vout.shape)
+        src, si, so = shapes
         if len(so) != len(si) - 1:
             return None
         from ligerfx.graph.symbolic import known_equal, known_int
@@ -535,13 +532,10 @@ class View:
 
     def _unflatten(self, node: fx.Node) -> CNode | None:
         # A reshape that splits exactly one dim into (outer, inner) with a static inner size.
-        src = node.args[0] if node.args else None
-        if not isinstance(src, fx.Node):
+        shapes = _view_shapes(node)
+        if shapes is None:
             return None
-        vin, vout = node_value(src), node_value(node)
-        if not isinstance(vin, torch.Tensor) or not isinstance(vout, torch.Tensor):
-            return None
-        si, so = tuple(vin.shape), tuple(vout.shape)
+        src, si, so = shapes
         if len(so) != len(si) + 1:
             return None
         from ligerfx.graph.symbolic import known_equal, known_int
@@ -699,13 +693,12 @@ def _key(a: Any):
     return ("c", type(a).__name__, a)
 
 
-
-
-
-
-
-
-
-
-
-
+def _view_shapes(node: fx.Node):
+    """(source node, its shape, the view's shape) of a view-like node over a tensor, else None."""
+    src = node.args[0] if node.args else None
+    if not isinstance(src, fx.Node):
+        return None
+    vin, vout = node_value(src), node_value(node)
+    if not isinstance(vin, torch.Tensor) or not isinstance(vout, torch.Tensor):
+        return None
+    return src, tuple(vin.shape), tuple(vout.shape)
