@@ -116,7 +116,7 @@ def check(match):
     if "dim" in match.bindings and match["dim"] != (-1,):
         return f"normalises over dim {match['dim']}, not the last dim"
     if "normalized_shape" in match.bindings:
-        ns = match["normalized_shape"]
+        ns = match.resolved("normalized_shape")
         if not isinstance(ns, (tuple, list)) or len(ns) != 1 or not known_equal(ns[0], x.shape[-1]):
             return f"normalized_shape {ns} is not the last dim alone"
     for name in ("weight", "bias"):

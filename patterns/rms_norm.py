@@ -192,7 +192,7 @@ def check(match):
     if "udim" in match.bindings and match["udim"] != -1:
         return f"the statistic is unsqueezed at dim {match['udim']}, not the last dim"
     if "normalized_shape" in match.bindings:
-        ns = match["normalized_shape"]
+        ns = match.resolved("normalized_shape")
         if not isinstance(ns, (tuple, list)) or len(ns) != 1 or not known_equal(ns[0], x.shape[-1]):
             return f"normalized_shape {ns} is not the last dim alone"
     if "weight" in match.bindings and not is_vector_over_last_dim(match.value("weight"), x):

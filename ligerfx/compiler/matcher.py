@@ -175,6 +175,20 @@ class Match:
         b = self.bindings[name]
         return node_value(b) if isinstance(b, fx.Node) else b
 
+    def resolved(self, name: str) -> Any:
+        """A bound argument with every graph value in it (fx node or canonical node, also inside
+        a tuple such as `normalized_shape=(x.shape[-1],)` under dynamic shapes) replaced by its
+        example value, so constraints compare sizes symbolically."""
+        def go(b):
+            if isinstance(b, fx.Node):
+                return node_value(b)
+            if isinstance(b, CNode):
+                return b.value
+            if isinstance(b, (tuple, list)):
+                return type(b)(go(x) for x in b)
+            return b
+        return go(self.bindings[name])
+
     def out_value(self, i: int = 0) -> Any:
         return node_value(self.outputs[i])
 
