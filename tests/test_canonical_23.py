@@ -39,6 +39,19 @@ def test_negation_out_of_a_sum_is_subtraction(f):
     assert view[out].op == "sub"
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+def test_an_integer_negation_stays_a_negation(dtype):
+    """Integer negation wraps (-INT_MIN is INT_MIN, -uint8(200) is 56): with a float operand
+    `p + a * (-b)` differs from `p - a * b`, so the view keeps the sum."""
+    b = torch.tensor([torch.iinfo(dtype).min if dtype == torch.int32 else 200], dtype=dtype)
+    p, a = torch.zeros(1), torch.ones(1)
+    assert not torch.equal(p + a * (-b), p - a * b)
+    for f in (lambda p, a, b: p + a * (-b), lambda p, a, b: (-b) * a + p,
+              lambda p, a, b: p + (-b)):
+        view, out = _view_of(f, p, a, b)
+        assert view[out].op == "add"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_negation_identities_are_bit_equal(dtype):
     g = torch.Generator().manual_seed(0)

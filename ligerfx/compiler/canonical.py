@@ -551,19 +551,25 @@ class View:
     def _add_negated(self, x: Any, y: Any, node: fx.Node) -> CNode | None:
         """`p + (-q)`, `(-q) + p`, `p + a * (-b)`, `p + (-a) * b` as `p - q` / `p - a * b`.
         IEEE negation is exact and rounding is symmetric, so `a * (-b)` rounds to `-(a * b)` and
-        `p + (-q)` is `p - q` bit for bit, in every dtype (type promotion ignores the sign); the
-        negation nodes are folded into the subtraction."""
+        `p + (-q)` is `p - q` bit for bit, in every floating dtype (type promotion ignores the
+        sign); the negation nodes are folded into the subtraction.  Only a floating negation:
+        an integer one wraps (`-INT_MIN` is INT_MIN, `-uint8(200)` is 56), so with a float
+        operand `p + a * (-b)` is not `p - a * b`."""
+        def floating(c):
+            v = c.value
+            return isinstance(v, torch.Tensor) and v.is_floating_point()
+
         for p, q in ((x, y), (y, x)):
             if not isinstance(p, CNode) or not isinstance(q, CNode) or not q.nodes:
                 continue
-            if q.op == "neg":
+            if q.op == "neg" and floating(q):
                 c = self._mk("sub", (p, q.args[0]), node)
                 c.folded.extend(n for n in q.covers if n not in c.folded)
                 return c
             if q.op == "mul" and len(q.args) == 2:
                 m0, m1 = q.args
                 negs = [i for i, m in enumerate((m0, m1))
-                        if isinstance(m, CNode) and m.op == "neg" and m.nodes]
+                        if isinstance(m, CNode) and m.op == "neg" and m.nodes and floating(m)]
                 if len(negs) != 1:
                     continue
                 i = negs[0]
