@@ -14,7 +14,7 @@ to trace and are not seen: a known blind spot.
 
 from __future__ import annotations
 
-from ligerfx.compiler.canonical import CNode
+from ligerfx.compiler.canonical import CNode, arg_cnodes
 from ligerfx.compiler.detect import fx_nodes, name, op, register_detector, strip, users
 
 # Ops through which a cos/sin table stays the same table (reshaped, indexed, cast, repeated).
@@ -29,14 +29,6 @@ _RECOMBINE = {"cat", "stack"}
 _PASS = {"cast", "view", "reshape", "flatten", "unflatten", "contiguous", "clone"}
 
 
-def _tensors(args):
-    for a in args:
-        if isinstance(a, CNode):
-            yield a
-        elif isinstance(a, tuple):
-            yield from _tensors(a)
-
-
 def _number(a) -> bool:
     return isinstance(a, (int, float)) and not isinstance(a, bool)
 
@@ -48,7 +40,7 @@ def _tags(view) -> dict:
         if op(c) in ("cos", "sin") and c.args and isinstance(c.args[0], CNode):
             tags[id(c)] = (op(c), (c.args[0],))
             continue
-        ts = list(_tensors(c.args))
+        ts = list(arg_cnodes(c.args))
         tagged = [tags[id(t)] for t in ts if id(t) in tags]
         if not tagged:
             continue
@@ -68,7 +60,7 @@ def _bases(view, tags) -> dict:
     for c in view.cnodes():
         if id(c) in tags:
             continue
-        ts = list(_tensors(c.args))
+        ts = list(arg_cnodes(c.args))
         if op(c) in _PART_OPS and ts:
             if op(c) in _RECOMBINE:
                 got = [bases.get(id(t), (t, frozenset())) for t in ts]

@@ -210,6 +210,17 @@ class View:
                 seen.add(id(c))
                 yield c
 
+    def users(self) -> dict:
+        """id(canonical node) -> the canonical nodes that read it (each reader once), for
+        walking down the data flow."""
+        out: dict = {}
+        for c in self.cnodes():
+            for a in arg_cnodes(c.args):
+                readers = out.setdefault(id(a), [])
+                if not readers or readers[-1] is not c:
+                    readers.append(c)
+        return out
+
     # -- construction -------------------------------------------------------------------------
     def _arg(self, a: Any) -> Any:
         if isinstance(a, fx.Node):
@@ -644,7 +655,7 @@ def _unbind_dim(src: fx.Node) -> int | None:
     if not ((src.op == "call_method" and src.target == "unbind")
             or (src.op == "call_function" and src.target is torch.unbind)):
         return None
-    args = list(src.args[1:]) + [src.kwargs.get("dim")] if "dim" in src.kwargs else list(src.args[1:])
+    args = list(src.args[1:]) + ([src.kwargs["dim"]] if "dim" in src.kwargs else [])
     if len(src.args) < 1 or not isinstance(src.args[0], fx.Node) or len(args) > 1:
         return None
     dim = args[0] if args else 0
@@ -697,6 +708,15 @@ def _key(a: Any):
     if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return ("s", id(a))
     return ("c", type(a).__name__, a)
+
+
+def arg_cnodes(args):
+    """The canonical nodes among a node's args, those inside tuples (cat's list) included."""
+    for a in args:
+        if isinstance(a, CNode):
+            yield a
+        elif isinstance(a, tuple):
+            yield from arg_cnodes(a)
 
 
 def _view_shapes(node: fx.Node):

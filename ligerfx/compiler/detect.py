@@ -119,23 +119,7 @@ def strip(c, ops=("cast",)):
 
 def users(view: View) -> dict:
     """id(canonical node) -> the canonical nodes that read it, for walking down the data flow."""
-    from .canonical import CNode
-
-    out: dict = {}
-
-    def add(a, c):
-        if isinstance(a, tuple):
-            for x in a:
-                add(x, c)
-        elif isinstance(a, CNode):
-            lst = out.setdefault(id(a), [])
-            if not lst or lst[-1] is not c:
-                lst.append(c)
-
-    for c in view.cnodes():
-        for a in c.args:
-            add(a, c)
-    return out
+    return view.users()
 
 
 def fx_nodes(*cs) -> list:

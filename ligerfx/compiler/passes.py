@@ -93,7 +93,7 @@ def _multi_candidates(view: View, pattern: Pattern, variant, first, by_op, claim
     """
     outs = variant.outputs
     depths = [_input_depths(o) for o in outs]
-    users = _cnode_users(view)
+    users = view.users()
     pos = {n: i for i, n in enumerate(view.graph.nodes)}
     below: dict = {}
     # Outputs computed alike (q and k) would match each node set once per ordering: one will do.
@@ -179,22 +179,6 @@ def _shape_key(out: CNode):
         return repr(c)
 
     return key(out)
-
-
-def _cnode_users(view: View) -> dict:
-    users: dict = {}
-
-    def add(a, c):
-        if isinstance(a, tuple):
-            for x in a:
-                add(x, c)
-        elif isinstance(a, CNode):
-            users.setdefault(id(a), []).append(c)
-
-    for c in view.cnodes():
-        for a in c.args:
-            add(a, c)
-    return users
 
 
 def _reach(start: CNode, depth: int, users: dict) -> set:
