@@ -104,17 +104,19 @@ if triton is not None:
         return tl.where(c == 0.0, 0.0, c * x)
 
     @triton.jit
-    def _distill_terms(a, b, lse_a, lse_b, m_b, s_b, mix_s, mix_t, c0, c1, c2, c3, c4, c5, c6,
+    def _distill_terms(a, b, m_a, log_s_a, m_b, s_b, mix_s, mix_t, c0, c1, c2, c3, c4, c5, c6,
                        HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr, XLOGY_T: tl.constexpr,
                        LOGP_T: tl.constexpr):
-        ls = a - lse_a
+        # (a - max) - log(sum), as eager's log_softmax rounds it: a - (max + log(sum)) would round
+        # the log-sum-exp at the logits' magnitude (an ulp of 1000 is 6e-5) and so every ls
+        ls = (a - m_a) - log_s_a
         ps = tl.exp(ls)
         if LOGP_T:
             # the code's log(softmax(zt)): -inf where the softmax underflows
             pt = tl.exp(b - m_b) / s_b
             lt = tl.log(pt)
         else:
-            lt = b - lse_b
+            lt = (b - m_b) - tl.log(s_b)
             pt = tl.exp(lt)
         ptlt = pt * lt
         if XLOGY_T:
@@ -169,8 +171,7 @@ if triton is not None:
             m_b, s_b = _lse_step(m_b, s_b, tl.where(msk, zt * t_scale, ninf))
             if HAS_CE:
                 m_c, s_c = _lse_step(m_c, s_c, tl.where(msk, z * ce_scale, ninf))
-        lse_a = m_a + tl.log(s_a)
-        lse_b = m_b + tl.log(s_b)
+        log_s_a = tl.log(s_a)
         # pass 2: the row's divergence and sum_j H_j
         acc_e = tl.zeros([BLOCK_V], dtype=tl.float32)
         acc_h = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -179,22 +180,23 @@ if triton is not None:
             msk = cols < V
             a = tl.load(zs_row + cols, mask=msk, other=0.0).to(tl.float32) * s_scale
             b = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32) * t_scale
-            e, h, ps = _distill_terms(a, b, lse_a, lse_b, m_b, s_b, mix_s, mix_t, c0, c1, c2, c3,
+            e, h, ps = _distill_terms(a, b, m_a, log_s_a, m_b, s_b, mix_s, mix_t, c0, c1, c2, c3,
                                       c4, c5, c6, HAS_MIX, HAS_TV, XLOGY_T, LOGP_T)
             acc_e += tl.where(msk, e, 0.0)
             acc_h += tl.where(msk, h, 0.0)
         tl.store(kd_rows_ptr + row, tl.sum(acc_e, 0))
         sum_h = tl.sum(acc_h, 0)
-        lse_c = 0.0
+        log_s_c = 0.0
         y = 0
         valid = False
         if HAS_CE:
-            lse_c = m_c + tl.log(s_c)
+            log_s_c = tl.log(s_c)
             y = tl.load(y_ptr + row).to(tl.int64)
             valid = y != ignore_index
             ysafe = tl.where(valid, y, 0)
             zy = tl.load(zs_row + ysafe).to(tl.float32) * ce_scale
-            tl.store(ce_rows_ptr + row, tl.where(valid, lse_c - zy, 0.0))
+            # -((zy - max) - log(sum)): eager's cross-entropy, rounded as its log_softmax is
+            tl.store(ce_rows_ptr + row, tl.where(valid, log_s_c - (zy - m_c), 0.0))
         if COMPUTE_GRAD:
             kdw = tl.load(kdw_ptr + row)
             cew = 0.0
@@ -207,12 +209,12 @@ if triton is not None:
                 msk = cols < V
                 z = tl.load(zs_row + cols, mask=msk, other=0.0).to(tl.float32)
                 b = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32) * t_scale
-                e, h, ps = _distill_terms(z * s_scale, b, lse_a, lse_b, m_b, s_b, mix_s, mix_t,
+                e, h, ps = _distill_terms(z * s_scale, b, m_a, log_s_a, m_b, s_b, mix_s, mix_t,
                                           c0, c1, c2, c3, c4, c5, c6, HAS_MIX, HAS_TV, XLOGY_T,
                                           LOGP_T)
                 g = (s_scale * kdw) * (h - ps * sum_h)
                 if HAS_CE:
-                    sm = tl.exp(z * ce_scale - lse_c)
+                    sm = tl.exp((z * ce_scale - m_c) - log_s_c)
                     onehot = tl.where((cols == y) & valid, 1.0, 0.0)
                     g += (ce_scale * cew) * (sm - onehot)
                 tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=msk)
@@ -289,14 +291,14 @@ def _rows_torch(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
         gz = (h - ps * h.sum(-1, keepdim=True)).mul_((s_scale * kd_w)[:, None])
         del h
     if P["has_ce"]:
-        zc = zf * ce_scale
-        lse = torch.logsumexp(zc, -1)
+        # eager's cross-entropy is -log_softmax[label]: (z - max) - log(sum), not lse - z (which
+        # rounds at the logits' magnitude)
+        lsm = torch.log_softmax(zf * ce_scale, -1)
         valid = y != P["ignore_index"]
         ysafe = torch.where(valid, y, 0).long()
-        zy = zc.gather(-1, ysafe[:, None])[:, 0]
-        ce_rows.copy_(torch.where(valid, lse - zy, 0.0))
+        ce_rows.copy_(torch.where(valid, -lsm.gather(-1, ysafe[:, None])[:, 0], 0.0))
         if want:
-            sm = (zc - lse[:, None]).exp_()
+            sm = lsm.exp_()
             sm.scatter_add_(-1, ysafe[:, None], -valid.to(ct)[:, None])
             gz.add_(sm.mul_((ce_scale * ce_w)[:, None]))
     if want:

@@ -289,6 +289,23 @@ def test_rule():
     assert within_eager_rounding("y", (ref * 1.01).bfloat16(), lowb, ref, torch.bfloat16)
 
 
+def test_rule_where_eager_has_no_correct_digit():
+    """A value below the rounding of its terms (a saturated softmax's gradient, ~1e-20 in float64):
+    eager's fp32 result is noise of 1e-9, another algorithm's noise may lie far from it, but a
+    result of the size of the terms (1e-3 here) is still wrong."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(64, generator=g, dtype=torch.float64) * 1e-20
+    low = (torch.randn(64, generator=g) * 1e-9)
+    noise = torch.randn(64, generator=g) * 5e-8  # 50 times eager's noise: still noise
+    assert within_eager_rounding("g", noise, low, ref, torch.float32) is None
+    terms = torch.randn(64, generator=g) * 1e-3
+    assert "relative error" in within_eager_rounding("g", terms, low, ref, torch.float32)
+    # one correct digit in eager (relative error 0.5): the ordinary bound applies
+    ref2 = torch.randn(64, generator=g, dtype=torch.float64)
+    low2 = (ref2 * 1.5).float()
+    assert within_eager_rounding("g", (ref2 * 2.0).float(), low2, ref2, torch.float32)
+
+
 class Writes(Norm):
     """Writes a buffer and an input in place around a validated rewrite, and draws dropout."""
 

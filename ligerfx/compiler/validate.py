@@ -66,7 +66,9 @@ def within_eager_rounding(what: str, got, low, ref, dtype) -> str | None:
     `got` / `low` may be None (no gradient).  Equal: same shape and dtype; integers identical;
     the same non-finite positions and values; elsewhere a relative error (norm of the difference
     over the norm of the reference) at most 1.25 times eager's, plus 2e-5 in fp32/fp64 or 5% of
-    the format's eps in fp16/bf16 (`dtype`: the values' dtype)."""
+    the format's eps in fp16/bf16 (`dtype`: the values' dtype).  Where eager's own relative error
+    is 1 or more (no correct digit: the value is rounding noise), the bound is NOISE_FACTOR times
+    eager's error."""
     if low is None:
         if got is not None and got.abs().sum() != 0:
             return f"{what}: a gradient where eager has none"
@@ -90,9 +92,23 @@ def within_eager_rounding(what: str, got, low, ref, dtype) -> str | None:
     if low.is_floating_point() and torch.finfo(low.dtype).eps > torch.finfo(dtype).eps:
         dtype = low.dtype  # a half-precision value of a mixed-dtype computation: its own floor
     floor = 2e-5 if dtype in (torch.float32, torch.float64) else 0.05 * torch.finfo(dtype).eps
-    if e_got > 1.25 * e_low + floor:
+    bound = 1.25 * e_low + floor
+    if e_low >= 1.0:
+        # Eager has no correct digit: the true value is below the rounding of the terms that
+        # cancelled to make it (a saturated softmax's gradient, about 1e-300 in float64), so
+        # both results are rounding noise, and how far one algorithm's noise lies from another's
+        # depends on which of its roundings happen to cancel exactly.  Noise is allowed to be
+        # NOISE_FACTOR times eager's; a result of the size of the real terms is still caught.
+        bound = NOISE_FACTOR * e_low
+    if e_got > bound:
         return f"{what}: relative error {e_got:.3g} vs float64, eager {dtype} has {e_low:.3g}"
     return None
+
+
+# Where eager's own relative error is at least 1 (see within_eager_rounding); measured: a fused
+# distillation gradient at logits of +-2000 is up to about 200 times eager's noise, both some 1e-9
+# against terms of size 1.
+NOISE_FACTOR = 1000.0
 
 
 # -- results -----------------------------------------------------------------------------------

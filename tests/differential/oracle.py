@@ -8,7 +8,8 @@
   TRITON_INTERPRET, like the `kernel_path` fixture).
 "Equal" means, for each output and each gradient: the same non-finite positions and values as
 eager in that dtype, and elsewhere no further from float64 than eager is (times 1.25, plus a
-small floor: 2e-5 in fp32, 5% of the format's eps in bf16/fp16).  Then the rewrite decision is
+small floor: 2e-5 in fp32, 5% of the format's eps in bf16/fp16; where eager has no correct digit,
+1000 times eager's noise: `within_eager_rounding`).  Then the rewrite decision is
 judged by the case's kind (source.SPELLING / SAFETY / MATH): a spelling or a safety perturbation
 that is not rewritten must be reported as a near miss of its pattern (a silent miss fails).
 

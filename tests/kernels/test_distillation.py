@@ -156,3 +156,28 @@ def test_fake_impl_shapes():
                                                 None, [0.0] * 7, [1.0] * 5, 1.0, 0.0, 0.0, -100,
                                                 True, True)
         assert out[3].shape == (2, 5, V)
+
+
+@pytest.mark.parametrize("divergence,alpha", [("forward_kl", 0.0), ("jsd", 0.4)])
+def test_logits_far_from_zero_round_as_eager_log_softmax(kernel_path, divergence, alpha):
+    """Regression: the kernel computed ls = z - (max + log(sum)), rounding the log-sum-exp at the
+    logits' magnitude (an ulp of 30000 is 2e-3), where eager's log_softmax computes
+    (z - max) - log(sum); the CE part likewise used lse - z[label].  At logits around 30000 the
+    loss and the gradient were some 1e-4 off, against eager fp32's 1e-6."""
+    from ligerfx.compiler.validate import within_eager_rounding
+
+    zs = (30000 + torch.randn(N, V, dtype=torch.float64) * 2).requires_grad_()
+    zt = -20000 + torch.randn(N, V, dtype=torch.float64) * 2
+    labels = torch.randint(0, V, (N,))
+    args = dict(labels=labels, alpha=alpha) if alpha else {}
+    ref = reference(zs, zt, divergence, beta=0.5, **args)
+    ref.backward()
+    low_z = zs.detach().float().requires_grad_()
+    low = reference(low_z, zt.float(), divergence, beta=0.5, **args)
+    low.backward()
+    z = zs.detach().float().requires_grad_()
+    loss = dk.distillation_loss(z, zt.float(), divergence=divergence, beta=0.5, **args)
+    loss.backward()
+    for what, got, eager, want in (("loss", loss, low, ref), ("grad", z.grad, low_z.grad, zs.grad)):
+        problem = within_eager_rounding(what, got.detach(), eager.detach(), want, torch.float32)
+        assert problem is None, problem
