@@ -251,6 +251,39 @@ def test_bad_replacement_is_a_clear_error(replacement, message):
     assert "test_bad" not in REGISTRY
 
 
+def test_registration_checks_the_replacement_on_fake_tensors():
+    """Registering checks the replacement's outputs (count, shapes, dtypes) on fake copies of the
+    example inputs: no real kernel runs (under Triton's interpreter the built-in patterns' kernels
+    cost seconds at import), and a replacement that needs real values still runs for real."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    seen = []
+
+    def replacement(x):
+        seen.append(isinstance(x, FakeTensor))
+        return torch.ops.ligerfx_test.quick_gelu(x)
+
+    register_pattern("test_fake_check", quick_gelu, replacement, (torch.randn(2, 8),))
+    try:
+        assert seen == [True]
+    finally:
+        REGISTRY.remove("test_fake_check")
+
+    seen.clear()
+
+    def reads_a_value(x):
+        seen.append(isinstance(x, FakeTensor))
+        if x.abs().max().item() < 0:  # data-dependent: a fake tensor cannot answer
+            raise AssertionError("unreachable")
+        return torch.ops.ligerfx_test.quick_gelu(x)
+
+    register_pattern("test_fake_check", quick_gelu, reads_a_value, (torch.randn(2, 8),))
+    try:
+        assert seen == [True, False]
+    finally:
+        REGISTRY.remove("test_fake_check")
+
+
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(PatternError, match="example_inputs"):
         register_pattern("test_bad", quick_gelu, quick_gelu_replacement)

@@ -107,13 +107,34 @@ def trace_variant(fn: Callable, example_inputs: Any, name: str) -> TracedVariant
     return TracedVariant(fn, gm.graph, view, params, scalars, outputs)
 
 
+def _run_both(pattern: Pattern, v, ex) -> tuple:
+    expected = v.fn(*ex)
+    return expected, call_replacement(pattern, v, dict(zip(v.inputs, ex)), None)
+
+
+def _fake_run(pattern: Pattern, v, ex) -> tuple | None:
+    """Pattern and replacement on fake copies of the examples (shapes and dtypes only, as the
+    compile will trace them): no kernel runs, which under Triton's interpreter cost seconds per
+    pattern at import.  None where the fake run cannot decide (a replacement reading a value)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in ex]
+            return _run_both(pattern, v, fake)
+    except Exception:  # noqa: BLE001 - decided by the real run below
+        return None
+
+
 def check_replacement(pattern: Pattern) -> None:
-    """The replacement must produce what the pattern produces on the example inputs."""
+    """The replacement must produce what the pattern produces on the example inputs: the same
+    number of outputs, each of the same shape and dtype (checked on fake tensors first, then, if
+    those cannot decide, by running both)."""
     for v in pattern.rewritable:
         _, ex = _examples_for(v.fn, pattern.example_inputs, pattern.name)
+        ran = _fake_run(pattern, v, ex)
         try:
-            expected = v.fn(*ex)
-            got = call_replacement(pattern, v, dict(zip(v.inputs, ex)), None)
+            expected, got = ran if ran is not None else _run_both(pattern, v, ex)
         except Exception as e:  # noqa: BLE001
             raise PatternError(f"pattern {pattern.name!r}: running it on the example inputs "
                                f"failed: {type(e).__name__}: {e}") from e
