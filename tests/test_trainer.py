@@ -10,6 +10,8 @@ both paths elsewhere).  The wrong uses (`torch.compile`'s wrapper, `torch_compil
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -126,3 +128,24 @@ def test_refuses_bad_option_and_non_module():
     with pytest.raises(ligerfx.OptionsError, match=r"nn.Module"):
         ligerfx.compile_in_place(lambda x: x)
     assert model._compiled_call_impl is None
+
+
+def test_warns_that_gradient_checkpointing_leaves_the_layers_unfused(tmp_path):
+    # Under torch.utils.checkpoint no layer is rewritten and no near miss says so (TRL's configs
+    # turn it on by default): compile_in_place says it, from the arguments or from the model.
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=True, use_cpu=True,
+                             report_to=[])
+    model, _ = build("llama")
+    with pytest.warns(UserWarning, match=r"gradient_checkpointing=False"):
+        ligerfx.compile_in_place(model, training_args=args)
+    model, _ = build("llama")
+    model.gradient_checkpointing_enable()
+    with pytest.warns(UserWarning, match=r"gradient checkpointing is on"):
+        ligerfx.compile_in_place(model)
+    model, _ = build("llama")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ligerfx.compile_in_place(model, training_args=args)  # off: no warning
