@@ -3,7 +3,7 @@
 Each test runs a few steps of one trainer twice from the same seed on a tiny Llama built from a
 config (no downloads) with a character-level tokenizer built in code and an in-memory dataset:
 once eager, once after `ligerfx.compile_in_place(model, ...)`.  Every step's loss must be equal
-(fp32, relative 1e-5; measured: bit-equal for SFT / DPO / GRPO, 3e-7 for GKD, whose fused
+(fp32, relative 1e-5; measured: bit-equal for SFT / DPO / GRPO, up to 5e-7 for GKD, whose fused
 backward rounds the student gradients differently in the last bits: rounding, which
 `validate="raise"` checks rewrite by rewrite on the first call), the logged gradient norms too,
 and ligerfx's reports must show every decoder-layer pattern of the model rewritten.
