@@ -83,9 +83,8 @@ _CONST_FNS = {torch.tensor: torch.tensor, torch.log: torch.log, torch.exp: torch
 
 def _const(a, depth=0):
     """A Python number, or the value of a graph node computed from literals only (the 0-d
-    `torch.tensor(beta)` and `torch.log(1 - beta)` / `torch.log1p(-beta)` GKD writes), evaluated as
-    eager does; else
-    None."""
+    `torch.tensor(beta)` and `torch.log(1 - beta)` / `torch.log1p(-beta)` GKD writes), evaluated
+    as eager does; else None."""
     if _num(a):
         return a
     if not isinstance(a, fx.Node) or depth > 8:
