@@ -22,6 +22,13 @@ returns a new `OptimizedModule` instead, and each of them goes wrong with it in 
 - `TrainingArguments(torch_compile=True, torch_compile_backend="liger")` is rejected by
   accelerate, which accepts only its own list of backend names.
 
+Gradient (activation) checkpointing is allowed but warned about: each decoder layer then runs
+under `torch.utils.checkpoint`, which Dynamo either cannot trace in transformers' models (the
+hub-kernel context variable the attention sets is a side effect inside the checkpoint: a graph
+break, the layer runs eagerly) or traces as a higher-order op whose body no pattern is searched
+in; either way no layer is rewritten and the report does not say so.  TRL's configs turn it on
+by default.
+
 `nn.Module.compile` compiles the module's call in place instead: the object, its class, its methods
 and its `state_dict()` stay the same, and every call of it (`Trainer`'s, DDP's, `generate`'s)
 runs compiled.  This is that, with the options validated now (like `ligerfx.compile`) and the
@@ -31,6 +38,7 @@ wrong uses above refused with what to do instead.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -92,5 +100,14 @@ def compile_in_place(model: Any, *, training_args: Any = None, fullgraph: bool =
             "time, through accelerate, which does not know the liger backend: leave "
             "torch_compile, torch_compile_backend and torch_compile_mode unset; the model "
             "compiled here is what the Trainer runs")
+    if getattr(training_args, "gradient_checkpointing", False) or \
+            getattr(model, "is_gradient_checkpointing", False) is True:
+        warnings.warn(
+            "gradient checkpointing is on (TrainingArguments(gradient_checkpointing=True), TRL's "
+            "default, or model.gradient_checkpointing_enable()): the decoder layers run under "
+            "torch.utils.checkpoint, where the liger backend rewrites nothing (Dynamo breaks "
+            "the graph there or hides the layer in a checkpoint op), so only the code outside "
+            "the layers is fused. Set gradient_checkpointing=False to fuse the layers",
+            UserWarning, stacklevel=2)
     model.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     return model

@@ -74,6 +74,7 @@ def _num(x):
 
 
 _CONST_FNS = {torch.tensor: torch.tensor, torch.log: torch.log, torch.exp: torch.exp,
+              torch.log1p: torch.log1p,
               operator.sub: operator.sub, operator.add: operator.add,
               operator.mul: operator.mul, operator.truediv: operator.truediv,
               operator.neg: operator.neg, torch.sub: torch.sub, torch.add: torch.add,
@@ -82,15 +83,15 @@ _CONST_FNS = {torch.tensor: torch.tensor, torch.log: torch.log, torch.exp: torch
 
 def _const(a, depth=0):
     """A Python number, or the value of a graph node computed from literals only (the 0-d
-    `torch.tensor(beta)` and `torch.log(1 - beta)` GKD writes), evaluated as eager does; else
-    None."""
+    `torch.tensor(beta)` and `torch.log(1 - beta)` / `torch.log1p(-beta)` GKD writes), evaluated
+    as eager does; else None."""
     if _num(a):
         return a
     if not isinstance(a, fx.Node) or depth > 8:
         return None
     if a.op == "call_function" and a.target in _CONST_FNS:
         fn = _CONST_FNS[a.target]
-    elif a.op == "call_method" and a.target in ("log", "exp") and len(a.args) == 1:
+    elif a.op == "call_method" and a.target in ("log", "log1p", "exp") and len(a.args) == 1:
         fn = getattr(torch, a.target)
     else:
         return None

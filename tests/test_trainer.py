@@ -10,6 +10,8 @@ both paths elsewhere).  The wrong uses (`torch.compile`'s wrapper, `torch_compil
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -126,3 +128,22 @@ def test_refuses_bad_option_and_non_module():
     with pytest.raises(ligerfx.OptionsError, match=r"nn.Module"):
         ligerfx.compile_in_place(lambda x: x)
     assert model._compiled_call_impl is None
+
+
+def test_warns_that_gradient_checkpointing_leaves_the_layers_unfused():
+    # Under torch.utils.checkpoint no layer is rewritten and no near miss says so (TRL's configs
+    # turn it on by default): compile_in_place says it, from the arguments or from the model.
+    # (The arguments stand in for TrainingArguments: building those costs seconds.)
+    from types import SimpleNamespace
+
+    model, _ = build("llama")
+    with pytest.warns(UserWarning, match=r"gradient_checkpointing=False"):
+        ligerfx.compile_in_place(model, training_args=SimpleNamespace(gradient_checkpointing=True))
+    model, _ = build("llama")
+    model.gradient_checkpointing_enable()
+    with pytest.warns(UserWarning, match=r"gradient checkpointing is on"):
+        ligerfx.compile_in_place(model)
+    model, _ = build("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # off: no warning
+        ligerfx.compile_in_place(model, training_args=SimpleNamespace(gradient_checkpointing=False))

@@ -38,9 +38,11 @@ def reverse_kl_masked(s, t, labels):
     return (kl * mask).sum() / mask.sum()
 
 
-def generalized_jsd(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0):
+def generalized_jsd(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
+                    log1p=False):
     """GKD's generalised JSD as TRL's GKDTrainer writes it (mask by multiplication, not
-    boolean indexing, which Dynamo cannot trace without a graph break)."""
+    boolean indexing, which Dynamo cannot trace without a graph break); `log1p`: the student's
+    weight as TRL 1.16 spells it, `torch.log1p(-beta)` instead of `torch.log(1 - beta)`."""
     student_logits = student_logits / temperature
     teacher_logits = teacher_logits / temperature
     student_log_probs = F.log_softmax(student_logits, dim=-1)
@@ -52,7 +54,8 @@ def generalized_jsd(student_logits, teacher_logits, labels=None, beta=0.5, tempe
     else:
         beta = torch.tensor(beta, dtype=student_log_probs.dtype)
         mixture_log_probs = torch.logsumexp(
-            torch.stack([student_log_probs + torch.log(1 - beta),
+            torch.stack([student_log_probs + (torch.log1p(-beta) if log1p
+                                              else torch.log(1 - beta)),
                          teacher_log_probs + torch.log(beta)]), dim=0)
         kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none",
                               log_target=True)
@@ -91,6 +94,9 @@ LOSSES = {
     "gkd_jsd_beta0": lambda s, t, y: generalized_jsd(s, t, y, beta=0.0, temperature=T),
     "gkd_jsd_beta05": lambda s, t, y: generalized_jsd(s, t, y, beta=0.5),
     "gkd_jsd_beta1": lambda s, t, y: generalized_jsd(s, t, y, beta=1.0),
+    # beta 0.2: log1p(-0.2) and log(1 - 0.2) differ in fp32 by a rounding: the op must
+    # read the value eager adds
+    "gkd_jsd_log1p": lambda s, t, y: generalized_jsd(s, t, y, beta=0.2, log1p=True),
     "jsd_python_beta": jsd_python_beta,
     "tvd_masked": tvd_masked,
     "kd_plus_ce": kd_plus_ce,

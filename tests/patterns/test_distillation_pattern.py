@@ -18,8 +18,8 @@ from tests.models import distill as D
 ONLY = {"patterns": ["fused_linear_distillation", "distillation_loss"]}
 # The interpreter path runs one style per branch of the kernel (forward / reverse KL, mixture,
 # TVD, CE): the algebra that tells the styles apart is the same code on both paths.
-INTERPRETED = ("kl_batchmean_t2", "reverse_kl_masked", "gkd_jsd_beta05", "tvd_masked",
-               "kd_plus_ce")
+INTERPRETED = ("kl_batchmean_t2", "reverse_kl_masked", "gkd_jsd_beta05", "gkd_jsd_log1p",
+               "tvd_masked", "kd_plus_ce")
 STYLE_PATHS = [("torch", s) for s in D.LOSSES] + [("triton", s) for s in INTERPRETED]
 
 
