@@ -111,6 +111,13 @@ def tiny_config_kwargs(model_type: str) -> dict:
     for key, value in default.items():  # dropout would make a compiled step differ from eager
         if isinstance(value, float) and ("dropout" in key or "pdrop" in key or "layerdrop" in key) and key not in kw:
             kw[key] = 0.0
+    if "kv_lora_rank" in default and default.get("num_key_value_heads") == default.get("num_attention_heads"):
+        # multi-head latent attention expands one latent KV to every query head: its configs
+        # have as many KV heads as heads, and some attentions (AXK-2's) fail with fewer
+        kw["num_key_value_heads"] = kw.get("num_attention_heads", default.get("num_attention_heads"))
+    if "qk_rope_head_dim" in kw and default.get("head_dim") == default.get("qk_rope_head_dim"):
+        # the rotary tables of such configs are sized by head_dim: keep it the rotated width
+        kw["head_dim"] = kw["qk_rope_head_dim"]
     layers = kw["num_hidden_layers"]
     for key in _PER_LAYER:
         if isinstance(default.get(key), list) and len(default[key]) >= layers:
