@@ -14,8 +14,11 @@ to trace and are not seen: a known blind spot.
 
 from __future__ import annotations
 
+import torch.fx as fx
+
 from ligerfx.compiler.canonical import CNode, arg_cnodes
 from ligerfx.compiler.detect import fx_nodes, name, op, register_detector, strip, users
+from ligerfx.graph.mutation import written_args
 
 # Ops through which a cos/sin table stays the same table (reshaped, indexed, cast, repeated).
 _TABLE_OPS = {"unsqueeze", "expand", "expand_as", "getitem", "slice", "cast", "cat", "stack",
@@ -54,13 +57,30 @@ def _tags(view) -> dict:
     return tags
 
 
-def _bases(view, tags) -> dict:
-    """id(cnode) -> (root, dims): the tensor a part was taken from and the dims it was cut on."""
+def _writes_first(c) -> bool:
+    """Whether `c` writes its first argument in place (`q += 1`, `q.mul_(2)`): its value is that
+    tensor's, after the write."""
+    n = c.nodes[0] if c.nodes else None
+    first = n.args[0] if n is not None and n.args else None
+    return isinstance(first, fx.Node) and any(w is first for w in written_args(n))
+
+
+def _bases(view, tags, written) -> dict:
+    """id(cnode) -> (root, dims): the tensor a part was taken from and the dims it was cut on.
+    `written` gets id(cnode) -> the in-place write its value went through."""
     bases: dict = {}
     for c in view.cnodes():
         if id(c) in tags:
             continue
         ts = list(arg_cnodes(c.args))
+        for t in ts:
+            if id(t) in written and op(c) in _PART_OPS:
+                written[id(c)] = written[id(t)]
+        if ts and _writes_first(c):
+            # the written tensor itself, read after the write: the same root as before it
+            bases[id(c)] = bases.get(id(ts[0]), (ts[0], frozenset()))
+            written[id(c)] = c
+            continue
         if op(c) in _PART_OPS and ts:
             if op(c) in _RECOMBINE:
                 got = [bases.get(id(t), (t, frozenset())) for t in ts]
@@ -120,8 +140,16 @@ def _angle_names(angles) -> str:
     return ", ".join(name(a) for a in angles)
 
 
-def _why(sums) -> str:
+def _why(sums, written) -> str:
     """Which condition of a rotation the hit fails, where that can be told."""
+    for _, p, q in sums:
+        w = written.get(id(p[1])) or written.get(id(q[1]))
+        if w is not None:
+            where = w.nodes[0].meta.get("stack_trace", "").strip().splitlines()[-1:] if w.nodes else []
+            what = w.args[0] if w.args and isinstance(w.args[0], CNode) else p[2]
+            return (f"{name(what)} is written in place ({op(w)}{': ' + where[0].strip() if where else ''}) "
+                    "while its parts are read: the rotated parts are not one value of the tensor, "
+                    "so this is no rotation the rope kernel can compute")
     # (The kernel takes any cos and sin tables, of one angle or not; what it needs is the same
     # pair of tables for both elements of a pair.)
     tables = {(frozenset(id(a) for a in p[5]), frozenset(id(a) for a in q[5])) for _, p, q in sums}
@@ -139,7 +167,7 @@ def _why(sums) -> str:
             "recombined in a spelling no rope pattern takes")
 
 
-def _real_rotations(view, tags, bases, use):
+def _real_rotations(view, tags, bases, use, written):
     by_end: dict = {}
     for c in view.cnodes():
         if op(c) not in ("add", "sub") or len(c.args) != 2 or not c.nodes:
@@ -155,7 +183,7 @@ def _real_rotations(view, tags, bases, use):
     for end, sums in by_end.values():
         covered = fx_nodes(end, *(x for s, p, q in sums for x in (s, p[0], q[0])))
         anchor = end.nodes[0] if end.nodes else sums[0][0].nodes[0]
-        yield anchor, covered, _why(sums)
+        yield anchor, covered, _why(sums, written)
 
 
 def _complex_built(c, bases):
@@ -212,9 +240,10 @@ def _complex_rotations(view, bases, use):
 
 def detect_rope(view):
     tags = _tags(view)
-    bases = _bases(view, tags)
+    written: dict = {}
+    bases = _bases(view, tags, written)
     use = users(view)
-    yield from _real_rotations(view, tags, bases, use)
+    yield from _real_rotations(view, tags, bases, use, written)
     yield from _complex_rotations(view, bases, use)
 
 

@@ -192,6 +192,52 @@ def test_rope_single_write_through_transposed_view():
     """, ("rope_single",), SAFETY), seed=7)
 
 
+# detector (fixed here; long run, seed 3957): `q += 1.0` between the rotate-half read and the
+# `q * cos` read rebinds q to the write's result, which the rope detector did not read as q itself:
+# refused by the patterns and reported by no one
+def test_rope_single_written_by_augmented_assignment_between_reads():
+    check(_rope("""
+        emb = freqs.repeat_interleave(2, dim=-1)
+        cos = emb.cos().unsqueeze(-2)
+        sin = emb.sin().unsqueeze(1)
+        q = self.wq(x).view(2, 4, 2, 8)
+        rq = torch.stack((-q[..., 1::2], q[..., ::2]), dim=-1).flatten(-2)
+        q += 1.0
+        return ((rq * sin) + (q * cos),)
+    """, ("rope_single",), SAFETY), seed=3957)
+
+
+# detector (fixed here; long run, seed 16245): q and k by tables of mixed dtypes (q's rotation a
+# near miss for that), k written by `k += 1.0` after its halves were viewed: k's rotation was
+# refused with no near miss
+def test_rope_pair_with_a_written_key_and_mixed_tables():
+    code = """
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wq = nn.Linear(16, 16, bias=False)
+            self.wk = nn.Linear(16, 8, bias=False)
+
+        def forward(self, x, pos):
+            inv = 1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
+            freqs = pos[..., None].float() * inv
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos = emb.cos().to(torch.float32).unsqueeze(-3)
+            sin = emb.sin().to(x.dtype).unsqueeze(-3)
+            q = self.wq(x).view(2, 4, 2, 8).transpose(1, 2)
+            q1, q2 = q.chunk(2, dim=-1)
+            qo = (torch.cat((-q2, q1), dim=-1) * sin) + (q * cos)
+            k = self.wk(x).view(2, 4, 1, 8).transpose(1, 2)
+            k1 = k[..., :4]
+            k2 = k[..., 4:]
+            k += 1.0
+            ko = (torch.cat((-k2, k1), dim=-1) * sin) + (k * cos)
+            return (qo, ko)
+    """
+    check(Case(Written(code, [Input("x", (2, 4, 16)), Input("pos", (2, 4), kind="positions", high=64)]),
+               ("rope",), SAFETY, F16, "regression"), seed=16245)
+
+
 # -- losses --------------------------------------------------------------------------------------
 
 _HEAD_INIT = """
