@@ -10,7 +10,7 @@ squares alone (an L2 norm, which the rms_norm pattern reports itself).
 from __future__ import annotations
 
 from ligerfx.compiler.canonical import CNode
-from ligerfx.compiler.detect import fx_nodes, name, op, register_detector, strip
+from ligerfx.compiler.detect import fx_nodes, name, op, register_detector, strip, written_base
 
 
 def _number(a) -> bool:
@@ -70,13 +70,18 @@ def _eps_and_mean(v):
     return None, None
 
 
-def _multiplies(x, other) -> bool:
-    """Whether `other` is x (through casts), or x times something (a weight applied first)."""
+def _multiplies(x, other):
+    """"same" when `other` is x (through casts), or x times something (a weight applied first);
+    "written" when it is x only through an in-place write of x (`x += 1` between the mean of
+    squares and the product: the two read different values); None otherwise."""
     o = strip(other)
-    if o is x:
-        return True
-    return (isinstance(o, CNode) and op(o) == "mul"
-            and any(strip(a) is x for a in o.args if isinstance(a, CNode)))
+    cands = [o] + ([strip(a) for a in o.args if isinstance(a, CNode)]
+                   if isinstance(o, CNode) and op(o) == "mul" else [])
+    if any(c is x for c in cands):
+        return "same"
+    if any(written_base(c) is written_base(x) for c in cands):
+        return "written"
+    return None
 
 
 def detect_rms_norm(view):
@@ -89,10 +94,14 @@ def detect_rms_norm(view):
             if got is None or id(got[0]) in seen:
                 continue
             hit, why = _eps_and_mean(got[1])
-            if hit is None or not _multiplies(hit[1], other):
+            same = _multiplies(hit[1], other) if hit is not None else None
+            if same is None:
                 continue
             mean, x = hit
             seen.add(id(got[0]))
+            if same == "written":
+                why = (f"{name(written_base(x))} is written in place between its mean of squares "
+                       "and the product, which read two different values of it: no norm")
             what = why or ("x * rsqrt(mean(x², -1) + eps) of "
                            f"{name(x)}, in a spelling (casts, order of the weight) no norm "
                            "pattern takes")

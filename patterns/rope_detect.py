@@ -14,11 +14,9 @@ to trace and are not seen: a known blind spot.
 
 from __future__ import annotations
 
-import torch.fx as fx
 
 from ligerfx.compiler.canonical import CNode, arg_cnodes
-from ligerfx.compiler.detect import fx_nodes, name, op, register_detector, strip, users
-from ligerfx.graph.mutation import written_args
+from ligerfx.compiler.detect import fx_nodes, name, op, register_detector, strip, users, writes_first
 
 # Ops through which a cos/sin table stays the same table (reshaped, indexed, cast, repeated).
 _TABLE_OPS = {"unsqueeze", "expand", "expand_as", "getitem", "slice", "cast", "cat", "stack",
@@ -57,14 +55,6 @@ def _tags(view) -> dict:
     return tags
 
 
-def _writes_first(c) -> bool:
-    """Whether `c` writes its first argument in place (`q += 1`, `q.mul_(2)`): its value is that
-    tensor's, after the write."""
-    n = c.nodes[0] if c.nodes else None
-    first = n.args[0] if n is not None and n.args else None
-    return isinstance(first, fx.Node) and any(w is first for w in written_args(n))
-
-
 def _bases(view, tags, written) -> dict:
     """id(cnode) -> (root, dims): the tensor a part was taken from and the dims it was cut on.
     `written` gets id(cnode) -> the in-place write its value went through."""
@@ -76,7 +66,7 @@ def _bases(view, tags, written) -> dict:
         for t in ts:
             if id(t) in written and op(c) in _PART_OPS:
                 written[id(c)] = written[id(t)]
-        if ts and _writes_first(c):
+        if ts and writes_first(c):
             # the written tensor itself, read after the write: the same root as before it
             bases[id(c)] = bases.get(id(ts[0]), (ts[0], frozenset()))
             written[id(c)] = c

@@ -117,6 +117,26 @@ def strip(c, ops=("cast",)):
     return c
 
 
+def writes_first(c) -> bool:
+    """Whether canonical node `c` writes its first argument in place (`q += 1`, `q.mul_(2)`):
+    its value is that tensor's, after the write."""
+    from ligerfx.graph.mutation import written_args
+
+    n = c.nodes[0] if getattr(c, "nodes", None) else None
+    first = n.args[0] if n is not None and n.args else None
+    return isinstance(first, fx.Node) and any(w is first for w in written_args(n))
+
+
+def written_base(c):
+    """The tensor behind in-place writes: `q += 1` rebinds q to the write's result, which is still
+    q's tensor (a detector that compares tensors by node must see them as one)."""
+    from .canonical import CNode
+
+    while isinstance(c, CNode) and c.args and isinstance(c.args[0], CNode) and writes_first(c):
+        c = c.args[0]
+    return c
+
+
 def users(view: View) -> dict:
     """id(canonical node) -> the canonical nodes that read it, for walking down the data flow."""
     return view.users()

@@ -159,6 +159,16 @@ def test_layer_norm_input_rounded_through_bf16():
     """, ("layer_norm",), SAFETY), seed=12)
 
 
+# detector (fixed here): `h += 1.0` between the mean of squares and the product rebinds h to the
+# write's result; the RMS-norm detector compared tensors by node and said nothing
+def test_rms_norm_written_by_augmented_assignment_between_reads():
+    check(_norm("""
+        var = h.pow(2).mean(-1, keepdim=True)
+        h += 1.0
+        return (self.weight * (h * torch.rsqrt(var + 1e-6)),)
+    """, ("rms_norm",), SAFETY), seed=5)
+
+
 # -- rope ----------------------------------------------------------------------------------------
 
 _ROPE_INIT = """
