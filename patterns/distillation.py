@@ -848,8 +848,14 @@ def _check(match, fused: bool):
     match.outputs = [root]
     match.tops = [root]
     if "s" in t.logp:
+        # eager's backward of log(p) is g / p through the softmax's: inf / NaN over the row
+        # where p is 0, and also where p is tiny but not 0 if |g| / p overflows, which depends
+        # on the upstream gradient's magnitude; the op forms its gradients in the forward for
+        # grad_output = 1, so it cannot give those (issue 22)
         return ("the student's log-probability is written log(softmax(z)): -inf where the "
-                "softmax underflows (and a nan gradient), which the kernel's log_softmax is not; "
+                "softmax underflows, and eager's gradient g / p is inf / NaN where p is 0 or "
+                "tiny enough for the upstream gradient to overflow it (it depends on that "
+                "gradient's magnitude, which the op's forward-formed gradient cannot see); "
                 "write F.log_softmax(z, -1)")
     if "t" in t.logp and "t" in t.lsm:
         return ("the teacher's log-probability is written both as log(softmax(z)) and as "
