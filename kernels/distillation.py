@@ -179,12 +179,16 @@ if triton is not None:
         s_b = 0.0
         m_c = ninf
         s_c = 0.0
+        j_a = 0  # the first column of the student's largest probability
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             msk = cols < V
             z = tl.load(zs_row + cols, mask=msk, other=0.0).to(tl.float32)
             zt = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32)
-            m_a, s_a = _lse_step(m_a, s_a, tl.where(msk, z * s_scale, ninf))
+            xa = tl.where(msk, z * s_scale, ninf)
+            blk_max = tl.max(xa, 0)
+            j_a = tl.where(blk_max > m_a, tl.min(tl.where(xa == blk_max, cols, V), 0), j_a)
+            m_a, s_a = _lse_step(m_a, s_a, xa)
             m_b, s_b = _lse_step(m_b, s_b, tl.where(msk, zt * t_scale, ninf))
             if HAS_CE:
                 m_c, s_c = _lse_step(m_c, s_c, tl.where(msk, z * ce_scale, ninf))
@@ -193,6 +197,8 @@ if triton is not None:
         acc_e = tl.zeros([BLOCK_V], dtype=tl.float32)
         acc_h = tl.zeros([BLOCK_V], dtype=tl.float32)
         acc_z = tl.zeros([BLOCK_V], dtype=tl.int32)
+        acc_rh = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc_rp = tl.zeros([BLOCK_V], dtype=tl.float32)
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             msk = cols < V
@@ -203,10 +209,15 @@ if triton is not None:
                                           XLOGY_S)
             acc_e += tl.where(msk, e, 0.0)
             acc_h += tl.where(msk, h, 0.0)
+            rest = msk & (cols != j_a)
+            acc_rh += tl.where(rest, h, 0.0)
+            acc_rp += tl.where(rest, ps, 0.0)
             if XLOGY_S != 0:
                 acc_z += tl.where(msk & pz, 1, 0)
         tl.store(kd_rows_ptr + row, tl.sum(acc_e, 0))
         sum_h = tl.sum(acc_h, 0)
+        rest_h = tl.sum(acc_rh, 0)
+        rest_p = tl.sum(acc_rp, 0)
         # eager's xlogy(ps, ps) backward is 0 / 0 where ps == 0: a NaN row after the softmax's
         nan_row = tl.sum(acc_z, 0) > 0
         log_s_c = 0.0
@@ -235,7 +246,14 @@ if triton is not None:
                 e, h, ps, pz = _distill_terms(z * s_scale, b, m_a, log_s_a, s_a, m_b, s_b, mix_s,
                                               mix_t, c0, c1, c2, c3, c4, c5, c6, HAS_MIX, HAS_TV,
                                               XLOGY_T, LOGP_T, XLOGY_S)
-                g = (s_scale * kdw) * (h - ps * sum_h)
+                g = h - ps * sum_h
+                # at the largest probability h - ps * sum(h) cancels as ps -> 1 (a saturated
+                # row): the same value as h (1 - ps) - ps * sum_{k != j} h_k, 1 - ps the other
+                # probabilities' sum, which does not (where the plain form is finite: the
+                # non-finite values stay eager's)
+                fin = (g == g) & (tl.abs(g) != float("inf"))
+                g = tl.where((cols == j_a) & fin, h * rest_p - ps * rest_h, g)
+                g = (s_scale * kdw) * g
                 if HAS_CE:
                     sm = tl.exp((z * ce_scale - m_c) - log_s_c)
                     onehot = tl.where((cols == y) & valid, 1.0, 0.0)
@@ -323,7 +341,18 @@ def _rows_torch(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
         del d
     kd_rows.copy_(e)
     if want:
-        gz = (h - ps * h.sum(-1, keepdim=True)).mul_((s_scale * kd_w)[:, None])
+        gz = h - ps * h.sum(-1, keepdim=True)
+        # at the row's largest probability h_j - ps_j * sum(h) cancels as ps_j -> 1 (a saturated
+        # row); it equals h_j * (1 - ps_j) - ps_j * sum_{k != j} h_k with 1 - ps_j the sum of the
+        # other probabilities, which does not (taken only where the plain form is finite, so the
+        # non-finite values are eager's)
+        j = ls.argmax(-1, keepdim=True)
+        hj, pj = h.gather(-1, j), ps.gather(-1, j)
+        rest_h = h.scatter(-1, j, 0.0).sum(-1, keepdim=True)
+        rest_p = ps.scatter(-1, j, 0.0).sum(-1, keepdim=True)
+        gj = gz.gather(-1, j)
+        gz.scatter_(-1, j, torch.where(gj.isfinite(), hj * rest_p - pj * rest_h, gj))
+        gz.mul_((s_scale * kd_w)[:, None])
         del h
     if P["has_ce"]:
         # eager's cross-entropy is -log_softmax[label]: (z - max) - log(sum), not lse - z (which

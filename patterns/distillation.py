@@ -725,7 +725,8 @@ def _analyse(match):
         if roots:
             best = (alg, roots[-1], key, items)
             break
-        first_miss = first_miss or alg.miss or _unfinished(alg)
+        first_miss = first_miss or alg.miss or _unfinished(alg) or _written_term(alg, anchor,
+                                                                                 items)
     if best is None:
         if first_miss:
             raise _MissReason(first_miss)
@@ -751,6 +752,15 @@ def _unfinished(alg):
                             f"`{n.name}` is used by {what}, which the pattern cannot prove to be "
                             "a reduction it can fuse")
     return None
+
+
+def _written_term(alg, anchor, items):
+    """Why the two distributions, combined a few ops below, never became a divergence because
+    a value the algebra read is written in place between its uses (`ps += 1.0`: later code
+    reads the written value, a node the algebra does not know), or None."""
+    if not any(_meet(anchor, n) for n, _, _, _ in items):
+        return None
+    return _written(alg.match.graph, [n for n in alg.terms if n.users])
 
 
 def _below(a, limit=6):
