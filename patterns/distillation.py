@@ -12,19 +12,25 @@ a gradient) and read the code below it as algebra, so every spelling of the same
   the coefficients of the seven terms the kernel computes (kernels/distillation.py): so forward
   KL, reverse KL, the generalised JSD with any beta (beta = 0 / 1 are plain KLs) and TVD, in any
   combination, are one proof;
-- `.sum(-1)`, a row mask `* mask` (any row-shaped weight tensor that needs no gradient),
-  `.sum()`, `.mean()`, kl_div's reductions (batchmean divides by the first dim of the input *as
-  written*), `* / by` Python numbers or constant tensors (`torch.tensor(beta)`), `/ mask.sum()`
-  and an added `alpha * F.cross_entropy(student logits, labels)` reduce it to the scalar the op
-  returns.  Scalar steps the algebra does not know stay in the graph (they read the op's loss).
+- `.sum(-1)`, `.mean(-1)`, a row mask `* mask` (any row-shaped weight tensor that needs no
+  gradient), `.sum()`, `.mean()`, kl_div's reductions (batchmean divides by the first dim of the
+  input *as written*), `* / by` Python numbers or constant tensors (`torch.tensor(beta)`),
+  `/ mask.sum()` and an added `alpha * F.cross_entropy(student logits, labels)` reduce it to the
+  scalar the op returns.  A mean over a symbolic size (dynamic shapes) keeps that size symbolic:
+  the op's `kd_n` is computed by the graph from the sizes of the tensors it is given, so one
+  compiled graph is exact for every shape.  Scalar steps the algebra does not know stay in the
+  graph (they read the op's loss, e.g. `/ s.shape[0]`).
 
 Each node is modelled exactly or refused with a reason: every tensor operand of an elementwise
 op has exactly the result's shape (symbol by symbol: no broadcasting), `exp` reads only a log-
 probability with coefficient 1 as a probability, a factor inside `abs` is kept, and the IEEE
-conventions are tracked per term (kl_div's xlogy, `log(softmax(z))` that is -inf where the
-softmax underflows) and passed to the kernel as flags, or refused where the kernel has none (the
-student's `log(softmax)`, kl_div with the student as target).  Means over zero or symbolic sizes
-are refused (the kernel takes numbers).
+conventions are tracked per term (kl_div's xlogy for either side's probabilities as target,
+the student's tested as the code spelled them, `softmax` or `exp(log_softmax)`; the teacher's
+`log(softmax(z))`, -inf where the softmax underflows) and passed to the kernel as flags.  The
+student's `log(softmax(z))` is refused: eager's gradient through that log is g / p, inf / NaN
+where p is 0 or where the upstream gradient is large enough to overflow g / p, which depends on
+that gradient's magnitude, and the op forms its gradients in the forward for grad_output = 1.
+Means over zero elements are refused (eager's nan).
 
 When the student logits come from a linear that nothing else reads, the lm head is fused too
 (`liger::fused_linear_distillation`: chunked, no [N, V] tensor kept); a teacher that is a linear
