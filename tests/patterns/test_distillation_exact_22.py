@@ -157,7 +157,7 @@ def _mixed_rows(x):
 
 @pytest.mark.parametrize("spelling", ["softmax", "exp_of_log_softmax"])
 @pytest.mark.parametrize("scale,mask_s", [(2.0, None), (60.0, None), (2.0, MASK)],
-                         ids=["finite", "underflow", "inf_columns"])
+                         ids=["mixed_rows", "all_rows_underflow", "inf_columns"])
 def test_kl_div_student_as_target(kernel_path, spelling, scale, mask_s):
     def fn(s, t, y):
         ps = _p(_mixed_rows(s)) if spelling == "softmax" else _ls(_mixed_rows(s)).exp()
