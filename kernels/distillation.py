@@ -348,12 +348,13 @@ def _rows_torch(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
         # non-finite values are eager's)
         j = ls.argmax(-1, keepdim=True)
         hj, pj = h.gather(-1, j), ps.gather(-1, j)
-        rest_h = h.scatter(-1, j, 0.0).sum(-1, keepdim=True)
-        rest_p = ps.scatter(-1, j, 0.0).sum(-1, keepdim=True)
+        # the sums without column j, in place (h and ps are not read again: no [C, V] copies)
+        rest_h = h.scatter_(-1, j, 0.0).sum(-1, keepdim=True)
+        rest_p = ps.scatter_(-1, j, 0.0).sum(-1, keepdim=True)
+        del h, ps
         gj = gz.gather(-1, j)
         gz.scatter_(-1, j, torch.where(gj.isfinite(), hj * rest_p - pj * rest_h, gj))
         gz.mul_((s_scale * kd_w)[:, None])
-        del h
     if P["has_ce"]:
         # eager's cross-entropy is -log_softmax[label]: (z - max) - log(sum), not lse - z (which
         # rounds at the logits' magnitude)
