@@ -9,7 +9,8 @@ fp64 inputs)::
     lt  = log_softmax(zt * t_scale);  pt = exp(lt)
     mx  = logaddexp(ls + mix_s, lt + mix_t)          # the JSD mixture (GKD: log(1-beta), log(beta))
     kd_row = sum_j  c0 ps*ls + c1 ps*lt + c2 ps*mx + c3 pt*ls + c4 pt*lt + c5 pt*mx + c6 |ps - pt|
-    kd  = sum_i kd_mask[i] * kd_row[i] / kd_denom    # kd_denom <= 0: the number of kept rows
+    kd  = sum_i kd_mask[i] * kd_row[i] / (kd_denom * kd_n)   # kd_denom <= 0: the number of kept
+                                                     # rows; kd_n a size known at run time
     ce_row = logsumexp(zs * ce_scale) - (zs * ce_scale)[label]      (rows with label != ignore)
     ce  = sum_i ce_row[i] / (number of kept rows if ce_mean else 1)
     loss = kd * kd_coef + ce * ce_coef
@@ -19,8 +20,12 @@ so the kernel computes a term the way the user's code does where logits are -inf
 underflows: ``coefs[7]``: the pt*lt term is xlogy (0 where pt == 0: F.kl_div's ``target *
 log(target)`` with log_target=False) instead of the plain product (0 * -inf = nan);
 ``coefs[8]``: lt is ``log(softmax(zt * t_scale))`` (-inf where the softmax underflows, and pt is
-that softmax) instead of ``log_softmax``.  A term whose coefficient is 0 is not computed at all
-(never 0 * nan).
+that softmax) instead of ``log_softmax``; ``coefs[9]``: the ps*ls term is xlogy(ps, ps) (F.kl_div
+with the student's probabilities as its target, log_target=False): 0 where ps == 0, and, as
+eager's xlogy backward gives (grad * ps / ps = 0 / 0), a NaN logits gradient over every row
+where some ps == 0; 1.0: ps is ``softmax(zs * s_scale)`` (tested as exp(z - max) / sum, as
+eager's softmax computes it), 2.0: ps is ``exp(log_softmax(zs * s_scale))`` (the kernel's own
+ps).  A term whose coefficient is 0 is not computed at all (never 0 * nan).
 
 The seven coefficients `coefs` span every divergence of the two distributions that the pattern
 (patterns/distillation.py) proves: forward KL KL(pt||ps) = pt*lt - pt*ls, reverse KL
@@ -42,12 +47,16 @@ Ops
 ``liger::fused_linear_distillation(hidden, weight, bias?, t_logits?, t_hidden?, t_weight?, t_bias?,
 kd_mask?, labels?, float[] coefs, float[] scales, float kd_coef, float kd_denom, float ce_coef,
 int ignore_index, bool ce_mean, bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias,
-int chunk_size) -> (loss, kd, ce, grad_hidden, grad_weight, grad_bias)``;
-``scales = [s_scale, t_scale, ce_scale, mix_s, mix_t]``. ``kd`` / ``ce`` are the two parts (for
+int chunk_size, SymInt kd_n=1) -> (loss, kd, ce, grad_hidden, grad_weight, grad_bias)``;
+``scales = [s_scale, t_scale, ce_scale, mix_s, mix_t]``; ``kd_n`` (an int, a SymInt under
+dynamic shapes: the graph computes it from its tensors' sizes) multiplies the kd denominator at
+run time, so a `batchmean` / `mean` over a symbolic size is exact for every shape a compiled
+graph serves. ``kd`` / ``ce`` are the two parts (for
 logging, not differentiable); ``ce`` is 0 when ``ce_coef`` is 0 and no labels are given.
 
 ``liger::distillation_loss(logits, t_logits, kd_mask?, labels?, coefs, scales, kd_coef, kd_denom,
-ce_coef, ignore_index, ce_mean, need_grad) -> (loss, kd, ce, grad_logits)``: the same loss on
+ce_coef, ignore_index, ce_mean, need_grad, chunk_size=0, kd_n=1) -> (loss, kd, ce, grad_logits)``:
+the same loss on
 logits that are not produced by a linear in the graph (the chunked core with the linear replaced
 by the identity); the [N, V] logits gradient (compute dtype) is computed in the forward, as
 liger::cross_entropy does, and rounded to the logits' dtype in backward after the scale.
@@ -104,9 +113,9 @@ if triton is not None:
         return tl.where(c == 0.0, 0.0, c * x)
 
     @triton.jit
-    def _distill_terms(a, b, m_a, log_s_a, m_b, s_b, mix_s, mix_t, c0, c1, c2, c3, c4, c5, c6,
-                       HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr, XLOGY_T: tl.constexpr,
-                       LOGP_T: tl.constexpr):
+    def _distill_terms(a, b, m_a, log_s_a, s_a, m_b, s_b, mix_s, mix_t, c0, c1, c2, c3, c4, c5,
+                       c6, HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr, XLOGY_T: tl.constexpr,
+                       LOGP_T: tl.constexpr, XLOGY_S: tl.constexpr):
         # (a - max) - log(sum), as eager's log_softmax rounds it: a - (max + log(sum)) would round
         # the log-sum-exp at the logits' magnitude (an ulp of 1000 is 6e-5) and so every ls
         ls = (a - m_a) - log_s_a
@@ -121,9 +130,17 @@ if triton is not None:
         ptlt = pt * lt
         if XLOGY_T:
             ptlt = tl.where(pt == 0.0, 0.0, ptlt)
+        psls = ps * ls
+        # kl_div with the student's probabilities as target: xlogy(ps, ps), 0 where eager's ps is
+        # 0 (its softmax exp(z - max) / sum, or exp of the log-softmax)
+        pz = ps == 0.0
+        if XLOGY_S == 1:
+            pz = tl.exp(a - m_a) / s_a == 0.0
+        if XLOGY_S != 0:
+            psls = tl.where(pz, 0.0, psls)
         # a term whose coefficient is 0 is absent (as in the code and the torch twin), not
         # 0 * (a product that is nan where a logit is -inf)
-        e = _cm(c0, ps * ls) + _cm(c1, ps * lt) + _cm(c3, pt * ls) + _cm(c4, ptlt)
+        e = _cm(c0, psls) + _cm(c1, ps * lt) + _cm(c3, pt * ls) + _cm(c4, ptlt)
         h = _cm(c0, ps * (ls + 1.0)) + _cm(c1, ps * lt) + _cm(c3, pt)
         if HAS_MIX:
             u = ls + mix_s
@@ -139,7 +156,7 @@ if triton is not None:
             e += _cm(c6, tl.abs(d))
             sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
             h += _cm(c6, sgn * ps)
-        return e, h, ps
+        return e, h, ps, pz
 
     @triton.jit
     def _distill_fwd_kernel(
@@ -147,7 +164,7 @@ if triton is not None:
         kd_rows_ptr, ce_rows_ptr, V, ignore_index,
         s_scale, t_scale, ce_scale, mix_s, mix_t, c0, c1, c2, c3, c4, c5, c6,
         HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr, XLOGY_T: tl.constexpr, LOGP_T: tl.constexpr,
-        HAS_CE: tl.constexpr,
+        XLOGY_S: tl.constexpr, HAS_CE: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -162,12 +179,16 @@ if triton is not None:
         s_b = 0.0
         m_c = ninf
         s_c = 0.0
+        j_a = 0  # the first column of the student's largest probability
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             msk = cols < V
             z = tl.load(zs_row + cols, mask=msk, other=0.0).to(tl.float32)
             zt = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32)
-            m_a, s_a = _lse_step(m_a, s_a, tl.where(msk, z * s_scale, ninf))
+            xa = tl.where(msk, z * s_scale, ninf)
+            blk_max = tl.max(xa, 0)
+            j_a = tl.where(blk_max > m_a, tl.min(tl.where(xa == blk_max, cols, V), 0), j_a)
+            m_a, s_a = _lse_step(m_a, s_a, xa)
             m_b, s_b = _lse_step(m_b, s_b, tl.where(msk, zt * t_scale, ninf))
             if HAS_CE:
                 m_c, s_c = _lse_step(m_c, s_c, tl.where(msk, z * ce_scale, ninf))
@@ -175,17 +196,30 @@ if triton is not None:
         # pass 2: the row's divergence and sum_j H_j
         acc_e = tl.zeros([BLOCK_V], dtype=tl.float32)
         acc_h = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc_z = tl.zeros([BLOCK_V], dtype=tl.int32)
+        acc_rh = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc_rp = tl.zeros([BLOCK_V], dtype=tl.float32)
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             msk = cols < V
             a = tl.load(zs_row + cols, mask=msk, other=0.0).to(tl.float32) * s_scale
             b = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32) * t_scale
-            e, h, ps = _distill_terms(a, b, m_a, log_s_a, m_b, s_b, mix_s, mix_t, c0, c1, c2, c3,
-                                      c4, c5, c6, HAS_MIX, HAS_TV, XLOGY_T, LOGP_T)
+            e, h, ps, pz = _distill_terms(a, b, m_a, log_s_a, s_a, m_b, s_b, mix_s, mix_t, c0, c1,
+                                          c2, c3, c4, c5, c6, HAS_MIX, HAS_TV, XLOGY_T, LOGP_T,
+                                          XLOGY_S)
             acc_e += tl.where(msk, e, 0.0)
             acc_h += tl.where(msk, h, 0.0)
+            rest = msk & (cols != j_a)
+            acc_rh += tl.where(rest, h, 0.0)
+            acc_rp += tl.where(rest, ps, 0.0)
+            if XLOGY_S != 0:
+                acc_z += tl.where(msk & pz, 1, 0)
         tl.store(kd_rows_ptr + row, tl.sum(acc_e, 0))
         sum_h = tl.sum(acc_h, 0)
+        rest_h = tl.sum(acc_rh, 0)
+        rest_p = tl.sum(acc_rp, 0)
+        # eager's xlogy(ps, ps) backward is 0 / 0 where ps == 0: a NaN row after the softmax's
+        nan_row = tl.sum(acc_z, 0) > 0
         log_s_c = 0.0
         y = 0
         valid = False
@@ -209,14 +243,23 @@ if triton is not None:
                 msk = cols < V
                 z = tl.load(zs_row + cols, mask=msk, other=0.0).to(tl.float32)
                 b = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32) * t_scale
-                e, h, ps = _distill_terms(z * s_scale, b, m_a, log_s_a, m_b, s_b, mix_s, mix_t,
-                                          c0, c1, c2, c3, c4, c5, c6, HAS_MIX, HAS_TV, XLOGY_T,
-                                          LOGP_T)
-                g = (s_scale * kdw) * (h - ps * sum_h)
+                e, h, ps, pz = _distill_terms(z * s_scale, b, m_a, log_s_a, s_a, m_b, s_b, mix_s,
+                                              mix_t, c0, c1, c2, c3, c4, c5, c6, HAS_MIX, HAS_TV,
+                                              XLOGY_T, LOGP_T, XLOGY_S)
+                g = h - ps * sum_h
+                # at the largest probability h - ps * sum(h) cancels as ps -> 1 (a saturated
+                # row): the same value as h (1 - ps) - ps * sum_{k != j} h_k, 1 - ps the other
+                # probabilities' sum, which does not (where the plain form is finite: the
+                # non-finite values stay eager's)
+                fin = (g == g) & (tl.abs(g) != float("inf"))
+                g = tl.where((cols == j_a) & fin, h * rest_p - ps * rest_h, g)
+                g = (s_scale * kdw) * g
                 if HAS_CE:
                     sm = tl.exp((z * ce_scale - m_c) - log_s_c)
                     onehot = tl.where((cols == y) & valid, 1.0, 0.0)
                     g += (ce_scale * cew) * (sm - onehot)
+                if XLOGY_S != 0:
+                    g = tl.where(nan_row, float("nan"), g)
                 tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=msk)
 
 
@@ -237,7 +280,7 @@ def _launch_rows(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
         ce_w if ce_w is not None else dummy, kd_rows, ce_rows, V, P["ignore_index"],
         *(float(x) for x in P["scales"]), *(float(x) for x in c[:N_COEFS]),
         HAS_MIX=bool(c[2] or c[5]), HAS_TV=bool(c[6]), XLOGY_T=bool(c[7]), LOGP_T=bool(c[8]),
-        HAS_CE=P["has_ce"],
+        XLOGY_S=int(c[9]) if c[0] else 0, HAS_CE=P["has_ce"],
         COMPUTE_GRAD=g is not None, BLOCK_V=block, num_warps=warps,
     )
 
@@ -268,7 +311,17 @@ def _rows_torch(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
             if want and hterm is not None:
                 h.add_(hterm(), alpha=coef)
 
-    add(c[0], ps, ls, lambda: ps * (ls + 1.0))
+    nan_rows = None
+    if c[9] and c[0]:
+        # kl_div with the student's probabilities as its target: xlogy(ps, ps), 0 where eager's
+        # ps is 0; eager's backward there is 0 / 0, a NaN over the row after the softmax's
+        pz = (torch.softmax(zf * s_scale, -1) if c[9] == 1 else ps) == 0
+        e.add_(torch.where(pz, 0.0, ps * ls).sum(-1), alpha=c[0])
+        if want:
+            h.add_(ps * (ls + 1.0), alpha=c[0])
+            nan_rows = pz.any(-1)
+    else:
+        add(c[0], ps, ls, lambda: ps * (ls + 1.0))
     add(c[1], ps, lt, lambda: ps * lt)
     add(c[3], pt, ls, lambda: pt)
     if c[4]:  # teacher-only: no gradient; xlogy (kl_div's convention): 0 where pt is 0
@@ -288,8 +341,20 @@ def _rows_torch(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
         del d
     kd_rows.copy_(e)
     if want:
-        gz = (h - ps * h.sum(-1, keepdim=True)).mul_((s_scale * kd_w)[:, None])
-        del h
+        gz = h - ps * h.sum(-1, keepdim=True)
+        # at the row's largest probability h_j - ps_j * sum(h) cancels as ps_j -> 1 (a saturated
+        # row); it equals h_j * (1 - ps_j) - ps_j * sum_{k != j} h_k with 1 - ps_j the sum of the
+        # other probabilities, which does not (taken only where the plain form is finite, so the
+        # non-finite values are eager's)
+        j = ls.argmax(-1, keepdim=True)
+        hj, pj = h.gather(-1, j), ps.gather(-1, j)
+        # the sums without column j, in place (h and ps are not read again: no [C, V] copies)
+        rest_h = h.scatter_(-1, j, 0.0).sum(-1, keepdim=True)
+        rest_p = ps.scatter_(-1, j, 0.0).sum(-1, keepdim=True)
+        del h, ps
+        gj = gz.gather(-1, j)
+        gz.scatter_(-1, j, torch.where(gj.isfinite(), hj * rest_p - pj * rest_h, gj))
+        gz.mul_((s_scale * kd_w)[:, None])
     if P["has_ce"]:
         # eager's cross-entropy is -log_softmax[label]: (z - max) - log(sum), not lse - z (which
         # rounds at the logits' magnitude)
@@ -302,6 +367,8 @@ def _rows_torch(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
             sm.scatter_add_(-1, ysafe[:, None], -valid.to(ct)[:, None])
             gz.add_(sm.mul_((ce_scale * ce_w)[:, None]))
     if want:
+        if nan_rows is not None:
+            gz[nan_rows] = float("nan")
         g.copy_(gz)
 
 
@@ -328,19 +395,21 @@ def _chunk(N: int, V: int, device, elem: int, chunk_size: int) -> int:
 def _params(coefs, scales, ignore_index, has_ce):
     coefs = [float(x) for x in coefs]
     scales = [float(x) for x in scales]
-    assert len(coefs) in (N_COEFS, N_COEFS + 2) and len(scales) == 5, (coefs, scales)
-    coefs += [0.0] * (N_COEFS + 2 - len(coefs))  # the two convention flags default off
+    assert N_COEFS <= len(coefs) <= N_COEFS + 3 and len(scales) == 5, (coefs, scales)
+    coefs += [0.0] * (N_COEFS + 3 - len(coefs))  # the convention flags default off
     return dict(coefs=coefs, scales=scales, ignore_index=int(ignore_index), has_ce=has_ce)
 
 
 def _row_weights(N, kd_mask, labels, kd_coef, kd_denom, ce_coef, ignore_index, ce_mean, ct,
-                 device):
+                 device, kd_n=1):
     """Per-row weights of the kd and ce parts and the reduced-loss denominators (tensor ops
     only, no host sync)."""
     one = torch.ones((), dtype=ct, device=device)
     m = kd_mask.reshape(-1).to(ct) if kd_mask is not None else torch.ones(N, dtype=ct,
                                                                           device=device)
     kd_den = m.sum() if kd_denom <= 0 else one * kd_denom
+    if kd_n != 1:  # a size the graph read at run time (batchmean / mean under dynamic shapes)
+        kd_den = kd_den * kd_n
     kd_w = m * (kd_coef / kd_den)
     kd_part = m, kd_den
     ce_w, ce_den = None, one
@@ -402,14 +471,14 @@ def _reduce(kd_rows, ce_rows, kd_part, ce_den, kd_coef, ce_coef):
 
 def _linear_forward(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask, labels,
                     coefs, scales, kd_coef, kd_denom, ce_coef, ignore_index, ce_mean,
-                    need_gh, need_gw, need_gb, chunk_size):
+                    need_gh, need_gw, need_gb, chunk_size, kd_n=1):
     h2 = _rows2d(hidden)
     N, V = h2.shape[0], weight.shape[0]
     ct = compute_dtype(hidden.dtype)
     P = _params(coefs, scales, ignore_index, labels is not None and ce_coef != 0)
     P["chunk"] = C = _chunk(N, V, h2.device, h2.element_size(), chunk_size)
     kd_w, ce_w, kd_part, ce_den = _row_weights(N, kd_mask, labels, kd_coef, kd_denom, ce_coef,
-                                               ignore_index, ce_mean, ct, h2.device)
+                                               ignore_index, ce_mean, ct, h2.device, kd_n)
     buf = h2.new_empty(min(C, N), V)
 
     def student(s, e):
@@ -444,11 +513,12 @@ def fused_linear_distillation_op(
     kd_mask: Optional[Tensor], labels: Optional[Tensor], coefs: list[float], scales: list[float],
     kd_coef: float, kd_denom: float, ce_coef: float, ignore_index: int, ce_mean: bool,
     need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool, chunk_size: int,
+    kd_n: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     loss, kd, ce, gh, gw, gb = _linear_forward(
         hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask, labels, coefs,
         scales, kd_coef, kd_denom, ce_coef, ignore_index, ce_mean, need_grad_hidden,
-        need_grad_weight, need_grad_bias, chunk_size)
+        need_grad_weight, need_grad_bias, chunk_size, kd_n)
     empty = hidden.new_empty(0)
     return (loss, kd, ce, gh.view(hidden.shape) if gh is not None else empty.clone(),
             gw if gw is not None else empty.clone(), gb if gb is not None else empty.clone())
@@ -457,7 +527,7 @@ def fused_linear_distillation_op(
 @fused_linear_distillation_op.register_fake
 def _(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask, labels, coefs, scales,
       kd_coef, kd_denom, ce_coef, ignore_index, ce_mean, need_grad_hidden, need_grad_weight,
-      need_grad_bias, chunk_size):
+      need_grad_bias, chunk_size, kd_n=1):
     ct = compute_dtype(hidden.dtype)
     s = hidden.new_empty((), dtype=ct)
     e = hidden.new_empty(0)
@@ -510,7 +580,7 @@ def _fld_setup_context(ctx, inputs, output):
         (has_bias and needs[2] and not need[2])
     ctx.has_bias = has_bias
     ctx.rest = rest if ctx.recompute else None
-    ctx.chunk_size = inputs[19]
+    ctx.chunk_size, ctx.kd_n = inputs[19], inputs[20]
     ctx.save_for_backward(gh, gw, gb, hidden, weight, bias)
 
 
@@ -519,14 +589,14 @@ def _fld_backward(ctx, grad_loss, *unused):
     needs = ctx.needs_input_grad
     nb = ctx.has_bias and needs[2]
     if grad_loss is None or not any(needs[:3]):
-        return (None,) * 20
+        return (None,) * 21
     if ctx.recompute:
         _, _, _, gh, gw, gb = torch.ops.liger.fused_linear_distillation(
-            hidden, weight, bias, *ctx.rest, needs[0], needs[1], nb, ctx.chunk_size)
+            hidden, weight, bias, *ctx.rest, needs[0], needs[1], nb, ctx.chunk_size, ctx.kd_n)
     dh, dw, db = torch.ops.liger.fused_linear_distillation_backward(
         grad_loss, gh, gw, gb, hidden, weight, bias, needs[0], needs[1], nb)
     return (dh if needs[0] else None, dw if needs[1] else None, db if nb else None) + \
-        (None,) * 17
+        (None,) * 18
 
 
 fused_linear_distillation_op.register_autograd(_fld_backward, setup_context=_fld_setup_context)
@@ -537,7 +607,7 @@ fused_linear_distillation_op.register_autograd(_fld_backward, setup_context=_fld
 def distillation_loss_op(
     logits: Tensor, t_logits: Tensor, kd_mask: Optional[Tensor], labels: Optional[Tensor],
     coefs: list[float], scales: list[float], kd_coef: float, kd_denom: float, ce_coef: float,
-    ignore_index: int, ce_mean: bool, need_grad: bool, chunk_size: int = 0,
+    ignore_index: int, ce_mean: bool, need_grad: bool, chunk_size: int = 0, kd_n: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     z2 = _rows2d(logits)
     N, V = z2.shape
@@ -545,7 +615,7 @@ def distillation_loss_op(
     P = _params(coefs, scales, ignore_index, labels is not None and ce_coef != 0)
     P["chunk"] = _chunk(N, V, z2.device, z2.element_size(), chunk_size)
     kd_w, ce_w, kd_part, ce_den = _row_weights(N, kd_mask, labels, kd_coef, kd_denom, ce_coef,
-                                               ignore_index, ce_mean, ct, z2.device)
+                                               ignore_index, ce_mean, ct, z2.device, kd_n)
     grad = torch.empty(N, V, dtype=ct, device=z2.device) if need_grad else None
 
     kd_rows, ce_rows = _core(N, V, lambda s, e: z2[s:e],
@@ -557,7 +627,7 @@ def distillation_loss_op(
 
 @distillation_loss_op.register_fake
 def _(logits, t_logits, kd_mask, labels, coefs, scales, kd_coef, kd_denom, ce_coef,
-      ignore_index, ce_mean, need_grad, chunk_size=0):
+      ignore_index, ce_mean, need_grad, chunk_size=0, kd_n=1):
     ct = compute_dtype(logits.dtype)
     s = logits.new_empty((), dtype=ct)
     return (s, s.clone(), s.clone(),
@@ -576,12 +646,12 @@ def _dl_setup_context(ctx, inputs, output):
 def _dl_backward(ctx, grad_loss, *unused):
     (grad,) = ctx.saved_tensors
     if grad_loss is None or not ctx.needs_input_grad[0]:
-        return (None,) * 13
+        return (None,) * 14
     if ctx.recompute:
         i = list(ctx.inputs)
         i[11] = True
         grad = torch.ops.liger.distillation_loss(*i)[3]
-    return (torch.mul(grad, grad_loss.reshape(())).to(ctx.dtype),) + (None,) * 12
+    return (torch.mul(grad, grad_loss.reshape(())).to(ctx.dtype),) + (None,) * 13
 
 
 distillation_loss_op.register_autograd(_dl_backward, setup_context=_dl_setup_context)

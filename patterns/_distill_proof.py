@@ -4,8 +4,8 @@ The algebra there reads the matched nodes into the kernel's seven coefficients. 
 reads the same nodes a second, separate way: each node becomes a sympy expression of one
 class's log-probabilities `ls`, `lt` (real symbols; ps = exp(ls), pt = exp(lt)), with every
 constant taken exactly (`Rational(float)`), reductions folded in as the factor each element gets
-(a mean over n elements is 1/n; sums, a row mask and a count denominator are structural and
-checked by the algebra).  The kernel's per-element formula with the derived coefficients
+(a mean over n elements is 1/n, n a shape symbol's expression under dynamic shapes; sums, a
+row mask and a count denominator are structural and checked by the algebra).  The kernel's per-element formula with the derived coefficients
 (kernels/distillation.py) is built too; the rewrite is made only when their difference expands
 to zero up to the rounding of the coefficients' float arithmetic (1e-9 relative).  Shapes,
 dtypes and IEEE conventions are not this module's business (the algebra checks them exactly).
@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ligerfx.graph.nodes import CAST_METHODS, node_value
+from ligerfx.graph.symbolic import expr as size_expr
 
 LS, LT = sympy.symbols("ls lt", real=True)
 CE = sympy.Symbol("CE")
@@ -44,10 +45,18 @@ def kernel_expr(coefs, mix, ce_coef) -> sympy.Expr:
 
 
 def _prod(xs):
-    out = 1
+    out = sympy.Integer(1)
     for x in xs:
         out *= x
     return out
+
+
+def _size(v) -> sympy.Expr:
+    """A size as a sympy expression (a shape symbol's own under dynamic shapes)."""
+    e = size_expr(v)
+    if e is None:
+        raise Unproved(f"size {v!r}")
+    return sympy.sympify(e)
 
 
 def _is(n, *targets):
@@ -110,9 +119,9 @@ class _Reader:
             red = _arg(n, 4, "reduction", "mean")
             v = node_value(n.args[0] if n.args else n.kwargs["input"])
             if red == "mean":
-                return e / v.numel()
+                return e / _size(v.numel())
             if red == "batchmean":
-                return e / (v.shape[0] if v.dim() else 1)
+                return e / (_size(v.shape[0]) if v.dim() else 1)
             return e
         if _is(n, torch.stack):
             return [self.val(x) for x in (_arg(n, 0, "tensors"))]
@@ -128,10 +137,10 @@ class _Reader:
                 dim = _arg(n, 1, "dim")
                 dims = range(vin.dim()) if dim is None else \
                     [dim] if isinstance(dim, int) else list(dim)
-                sizes = [vin.shape[d] for d in dims]
-                if not all(isinstance(k, int) for k in sizes):
-                    raise Unproved(f"a mean over a symbolic size at `{n.name}`")
-                e = e / sympy.Integer(max(1, _prod(sizes))) if _prod(sizes) else e * sympy.nan
+                count = _prod(_size(vin.shape[d]) for d in dims)
+                if count == 0:
+                    raise Unproved(f"a mean over no elements at `{n.name}`")
+                e = e / count
             return e
         if _is(n, "view", "reshape", "flatten", torch.reshape, torch.flatten, "float", "to") or \
                 _is(n, *CAST_METHODS):
@@ -144,8 +153,9 @@ def _abs_factored(e):
     return e.replace(sympy.Abs, lambda x: sympy.Abs(sympy.factor_terms(x)))
 
 
-def check(root, leaves, coefs, mix, ce_coef, const, ce_node, mask) -> str | None:
-    """None when the code below the leaves equals the kernel's formula, else why not."""
+def check(root, leaves, coefs, mix, ce_coef, const, ce_node, mask, den=1) -> str | None:
+    """None when the code below the leaves equals the kernel's formula (its divergence divided by
+    `den`, the symbolic part of the denominator, a product of shape symbols), else why not."""
     r = _Reader(leaves, const, {ce_node} if ce_node is not None else set())
     r.mask = mask
     if mask is not None:
@@ -154,8 +164,8 @@ def check(root, leaves, coefs, mix, ce_coef, const, ce_node, mask) -> str | None
         code = r.val(root)
         if isinstance(code, list):
             raise Unproved("a stack")
-        diff = sympy.expand(_abs_factored(code) - _abs_factored(kernel_expr(coefs, mix,
-                                                                             ce_coef)))
+        kern = kernel_expr(coefs, mix, 0.0) / sympy.sympify(den) + _q(ce_coef) * CE
+        diff = sympy.expand(_abs_factored(code) - _abs_factored(kern))
     except Unproved as e:
         return f"the symbolic check cannot read {e.args[0]}"
     except Exception as e:  # noqa: BLE001 - a node this reading does not know: refuse, not crash

@@ -12,19 +12,25 @@ a gradient) and read the code below it as algebra, so every spelling of the same
   the coefficients of the seven terms the kernel computes (kernels/distillation.py): so forward
   KL, reverse KL, the generalised JSD with any beta (beta = 0 / 1 are plain KLs) and TVD, in any
   combination, are one proof;
-- `.sum(-1)`, a row mask `* mask` (any row-shaped weight tensor that needs no gradient),
-  `.sum()`, `.mean()`, kl_div's reductions (batchmean divides by the first dim of the input *as
-  written*), `* / by` Python numbers or constant tensors (`torch.tensor(beta)`), `/ mask.sum()`
-  and an added `alpha * F.cross_entropy(student logits, labels)` reduce it to the scalar the op
-  returns.  Scalar steps the algebra does not know stay in the graph (they read the op's loss).
+- `.sum(-1)`, `.mean(-1)`, a row mask `* mask` (any row-shaped weight tensor that needs no
+  gradient), `.sum()`, `.mean()`, kl_div's reductions (batchmean divides by the first dim of the
+  input *as written*), `* / by` Python numbers or constant tensors (`torch.tensor(beta)`),
+  `/ mask.sum()` and an added `alpha * F.cross_entropy(student logits, labels)` reduce it to the
+  scalar the op returns.  A mean over a symbolic size (dynamic shapes) keeps that size symbolic:
+  the op's `kd_n` is computed by the graph from the sizes of the tensors it is given, so one
+  compiled graph is exact for every shape.  Scalar steps the algebra does not know stay in the
+  graph (they read the op's loss, e.g. `/ s.shape[0]`).
 
 Each node is modelled exactly or refused with a reason: every tensor operand of an elementwise
 op has exactly the result's shape (symbol by symbol: no broadcasting), `exp` reads only a log-
 probability with coefficient 1 as a probability, a factor inside `abs` is kept, and the IEEE
-conventions are tracked per term (kl_div's xlogy, `log(softmax(z))` that is -inf where the
-softmax underflows) and passed to the kernel as flags, or refused where the kernel has none (the
-student's `log(softmax)`, kl_div with the student as target).  Means over zero or symbolic sizes
-are refused (the kernel takes numbers).
+conventions are tracked per term (kl_div's xlogy for either side's probabilities as target,
+the student's tested as the code spelled them, `softmax` or `exp(log_softmax)`; the teacher's
+`log(softmax(z))`, -inf where the softmax underflows) and passed to the kernel as flags.  The
+student's `log(softmax(z))` is refused: eager's gradient through that log is g / p, inf / NaN
+where p is 0 or where the upstream gradient is large enough to overflow g / p, which depends on
+that gradient's magnitude, and the op forms its gradients in the forward for grad_output = 1.
+Means over zero elements are refused (eager's nan).
 
 When the student logits come from a linear that nothing else reads, the lm head is fused too
 (`liger::fused_linear_distillation`: chunked, no [N, V] tensor kept); a teacher that is a linear
@@ -42,6 +48,7 @@ import math
 import operator
 from dataclasses import dataclass, field, replace
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -53,7 +60,7 @@ from ligerfx.kernels.cross_entropy import compute_dtype
 from ligerfx.compiler.passes import Skip
 from ligerfx.compiler.pattern import register
 from ligerfx.graph.precision import short
-from ligerfx.graph.symbolic import known_equal
+from ligerfx.graph.symbolic import expr as size_expr, known_equal
 from . import _distill_proof as proof
 from .cross_entropy import _cast_problem, _linear, _parse_scale, _step
 
@@ -117,6 +124,44 @@ def _float(c) -> float:
     return float(c.item()) if isinstance(c, torch.Tensor) else float(c)
 
 
+def _monomial(e) -> dict | None:
+    """{symbol: power} of a product of positive integer powers of shape symbols, else None."""
+    c, rest = sympy.sympify(e).as_coeff_Mul()
+    if c != 1:
+        return None
+    out: dict = {}
+    for f in sympy.Mul.make_args(rest):
+        base, k = f.as_base_exp()
+        if not base.is_Symbol or not k.is_Integer or k <= 0:
+            return None
+        out[base] = out.get(base, 0) + int(k)
+    return out
+
+
+def _size_recipe(e, tensors) -> list | None:
+    """(binding name, dim) pairs whose sizes multiply to the symbolic denominator e, read from
+    the tensors the op is given (so the graph computes it at run time, for every shape), or
+    None when e is not such a product."""
+    want = _monomial(e)
+    if want is None:
+        return None
+    recipe = []
+    for name, node in tensors:
+        v = _val(node)
+        if not isinstance(v, torch.Tensor):
+            continue
+        for d, size in enumerate(v.shape):
+            se = size_expr(size)
+            m = _monomial(se) if se is not None and not se.is_Integer else None
+            if m and all(want.get(k, 0) >= p for k, p in m.items()):
+                for k, p in m.items():
+                    want[k] -= p
+                recipe.append((name, d))
+            if not any(want.values()):
+                return recipe
+    return None
+
+
 @dataclass
 class _T:
     """A value the algebra understands.
@@ -140,6 +185,14 @@ class _T:
     logp: frozenset = frozenset()
     lsm: frozenset = frozenset()
     xlogy: frozenset = frozenset()
+    # how the student's probabilities a kl_div target reads were computed ("softmax" or "exp" of
+    # its log_softmax): eager's xlogy(ps, ps) is 0 / has a NaN gradient exactly where they are 0
+    xsrc: frozenset = frozenset()
+    # a "p" leaf's spelling: "softmax", "exp" (of a log_softmax) or "exp log" (of log(softmax))
+    psrc: str = ""
+    # the symbolic part of the divergence's denominator (a product of shape symbols: a
+    # batchmean / mean under dynamic shapes), read by the op at run time (kd_n)
+    sym: object = sympy.Integer(1)
 
 
 def _merge_mix(a, b):
@@ -162,7 +215,8 @@ def _conv(a: _T, b: _T) -> dict:
     both = set(a.coefs) & set(b.coefs)
     if (a.xlogy ^ b.xlogy) & both:
         raise _No("a term is computed both as kl_div's xlogy and as a plain product")
-    return dict(logp=a.logp | b.logp, lsm=a.lsm | b.lsm, xlogy=a.xlogy | b.xlogy)
+    return dict(logp=a.logp | b.logp, lsm=a.lsm | b.lsm, xlogy=a.xlogy | b.xlogy,
+                xsrc=a.xsrc | b.xsrc)
 
 
 def _add(a: _T, b: _T, sign: float) -> _T:
@@ -179,17 +233,19 @@ def _add(a: _T, b: _T, sign: float) -> _T:
     for k, v in b.coefs.items():
         coefs[k] = coefs.get(k, 0.0) + sign * v
     if a.level == "scalar":
-        if a.coefs and b.coefs and (a.mask is not b.mask or a.denom != b.denom):
+        if a.coefs and b.coefs and (a.mask is not b.mask or a.denom != b.denom or
+                                    a.sym != b.sym):
             raise _No("the divergences are reduced differently")
         if a.ce and b.ce:
             raise _No("two cross-entropies")
         ce = a.ce or ((sign * b.ce[0], b.ce[1]) if b.ce else None)
         kd = a if a.coefs else b
         return _T("scalar", coefs, mix=_merge_mix(a, b), mask=kd.mask, denom=kd.denom, ce=ce,
-                  **conv)
-    if a.level == "row" and a.mask is not b.mask:
-        raise _No()
-    return _T(a.level, coefs, a.offset + sign * b.offset, _merge_mix(a, b), a.mask, **conv)
+                  sym=kd.sym, **conv)
+    if a.level == "row" and (a.mask is not b.mask or a.sym != b.sym):
+        raise _No("the divergences are reduced differently")
+    return _T(a.level, coefs, a.offset + sign * b.offset, _merge_mix(a, b), a.mask, sym=a.sym,
+              **conv)
 
 
 def _product(p: _T, lg: _T) -> _T:
@@ -247,7 +303,8 @@ class _Algebra:
             if n in self.leaves:
                 kind, side = self.leaves[n]
                 self.terms[n] = _T(kind, {"side": side} if kind == "p" else {side: 1.0},
-                                   nodes=[n], lsm=frozenset(side) if kind == "l" else frozenset())
+                                   nodes=[n], lsm=frozenset(side) if kind == "l" else frozenset(),
+                                   psrc="softmax" if kind == "p" else "")
                 continue
             if n.op not in ("call_function", "call_method") or not any(
                     isinstance(a, fx.Node) and a in self.terms for a in _flat(n.args)) and not (
@@ -285,16 +342,20 @@ class _Algebra:
             else:
                 raise _No("kl_div's target is not a softmax")
             _same_shapes(n, [b["input"], b["target"]], out=False)
+            xsrc = frozenset()
             if side == "s" and not b["log_target"]:
-                raise _No("kl_div with the student's probabilities as its target (xlogy: "
-                          "eager's gradient is nan where they underflow to 0)")
+                # xlogy(ps, ps): 0 where eager's ps is 0, and there its backward is 0 / 0 (a NaN
+                # logits row): the kernel tests ps as the code computed it
+                if y.psrc not in ("softmax", "exp"):
+                    raise _No("kl_div with the student's exp(log(softmax(z))) as its target")
+                xsrc = frozenset([y.psrc])
             coefs = {(side, side): 1.0}
             for k, v in x.coefs.items():
                 coefs[(side, k)] = coefs.get((side, k), 0.0) - v
             # log_target=False: target * log(target) is xlogy (0 where the target is 0; where
             # it is not, log(softmax) and log_softmax agree to rounding); log_target=True is
             # exp(target) * (target - input), a plain product
-            conv = dict(logp=x.logp | y.logp, lsm=x.lsm | y.lsm,
+            conv = dict(logp=x.logp | y.logp, lsm=x.lsm | y.lsm, xsrc=xsrc,
                         xlogy=frozenset() if b["log_target"] else frozenset([(side, side)]))
             if not b["log_target"]:
                 if (side, side) in x.coefs:
@@ -392,7 +453,7 @@ class _Algebra:
                 (side, c), = t.coefs.items()
                 if c != 1.0:
                     raise _No(f"exp of {c:g} times a log-probability is not a probability")
-                return _T("p", {"side": side})
+                return _T("p", {"side": side}, psrc="exp log" if side in t.logp else "exp")
             if t.level == "l":
                 raise _No("exp of a log-linear value that is not one log-probability")
             raise _No()
@@ -454,12 +515,24 @@ class _Algebra:
         if t.level != "row":
             raise _No()
         out = _T("scalar", t.coefs, mix=t.mix, mask=t.mask, logp=t.logp, lsm=t.lsm,
-                 xlogy=t.xlogy)
-        if not isinstance(div, int):
-            raise _No(f"the mean divides by a symbolic size ({div}); the kernel takes a number")
-        if div == 0:
-            raise _No("the mean is over zero elements (eager gives nan)")
-        return _scale(out, 1.0 / div) if div != 1 else out
+                 xlogy=t.xlogy, xsrc=t.xsrc, sym=t.sym)
+        return self._divide(out, div)
+
+    def _divide(self, t: _T, div):
+        """t divided by a size: its number part scales the coefficients, its symbolic part (a
+        SymInt under dynamic shapes) joins the denominator the op reads at run time."""
+        e = size_expr(div)
+        if e is None:
+            raise _No(f"the mean divides by {div!r}")
+        c, rest = sympy.sympify(e).as_coeff_Mul()
+        if rest == 1:
+            if c == 0:
+                raise _No("the mean is over zero elements (eager gives nan)")
+            return _scale(t, 1.0 / float(c)) if c != 1 else t
+        if _monomial(rest) is None or not c.is_Integer or c <= 0:
+            raise _No(f"the mean divides by {e}, which is not a product of sizes")
+        t = replace(t, sym=t.sym * rest)
+        return _scale(t, 1.0 / float(c)) if c != 1 else t
 
     def _sum(self, n):
         t = self.term(n.args[0])
@@ -478,15 +551,13 @@ class _Algebra:
             return self._reduce_all(t, vin.numel() if mean else 1)
         if not isinstance(dim, int) or t.level != "elem" or dim % vin.dim() != vin.dim() - 1:
             raise _No("the divergence is summed over a dim other than the classes")
-        row = _T("row", t.coefs, mix=t.mix, logp=t.logp, lsm=t.lsm, xlogy=t.xlogy)
+        row = _T("row", t.coefs, mix=t.mix, logp=t.logp, lsm=t.lsm, xlogy=t.xlogy, xsrc=t.xsrc)
         if b["keepdim"]:
             raise _No()
         if mean:
-            if not isinstance(vin.shape[-1], int):
-                raise _No("the mean divides by a symbolic size; the kernel takes a number")
-            if vin.shape[-1] == 0:
+            if size_expr(vin.shape[-1]) == 0:
                 raise _No("the mean is over zero classes (eager gives nan)")
-            return _scale(row, 1.0 / vin.shape[-1])
+            return self._divide(row, vin.shape[-1])
         return row
 
     def _masked(self, t: _T, mask, n):
@@ -661,7 +732,8 @@ def _analyse(match):
         if roots:
             best = (alg, roots[-1], key, items)
             break
-        first_miss = first_miss or alg.miss or _unfinished(alg)
+        first_miss = first_miss or alg.miss or _unfinished(alg) or _written_term(alg, anchor,
+                                                                                 items)
     if best is None:
         if first_miss:
             raise _MissReason(first_miss)
@@ -687,6 +759,15 @@ def _unfinished(alg):
                             f"`{n.name}` is used by {what}, which the pattern cannot prove to be "
                             "a reduction it can fuse")
     return None
+
+
+def _written_term(alg, anchor, items):
+    """Why the two distributions, combined a few ops below, never became a divergence because
+    a value the algebra read is written in place between its uses (`ps += 1.0`: later code
+    reads the written value, a node the algebra does not know), or None."""
+    if not any(_meet(anchor, n) for n, _, _, _ in items):
+        return None
+    return _written(alg.match.graph, [n for n in alg.terms if n.users])
 
 
 def _below(a, limit=6):
@@ -745,7 +826,8 @@ def _check(match, fused: bool):
     problem = _cast_problem(steps_t, tv.dtype, match)
     if problem:
         return problem
-    if not known_equal(tv.shape[-1], _val(top_s).shape[-1]) or tv.numel() != _val(top_s).numel():
+    if not known_equal(tv.shape[-1], _val(top_s).shape[-1]) or \
+            not known_equal(tv.numel(), _val(top_s).numel()):
         return "the teacher's logits do not have the student's shape"
     covered = _ancestors(root, alg.terms)
     for n in covered:
@@ -783,31 +865,55 @@ def _check(match, fused: bool):
     match.outputs = [root]
     match.tops = [root]
     if "s" in t.logp:
+        # eager's backward of log(p) is g / p through the softmax's: inf / NaN over the row
+        # where p is 0, and also where p is tiny but not 0 if |g| / p overflows, which depends
+        # on the upstream gradient's magnitude; the op forms its gradients in the forward for
+        # grad_output = 1, so it cannot give those (issue 22)
         return ("the student's log-probability is written log(softmax(z)): -inf where the "
-                "softmax underflows (and a nan gradient), which the kernel's log_softmax is not; "
+                "softmax underflows, and eager's gradient g / p is inf / NaN where p is 0 or "
+                "tiny enough for the upstream gradient to overflow it (it depends on that "
+                "gradient's magnitude, which the op's forward-formed gradient cannot see); "
                 "write F.log_softmax(z, -1)")
     if "t" in t.logp and "t" in t.lsm:
         return ("the teacher's log-probability is written both as log(softmax(z)) and as "
                 "log_softmax(z) (they differ where the softmax underflows)")
-    bad = t.xlogy - {("t", "t")}
+    bad = t.xlogy - {("t", "t"), ("s", "s")}
     if bad:
         return f"an xlogy term {sorted(bad)} the kernel does not compute as xlogy"
+    if len(t.xsrc) > 1:
+        return ("kl_div's targets are the student's probabilities spelled two ways (softmax and "
+                "exp of log_softmax, which differ where they underflow)")
     coefs = [float(t.coefs.get(k, 0.0)) for k in _BASIS]
-    # the conventions (kernels/distillation.py): pt * lt as xlogy; lt as log(softmax(zt))
-    coefs += [1.0 if ("t", "t") in t.xlogy else 0.0, 1.0 if "t" in t.logp else 0.0]
+    # the conventions (kernels/distillation.py): pt * lt as xlogy; lt as log(softmax(zt)); ps * ls
+    # as xlogy, ps tested as softmax (1) or as exp(log_softmax) (2)
+    coefs += [1.0 if ("t", "t") in t.xlogy else 0.0, 1.0 if "t" in t.logp else 0.0,
+              (1.0 if "softmax" in t.xsrc else 2.0) if ("s", "s") in t.xlogy else 0.0]
+    kd_n = []
+    if t.sym != 1:
+        # a batchmean / mean over a symbolic size: the op reads the size from its inputs' shapes
+        tensors = [("student", top_s) if lin_s is None else ("s_hidden", lin_s[0]),
+                   ("t_hidden", lin_t[0]) if fuse_t else ("teacher", top_t)]
+        if t.mask is not None:
+            tensors.append(("kd_mask", t.mask))
+        if ce is not None:
+            tensors.append(("labels", ce["labels"]))
+        kd_n = _size_recipe(t.sym, tensors)
+        if kd_n is None:
+            return (f"the divergence is divided by {t.sym}, a size that is not read from the "
+                    "logits', mask's or labels' shapes")
     mix = t.mix or (0.0, 0.0)
     if not all(math.isfinite(c) for c in coefs + list(mix)):
         return "a divergence coefficient is not finite"
     # the independent check: the matched code, read symbolically, equals the kernel's formula
     why = proof.check(root, alg.leaves, coefs[:7], mix, t.ce[0] if ce else 0.0, _const,
-                      ce["node"] if ce else None, t.mask)
+                      ce["node"] if ce else None, t.mask, t.sym)
     if why:
         return why
     match.params.update(
         coefs=coefs, scales=[scale_s[0], scale_t[0], ce["scale"] if ce else 1.0, *mix],
         kd_denom=0.0 if t.denom == "count" else 1.0, ce_coef=t.ce[0] if ce else 0.0,
         ignore_index=ce["ignore_index"] if ce else -100, ce_mean=ce["mean"] if ce else True,
-        fused_teacher=fuse_t, has_mask=t.mask is not None)
+        fused_teacher=fuse_t, has_mask=t.mask is not None, kd_n=kd_n)
     match.bindings.update(student=top_s if lin_s is None else None, teacher=top_t)
     if lin_s is not None:
         h, w, b = lin_s
@@ -820,9 +926,9 @@ def _check(match, fused: bool):
     if ce is not None:
         match.bindings["labels"] = ce["labels"]
     parts = [k for k, c in zip(["ps*ls", "ps*lt", "ps*m", "pt*ls", "pt*lt", "pt*m", "|ps-pt|",
-                                "xlogy(pt, pt)", "lt = log(softmax)"], coefs) if c]
+                                "xlogy(pt, pt)", "lt = log(softmax)", "xlogy(ps, ps)"], coefs) if c]
     match.detail = ("teacher head fused, " if fuse_t else "") + "terms " + ", ".join(parts) + \
-        (f", + {t.ce[0]:g} * CE" if ce else "")
+        (f", + {t.ce[0]:g} * CE" if ce else "") + (f", / {t.sym} at run time" if kd_n else "")
     return None
 
 
@@ -861,6 +967,15 @@ def _replace(x=None, p=None, s_hidden=None, s_weight=None, s_bias=None, student=
     p = match.params
     kd = (p["coefs"], p["scales"], 1.0, p["kd_denom"], p["ce_coef"], p["ignore_index"],
           p["ce_mean"])
+    # a symbolic denominator: the product of the sizes, computed by the graph on each call
+    given = dict(student=student, teacher=teacher, s_hidden=s_hidden, t_hidden=t_hidden,
+                 kd_mask=kd_mask, labels=labels)
+    kd_n = None
+    for name, d in p.get("kd_n", ()):
+        x = given[name]
+        size = x.tracer.create_proxy("call_function", torch.ops.aten.sym_size.int, (x, d), {})
+        kd_n = size if kd_n is None else kd_n * size
+    kd_n = 1 if kd_n is None else kd_n
     if s_hidden is not None:
         fused_t = p["fused_teacher"]
         out = torch.ops.liger.fused_linear_distillation(
@@ -868,10 +983,10 @@ def _replace(x=None, p=None, s_hidden=None, s_weight=None, s_bias=None, student=
             t_hidden if fused_t else None, t_weight if fused_t else None,
             t_bias if fused_t else None, kd_mask, labels, *kd,
             _rg(match["s_hidden"]), _rg(match["s_weight"]),
-            s_bias is not None and _rg(match["s_bias"]), 0)
+            s_bias is not None and _rg(match["s_bias"]), 0, kd_n)
     else:
         out = torch.ops.liger.distillation_loss(student, teacher, kd_mask, labels, *kd,
-                                                _rg(match["student"]), 0)
+                                                _rg(match["student"]), 0, kd_n)
     return out[0].to(match.out_dtype)
 
 

@@ -7,7 +7,10 @@ and TVD, spelled with `F.kl_div(input, target, log_target=.., reduction=..)`, ha
 `p * (log p - log q)`, `exp` of a log-softmax, `log` of a softmax, `abs(p - q)`.  Around them: a
 temperature (`/ T`, the teacher's maybe `* (1 / T)`), an fp32 upcast, rows flattened or not, a row
 mask (from labels or a 0/1 input), the reductions (`sum`, `mean`, `batchmean`, per-row then mean,
-`/ mask.sum()`), `* T**2`, `+ alpha * F.cross_entropy`.  With an lm head (`nn.Linear`) the case is
+`/ mask.sum()`, `.mean()` over every element, a per-class mean), `* T**2`,
+`+ alpha * F.cross_entropy`; kl_div's target may be the student's probabilities (xlogy), in the
+GKD mixture too.  One case in four compiles with dynamic=True (the means then divide by
+symbolic sizes, which the op reads at run time).  With an lm head (`nn.Linear`) the case is
 about `fused_linear_distillation` (the teacher a no-grad linear or given logits), without one
 about `distillation_loss`.
 """
@@ -85,7 +88,12 @@ def _divergence(draw):
                                                            "torch.abs(ps - pt) * 0.5",
                                                            "(pt - ps).abs() / 2.0")))
     beta = draw(st.sampled_from((0.1, 0.5, 0.7)))
-    return f"JSD beta {beta}", set(), beta
+    # kl_div's target on each side: the log-probabilities (log_target=True) or the probabilities
+    # (xlogy: the student's case is 0 / a NaN gradient row where ps underflows to 0)
+    tgt_t = draw(st.sampled_from(("lt, reduction='none', log_target=True", "pt, reduction='none'")))
+    tgt_s = draw(st.sampled_from(("ls, reduction='none', log_target=True", "ps, reduction='none'")))
+    needs = {x for x in ("pt", "ps") if x in tgt_t + tgt_s}
+    return f"JSD beta {beta}", needs, (beta, tgt_t, tgt_s)
 
 
 @st.composite
@@ -121,30 +129,35 @@ def cases(draw):
     _leaves(draw, body, "s", needs)
     _leaves(draw, body, "t", needs)
     single = isinstance(div, str) and div.startswith("F.kl_div")
-    if isinstance(div, float):  # the GKD mixture
-        beta = div
+    if isinstance(div, tuple):  # the GKD mixture
+        beta, tgt_t, tgt_s = div
         if draw(st.booleans()):
             body.append(f"m = torch.logsumexp(torch.stack([ls + {math.log(1 - beta)!r}, lt + {math.log(beta)!r}]), 0)")
         else:
             body += [f"b = torch.tensor({beta}, dtype=ls.dtype)",
                      "m = torch.logsumexp(torch.stack([ls + torch.log(1 - b), lt + torch.log(b)]), dim=0)"]
-        body.append(f"d = {beta} * F.kl_div(m, lt, reduction='none', log_target=True) + "
-                    f"{round(1 - beta, 6)!r} * F.kl_div(m, ls, reduction='none', log_target=True)")
-    red = draw(st.sampled_from(("kl_div", "rows mean", "rows masked", "sum", "sum / B"))
-               if single else st.sampled_from(("rows mean", "rows masked", "sum", "sum / B")))
+        body.append(f"d = {beta} * F.kl_div(m, {tgt_t}) + "
+                    f"{round(1 - beta, 6)!r} * F.kl_div(m, {tgt_s})")
+    # the means divide by sizes that are symbolic under dynamic=True (read by the op at run time)
+    reds = ("rows mean", "rows masked", "sum", "sum / B", "mean", "class mean", "class mean masked")
+    red = draw(st.sampled_from((("kl_div",) if single else ()) + reds))
     if isinstance(div, str):
         if single and red == "kl_div":
             r = draw(st.sampled_from(("'batchmean'", "'sum'", "'mean'")))
             body.append("loss = " + div.replace("reduction=R", f"reduction={r}"))
         else:
             body.append("d = " + div.replace("reduction=R", "reduction='none'"))
-    labels = red == "rows masked" or draw(st.booleans())
+    labels = red in ("rows masked", "class mean masked") or draw(st.booleans())
     if labels:
         src.inputs.append(Input("labels", (B, T), kind="labels", high=V, ignore=draw(st.booleans())))
     if red == "rows mean":
         body += ["r = d.sum(-1)", "loss = r.mean()"]
-    elif red == "rows masked":
-        body.append("r = d.sum(-1)")
+    elif red == "mean":
+        body.append("loss = d.mean()")
+    elif red == "class mean":
+        body += ["r = d.mean(-1)", draw(st.sampled_from(("loss = r.sum()", "loss = r.mean()")))]
+    elif red in ("rows masked", "class mean masked"):
+        body.append("r = d.sum(-1)" if red == "rows masked" else "r = d.mean(dim=-1)")
         if draw(st.booleans()):
             src.inputs.append(Input("keep", (B, T), kind="mask"))
             mask = "keep"

@@ -397,3 +397,61 @@ def test_rms_norm_uses_see_the_input_rounded_differently():
         hb = h.to(torch.bfloat16).to(h.dtype)
         return (hb * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-06) * self.weight,)
     """, ("rms_norm",), SAFETY), seed=24)
+
+
+# -- distillation (issue 22 survey, 300 examples) --------------------------------------------------
+
+_DISTILL = ("fused_linear_distillation", "distillation_loss")
+
+
+# gradient accuracy (kernels/distillation.py, fixed here): TVD over rows whose softmax saturates
+# (spread 200 at T = 0.5): at the row's largest probability h_j - ps_j * sum(h) cancels; the kernel
+# was 1.36x eager's error against float64, it now forms that entry without the cancellation
+def test_distill_saturated_row_gradient_at_the_max():
+    code = """
+class M(nn.Module):
+    def forward(self, s, t, labels):
+        s1 = s / 0.5
+        t1 = t * 2.0
+        ls = F.log_softmax(s1, dim=-1)
+        ps = ls.exp()
+        lt = t1.log_softmax(-1)
+        pt = torch.exp(lt)
+        d = (pt - ps).abs() / 2.0
+        r = d.sum(-1)
+        loss = r.mean()
+        return (loss,)
+"""
+    inputs = [Input("s", (2, 3, 24), scale=2.0, spread=200.0),
+              Input("t", (2, 3, 24), scale=2.0, grad=False),
+              Input("labels", (2, 3), kind="labels", high=24, ignore=True)]
+    check(_case(code, _DISTILL, SPELLING, F32, inputs), seed=5095)
+
+
+# silent miss (patterns/distillation.py, fixed here): a write between the uses of the student's
+# softmax (`ps += 1.0`) left the algebra with a node it does not know and no near miss; the write
+# is now named
+def test_distill_write_to_the_student_softmax_is_reported():
+    code = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 24, bias=False)
+
+    def forward(self, h, t, labels):
+        s = F.linear(h, self.head.weight, self.head.bias)
+        s1 = s.reshape(-1, 24) / 0.5
+        t1 = t.view(-1, 24) * 2.0
+        ps = F.softmax(s1, dim=-1)
+        ls = ps.log()
+        ps += 1.0
+        lt = torch.log_softmax(t1, -1)
+        d = ps * (ls - lt)
+        r = d.mean(dim=-1)
+        mask = (labels != -100).reshape(-1)
+        loss = (r * mask).sum() / mask.sum()
+        return (loss * (0.5 * 0.5),)
+"""
+    inputs = [Input("h", (2, 3, 16)), Input("t", (2, 3, 24), scale=2.0, grad=False, spread=110.0),
+              Input("labels", (2, 3), kind="labels", high=24, ignore=True)]
+    check(_case(code, _DISTILL, SAFETY, F32, inputs), seed=1483)

@@ -234,9 +234,13 @@ def _distillation():
     jsd = [0.5, 0.0, -0.5, 0.0, 0.5, -0.5, 0.0]
     tvd = [0.0] * 6 + [0.5]
     fkl_conv = fkl + [1.0, 1.0]  # kl_div's xlogy and log(softmax(teacher)) conventions
+    # kl_div(lt, ps): xlogy(ps, ps), ps tested as softmax (1) or as exp(log_softmax) (2)
+    rkl_xlogy = [1.0, -1.0] + [0.0] * 7 + [1.0]
+    rkl_xlogy_exp = [1.0, -1.0] + [0.0] * 7 + [2.0]
     # (dtype, coefficients, CE mixed in, gradients): every kernel flag value at least once.
     todo = ((BF16, fkl, False, True), (BF16, jsd, True, True), (FP32, tvd, False, True),
-            (BF16, fkl, True, False), (BF16, fkl_conv, False, True))
+            (BF16, fkl, True, False), (BF16, fkl_conv, False, True),
+            (BF16, rkl_xlogy, True, True), (FP32, rkl_xlogy_exp, False, True))
     for dt, coefs, ce, grad in todo:
         def run(dt=dt, coefs=coefs, ce=ce, grad=grad, V=128256, H=LLAMA):
             N = TOKENS
