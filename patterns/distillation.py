@@ -883,6 +883,13 @@ def _check(match, fused: bool):
     if len(t.xsrc) > 1:
         return ("kl_div's targets are the student's probabilities spelled two ways (softmax and "
                 "exp of log_softmax, which differ where they underflow)")
+    zero = [k for k, v in t.coefs.items() if v == 0]
+    if zero:
+        # eager keeps 0 * term, NaN where the term is infinite (a -inf logit: 0 * log 0); the
+        # kernel leaves a zero-coefficient term out (a term absent from the code must not be NaN)
+        return (f"the divergence's term(s) {sorted(map(str, zero))} are multiplied by 0 (or cancel): "
+                "eager's 0 * term is NaN where a logit is -inf, which the kernel does not keep; "
+                "leave the term out of the code")
     coefs = [float(t.coefs.get(k, 0.0)) for k in _BASIS]
     # the conventions (kernels/distillation.py): pt * lt as xlogy; lt as log(softmax(zt)); ps * ls
     # as xlogy, ps tested as softmax (1) or as exp(log_softmax) (2)

@@ -270,3 +270,17 @@ def test_eager_log_softmax_gradient_depends_on_the_upstream_scale():
         (loss * go).backward()
         grads.append(s.grad)
     assert not grads[0].isfinite().any() and grads[1].isfinite().all()
+
+
+# A term multiplied by 0 (or cancelled by its negation) is still computed by eager: 0 * term is
+# NaN where the term is infinite (a -inf teacher column: exp(lt) * (lt - ls) = 0 * -inf).  The
+# kernel leaves zero-coefficient terms out, so the rewrite gave a finite loss where eager's is NaN.
+@pytest.mark.parametrize("form", ["times_zero", "cancelled"])
+def test_a_term_multiplied_by_zero_is_refused(kernel_path, form):
+    def fn(s, t, y):
+        kl = F.kl_div(_ls(s), _ls(t), reduction="sum", log_target=True)
+        if form == "times_zero":
+            return 0.0 * kl + F.cross_entropy(s, y)
+        return kl - kl + F.cross_entropy(s, y)
+
+    oracle(fn, expect="multiplied by 0", mask_t=[3])
