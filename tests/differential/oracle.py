@@ -175,7 +175,8 @@ def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
         if problems:
             return _fail(case, seed, WrongAnswer, f"{path} path: " + "; ".join(problems) + "\n"
                          + _summary(reports)) or reports
-    rewritten = any(m.pattern in case.patterns for r in reports for m in r.matches)
+    rewritten = any(m.pattern in case.patterns + case.rewritten_as
+                    for r in reports for m in r.matches)
     reported = any(n.pattern in case.patterns + case.reported_as
                    for r in reports for n in r.near_misses)
     # A call Dynamo itself runs eagerly (a graph break, e.g. F.layer_norm with a tensor eps)
