@@ -37,6 +37,7 @@ NLL and stays that pattern's; otherwise (per-sequence sums, ratios, logsigmoid, 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -666,10 +667,28 @@ def check(match):
                 "log_softmax(z).gather(-1, ids.unsqueeze(-1)) and -cross_entropy(z, ids, "
                 "reduction='none') spellings are rewritten then, by fused_linear_cross_entropy, "
                 "which writes the logits from the same pass")
-    match.params.update(logit_scale=scale[0], softcap=scale[1], slices=slices, kinds=kinds,
-                        entropy=entropy is not None, ce=fn is nll_cross_entropy, unit=unit)
+    temperature = _temperature(steps) if scale[1] == 0 else None
+    match.params.update(logit_scale=scale[0] if temperature is None else temperature,
+                        divide=temperature is not None, softcap=scale[1], slices=slices,
+                        kinds=kinds, entropy=entropy is not None, ce=fn is nll_cross_entropy,
+                        unit=unit)
     match.bindings.update(hidden=hidden, lm_weight=weight, lm_bias=bias, token_ids=ids)
     return None
+
+
+def _temperature(steps):
+    """T when the only scaling of the logits is one division by a Python number (`z / T`), else
+    None.  The op then divides as eager does: times the rounded 1/T is an ulp off, which the
+    entropy of near one-hot rows amplifies (issue 22 survey: 3x eager's error at logits ~1000)."""
+    scales = [n for n, kind, _ in steps if kind == "scale"]
+    if len(scales) != 1:
+        return None
+    n = scales[0]
+    div = n.target in (operator.truediv, torch.div) or (n.op == "call_method" and n.target == "div")
+    if not div or len(n.args) != 2 or not isinstance(n.args[1], (int, float)) \
+            or isinstance(n.args[1], bool):
+        return None
+    return float(n.args[1])
 
 
 def _check_ids_or_ignored(ids, V: int, ignore_index: int):
@@ -703,7 +722,7 @@ def replace(logits, ids=None, ignore_index=-100, lse=None, index=None, hidden=No
             h = h[info]
     lp, ent, _ = torch.ops.liger.fused_linear_logprob(
         h, lm_weight, lm_bias, token_ids, float(p["logit_scale"]), float(p["softcap"]),
-        bool(p["entropy"]), ii, 0)
+        bool(p["entropy"]), ii, 0, bool(p.get("divide", False)))
     if p["ce"]:
         lp = -lp  # the NLL cross_entropy gives; +0.0 at ignored rows, as eager
     lp = lp.to(match.out_dtype)
