@@ -13,8 +13,11 @@ are never a hit: the plain loss patterns take those.
 
 from __future__ import annotations
 
+import torch.fx as fx
+
 from ligerfx.compiler.canonical import CAST, CNode
 from ligerfx.compiler.detect import fx_nodes, name, op, register_detector, strip
+from ligerfx.graph.mutation import Memory, describe, written_args
 
 from .cross_entropy import _linear
 from .logprob import _walk_from
@@ -36,6 +39,10 @@ def _lm_logits(z) -> bool:
         return False
     top, _ = _walk_from(z.node, None)
     return _linear(top) is not None
+
+
+def describe_write(writer: fx.Node) -> str:
+    return f"`{writer.name}` writes `{writer.args[0].name}` in place"
 
 
 def _cast_words(casts) -> str:
@@ -65,6 +72,26 @@ def _message(casts, first: str, second: str) -> str:
     return f"the {first} and the {second} are written in a form the pattern does not read"
 
 
+def _written(view, c):
+    """(the value `c` writes in place, its writer's fx node) when `c` is an in-place write of its
+    first argument (`lp += 1`, `lp.mul_(2)`), else None."""
+    n = getattr(c, "node", None)
+    if n is None or not n.args or not isinstance(n.args[0], fx.Node) or n.args[0] not in view:
+        return None
+    if n.args[0] not in written_args(n):
+        return None
+    return view[n.args[0]], n
+
+
+def _write_between(view, a: fx.Node, b: fx.Node, reads):
+    """The first write, between `a` and `b` in program order, to memory one of `reads` lives in,
+    described, or None."""
+    memory = Memory(view.graph)
+    lo, hi = sorted((memory.pos.get(a, -1), memory.pos.get(b, -1)))
+    hit = memory.first_write(set(reads), lo, hi)
+    return describe(*hit) if hit is not None else None
+
+
 def detect_logprob(view):
     for c in view.cnodes():
         if not c.nodes:
@@ -73,11 +100,20 @@ def detect_logprob(view):
         if hit is not None:
             g, sq = hit
             src, casts = _through_casts(g.args[0])
+            written = _written(view, src)
+            writer = None
+            if written is not None:  # the log-probs written in place before the gather
+                src, more = _through_casts(written[0])
+                casts, writer = casts + more, written[1]
             if isinstance(src, CNode) and op(src) == "log_softmax" and src.args[1] == -1 \
                     and _lm_logits(strip(src.args[0])):
                 anchor = (sq or g).nodes[0]
+                why = _message(casts, "log-softmax", "gather of the ids")
+                if writer is not None:
+                    why = (f"{describe_write(writer)} between the log-softmax and the gather of "
+                           "the ids (the pattern reads the log-softmax's value)")
                 yield anchor, fx_nodes(*([c for c in (sq, g) if c is not None] + casts + [src])), \
-                    _message(casts, "log-softmax", "gather of the ids")
+                    why
             continue
         if op(c) != "sub" or len(c.args) != 2 or not all(isinstance(a, CNode) for a in c.args):
             continue
@@ -88,12 +124,22 @@ def detect_logprob(view):
                                and b.args[1:] == ((-1,), False)):
             continue
         g, sq = hit
-        z = strip(g.args[0])
-        if z is not strip(b.args[0]) or not _lm_logits(z):
+        z, z2 = strip(g.args[0]), strip(b.args[0])
+        if not _lm_logits(z) or z.node is None or z2.node is None:
             continue
         casts = sel_casts + lse_casts
-        yield c.nodes[0], fx_nodes(*([c, g, b] + ([sq] if sq is not None else []) + casts)), \
-            _message(casts, "gathered logits", "logsumexp they are reduced by")
+        why = _message(casts, "gathered logits", "logsumexp they are reduced by")
+        if z is not z2:  # two values: the same logits only when one memory, written between
+            ra, rb = getattr(g.args[0], "node", None), getattr(b.args[0], "node", None)
+            if ra is None or rb is None:
+                continue
+            memory = Memory(view.graph)
+            write = _write_between(view, g.nodes[0], b.nodes[0], [ra, rb])
+            if write is None or not memory.keys(ra) & memory.keys(rb):
+                continue
+            why = (f"{write} between the gather and the logsumexp of the logits, which then "
+                   "read two different values of them")
+        yield c.nodes[0], fx_nodes(*([c, g, b] + ([sq] if sq is not None else []) + casts)), why
 
 
 register_detector("fused_linear_logprob", detect_logprob, patterns=("fused_linear_logprob",),

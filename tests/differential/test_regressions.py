@@ -428,3 +428,43 @@ def test_logprob_log_softmax_rounded_before_gather_is_a_near_miss():
         lp = pre.to(torch.float16).to(pre.dtype)
         return (torch.gather(lp, -1, labels[:, 1:][..., None]).squeeze(-1),)
     """, SAFETY, F16, spread=110.0), seed=42768)
+
+
+# kernel (fixed here): `z / 0.7` was computed as z times the rounded 1/0.7, an ulp off; the
+# entropy of near one-hot rows (logits in the thousands) amplifies that to 3x eager's error
+# (validation refused the rewrite: a crash under validate="raise").  The op divides now
+def test_logprob_entropy_temperature_divides_as_eager():
+    code = _LP_INIT.replace("40", "24") + """
+        l = F.linear(h, self.head.weight, self.head.bias)
+        z = l.float()[:, :-1, :] / 0.7
+        ids = labels[:, 1:]
+        idx = ids.clamp_min(0)
+        tok = torch.gather(z.log_softmax(-1), -1, idx.unsqueeze(-1)).squeeze(-1)
+        lq = F.log_softmax(z, dim=-1)
+        ent = -(F.softmax(z, dim=-1) * lq).sum(-1)
+        return (tok * (ids != -100), ent)
+    """
+    inputs = [Input("h", (2, 4, 16), scale=1000.0),
+              Input("labels", (2, 4), kind="labels", high=24, ignore=True)]
+    check(Case(Written(code, inputs), ("fused_linear_logprob",), SPELLING, F32, "regression",
+               dynamic=True), seed=262145)
+
+
+# detector (fixed here): in the selective form, the gathered logits rounded through fp16, or the
+# logits written in place between the gather and the logsumexp (two values of them: no match),
+# and the log-probs written in place before the gather: silent misses, reported now
+def test_logprob_selective_form_cast_or_write_inside_is_a_near_miss():
+    for inside in ("sel = sel0.to(torch.float16).to(sel0.dtype)\nl1 = l1",
+                   "sel = sel0\nl1 += 1.0"):
+        check(_lp(f"""
+            l = self.head(h)
+            l1 = l.to(torch.float32)
+            sel0 = torch.gather(l1, -1, labels[:, :, None]).squeeze(-1)
+            {inside}
+            return ((sel - l1.logsumexp(-1)).sum(-1),)
+        """, SAFETY, BF16), seed=234)
+    check(_lp("""
+        lp = F.log_softmax(self.head(h).float(), -1)
+        lp.mul_(2.0)
+        return (lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1),)
+    """, SAFETY, F16), seed=3)
