@@ -13,6 +13,7 @@ are never a hit: the plain loss patterns take those.
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from ligerfx.compiler.canonical import CAST, CNode
@@ -59,7 +60,10 @@ def _gathered(c):
     else:
         g, sq = c, None
     if isinstance(g, CNode) and op(g) == "gather" and len(g.args) >= 3 and g.args[1] == -1:
-        return g, sq
+        # one id per row (a trailing unit dim): a gather of several (top-k) is no log-prob
+        idx = getattr(g.args[2], "value", None)
+        if isinstance(idx, torch.Tensor) and idx.dim() >= 1 and idx.shape[-1] == 1:
+            return g, sq
     return None
 
 
