@@ -21,7 +21,12 @@ Ops
 ---
 ``liger::fused_linear_logprob(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids,
 float logit_scale=1., float softcap=0., bool with_entropy=False, int ignore_index=-100,
-int chunk_size=0) -> (Tensor logprob, Tensor entropy, Tensor lse)``
+int chunk_size=0, bool divide=False) -> (Tensor logprob, Tensor entropy, Tensor lse)``
+
+``divide=True`` (no softcap): the logits are divided by ``logit_scale`` (a temperature) instead of
+multiplied, and the gradient divided by it, as eager's ``z / T`` rounds them: multiplying by the
+rounded reciprocal is an ulp off, which the entropy of near one-hot rows (logits in the
+thousands) amplifies to 3x eager's error.
 
 * ``logprob``: shape ``ids.shape``, compute dtype (fp32; fp64 for fp64 inputs).
 * ``entropy``: same shape and dtype when ``with_entropy``, else empty.
@@ -74,7 +79,7 @@ if triton is not None:
 
     @triton.jit
     def _row_max_logsum(x_row, V, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr,
-                        BLOCK_V: tl.constexpr):
+                        DIVIDE: tl.constexpr, BLOCK_V: tl.constexpr):
         """(max, log of the sum of exp(z - max)) of one row: online, streamed in blocks."""
         cols0 = tl.arange(0, BLOCK_V)
         m = -float("inf")
@@ -82,7 +87,7 @@ if triton is not None:
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             mask = cols < V
-            z, _ = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
+            z, _ = _load(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP, DIVIDE)
             z = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
@@ -90,9 +95,22 @@ if triton is not None:
         return m, tl.log(d)
 
     @triton.jit
+    def _load(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr,
+              DIVIDE: tl.constexpr):
+        """load_logits, or the logits divided by logit_scale (a temperature) when DIVIDE."""
+        if DIVIDE:
+            z, th = load_logits(x_row, cols, mask, softcap, 1.0, HAS_SOFTCAP)
+            z = z / logit_scale
+            th = z
+        else:
+            z, th = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
+        return z, th
+
+    @triton.jit
     def _logprob_fwd_kernel(
         X, stride_x, IDS, LP, ENT, LSE, V, ignore_index, softcap, logit_scale,
-        HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, DIVIDE: tl.constexpr,
+        BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # N * V exceeds 2**31 at 16k tokens x 256k vocab
         x_row = X + row * stride_x
@@ -100,11 +118,11 @@ if triton is not None:
         # Log-probabilities are formed as eager's log_softmax forms them, (z - max) - log(sum):
         # z - lse instead rounds log(sum) away once max is large (logits spread over hundreds,
         # or scaled up), and loses the entropy's small terms to cancellation.
-        m, logd = _row_max_logsum(x_row, V, softcap, logit_scale, HAS_SOFTCAP, BLOCK_V)
+        m, logd = _row_max_logsum(x_row, V, softcap, logit_scale, HAS_SOFTCAP, DIVIDE, BLOCK_V)
         tl.store(LSE + row, m + logd)
         tgt = tl.load(IDS + row).to(tl.int64)
         ok = (tgt >= 0) & (tgt < V)
-        z_t, th_t = load_logits(x_row, tgt, ok, softcap, logit_scale, HAS_SOFTCAP)
+        z_t, th_t = _load(x_row, tgt, ok, softcap, logit_scale, HAS_SOFTCAP, DIVIDE)
         lp = tl.where(ok, (z_t - m) - logd, float("nan"))
         lp = tl.where(tgt == ignore_index, neg_zero(), lp)
         tl.store(LP + row, lp)
@@ -114,7 +132,7 @@ if triton is not None:
             for off in range(0, V, BLOCK_V):
                 cols = off + cols0
                 mask = cols < V
-                z, _ = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
+                z, _ = _load(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP, DIVIDE)
                 lg = (z - m) - logd
                 acc += tl.sum(tl.where(mask, tl.exp(lg) * lg, 0.0), 0)
             tl.store(ENT + row, -acc)
@@ -123,7 +141,7 @@ if triton is not None:
     def _logprob_bwd_kernel(
         X, stride_x, G, stride_g, IDS, LSE, ENT, GLP, GENT, V, ignore_index, softcap,
         logit_scale, HAS_SOFTCAP: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr,
-        BLOCK_V: tl.constexpr,
+        DIVIDE: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         x_row = X + row * stride_x
@@ -131,7 +149,7 @@ if triton is not None:
         cols0 = tl.arange(0, BLOCK_V)
         # the forward's max and log-sum again (one more pass over the row in the chunk buffer),
         # for the log-probabilities exactly as the forward formed them
-        m, logd = _row_max_logsum(x_row, V, softcap, logit_scale, HAS_SOFTCAP, BLOCK_V)
+        m, logd = _row_max_logsum(x_row, V, softcap, logit_scale, HAS_SOFTCAP, DIVIDE, BLOCK_V)
         tgt = tl.load(IDS + row).to(tl.int64)
         a = 0.0
         if HAS_GLP:
@@ -144,18 +162,21 @@ if triton is not None:
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             mask = cols < V
-            z, th = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
+            z, th = _load(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP, DIVIDE)
             lg = (z - m) - logd
             p = tl.exp(lg)
             g = tl.where(cols == tgt, a, 0.0) - a * p
             if HAS_GENT:
                 g -= b * p * (lg + h)
-            g = logits_grad(g, th, logit_scale, HAS_SOFTCAP)
+            if DIVIDE:  # eager's gradient of z / T: divided by T
+                g = g / logit_scale
+            else:
+                g = logits_grad(g, th, logit_scale, HAS_SOFTCAP)
             # Safe in place (G == X): this block was read above, before it is written.
             tl.store(g_row + cols, cast_rne(g, G.dtype.element_ty), mask=mask)
 
 
-def _launch_fwd(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index):
+def _launch_fwd(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index, divide=False):
     N, V = z.shape
     if N == 0:
         return
@@ -163,10 +184,12 @@ def _launch_fwd(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index):
     _logprob_fwd_kernel[(N,)](
         z, z.stride(0), ids, lp, ent if ent is not None else lp, lse, V, ignore_index,
         float(softcap) if softcap > 0 else 1.0, float(logit_scale),
-        HAS_SOFTCAP=softcap > 0, WITH_ENTROPY=ent is not None, BLOCK_V=block, num_warps=warps)
+        HAS_SOFTCAP=softcap > 0, WITH_ENTROPY=ent is not None, DIVIDE=bool(divide), BLOCK_V=block,
+        num_warps=warps)
 
 
-def _launch_bwd(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_index):
+def _launch_bwd(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_index,
+                divide=False):
     N, V = z.shape
     if N == 0:
         return
@@ -176,15 +199,22 @@ def _launch_bwd(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_
         glp if glp is not None else lse, gent if gent is not None else lse, V, ignore_index,
         float(softcap) if softcap > 0 else 1.0, float(logit_scale),
         HAS_SOFTCAP=softcap > 0, HAS_GLP=glp is not None, HAS_GENT=gent is not None,
-        BLOCK_V=block, num_warps=warps)
+        DIVIDE=bool(divide), BLOCK_V=block, num_warps=warps)
 
 
 # --------------------------------------------------------------------------------------------
 # Torch twins of the row kernels (CPU, fp64): same formulas on one chunk
 # --------------------------------------------------------------------------------------------
-def _rows_fwd_torch(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index):
+def _effective(z, ct, softcap, logit_scale, divide):
+    """effective_logits, or the logits divided by logit_scale (a temperature) when `divide`."""
+    if divide:
+        return effective_logits(z, ct, 0.0, 1.0)[0] / logit_scale, None
+    return effective_logits(z, ct, softcap, logit_scale)
+
+
+def _rows_fwd_torch(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index, divide=False):
     ct = lp.dtype
-    ze, _ = effective_logits(z, ct, softcap, logit_scale)
+    ze, _ = _effective(z, ct, softcap, logit_scale, divide)
     lse.copy_(torch.logsumexp(ze, -1))
     # eager's log_softmax, (z - max) - log(sum): z - logsumexp(z) rounds the log-sum away when
     # the max is large and makes the entropy's terms cancel
@@ -196,9 +226,10 @@ def _rows_fwd_torch(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index)
         ent.copy_(-(logp.exp() * logp).sum(-1))
 
 
-def _rows_bwd_torch(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_index):
+def _rows_bwd_torch(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_index,
+                    divide=False):
     ct = lse.dtype
-    ze, th = effective_logits(z, ct, softcap, logit_scale)
+    ze, th = _effective(z, ct, softcap, logit_scale, divide)
     logp = torch.log_softmax(ze, -1)  # the forward's log-probabilities, as it formed them
     p = logp.exp()
     if glp is not None:
@@ -210,7 +241,10 @@ def _rows_bwd_torch(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ign
         d = torch.zeros_like(p)
     if gent is not None:
         d -= gent.to(ct).unsqueeze(1) * p * (logp + ent.unsqueeze(1))
-    logits_grad_(d, th, logit_scale)
+    if divide:
+        d.div_(logit_scale)
+    else:
+        logits_grad_(d, th, logit_scale)
     g.copy_(d)  # the one rounding to hidden's dtype
 
 
@@ -221,7 +255,7 @@ def _rows_bwd_torch(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ign
 def fused_linear_logprob_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor,
     logit_scale: float = 1.0, softcap: float = 0.0, with_entropy: bool = False,
-    ignore_index: int = -100, chunk_size: int = 0,
+    ignore_index: int = -100, chunk_size: int = 0, divide: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     h2, t = _flat(hidden, ids)
     N, V = h2.shape[0], weight.shape[0]
@@ -233,7 +267,9 @@ def fused_linear_logprob_op(
     buf = h2.new_empty(min(C, N), V)
     triton_path = use_triton(h2, weight)
     rows = _launch_fwd if triton_path else _rows_fwd_torch
-    kw = dict(softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index)
+    if divide and softcap > 0:
+        raise ValueError("fused_linear_logprob: divide=True takes no softcap")
+    kw = dict(softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index, divide=divide)
     for s in range(0, N, C):
         e = min(N, s + C)
         z = buf[: e - s]
@@ -245,7 +281,7 @@ def fused_linear_logprob_op(
 
 @fused_linear_logprob_op.register_fake
 def _(hidden, weight, bias, ids, logit_scale=1.0, softcap=0.0, with_entropy=False,
-      ignore_index=-100, chunk_size=0):
+      ignore_index=-100, chunk_size=0, divide=False):
     ct = compute_dtype(hidden.dtype)
     n = ids.numel()
     return (hidden.new_empty(ids.shape, dtype=ct),
@@ -258,7 +294,7 @@ def fused_linear_logprob_backward_op(
     grad_logprob: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
     weight: Tensor, bias: Optional[Tensor], ids: Tensor, lse: Tensor, entropy: Tensor,
     logit_scale: float, softcap: float, ignore_index: int, need_grad_hidden: bool,
-    need_grad_weight: bool, need_grad_bias: bool, chunk_size: int,
+    need_grad_weight: bool, need_grad_bias: bool, chunk_size: int, divide: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     h2, t = _flat(hidden, ids)
     N, V = h2.shape[0], weight.shape[0]
@@ -277,7 +313,9 @@ def fused_linear_logprob_backward_op(
     buf = h2.new_empty(min(C, N), V)
     triton_path = use_triton(h2, weight)
     rows = _launch_bwd if triton_path else _rows_bwd_torch
-    kw = dict(softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index)
+    if divide and softcap > 0:
+        raise ValueError("fused_linear_logprob: divide=True takes no softcap")
+    kw = dict(softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index, divide=divide)
     for s in range(0, N, C):
         e = min(N, s + C)
         hc = h2[s:e]
@@ -300,7 +338,8 @@ def fused_linear_logprob_backward_op(
 
 @fused_linear_logprob_backward_op.register_fake
 def _(grad_logprob, grad_entropy, hidden, weight, bias, ids, lse, entropy, logit_scale, softcap,
-      ignore_index, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size):
+      ignore_index, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size,
+      divide=False):
     return (hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0),
             weight.new_empty(weight.shape) if need_grad_weight else hidden.new_empty(0),
             bias.new_empty(bias.shape) if need_grad_bias and bias is not None
@@ -308,7 +347,7 @@ def _(grad_logprob, grad_entropy, hidden, weight, bias, ids, lse, entropy, logit
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, ids, logit_scale, softcap, with_entropy, ignore_index, chunk = inputs
+    hidden, weight, bias, ids, logit_scale, softcap, with_entropy, ignore_index, chunk, divide = inputs
     lp, ent, lse = output
     ctx.mark_non_differentiable(lse)
     if not with_entropy:
@@ -317,6 +356,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.params = (logit_scale, softcap, ignore_index)
     ctx.chunk_size = chunk
+    ctx.divide = divide
     ctx.save_for_backward(hidden, weight, bias, ids, lse, ent)
 
 
@@ -326,12 +366,12 @@ def _backward(ctx, grad_lp, grad_ent, _grad_lse):
     if not ctx.with_entropy:
         grad_ent = None
     if (grad_lp is None and grad_ent is None) or not any(needs[:3]):
-        return (None,) * 9
+        return (None,) * 10
     dh, dw, db = torch.ops.liger.fused_linear_logprob_backward(
         grad_lp, grad_ent, hidden, weight, bias, ids, lse, ent, *ctx.params,
-        needs[0], needs[1], ctx.has_bias and needs[2], ctx.chunk_size)
+        needs[0], needs[1], ctx.has_bias and needs[2], ctx.chunk_size, ctx.divide)
     return (dh if needs[0] else None, dw if needs[1] else None,
-            db if ctx.has_bias and needs[2] else None) + (None,) * 6
+            db if ctx.has_bias and needs[2] else None) + (None,) * 7
 
 
 fused_linear_logprob_op.register_autograd(_backward, setup_context=_setup_context)

@@ -11,4 +11,4 @@ from . import add_norm, cross_entropy, distillation, gated_act, layer_norm, rms_
 from . import gated_rms_norm  # noqa: F401 - after rms_norm, whose variants it extends
 from . import logprob  # noqa: F401
 # detectors: a subgraph of a family that no pattern above rewrote or reported (issue 23)
-from . import gated_detect, norm_detect, rope_detect  # noqa: F401
+from . import gated_detect, logprob_detect, norm_detect, rope_detect  # noqa: F401

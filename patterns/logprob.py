@@ -37,6 +37,7 @@ NLL and stays that pattern's; otherwise (per-sequence sums, ratios, logsigmoid, 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -46,7 +47,7 @@ import ligerfx.kernels.fused_linear_logprob  # noqa: F401 - defines torch.ops.li
 from ligerfx.compiler.canonical import CAST, CNode, View
 from ligerfx.graph.nodes import node_value, op_name
 from ligerfx.compiler.matcher import match_at
-from ligerfx.compiler.passes import Skip
+from ligerfx.compiler.passes import Defer, Skip
 from ligerfx.compiler.pattern import Pattern, register, trace_variant
 from ligerfx.graph.symbolic import known_equal, known_int
 
@@ -433,36 +434,70 @@ def _carry_rows(view: View, n: fx.Node, rows: dict, logits_side: bool):
     return None
 
 
+def _row_aliases(z: fx.Node) -> list:
+    """`z` and the values above it that hold the same logits row for row: each reshape that only
+    flattens leading dims (`l2.reshape(-1, V)`, the form cross_entropy reads) and each cast that
+    changes nothing, walked upward; the topmost last.  An entropy of any of them is the entropy
+    of `z`'s rows (the `-cross_entropy(z.reshape(-1, V))` spelling with the entropy of `z`)."""
+    out, cur = [z], z
+    while True:
+        s = _step(cur)
+        if s is None:
+            return out
+        kind, info, src = s
+        vin, vout = _val(src), _val(cur)
+        if kind == "cast" and not (isinstance(vin, torch.Tensor) and vin.dtype == vout.dtype):
+            return out
+        if kind not in ("cast", "rows"):
+            return out
+        out.append(src)
+        cur = src
+
+
 def _entropy_of(view: View, z: fx.Node, lp_out: fx.Node):
-    """The entropy of the logits `z` computed beside the log-probs: (output node, covered nodes),
-    a near-miss reason, or None.
+    """The entropy of the logits `z` computed beside the log-probs: (output node, covered nodes,
+    its shape: "ids" for the rows of `z` as the op gives them, "hidden" for the leading dims of
+    the logits before any flattening), a near-miss reason, or None.
 
     The entropy is row-wise, so a value assembled from entropies of pieces of the logits is the
     entropy of the logits exactly when it holds each of their rows at that row's place.  Row
-    numbers are carried through the picks, splits, stacks and reshapes between `z` and the
-    entropies (TRL's row loops: `stack([entropy(z[i]) for i])`, `entropy_from_logits` over
-    `z.reshape(-1, V).split(c)` with `cat(...).reshape(B, T)`, or `extend` then `stack`)."""
+    numbers are carried through the picks, splits, stacks and reshapes between `z` (or a value
+    it only flattens, `_row_aliases`) and the entropies (TRL's row loops:
+    `stack([entropy(z[i]) for i])`, `entropy_from_logits` over `z.reshape(-1, V).split(c)` with
+    `cat(...).reshape(B, T)`, or `extend` then `stack`)."""
     target = _plain(view[z])
     zv, lv = _val(z), _val(lp_out)
     lead = tuple(zv.shape[:-1])
+    aliases = _row_aliases(z)
+    top = aliases[-1]
+    top_lead = tuple(_val(top).shape[:-1])
 
     def same_grad(out):  # an entropy under no_grad, unlike the log-probs, is left alone
         return getattr(_val(out), "requires_grad", None) == getattr(lv, "requires_grad", None)
 
-    if not _static(lead):  # only the entropy of the logits themselves
+    if not _static(lead) or not _static(top_lead):
+        # only the entropy of the logits themselves, or of their value before flattening
+        tops = {id(_plain(view[top]))} if top in view else set()
         for c in list(view.cnodes()):
             if c.op in ("neg", "sub") and c.nodes:
-                m = _entropy_at(view, c, lambda x: x is target)
+                m = _entropy_at(view, c, lambda x: x is target or id(x) in tops)
                 if m is not None and same_grad(m.outputs[0]):
-                    return m.outputs[0], m.covered
+                    x = _plain(view[m["logits"]])
+                    return m.outputs[0], m.covered, "ids" if x is target else "hidden"
         return None
     base = torch.arange(math.prod(lead)).reshape(lead)
     lrows, erows, leaves = {}, {}, {}
+    lrows[z] = rows = base
+    for a in aliases[1:]:  # up the flattening reshapes: the same rows, in their shapes
+        rows = rows.reshape(tuple(_val(a).shape[:-1]))
+        lrows[a] = rows
+    seeded = set(lrows)
     for n in view.graph.nodes:
-        if n.op == "output":
+        if n.op == "output" or n in seeded:
             continue
         if n in view and _plain(view[n]) is target:
             lrows[n] = base
+            seeded.add(n)
             continue
         r = _carry_rows(view, n, lrows, True)
         if r is not None:
@@ -478,20 +513,21 @@ def _entropy_of(view: View, z: fx.Node, lp_out: fx.Node):
         r = _carry_rows(view, n, erows, False)
         if r is not None:
             erows[n] = r
+    shapes = {top_lead: "hidden", lead: "ids"}  # the op's own shape where the two agree
     reordered = None
     for n, r in erows.items():
-        if isinstance(r, tuple) or tuple(r.shape) != lead:
+        if isinstance(r, tuple) or tuple(r.shape) not in shapes:
             continue
-        if not torch.equal(r, base):
+        if not torch.equal(r.flatten(), base.flatten()):
             if reordered is None and torch.equal(r.flatten().sort().values, base.flatten()):
                 reordered = (n, r)
             continue
         if not same_grad(n):
             continue
         covered, todo = [], [n]
-        while todo:  # everything between z and the entropy, z's own chain excepted
+        while todo:  # everything between z (and what it flattens) and the entropy
             u = todo.pop()
-            if u in covered or lrows.get(u) is base:
+            if u in covered or u in seeded:
                 continue
             covered.append(u)
             if u in leaves:
@@ -499,7 +535,7 @@ def _entropy_of(view: View, z: fx.Node, lp_out: fx.Node):
                 todo.append(leaves[u]["logits"])
                 continue
             todo += [a for a in u.all_input_nodes if a in lrows or a in erows]
-        return n, list(dict.fromkeys(covered))
+        return n, list(dict.fromkeys(covered)), shapes[tuple(r.shape)]
     if reordered is not None:
         n, r = reordered
         k = int((r.flatten() != base.flatten()).nonzero()[0])
@@ -602,7 +638,8 @@ def check(match):
         match.outputs, match.tops = [stack], [stack]
         details.append(f"row loop of {len(_stack_parts(view, stack))} rows")
     if entropy is not None:
-        out, covered = entropy
+        out, covered, ent_shape = entropy
+        match.params["ent_shape"] = ent_shape
         match.covered = list(dict.fromkeys(match.covered + covered))
         match.outputs = [match.outputs[0], out]
         match.tops = [match.tops[0], out]
@@ -613,22 +650,45 @@ def check(match):
     if escaping is not None:
         ce_reads = fn is nll_cross_entropy or (
             fn is logprob_log_softmax and _ce_spelling(view, index))
-        if rows is None and entropy is None and _cross_entropy_enabled(match.options) and ce_reads:
-            # fused_linear_cross_entropy reads these spellings too and writes the logits from
-            # the same pass (return_logits): it takes them (docs/post_training.md counts bytes)
-            raise Skip
         e, u = escaping
         where = "a graph output" if u.op == "output" else f"`{u.name}`"
+        if rows is None and entropy is None and _cross_entropy_enabled(match.options) and ce_reads:
+            # fused_linear_cross_entropy reads these spellings too and writes the logits from
+            # the same pass (return_logits): it takes them (docs/post_training.md counts bytes).
+            # Where it does not, this is our near miss (passes.Defer).
+            raise Defer("fused_linear_cross_entropy",
+                        f"the lm head's logits `{e.name}` are also used by {where}, so the [N, V] "
+                        "logits must exist anyway; liger::fused_linear_logprob does not write "
+                        "them, so this is left to fused_linear_cross_entropy, which writes them "
+                        "from its pass")
         return (f"the lm head's logits `{e.name}` are also used by {where}, so the [N, V] logits "
                 "must exist anyway; liger::fused_linear_logprob does not write them (a rewrite "
                 "would add a second lm-head matmul to keep them); only the "
                 "log_softmax(z).gather(-1, ids.unsqueeze(-1)) and -cross_entropy(z, ids, "
                 "reduction='none') spellings are rewritten then, by fused_linear_cross_entropy, "
                 "which writes the logits from the same pass")
-    match.params.update(logit_scale=scale[0], softcap=scale[1], slices=slices, kinds=kinds,
-                        entropy=entropy is not None, ce=fn is nll_cross_entropy, unit=unit)
+    temperature = _temperature(steps) if scale[1] == 0 else None
+    match.params.update(logit_scale=scale[0] if temperature is None else temperature,
+                        divide=temperature is not None, softcap=scale[1], slices=slices,
+                        kinds=kinds, entropy=entropy is not None, ce=fn is nll_cross_entropy,
+                        unit=unit)
     match.bindings.update(hidden=hidden, lm_weight=weight, lm_bias=bias, token_ids=ids)
     return None
+
+
+def _temperature(steps):
+    """T when the only scaling of the logits is one division by a Python number (`z / T`), else
+    None.  The op then divides as eager does: times the rounded 1/T is an ulp off, which the
+    entropy of near one-hot rows amplifies (issue 22 survey: 3x eager's error at logits ~1000)."""
+    scales = [n for n, kind, _ in steps if kind == "scale"]
+    if len(scales) != 1:
+        return None
+    n = scales[0]
+    div = n.target in (operator.truediv, torch.div) or (n.op == "call_method" and n.target == "div")
+    if not div or len(n.args) != 2 or not isinstance(n.args[1], (int, float)) \
+            or isinstance(n.args[1], bool):
+        return None
+    return float(n.args[1])
 
 
 def _check_ids_or_ignored(ids, V: int, ignore_index: int):
@@ -662,12 +722,14 @@ def replace(logits, ids=None, ignore_index=-100, lse=None, index=None, hidden=No
             h = h[info]
     lp, ent, _ = torch.ops.liger.fused_linear_logprob(
         h, lm_weight, lm_bias, token_ids, float(p["logit_scale"]), float(p["softcap"]),
-        bool(p["entropy"]), ii, 0)
+        bool(p["entropy"]), ii, 0, bool(p.get("divide", False)))
     if p["ce"]:
         lp = -lp  # the NLL cross_entropy gives; +0.0 at ignored rows, as eager
     lp = lp.to(match.out_dtype)
     if not p["entropy"]:
         return lp
+    if p.get("ent_shape") == "hidden":  # the entropy of the logits before their flattening
+        ent = ent.view(h.shape[:-1])
     return lp, ent.to(node_value(match.outputs[1]).dtype)
 
 

@@ -37,6 +37,19 @@ class Skip(Exception):
     e.g. a loss with no linear layer above it, which another pattern handles)."""
 
 
+class Defer(Skip):
+    """Raised by a constraint that leaves an instance of its pattern to another pattern (`to`,
+    which runs later and reads the same code: the lm head's log-probs with the logits also
+    returned, which fused_linear_cross_entropy writes from its pass).  A hand-off is no proof
+    that the other pattern takes it: when `to` rewrites no node at the match's anchor, the match
+    becomes this pattern's near miss, with `reason` and the other pattern's own reason there
+    (else a refusal of `to` would leave this pattern's instance a silent miss)."""
+
+    def __init__(self, to: str, reason: str):
+        super().__init__(reason)
+        self.to, self.reason = to, reason
+
+
 def _kind_problem(match: Match) -> str | None:
     var = match.variant
     for name in var.inputs:
@@ -246,6 +259,9 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
     # (q rotated alone after the q/k pair was refused) can say why the larger one was not made
     misses_at: dict[fx.Node, list] = {}
     cut_misses: list = []  # (anchor fx node, NearMiss): kept only if nothing rewrote the anchor
+    # (pattern name, anchor) -> (match, Defer): near misses unless the pattern named took them
+    deferred: dict = {}
+    claimed_by: dict[fx.Node, str] = {}  # node -> the pattern whose rewrite covered it
     graph = gm.graph
     claimed: set[fx.Node] = set()
     # The view is built once per pattern; values a rewrite replaced are looked up here so a later
@@ -280,6 +296,9 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                     kind = _kind_problem(match)
                     try:
                         problem = _run_constraints(match)
+                    except Defer as d:
+                        deferred.setdefault((pattern.name, match.tops[0]), (match, d))
+                        continue
                     except Skip:
                         continue
                     except Exception:  # noqa: BLE001 - a constraint fed a value of the wrong kind
@@ -335,6 +354,8 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                                       region=_region(match, new))
                     claimed.update(match.covered)
                     claimed.update(match.outputs)
+                    for n in list(match.covered) + list(match.outputs):
+                        claimed_by.setdefault(n, pattern.name)
                     memory = None
                     claimed.update(new)
                     replaced.update(zip(match.outputs, match.replacements))
@@ -363,6 +384,17 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                         misses_at.setdefault(n, []).append(miss)
         graph.lint()
     report.near_misses.extend(m for a, m in cut_misses if a not in claimed)
+    for (name, top), (match, d) in deferred.items():
+        if claimed_by.get(top) == d.to:
+            continue  # the pattern it was left to took it
+        theirs = [m.reason for m in misses_at.get(top, ()) if m.pattern == d.to]
+        why = (f"{d.reason}; {d.to} refused it: {theirs[0]}" if theirs else
+               f"{d.reason}; {d.to} did not rewrite it")
+        miss = NearMiss(name, locate(top), why, position=position.get(top, -1),
+                        size=len(match.covered))
+        report.near_misses.append(miss)
+        for n in match.covered:
+            misses_at.setdefault(n, []).append(miss)
     # Detectors: a subgraph that looks like a family's instance but that no pattern rewrote or
     # reported gets a near miss of its own (compiler/detect.py); it runs on the rewritten graph.
     missed = set(misses_at) | {a for a, _ in cut_misses}

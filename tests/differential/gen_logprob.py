@@ -121,4 +121,8 @@ def cases(draw):
             f"{'shifted, ' if shift else ''}T={temp}, {use}, ignore={ignore}")
     if not head:
         kind = MATH  # no built-in pattern claims log-probs of given logits: equality alone
-    return Case(src, PATTERNS, kind, dtype, f"{base}; {what}" if what else base, dynamic=dynamic(draw))
+    # log-probs whose logits are also read elsewhere are fused_linear_cross_entropy's by design
+    # (it writes the logits from its pass: patterns/logprob.py); its rewrite counts, its near
+    # miss does not (a refusal there must be reported as this pattern's)
+    return Case(src, PATTERNS, kind, dtype, f"{base}; {what}" if what else base, dynamic=dynamic(draw),
+                rewritten_as=("fused_linear_cross_entropy",))

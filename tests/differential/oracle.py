@@ -176,7 +176,8 @@ def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
         if problems:
             return _fail(case, seed, WrongAnswer, f"{path} path: " + "; ".join(problems) + "\n"
                          + _summary(reports)) or reports
-    rewritten = any(m.pattern in case.patterns for r in reports for m in r.matches)
+    rewritten = any(m.pattern in case.patterns + case.rewritten_as
+                    for r in reports for m in r.matches)
     # a detector's near miss is named after its family, which covers the family's patterns
     families = tuple(d.family for d in detectors() if set(d.patterns) & set(case.patterns))
     reported = any(n.pattern in case.patterns + case.reported_as + families

@@ -455,3 +455,129 @@ class M(nn.Module):
     inputs = [Input("h", (2, 3, 16)), Input("t", (2, 3, 24), scale=2.0, grad=False, spread=110.0),
               Input("labels", (2, 3), kind="labels", high=24, ignore=True)]
     check(_case(code, _DISTILL, SAFETY, F32, inputs), seed=1483)
+
+# -- fused_linear_logprob (issue 22) ----------------------------------------------------------------
+
+_LP_INIT = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 40, bias=True)
+
+    def forward(self, h, labels):
+"""
+
+
+def _lp(body, kind=SPELLING, dtype=F32, batch=2, spread=0.0, ignore=False):
+    lines = "".join(f"        {line.strip()}\n" for line in body.strip().splitlines())
+    inputs = [Input("h", (batch, 4, 16), spread=spread),
+              Input("labels", (batch, 4), kind="labels", high=40, ignore=ignore)]
+    return _case(_LP_INIT + lines, ("fused_linear_logprob",), kind, dtype, inputs)
+
+
+# pattern (fixed here): -cross_entropy(z.reshape(-1, V)) with the entropy of z itself (not of the
+# flattened logits the loss reads) was not seen as the same rows' entropy; the logits then
+# escaped to it and the match was left to fused_linear_cross_entropy, which refused: silent miss.
+# Rewritten now, the entropy taken from the same pass in z's shape
+def test_logprob_neg_cross_entropy_with_entropy_of_unflattened_logits():
+    check(_lp("""
+        l = F.linear(h, self.head.weight, self.head.bias)
+        z = l[:, :-1, :]
+        ids = labels[:, 1:]
+        idx = ids.clamp_min(0)
+        nll = F.cross_entropy(z.reshape(-1, 40), idx.reshape(-1), reduction='none')
+        tok = -nll.view(idx.shape)
+        tok = tok * (ids != -100)
+        pz = torch.softmax(z, -1)
+        ent = torch.logsumexp(z, -1) - (pz * z).sum(-1)
+        return (tok, ent)
+    """, ignore=True), seed=4)
+
+
+# pattern (fixed here): the same in fp16, an empty batch, and the upcast logits also read
+# after the pattern: refused now (the logits escape), with that reason
+def test_logprob_neg_cross_entropy_entropy_escaping_logits_empty_batch():
+    check(_lp("""
+        l = self.head(h)
+        l1 = l.float()
+        z = l1[:, :-1, :] / 0.7
+        ids = labels[:, 1:]
+        idx = ids.clamp_min(0)
+        nll = F.cross_entropy(z.reshape(-1, 40), idx.reshape(-1), reduction='none')
+        tok = -nll.view(idx.shape)
+        out = (tok * (ids != -100)).sum(-1)
+        pz = torch.softmax(z, -1)
+        ent = torch.logsumexp(z, -1) - (pz * z).sum(-1)
+        return (out + l1.mean(), ent)
+    """, SAFETY, F16, batch=0, ignore=True), seed=517703)
+
+
+# passes (fixed here: passes.Defer): the logits also returned before the shift, the match left to
+# fused_linear_cross_entropy (which writes logits from its pass) raised Skip; that pattern
+# refused (it cannot return the unshifted logits): silent miss.  A hand-off that the other
+# pattern does not take is now this pattern's near miss, with both reasons
+def test_logprob_left_to_flce_which_refuses_is_a_near_miss():
+    for ret in ("(out, l)", "(out + l.mean(),)"):
+        check(_lp(f"""
+            l = F.linear(h, self.head.weight, self.head.bias)
+            z = l.float()[:, :-1, :]
+            ids = labels[:, 1:]
+            idx = torch.where(ids == -100, 0, ids)
+            lp = z.log_softmax(-1)
+            tok = torch.gather(lp, -1, idx.unsqueeze(-1)).squeeze(-1)
+            out = tok * (ids != -100)
+            return {ret}
+        """, SAFETY, F16, spread=110.0, ignore=True), seed=42768)
+
+
+# detector (fixed here: patterns/logprob_detect.py): the log-softmax rounded through fp16
+# before the gather; the pattern reads no cast inside a log-prob, so the matcher never reached
+# its constraints and no near miss was made: silent miss.  The detector reports it
+def test_logprob_log_softmax_rounded_before_gather_is_a_near_miss():
+    check(_lp("""
+        l = F.linear(h, self.head.weight, self.head.bias)
+        z = l.float()[:, :-1, :]
+        pre = z.log_softmax(-1)
+        lp = pre.to(torch.float16).to(pre.dtype)
+        return (torch.gather(lp, -1, labels[:, 1:][..., None]).squeeze(-1),)
+    """, SAFETY, F16, spread=110.0), seed=42768)
+
+
+# kernel (fixed here): `z / 0.7` was computed as z times the rounded 1/0.7, an ulp off; the
+# entropy of near one-hot rows (logits in the thousands) amplifies that to 3x eager's error
+# (validation refused the rewrite: a crash under validate="raise").  The op divides now
+def test_logprob_entropy_temperature_divides_as_eager():
+    code = _LP_INIT.replace("40", "24") + """
+        l = F.linear(h, self.head.weight, self.head.bias)
+        z = l.float()[:, :-1, :] / 0.7
+        ids = labels[:, 1:]
+        idx = ids.clamp_min(0)
+        tok = torch.gather(z.log_softmax(-1), -1, idx.unsqueeze(-1)).squeeze(-1)
+        lq = F.log_softmax(z, dim=-1)
+        ent = -(F.softmax(z, dim=-1) * lq).sum(-1)
+        return (tok * (ids != -100), ent)
+    """
+    inputs = [Input("h", (2, 4, 16), scale=1000.0),
+              Input("labels", (2, 4), kind="labels", high=24, ignore=True)]
+    check(Case(Written(code, inputs), ("fused_linear_logprob",), SPELLING, F32, "regression",
+               dynamic=True), seed=262145)
+
+
+# detector (fixed here): in the selective form, the gathered logits rounded through fp16, or the
+# logits written in place between the gather and the logsumexp (two values of them: no match),
+# and the log-probs written in place before the gather: silent misses, reported now
+def test_logprob_selective_form_cast_or_write_inside_is_a_near_miss():
+    for inside in ("sel = sel0.to(torch.float16).to(sel0.dtype)\nl1 = l1",
+                   "sel = sel0\nl1 += 1.0"):
+        check(_lp(f"""
+            l = self.head(h)
+            l1 = l.to(torch.float32)
+            sel0 = torch.gather(l1, -1, labels[:, :, None]).squeeze(-1)
+            {inside}
+            return ((sel - l1.logsumexp(-1)).sum(-1),)
+        """, SAFETY, BF16), seed=234)
+    check(_lp("""
+        lp = F.log_softmax(self.head(h).float(), -1)
+        lp.mul_(2.0)
+        return (lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1),)
+    """, SAFETY, F16), seed=3)

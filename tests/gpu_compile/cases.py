@@ -259,21 +259,23 @@ def _distillation():
     yield "distillation_loss bf16 V=32000", run_dl
 def _logprob():
     lp, lp_b = op_body("liger::fused_linear_logprob"), op_body("liger::fused_linear_logprob_backward")
-    # (dtype, V, H, softcap, entropy, gradient on log-probs, gradient on entropies): every flag
-    # of both row kernels reached once; Llama-3-8B, Gemma-7B (softcap, 256k) and a 32k vocab.
-    todo = ((BF16, 128256, LLAMA, 0.0, False, True, False),
-            (BF16, 256000, 3072, 30.0, True, True, True),
-            (BF16, 32000, LLAMA, 0.0, True, False, True),
-            (FP32, 128256, LLAMA, 0.0, False, True, False))
-    for dt, V, H, cap, ent, glp, gent in todo:
-        def run(dt=dt, V=V, H=H, cap=cap, ent=ent, glp=glp, gent=gent):
+    # (dtype, V, H, softcap, entropy, gradient on log-probs, gradient on entropies, divide by
+    # the temperature): every flag of both row kernels reached once; Llama-3-8B, Gemma-7B
+    # (softcap, 256k) and a 32k vocab.
+    todo = ((BF16, 128256, LLAMA, 0.0, False, True, False, False),
+            (BF16, 256000, 3072, 30.0, True, True, True, False),
+            (BF16, 32000, LLAMA, 0.0, True, False, True, True),
+            (FP32, 128256, LLAMA, 0.0, False, True, False, False))
+    for dt, V, H, cap, ent, glp, gent, div in todo:
+        def run(dt=dt, V=V, H=H, cap=cap, ent=ent, glp=glp, gent=gent, div=div):
             N = TOKENS
             h, W, t = _e(N, H, dtype=dt), _e(V, H, dtype=dt), _e(N, dtype=torch.int64)
-            out, e, lse = lp(h, W, None, t, 1 / 0.9, cap, ent, -100, 0)
+            scale = 0.9 if div else 1 / 0.9
+            out, e, lse = lp(h, W, None, t, scale, cap, ent, -100, 0, div)
             lp_b(torch.empty_like(out) if glp else None, torch.empty_like(out) if gent else None,
-                 h, W, None, t, lse, e, 1 / 0.9, cap, -100, True, True, False, 0)
+                 h, W, None, t, lse, e, scale, cap, -100, True, True, False, 0, div)
         yield (f"fused_linear_logprob {dt} V={V} H={H} softcap={cap} entropy={ent} "
-               f"grad_logprob={glp} grad_entropy={gent}"), run
+               f"grad_logprob={glp} grad_entropy={gent} divide={div}"), run
 
 
 def _matmuls(chip: Chip):

@@ -20,6 +20,8 @@ CASES = [
     ("bias_temperature", dict(bias=True, logit_scale=1 / 0.7)),
     ("entropy", dict(with_entropy=True)),
     ("all", dict(bias=True, logit_scale=0.6, softcap=3.0, with_entropy=True)),
+    # the logits divided by a temperature (eager's `z / T`), forward and gradient
+    ("divide", dict(bias=True, logit_scale=0.7, divide=True, with_entropy=True)),
 ]
 
 
@@ -37,13 +39,13 @@ def _small_blocks_and_poison(monkeypatch):
 
 
 def reference(h, w, b, ids, logit_scale=1.0, softcap=0.0, with_entropy=False, ignore_index=-100,
-              logits_dtype=None):
+              logits_dtype=None, divide=False):
     """float64 eager: lm head (rounded like a low-precision head when logits_dtype), scale,
     softcap, log_softmax, gather (rows at ignore_index: -0.0), entropy."""
     z = F.linear(h.double(), w.double(), b.double() if b is not None else None)
     if logits_dtype is not None:
         z = z + (z.to(logits_dtype).double() - z).detach()  # value rounded, gradient exact
-    z = z * logit_scale
+    z = z / logit_scale if divide else z * logit_scale
     if softcap > 0:
         z = softcap * torch.tanh(z / softcap)
     logp = F.log_softmax(z, -1)
@@ -79,7 +81,8 @@ def run_and_compare(h, w, b, ids, kw, dtype, grad_entropy_only=False):
     params = [p for p in (h, w, b) if p is not None]
     leaves = [p.detach().double().requires_grad_() for p in params]
     lp, ent, lse = torch.ops.liger.fused_linear_logprob(
-        h, w, b, ids, kw.get("logit_scale", 1.0), kw.get("softcap", 0.0), with_entropy, -100, 0)
+        h, w, b, ids, kw.get("logit_scale", 1.0), kw.get("softcap", 0.0), with_entropy, -100, 0,
+        kw.get("divide", False))
     rlp, rent = reference(leaves[0], leaves[1], leaves[2] if b is not None else None, ids,
                           logits_dtype=dtype if dtype != torch.float32 else None, **kw)
     assert lp.dtype == torch.float32 and lp.shape == ids.shape and lse.shape == (ids.numel(),)
