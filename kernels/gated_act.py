@@ -633,6 +633,11 @@ def _strided_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
 
 
+# eager rounds every product before the sum that reads it (fp32 too: the two gate branches are
+# each rounded, then added); a fused multiply-add would skip that rounding
+_NO_FMA = dict(enable_fp_fusion=False)
+
+
 def _cglu_meta(bounds):
     """Kernel scalars and flags for (gate_min, gate_max, up_min, up_max, up_add)."""
     vals = [0.0 if b is None else float(b) for b in bounds]
@@ -649,7 +654,7 @@ def launch_clamped_glu_forward(gate, up, out, alpha, bounds) -> None:
     grid, meta = _grid_and_meta(rows, n)
     vals, flags = _cglu_meta(bounds)
     _cglu_fwd_kernel[grid](g2, u2, y2, g2.stride(0), g2.stride(1), u2.stride(0), u2.stride(1),
-                           y2.stride(0), n, float(alpha), *vals, **flags, **meta)
+                           y2.stride(0), n, float(alpha), *vals, **flags, **meta, **_NO_FMA)
 
 
 def launch_clamped_glu_backward(dy, gate, up, dgate, dup, alpha, bounds) -> None:
@@ -664,7 +669,8 @@ def launch_clamped_glu_backward(dy, gate, up, dgate, dup, alpha, bounds) -> None
     _cglu_bwd_kernel[grid](d2, g2, u2, dg2, du2, d2.stride(0), g2.stride(0), g2.stride(1),
                            u2.stride(0), u2.stride(1), dg2.stride(0), du2.stride(0), n,
                            float(alpha), *vals, **flags,
-                           SIG_STEPS=sigmoid_backward_steps(gate.dtype, gate.device), **meta)
+                           SIG_STEPS=sigmoid_backward_steps(gate.dtype, gate.device), **meta,
+                           **_NO_FMA)
 
 
 def _r(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
