@@ -7,7 +7,8 @@ The math, as transformers' `GptOssExperts._apply_gate` writes it:
 
 a gated activation act(gate) * (up + c) with act(g) = g * sigmoid(alpha * g) (Swish with a
 slope; SiLU when alpha = 1), the gate clamped above or on both sides or not at all, up clamped on
-one side, both or not at all, and the constant c added to up or not.  alpha, every bound and c
+both sides or not at all, and the constant c added to up or not (another one-sided clamp stays in
+the graph, computed by eager, and the rest is rewritten).  alpha, every bound and c
 are values bound from the graph (Python numbers; a tensor or symbolic one is a near miss), so
 other limits, slopes and constants are the same rewrite; `clamp` / `clip` / `clamp_min` /
 `clamp_max` are one op in the canonical view.  No cast may sit inside (the pattern does not look
@@ -67,8 +68,10 @@ def _variant(gate_side: str, up_side: str, add: bool):
 # GPT-OSS's form first, then the others, more steps before fewer: when a form is refused (a bound
 # that is a tensor, not a value of the dtype), a shorter one takes the rest, the refused clamp
 # left in the graph as eager computes it (and the near miss says why it was not fused)
-_FORMS = sorted(((g, u, a) for g in _SIDES for u in _SIDES for a in (True, False)
-                 if (g, u, a) != ("none", "none", False)),
+# (one-sided clamps other than the gate's max are left to the shorter forms, the clamp in the
+# graph: each variant is tried at every product of every graph, so the list stays short)
+_FORMS = sorted(((g, u, a) for g in ("max", "both", "none") for u in ("both", "none")
+                 for a in (True, False)),
                 key=lambda f: (f != ("max", "both", True), -len(_SIDES[f[0]]) - len(_SIDES[f[1]])
                                - f[2]))
 _VARIANTS = [_variant(*f) for f in _FORMS]
