@@ -803,8 +803,11 @@ def _cglu_backward(ctx, dy):
 
 
 clamped_glu_op.register_autograd(_cglu_backward, setup_context=_cglu_setup_context)
-cpu_decomposition(torch.ops.liger.clamped_glu)(_clamped_glu_torch)
-cpu_decomposition(torch.ops.liger.clamped_glu_backward)(_clamped_glu_backward_torch)
+# No CPU decomposition (runtime.cpu_decomposition): inductor computes an fp16/bf16 chain in fp32
+# and drops the `.to(dt).to(fp32)` roundings in between (unless its emulate_precision_casts is
+# set), which are every rounding this op exists to keep, and an op cannot be inlined for some
+# dtypes only (its backward, in a graph the backend does not see, would be inlined or kept for
+# all).  Under inductor on the CPU the op runs its own implementation: eager's ops, bit for bit.
 
 
 def clamped_glu(gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702,
