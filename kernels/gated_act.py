@@ -1,5 +1,7 @@
 """MLP activations with recompute in backward: `liger::gated_act`, y = act(gate) * up (SwiGLU,
-GeGLU, squared-ReLU GLU), and `liger::act`, y = act(x) (the non-gated relu² MLP of Nemotron).
+GeGLU, squared-ReLU GLU), `liger::act`, y = act(x) (the non-gated relu² MLP of Nemotron), and
+`liger::clamped_glu`, GPT-OSS's (clamp(up) + c) * g * sigmoid(alpha g), g = clamp(gate), every op
+rounded as eager's (its section below says how).
 
 activation is "silu", "gelu" (exact, erf), "gelu_tanh" (tanh approximation) or "relu_sq"
 (relu(x)**2, eager's `torch.square(F.relu(x))`) or "silu_product" (SiLU written `g * sigmoid(g)`:
