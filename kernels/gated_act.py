@@ -1,5 +1,7 @@
 """MLP activations with recompute in backward: `liger::gated_act`, y = act(gate) * up (SwiGLU,
-GeGLU, squared-ReLU GLU), and `liger::act`, y = act(x) (the non-gated relu² MLP of Nemotron).
+GeGLU, squared-ReLU GLU), `liger::act`, y = act(x) (the non-gated relu² MLP of Nemotron), and
+`liger::clamped_glu`, GPT-OSS's (clamp(up) + c) * g * sigmoid(alpha g), g = clamp(gate), every op
+rounded as eager's (its section below says how).
 
 activation is "silu", "gelu" (exact, erf), "gelu_tanh" (tanh approximation) or "relu_sq"
 (relu(x)**2, eager's `torch.square(F.relu(x))`) or "silu_product" (SiLU written `g * sigmoid(g)`:
@@ -507,3 +509,313 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
 
 def act(x: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.ops.liger.act(x, activation)
+
+
+# ----------------------------------------------------------------------------- clamped GLU
+#
+# `liger::clamped_glu`: y = (clamp(up) + c) * (gc * sigmoid(alpha * gc)), gc = clamp(gate)
+# (GPT-OSS's experts: alpha 1.702, gate clamped above at 7, up to [-7, 7], c = 1).  Every op
+# rounds to the inputs' dtype as eager's does in fp16/bf16 (gc * alpha, the sigmoid, gc * s,
+# up + c, the product), and the backward replays autograd's ops with their roundings:
+# dv = dy * glu, dglu = dy * v, dglu * s, ds = dglu * gc, sigmoid_backward (ds * (1 - s)) * s in
+# fp32 then rounded, dt * alpha, the two gate branches summed, then clamp's backward (the gradient
+# passes where lo <= x <= hi: 0 at NaN).  Forward clamp: NaN stays NaN, ±inf goes to the bound.
+# gate and up are read in place through a row and a column stride (the stride-2 halves
+# `gate_up[..., ::2]` / `[..., 1::2]` need no copy); only gate and up are saved for backward.
+
+
+@triton.jit
+def _clamp(x, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """torch.clamp: NaN compares false and stays NaN, ±inf goes to the bound."""
+    if HAS_LO:
+        x = tl.where(x < lo, lo, x)
+    if HAS_HI:
+        x = tl.where(x > hi, hi, x)
+    return x
+
+
+@triton.jit
+def _clamp_grad(d, x, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """torch's clamp_backward: d where lo <= x <= hi, else 0 (a NaN x fails both)."""
+    if HAS_LO:
+        d = tl.where(x >= lo, d, 0.0)
+    if HAS_HI:
+        d = tl.where(x <= hi, d, 0.0)
+    return d
+
+
+@triton.jit
+def _load2(ptr, row, rstride, cstride, cols, mask):
+    return tl.load(ptr + row * rstride + cols * cstride, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _cglu_gate(gc, alpha, DT: tl.constexpr):
+    """(s, glu) of the clamped gate, each op rounded to DT as eager rounds it."""
+    t = round_to(gc * alpha, DT)
+    s = round_to(_sigmoid(t), DT)
+    return s, round_to(gc * s, DT)
+
+
+@triton.jit
+def _cglu_fwd_kernel(g_ptr, u_ptr, y_ptr, g_rs, g_cs, u_rs, u_cs, y_stride, N,
+                     alpha, g_lo, g_hi, u_lo, u_hi, c,
+                     G_LO: tl.constexpr, G_HI: tl.constexpr, U_LO: tl.constexpr,
+                     U_HI: tl.constexpr, HAS_C: tl.constexpr, BLOCK: tl.constexpr):
+    row, cols, mask = _block(N, BLOCK)
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    gc = _clamp(_load2(g_ptr, row, g_rs, g_cs, cols, mask), g_lo, g_hi, G_LO, G_HI)
+    v = _clamp(_load2(u_ptr, row, u_rs, u_cs, cols, mask), u_lo, u_hi, U_LO, U_HI)
+    if HAS_C:
+        v = round_to(v + c, DT)
+    s, glu = _cglu_gate(gc, alpha, DT)
+    _store(y_ptr, row, y_stride, cols, v * glu, mask)
+
+
+@triton.jit
+def _cglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, dy_stride, g_rs, g_cs, u_rs, u_cs,
+                     dg_stride, du_stride, N, alpha, g_lo, g_hi, u_lo, u_hi, c,
+                     G_LO: tl.constexpr, G_HI: tl.constexpr, U_LO: tl.constexpr,
+                     U_HI: tl.constexpr, HAS_C: tl.constexpr, SIG_STEPS: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    row, cols, mask = _block(N, BLOCK)
+    DT: tl.constexpr = dg_ptr.dtype.element_ty
+    dy = _load(dy_ptr, row, dy_stride, cols, mask)
+    g = _load2(g_ptr, row, g_rs, g_cs, cols, mask)
+    u = _load2(u_ptr, row, u_rs, u_cs, cols, mask)
+    gc = _clamp(g, g_lo, g_hi, G_LO, G_HI)
+    v = _clamp(u, u_lo, u_hi, U_LO, U_HI)
+    if HAS_C:
+        v = round_to(v + c, DT)
+    s, glu = _cglu_gate(gc, alpha, DT)
+    # the product's gradients, each rounded; `+ c` passes its gradient through
+    du = round_to(dy * glu, DT)
+    _store(du_ptr, row, du_stride, cols, _clamp_grad(du, u, u_lo, u_hi, U_LO, U_HI), mask)
+    dglu = round_to(dy * v, DT)
+    d1 = round_to(dglu * s, DT)  # gc * s, gradient of gc
+    ds = round_to(dglu * gc, DT)  # gradient of s
+    if SIG_STEPS:  # CPU eager's fp16 sigmoid_backward rounds each of its ops
+        dt = round_to(round_to(ds * round_to(1.0 - s, DT), DT) * s, DT)
+    else:  # fp32 opmath, one rounding
+        dt = round_to((ds * (1.0 - s)) * s, DT)
+    d2 = round_to(dt * alpha, DT)  # gc * alpha, gradient of gc
+    _store(dg_ptr, row, dg_stride, cols, _clamp_grad(d1 + d2, g, g_lo, g_hi, G_LO, G_HI), mask)
+
+
+def _probe_sigmoid_backward_steps(dt: torch.dtype) -> bool:
+    """Whether CPU eager's sigmoid_backward in `dt` rounds after each of its ops ((ds * (1 - s))
+    * s, each product and the difference rounded: fp16 in torch 2.13) rather than computing in
+    fp32 and rounding once (bf16, and CUDA's opmath kernel).  Asked of eager at import, outside any
+    tracing, on values where the two differ, rather than assumed."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        ds = (torch.randn(4096, generator=gen) * 3).to(dt)
+        s = torch.rand(4096, generator=gen).to(dt)
+        got = torch.ops.aten.sigmoid_backward(ds, s)
+        steps = (ds * (1 - s)) * s  # dt ops: each rounded
+        once = ((ds.float() * (1 - s.float())) * s.float()).to(dt)
+        if torch.equal(got, once):
+            return False
+        if torch.equal(got, steps):
+            return True
+    raise RuntimeError(f"clamped_glu: CPU sigmoid_backward in {dt} rounds neither way modelled")
+
+
+_SIG_STEPS = {dt: _probe_sigmoid_backward_steps(dt) for dt in (torch.bfloat16, torch.float16)}
+
+
+def sigmoid_backward_steps(dt: torch.dtype, device) -> bool:
+    """Whether eager's sigmoid_backward rounds per op for `dt` on `device`'s type (CPU probed;
+    CUDA computes in fp32 opmath and rounds once)."""
+    return torch.device(device).type == "cpu" and _SIG_STEPS.get(dt, False)
+
+
+def _strided_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, n], a view whenever the leading dims merge (any column stride)."""
+    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+
+
+# eager rounds every product before the sum that reads it (fp32 too: the two gate branches are
+# each rounded, then added); a fused multiply-add would skip that rounding
+_NO_FMA = dict(enable_fp_fusion=False)
+
+
+def _cglu_meta(bounds):
+    """Kernel scalars and flags for (gate_min, gate_max, up_min, up_max, up_add)."""
+    vals = [0.0 if b is None else float(b) for b in bounds]
+    flags = dict(zip(("G_LO", "G_HI", "U_LO", "U_HI", "HAS_C"), (b is not None for b in bounds)))
+    return vals, flags
+
+
+def launch_clamped_glu_forward(gate, up, out, alpha, bounds) -> None:
+    """Write the clamped GLU of gate, up into out (contiguous, gate's shape)."""
+    g2, u2, y2 = _strided_rows(gate), _strided_rows(up), out.view(-1, out.shape[-1])
+    rows, n = g2.shape
+    if rows == 0 or n == 0:
+        return
+    grid, meta = _grid_and_meta(rows, n)
+    vals, flags = _cglu_meta(bounds)
+    _cglu_fwd_kernel[grid](g2, u2, y2, g2.stride(0), g2.stride(1), u2.stride(0), u2.stride(1),
+                           y2.stride(0), n, float(alpha), *vals, **flags, **meta, **_NO_FMA)
+
+
+def launch_clamped_glu_backward(dy, gate, up, dgate, dup, alpha, bounds) -> None:
+    """Write the clamped GLU's gradients into dgate, dup (contiguous, gate's shape)."""
+    d2, g2, u2 = _rows(dy), _strided_rows(gate), _strided_rows(up)
+    dg2, du2 = dgate.view(-1, dgate.shape[-1]), dup.view(-1, dup.shape[-1])
+    rows, n = g2.shape
+    if rows == 0 or n == 0:
+        return
+    grid, meta = _grid_and_meta(rows, n)
+    vals, flags = _cglu_meta(bounds)
+    _cglu_bwd_kernel[grid](d2, g2, u2, dg2, du2, d2.stride(0), g2.stride(0), g2.stride(1),
+                           u2.stride(0), u2.stride(1), dg2.stride(0), du2.stride(0), n,
+                           float(alpha), *vals, **flags,
+                           SIG_STEPS=sigmoid_backward_steps(gate.dtype, gate.device), **meta,
+                           **_NO_FMA)
+
+
+def _r(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """x rounded to dt and back (eager's rounding after an op computed in opmath)."""
+    return x if x.dtype == dt else x.to(dt).to(x.dtype)
+
+
+def _clamp_t(x, lo, hi):
+    return x if lo is None and hi is None else torch.clamp(x, lo, hi)
+
+
+def _clamp_grad_t(d, x, lo, hi):
+    if lo is not None:
+        d = torch.where(x >= lo, d, 0.0)
+    if hi is not None:
+        d = torch.where(x <= hi, d, 0.0)
+    return d
+
+
+def _cglu_forward_parts(g, u, alpha, bounds, dt):
+    """(gc, s, glu, v) in g's (compute) dtype, each op rounded to dt."""
+    g_lo, g_hi, u_lo, u_hi, c = bounds
+    gc = _clamp_t(g, g_lo, g_hi)
+    s = _r(torch.sigmoid(_r(gc * alpha, dt)), dt)
+    glu = _r(gc * s, dt)
+    v = _clamp_t(u, u_lo, u_hi)
+    if c is not None:
+        v = _r(v + c, dt)
+    return gc, s, glu, v
+
+
+def clamped_glu_reference(gate, up, alpha, bounds) -> torch.Tensor:
+    """Eager's ops replayed in fp32 (fp64 for fp64) with eager's roundings to gate's dtype."""
+    cdt = torch.promote_types(gate.dtype, torch.float32)
+    _, _, glu, v = _cglu_forward_parts(gate.to(cdt), up.to(cdt), alpha, bounds, gate.dtype)
+    return (v * glu).to(gate.dtype).contiguous()
+
+
+def clamped_glu_backward_reference(dy, gate, up, alpha, bounds):
+    """Autograd's backward of the eager ops, each op rounded as eager's (recomputes forward)."""
+    dt, cdt = gate.dtype, torch.promote_types(gate.dtype, torch.float32)
+    g, u, d = gate.to(cdt), up.to(cdt), dy.to(cdt)
+    gc, s, glu, v = _cglu_forward_parts(g, u, alpha, bounds, dt)
+    g_lo, g_hi, u_lo, u_hi, _ = bounds
+    dup = _clamp_grad_t(_r(d * glu, dt), u, u_lo, u_hi)
+    dglu = _r(d * v, dt)
+    d1, ds = _r(dglu * s, dt), _r(dglu * gc, dt)
+    if sigmoid_backward_steps(dt, gate.device):
+        d_t = _r(_r(ds * _r(1 - s, dt), dt) * s, dt)
+    else:
+        d_t = _r((ds * (1 - s)) * s, dt)
+    d2 = _r(d_t * alpha, dt)
+    dgate = _clamp_grad_t(d1 + d2, g, g_lo, g_hi)
+    return dgate.to(dt).contiguous(), dup.to(dt).contiguous()
+
+
+def _check_cglu(gate, up, bounds):
+    torch._check(gate.dim() >= 1, lambda: "clamped_glu: gate must have at least one dim")
+    torch._check(gate.shape == up.shape, lambda: f"clamped_glu: gate {gate.shape} and up {up.shape} differ")
+    torch._check(gate.dtype == up.dtype, lambda: "clamped_glu: gate and up dtypes differ")
+    for lo, hi in (bounds[0:2], bounds[2:4]):
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"clamped_glu: min {lo} > max {hi}")
+
+
+@torch.library.custom_op("liger::clamped_glu", mutates_args=())
+def clamped_glu_op(gate: torch.Tensor, up: torch.Tensor, alpha: float, gate_min: float | None,
+                   gate_max: float | None, up_min: float | None, up_max: float | None,
+                   up_add: float | None) -> torch.Tensor:
+    """(clamp(up, up_min, up_max) + up_add) * gc * sigmoid(alpha * gc), gc = clamp(gate, gate_min,
+    gate_max); a None bound or up_add is absent (no clamp side, no add)."""
+    bounds = (gate_min, gate_max, up_min, up_max, up_add)
+    _check_cglu(gate, up, bounds)
+    if use_triton(gate, up):
+        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        launch_clamped_glu_forward(gate, up, out, alpha, bounds)
+        return out
+    return clamped_glu_reference(gate, up, alpha, bounds)
+
+
+def _clamped_glu_torch(gate, up, alpha, gate_min, gate_max, up_min, up_max, up_add):
+    bounds = (gate_min, gate_max, up_min, up_max, up_add)
+    _check_cglu(gate, up, bounds)
+    return clamped_glu_reference(gate, up, alpha, bounds)
+
+
+@clamped_glu_op.register_fake
+def _(gate, up, alpha, gate_min, gate_max, up_min, up_max, up_add):
+    _check_cglu(gate, up, (gate_min, gate_max, up_min, up_max, up_add))
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("liger::clamped_glu_backward", mutates_args=())
+def clamped_glu_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, alpha: float,
+                            gate_min: float | None, gate_max: float | None, up_min: float | None,
+                            up_max: float | None, up_add: float | None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    bounds = (gate_min, gate_max, up_min, up_max, up_add)
+    _check_cglu(gate, up, bounds)
+    if use_triton(dy, gate, up):
+        dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+        launch_clamped_glu_backward(dy, gate, up, dgate, dup, alpha, bounds)
+        return dgate, dup
+    return clamped_glu_backward_reference(dy, gate, up, alpha, bounds)
+
+
+def _clamped_glu_backward_torch(dy, gate, up, alpha, gate_min, gate_max, up_min, up_max, up_add):
+    bounds = (gate_min, gate_max, up_min, up_max, up_add)
+    _check_cglu(gate, up, bounds)
+    return clamped_glu_backward_reference(dy, gate, up, alpha, bounds)
+
+
+@clamped_glu_backward_op.register_fake
+def _(dy, gate, up, alpha, gate_min, gate_max, up_min, up_max, up_add):
+    _check_cglu(gate, up, (gate_min, gate_max, up_min, up_max, up_add))
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _cglu_setup_context(ctx, inputs, output):
+    gate, up, *scalars = inputs
+    ctx.save_for_backward(gate, up)  # recompute in backward: nothing else is kept
+    ctx.scalars = scalars
+
+
+def _cglu_backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    dgate, dup = torch.ops.liger.clamped_glu_backward(dy, gate, up, *ctx.scalars)
+    return (dgate, dup) + (None,) * len(ctx.scalars)
+
+
+clamped_glu_op.register_autograd(_cglu_backward, setup_context=_cglu_setup_context)
+# No CPU decomposition (runtime.cpu_decomposition): inductor computes an fp16/bf16 chain in fp32
+# and drops the `.to(dt).to(fp32)` roundings in between (unless its emulate_precision_casts is
+# set), which are every rounding this op exists to keep, and an op cannot be inlined for some
+# dtypes only (its backward, in a graph the backend does not see, would be inlined or kept for
+# all).  Under inductor on the CPU the op runs its own implementation: eager's ops, bit for bit.
+
+
+def clamped_glu(gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702,
+                gate_min: float | None = None, gate_max: float | None = 7.0,
+                up_min: float | None = -7.0, up_max: float | None = 7.0,
+                up_add: float | None = 1.0) -> torch.Tensor:
+    """GPT-OSS's clamped GLU by default: (up.clamp(-7, 7) + 1) * g * sigmoid(1.702 g),
+    g = gate.clamp(max=7)."""
+    return torch.ops.liger.clamped_glu(gate, up, alpha, gate_min, gate_max, up_min, up_max, up_add)

@@ -114,6 +114,9 @@ def _why(ops, steps, root, up, up_fn, x) -> str:
     if not any(ops == m for m in _MODELLED) or (ops == {"sigmoid"} and "mul" not in steps):
         # sigmoid alone is the original GLU; with `g * sigmoid(g)` it is silu spelled out
         return f"{seen}: the gated kernels compute silu, gelu and relu² only"
+    if ops == {"sigmoid"} and "mul" in steps and "cast" in steps | (up_fn[1] if up_fn else set()):
+        return (f"{seen}: g * sigmoid(alpha * g) with a cast between its steps (the gated "
+                "patterns take none inside the activation)")
     extra = (steps - ops - {"cast"}) | ((up_fn[1] - {"cast"}) if up_fn else set())
     if ops in ({"sigmoid"}, {"tanh", "pow"}, {"tanh", "square"}):
         # a formula (silu, gelu's tanh form) is arithmetic: only bounds are extra steps
@@ -126,5 +129,5 @@ def _why(ops, steps, root, up, up_fn, x) -> str:
     return f"{seen}: an activation the gated kernels compute, in a spelling no gated pattern takes"
 
 
-register_detector("gated_act", detect_gated, patterns=("swiglu", "geglu", "relu_sq_glu"),
+register_detector("gated_act", detect_gated, patterns=("swiglu", "geglu", "relu_sq_glu", "clamped_glu"),
                   looks_like="a gated activation")

@@ -65,7 +65,10 @@ def _eps_and_mean(v):
     if op(v) in ("clamp", "clamp_min", "maximum", "max") and v.args:
         hit = _mean_of_squares(v.args[0])
         if hit is not None:
-            return hit, (f"eps bounds the mean with `{op(v)}` instead of being added to it "
+            # the op as the code spells it (the canonical view makes clamp_min a clamp)
+            spelled = v.nodes[0].target if v.nodes else op(v)
+            spelled = getattr(spelled, "__name__", spelled)
+            return hit, (f"eps bounds the mean with `{spelled}` instead of being added to it "
                          "(not the math of the norm kernels)")
     return None, None
 

@@ -69,3 +69,15 @@ def test_reshape_dropping_trailing_one_is_squeeze_only_trailing():
     # a leading 1 (batch of one) keeps the reshape's own form
     view, out = _view_of(lambda x: x.reshape(3, 4), torch.randn(1, 3, 4))
     assert view[out].op != "squeeze"
+
+
+@pytest.mark.parametrize("f,lo,hi", [
+    (lambda x: x.clamp(min=None, max=7.0), None, 7.0), (lambda x: x.clamp(max=7.0), None, 7.0),
+    (lambda x: torch.clamp_max(x, 7.0), None, 7.0), (lambda x: x.clamp_max(7.0), None, 7.0),
+    (lambda x: torch.clamp(x, -7.0, 7.0), -7.0, 7.0), (lambda x: x.clip(-7.0, 7.0), -7.0, 7.0),
+    (lambda x: torch.clip(x, min=-7.0, max=7.0), -7.0, 7.0),
+    (lambda x: torch.clamp_min(x, -7.0), -7.0, None), (lambda x: x.clamp(-7.0), -7.0, None)])
+def test_clamp_spellings_are_one_clamp(f, lo, hi):
+    view, out = _view_of(f, torch.randn(64) * 10)
+    c = view[out]
+    assert c.op == "clamp" and c.args[1:] == (lo, hi)

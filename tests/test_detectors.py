@@ -177,7 +177,8 @@ class GatedMLP(nn.Module):
 
 
 class ClampedSwiGLU(nn.Module):
-    """gpt-oss's gate: clamped halves of one fused projection, a scaled sigmoid, `up + 1`."""
+    """gpt-oss's gate: clamped halves of one fused projection, a scaled sigmoid, `up + 1`, with the
+    slope written as a division (no pattern takes that)."""
 
     def __init__(self):
         super().__init__()
@@ -188,7 +189,8 @@ class ClampedSwiGLU(nn.Module):
     def forward(self, x):
         gu = self.gate_up(x)
         gate, up = gu[..., ::2].clamp(max=7.0), gu[..., 1::2].clamp(-7.0, 7.0)
-        return self.down((up + 1) * (gate * torch.sigmoid(gate * 1.702)))
+        # the slope as a division (the clamped_glu pattern takes `gate * alpha`, not this)
+        return self.down((up + 1) * (gate * torch.sigmoid(gate / 0.5875)))
 
 
 @pytest.mark.parametrize("act, name", [(F.mish, "mish"), (torch.sigmoid, "sigmoid"),

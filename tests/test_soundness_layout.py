@@ -104,6 +104,7 @@ def test_fake_impls_promise_the_real_strides(kernel_path):
         "rms_norm": lambda x: L.rms_norm(x, w, 1e-6, 0.0, "llama", x.dtype),
         "layer_norm": lambda x: L.layer_norm(x, w, b, 1e-5, x.dtype),
         "gated_act": lambda x: L.gated_act(x, x * 2, "silu"),
+        "clamped_glu": lambda x: L.clamped_glu(x, x * 2, 1.702, None, 7.0, -7.0, 7.0, 1.0),
         "rope": lambda x: L.rope(x, x * 1, cos, sin, 2, False),
     }
     mode = FakeTensorMode(allow_non_fake_inputs=True)

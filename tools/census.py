@@ -158,7 +158,7 @@ def _torch_alone_fails(model, inputs) -> bool:
 
 
 def census_one(model_type: str, limit: int, rtol: float, inner: str) -> dict:
-    from tests.models.families import build_tiny, composed, extra, find_sites, unrewritten
+    from tests.models.families import MLP_OPS, build_tiny, composed, extra, find_sites, unrewritten
 
     row = dict(type=model_type)
     t0 = time.time()
@@ -202,7 +202,7 @@ def census_one(model_type: str, limit: int, rtol: float, inner: str) -> dict:
                   want["add_norm"]],
         extra={k: list(v) for k, v in extra(runs, sites, n_composed).items()},
         composed=[n_composed, want["gated_norm"]],
-        other_mlps=sorted({k for _, k in sites.mlps if k not in ("swiglu", "geglu", "relu_sq")}),
+        other_mlps=sorted({k for _, k in sites.mlps if k not in MLP_OPS}),
         near_misses=[str(n) for n in (report.near_misses if report else [])],
         graphs=report.graphs if report else 0, seconds=time.time() - t0)
     if not err < rtol:

@@ -34,7 +34,9 @@ Rules (each is an identity of real arithmetic, so a match means the same math):
   dim of an `unflatten(src, d, k)` is the strided slice `slice(src, d, i, None, k)`
   (`x.unflatten(-1, (-1, 2))[..., 1]` is `x[..., 1::2]`);
 - negation moves out of a sum: `p + (-q)` and `(-q) + p` are `p - q`, `p + a * (-b)` is
-  `p - a * b` (exact: negation is, and rounding is symmetric).
+  `p - a * b` (exact: negation is, and rounding is symmetric);
+- `clamp` / `clip` / `clamp_min` / `clamp_max` (function or method, bounds by position or keyword)
+  are `clamp(x, min, max)`, None for a side without a bound.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ _SIGNATURES: dict[str, tuple[str, ...]] = {
     "cat": ("dim=0",), "stack": ("dim=0",), "flatten": ("start_dim=0", "end_dim=-1"),
     "gather": ("dim", "index", "sparse_grad=False"), "squeeze": ("dim=None",),
     "logsumexp": ("dim", "keepdim=False"),
+    "clamp": ("min=None", "max=None"), "clamp_min": ("min",), "clamp_max": ("max",),
 }
 _UNARY = {"neg", "square", "sqrt", "rsqrt", "reciprocal", "exp", "log", "erf", "tanh", "sigmoid",
           "abs", "relu", "view_as_complex", "view_as_real"}
@@ -83,7 +86,7 @@ _PURE = _UNARY | _REDUCTIONS | {"add", "sub", "mul", "div", "pow", CAST, "silu",
                                 "rms_norm", "layer_norm", "linear", "matmul", "getitem",
                                 "transpose", "unsqueeze", "slice", "unflatten", "cat",
                                 "stack", "flatten", "view", "reshape", "expand", "permute",
-                                "squeeze", "select"}
+                                "squeeze", "select", "clamp"}
 
 _NO_DEFAULT = object()
 _FLOAT_WIDE = (torch.float32, torch.float64)
@@ -330,6 +333,9 @@ class View:
             if isinstance(e, (int, float)) and not isinstance(e, bool) and e in alias:
                 return self._mk(alias[e], (x,), node)
             return self._mk("pow", (x, e), node)
+        if name in ("clamp_min", "clamp_max"):  # one side of clamp(x, min, max)
+            lo, hi = (a[1], None) if name == "clamp_min" else (None, a[1])
+            return self._mk("clamp", (x, lo, hi), node)
         if name == "relu":  # F.relu(x, inplace=True) writes x: not this value (opaque)
             return None if a[1] else self._mk("relu", (x,), node)
         if name in _UNARY:

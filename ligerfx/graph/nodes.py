@@ -46,11 +46,14 @@ FUNCTIONS: dict[Any, str] = {
     F.log_softmax: "log_softmax", F.pad: "pad", torch.narrow: "narrow",
     torch.unflatten: "unflatten", torch.gather: "gather", torch.logsumexp: "logsumexp",
     torch.select: "select", torch.unbind: "unbind",
+    torch.clamp: "clamp", torch.clip: "clamp", torch.clamp_min: "clamp_min",
+    torch.clamp_max: "clamp_max",
 }
 
 
 METHOD_ALIASES = {"__getitem__": "getitem", "concat": "cat", "multiply": "mul",
-                   "subtract": "sub", "divide": "div", "true_divide": "div", "negative": "neg"}
+                   "subtract": "sub", "divide": "div", "true_divide": "div", "negative": "neg",
+                   "clip": "clamp"}
 
 
 CONVERT_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}

@@ -152,6 +152,22 @@ def _gated():
         yield f"gated_act {dt} rows={TOKENS} n={n} {act}", run
 
 
+def _clamped_glu():
+    # GPT-OSS-20B/120B experts: gate_up [tokens, 2 * 2880], gate and up its stride-2 halves; the
+    # GPT-OSS flags in bf16 and fp16, every flag on in bf16, every flag off in fp32
+    fwd, bwd = op_body("liger::clamped_glu"), op_body("liger::clamped_glu_backward")
+    gpt_oss = (1.702, None, 7.0, -7.0, 7.0, 1.0)
+    todo = [(BF16, gpt_oss), (FP16, gpt_oss), (BF16, (1.5, -7.0, 7.0, -7.0, 7.0, 0.5)),
+            (FP32, (1.0, None, None, None, None, None))]
+    for dt, args in todo:
+        def run(dt=dt, args=args):
+            gu = _e(TOKENS, 2 * 2880, dtype=dt)
+            g, u = gu[:, ::2], gu[:, 1::2]
+            y = fwd(g, u, *args)
+            bwd(torch.empty_like(y), g, u, *args)
+        yield f"clamped_glu {dt} rows={TOKENS} n=2880 {args}", run
+
+
 def _act():
     # the non-gated relu² MLP: Nemotron-4-15B (24576) and Nemotron-H-8B (21504) widths
     fwd, bwd = op_body("liger::act"), op_body("liger::act_backward")
@@ -346,6 +362,7 @@ def cases(chip: Chip):
         yield from _add_norms()
         yield from _rope()
         yield from _gated()
+        yield from _clamped_glu()
         yield from _act()
         yield from _gated_norms()
         yield from _losses()

@@ -27,7 +27,9 @@ GPU_CONSTANT = {("_int8_mm_kernel", "UPCAST"), ("_int4_mm_kernel", "UPCAST"),
                 # eager's value of an activation at +inf on the CPU (NaN there, +inf on CUDA):
                 # only ever True on the CPU / interpreter (kernels/gated_act.py)
                 ("_gated_fwd_kernel", "INF_NAN"), ("_gated_bwd_kernel", "INF_NAN"),
-                ("_act_fwd_kernel", "INF_NAN")}
+                ("_act_fwd_kernel", "INF_NAN"),
+                # CPU eager's fp16 sigmoid_backward rounds per op; CUDA's computes in fp32
+                ("_cglu_bwd_kernel", "SIG_STEPS")}
 
 
 def _have_ptxas() -> bool:

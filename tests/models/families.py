@@ -28,7 +28,9 @@ the sites a rewrite should cover:
   written as one gated product; or, whatever the projections are called, the module itself
   multiplies its activation's output by a same-shape tensor: JetMoE's experts chunk one
   `input_linear` into gate and up), by its activation; a non-gated MLP counts only when its
-  activation is ReLU² (it has an op);
+  activation is ReLU² (it has an op); every call of a module's `_apply_gate` when the module
+  has a numeric `alpha` and `limit` (GPT-OSS's experts: the clamped GLU, once per grouped call or
+  once per expert when the experts run one by one) is a `clamped_glu` site;
 - the loss, when labels are given.
 
 This is a test oracle: it reads module class names and Hugging Face's conventions, which the
@@ -98,7 +100,7 @@ NORM_OPS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
 ADD_NORM_OPS = ("add_rms_norm", "add_layer_norm")
 GATED_NORM_OPS = ("gated_rms_norm",)
 LOSS_OPS = ("fused_linear_cross_entropy", "cross_entropy")
-MLP_OPS = ("swiglu", "geglu", "relu_sq")
+MLP_OPS = ("swiglu", "geglu", "relu_sq", "clamped_glu")
 
 _ACT_ATTRS = ("act_fn", "activation_fn", "act", "activation")
 _NORM_CLASS = re.compile(r"(RMS|Layer|L2)Norm")
@@ -283,6 +285,19 @@ def find_sites(model: nn.Module, inputs: dict) -> Sites:
             sums.acts[id(out)] = owner
             sums.kept.append(out)
 
+    def count_gate(m):
+        apply = m._apply_gate
+
+        def counted(*a, **k):
+            sites.mlps.append((names[id(m)], "clamped_glu"))
+            return apply(*a, **k)
+        return counted
+
+    gates = [m for m in model.modules() if callable(getattr(m, "_apply_gate", None))
+             and all(isinstance(getattr(m, n, None), (int, float)) for n in ("alpha", "limit"))]
+    for m in gates:
+        m._apply_gate = count_gate(m)  # an instance attribute shadows the class's method
+
     handles = []
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
@@ -334,6 +349,8 @@ def find_sites(model: nn.Module, inputs: dict) -> Sites:
             setattr(mod, fname, fn)
         for h in handles:
             h.remove()
+        for m in gates:
+            del m._apply_gate
     sites.norms = [s for i, s in enumerate(sites.norms) if i not in dropped]
     by_id = {id(m): names[id(m)] for m in model.modules()}
     for (i, _), calls_here in rotations.items():
