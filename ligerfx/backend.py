@@ -191,6 +191,9 @@ def liger_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | 
     report = rewrite(gm, opts, upstream, produced)
     if saved is not None:
         report = _validated(gm, saved, opts, report, example_inputs, upstream, bodies)
+    from .checkpointing import graph_break_misses
+
+    report.near_misses.extend(graph_break_misses())  # checkpointed code Dynamo ran eagerly
     decomps = None
     if opts.inner == "inductor" and _on_cpu(example_inputs):
         decomps = cpu_paths(gm, report)
