@@ -4,8 +4,9 @@ When Dynamo cannot trace the code under `torch.utils.checkpoint.checkpoint` as o
 op (transformers' decoder layers set the hub-kernel context variable there, a Python side effect
 that eager checkpointing would replay in the backward's recompute), it breaks the graph and runs
 the checkpointed code eagerly: no backend ever sees it, so no pattern can rewrite or report it.
-The one trace of that is Dynamo's graph-break counter, keyed by the reason; a reason that names
-checkpointing, new since the backend last looked, becomes a near miss of the graph compiled next.
+The one trace of that is Dynamo's graph-break counters, keyed by the reason; a reason that names
+checkpointing, new since the backend last looked, becomes a near miss of the graph compiled next
+(where Dynamo compiles no graph at all after it, only compile_in_place's warning is left).
 
 ligerfx does not set `torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint`
 itself, although with it Dynamo traces such a layer as a checkpoint op whose body the pattern pass
@@ -30,7 +31,10 @@ def _count() -> int:
         from torch._dynamo.utils import counters
     except Exception:  # noqa: BLE001 - a torch without the counters: nothing to say
         return 0
-    return sum(n for reason, n in counters.get("graph_break", {}).items()
+    # "graph_break": a break Dynamo resumed after (transformers' layers); "unimplemented": one
+    # that made it skip the whole frame (a break inside a loop over the layers)
+    return sum(n for kind in ("graph_break", "unimplemented")
+               for reason, n in counters.get(kind, {}).items()
                if "checkpoint" in str(reason).lower())
 
 
@@ -49,6 +53,7 @@ def graph_break_misses() -> list:
            if hasattr(torch._dynamo.config, FLAG) else
            "turn gradient checkpointing off (this torch has no option to trace it)")
     return [NearMiss("activation_checkpointing", Location(), (
-        f"Dynamo broke the graph {new} time(s) inside torch.utils.checkpoint (a side effect or "
-        "untraceable code in the checkpointed function): that code ran eagerly and no pattern "
+        "Dynamo could not trace code under torch.utils.checkpoint (a side effect or untraceable "
+        "code in the checkpointed function; TORCH_LOGS=graph_breaks shows it): it broke the "
+        "graph there or skipped the frame, so that code ran eagerly and no pattern "
         f"was searched in it; to fuse it, {fix}, or turn gradient checkpointing off"))]
