@@ -199,3 +199,36 @@ def test_cond_body_is_reported_not_rewritten(torch_path):
     assert not rep.matches, rep
     assert any(n.pattern == "rms_norm" and "torch.ops.higher_order.cond" in n.reason
                for n in rep.near_misses), rep
+
+
+@pytest.mark.slow
+def test_hf_llama_with_gradient_checkpointing_is_fused_when_dynamo_can_trace_it(kernel_path,
+                                                                                monkeypatch):
+    # transformers' decoder layer sets a context variable under the checkpoint; with Dynamo's
+    # flag it traces the layer as a checkpoint op, and every layer pattern is rewritten inside.
+    from tests.models.hf import build
+
+    flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    if not hasattr(torch._dynamo.config, flag):
+        pytest.skip(f"this torch has no torch._dynamo.config.{flag}")
+    monkeypatch.setattr(torch._dynamo.config, flag, True)
+    model, inputs = build("llama")
+    model.gradient_checkpointing_enable()
+    compiled = _compile(copy.deepcopy(model), inner="eager", validate="raise")
+    ref64 = copy.deepcopy(model).double()
+
+    def step(m):
+        loss = m(**inputs).loss
+        loss.backward()
+        return loss.detach(), {k: p.grad for k, p in m.named_parameters()}
+
+    (loss64, g64), (loss, g), (got, gg) = step(ref64), step(model), step(compiled)
+    problems = [within_eager_rounding("loss", got, loss, loss64, torch.float32)]
+    problems += [within_eager_rounding(k, gg[k], g[k], g64[k], torch.float32) for k in g]
+    assert not [p for p in problems if p], problems
+    rep = ligerfx.backend.last_report
+    assert rep.graphs == 1 and not rep.near_misses, rep
+    # each layer's norms, rope and MLP inside its body; the layer-crossing residual adds stay
+    assert rep.counts == {"rms_norm": 3, "add_rms_norm": 2, "rope": 2, "swiglu": 2,
+                          "fused_linear_cross_entropy": 1}, rep.counts
+    assert all(v.status == "equal" for v in rep.validation) and len(rep.validation) == 10, rep
