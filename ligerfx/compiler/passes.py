@@ -404,6 +404,8 @@ def _search_bodies(gm: fx.GraphModule, patterns: list, options, report: Report, 
                 inner = run_patterns(sub, patterns, options, refuse=refuse, body=path)
                 for m in inner.matches:
                     m.position = where
+                    # node names repeat from body to body and in the outer graph: qualified
+                    m.nodes = [f"{target}/{n}" for n in m.nodes]
                     report.matches.append(m)
                 for m in inner.near_misses:
                     m.position = where
