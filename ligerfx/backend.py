@@ -65,7 +65,9 @@ def cpu_paths(gm: fx.GraphModule, report: Report) -> dict:
 
     table = cpu_decompositions()
     calls = []
-    for n in gm.graph.nodes:
+    # the graph's own nodes and those of its checkpoint bodies, which inductor inlines
+    for n in (n for sub in gm.modules() if isinstance(sub, fx.GraphModule)
+              for n in sub.graph.nodes):
         pattern = n.meta.get(PATTERN_META)
         op = n.target
         if isinstance(op, torch._ops.OpOverloadPacket):  # the rewriter calls torch.ops.liger.x
@@ -93,10 +95,12 @@ def cpu_paths(gm: fx.GraphModule, report: Report) -> dict:
 
 
 def _validated(gm: fx.GraphModule, saved: fx.Graph, opts: Options, report: Report,
-               example_inputs: list, upstream) -> Report:
+               example_inputs: list, upstream, bodies: dict) -> Report:
     """Translation validation (ligerfx/compiler/validate.py): check each rewrite of `gm` on the
-    compile's real inputs; while one differs, rewrite a fresh copy of the original graph (`saved`)
-    into `gm` without it and check what that rewrite made.  Returns the final report."""
+    compile's real inputs; while one differs, rewrite a fresh copy of the original graph (`saved`,
+    and `bodies`: its higher-order op bodies, validate.save_bodies) into `gm` without it and
+    check what that rewrite made.  Returns the final report."""
+    from .compiler.passes import anchor_key
     from .compiler import validate
     from .compiler.report import ValidationRecord
 
@@ -104,7 +108,7 @@ def _validated(gm: fx.GraphModule, saved: fx.Graph, opts: Options, report: Repor
     refuse: dict = {}
     dropped: list = []
     while True:
-        original = fx.GraphModule(gm, validate.copy_graph(saved))
+        original = validate.original_module(gm, saved, bodies)
         results = validate.check(original, gm, report.matches, example_inputs, done)
         done.update((r.key, r) for r in results)
         bad = [r for r in results if r.status == validate.DROPPED]
@@ -120,11 +124,11 @@ def _validated(gm: fx.GraphModule, saved: fx.Graph, opts: Options, report: Repor
         for r in bad:
             validate.warn(r)
             dropped.append(r)
-            refuse[(r.record.pattern, r.record.region["anchor"])] = (
+            reg = r.record.region
+            refuse[(r.record.pattern, anchor_key(reg.get("body", ""), reg["anchor"]))] = (
                 f"translation validation: the rewrite differs from the original code on the "
                 f"first call's values: {r.detail}")
-        gm.graph = validate.copy_graph(saved)
-        gm.recompile()
+        validate.restore(gm, saved, bodies)
         report = rewrite(gm, opts, upstream, None, refuse=refuse)
     report.validation = [
         ValidationRecord(r.record.pattern, r.record.location, r.status, r.detail,
@@ -178,14 +182,18 @@ def liger_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | 
     opts = Options.from_any(options)
     upstream = _frames.begin()
     produced: list = []
-    saved = None
+    saved = bodies = None
     if opts.validate:
-        from .compiler.validate import copy_graph
+        from .compiler.validate import copy_graph, save_bodies
 
         saved = copy_graph(gm.graph)  # the graph as Dynamo gave it
+        bodies = save_bodies(gm)  # and its checkpoint bodies, which the rewrite changes in place
     report = rewrite(gm, opts, upstream, produced)
     if saved is not None:
-        report = _validated(gm, saved, opts, report, example_inputs, upstream)
+        report = _validated(gm, saved, opts, report, example_inputs, upstream, bodies)
+    from .checkpointing import graph_break_misses
+
+    report.near_misses.extend(graph_break_misses())  # checkpointed code Dynamo ran eagerly
     decomps = None
     if opts.inner == "inductor" and _on_cpu(example_inputs):
         decomps = cpu_paths(gm, report)

@@ -22,12 +22,14 @@ returns a new `OptimizedModule` instead, and each of them goes wrong with it in 
 - `TrainingArguments(torch_compile=True, torch_compile_backend="liger")` is rejected by
   accelerate, which accepts only its own list of backend names.
 
-Gradient (activation) checkpointing is allowed but warned about: each decoder layer then runs
-under `torch.utils.checkpoint`, which Dynamo either cannot trace in transformers' models (the
-hub-kernel context variable the attention sets is a side effect inside the checkpoint: a graph
-break, the layer runs eagerly) or traces as a higher-order op whose body no pattern is searched
-in; either way no layer is rewritten and the report does not say so.  TRL's configs turn it on
-by default.
+Gradient (activation) checkpointing: each decoder layer then runs under
+`torch.utils.checkpoint`.  Dynamo traces that as a checkpoint op whose body the pattern pass
+rewrites (compiler/hop.py), but in transformers' models only with
+`torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True`: otherwise the
+hub-kernel context variable the attention sets is a side effect inside the checkpoint, Dynamo
+breaks the graph there and the layer runs eagerly (a near miss says so, ligerfx/checkpointing.py).
+So with checkpointing on and the flag off, compile_in_place warns.  TRL's configs turn
+checkpointing on by default.
 
 `nn.Module.compile` compiles the module's call in place instead: the object, its class, its methods
 and its `state_dict()` stay the same, and every call of it (`Trainer`'s, DDP's, `generate`'s)
@@ -100,14 +102,18 @@ def compile_in_place(model: Any, *, training_args: Any = None, fullgraph: bool =
             "time, through accelerate, which does not know the liger backend: leave "
             "torch_compile, torch_compile_backend and torch_compile_mode unset; the model "
             "compiled here is what the Trainer runs")
-    if getattr(training_args, "gradient_checkpointing", False) or \
-            getattr(model, "is_gradient_checkpointing", False) is True:
+    flag = getattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", None)
+    if (getattr(training_args, "gradient_checkpointing", False)
+            or getattr(model, "is_gradient_checkpointing", False) is True) and not flag:
         warnings.warn(
             "gradient checkpointing is on (TrainingArguments(gradient_checkpointing=True), TRL's "
             "default, or model.gradient_checkpointing_enable()): the decoder layers run under "
-            "torch.utils.checkpoint, where the liger backend rewrites nothing (Dynamo breaks "
-            "the graph there or hides the layer in a checkpoint op), so only the code outside "
-            "the layers is fused. Set gradient_checkpointing=False to fuse the layers",
+            "torch.utils.checkpoint, where Dynamo breaks the graph on a Python side effect (as in "
+            "transformers' models) and runs the layer eagerly, unfused. To fuse the layers, set "
+            + ("`torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True` "
+               "before the first call (side effects are then not replayed in the backward's "
+               "recompute) or " if flag is not None else "")
+            + "gradient_checkpointing=False",
             UserWarning, stacklevel=2)
     model.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     return model

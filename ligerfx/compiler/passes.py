@@ -18,7 +18,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
-from . import boundary, detect, rewriter
+from . import boundary, detect, hop, rewriter
 from ligerfx.graph import schedule
 from .canonical import INPUT, CNode, View
 from .matcher import Match, _match, _State, match_at
@@ -242,7 +242,7 @@ def _dependent_reason(anchors, pos: dict) -> str:
 
 def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, *,
                  upstream: list | tuple = (), produced: list | None = None,
-                 refuse: dict | None = None) -> Report:
+                 refuse: dict | None = None, body: str = "") -> Report:
     """Rewrite `gm` in place and return the report for this graph.
 
     `options` (the backend's Options) is handed to constraints and replacements as
@@ -251,7 +251,10 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
     boundary cut in two; `produced`, when given, receives this graph's own signature (taken
     before any rewrite).  `refuse`: {(pattern name, anchor node name): reason} for matches that
     must become near misses with that reason (translation validation found them wrong: the graph
-    is rewritten again without them, compiler/validate.py)."""
+    is rewritten again without them, compiler/validate.py).  The bodies of activation
+    checkpointing (and other "call this graph" higher-order ops, compiler/hop.py) are rewritten
+    too, with the same patterns and options; `body` is the attribute path of the graph being
+    rewritten when it is such a body (recorded in each rewrite's region)."""
     report = Report(graphs=1)
     refuse = refuse or {}
     patterns = list(patterns)
@@ -308,7 +311,8 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                     # a look-alike is refused once its constraints did not skip it
                     problem = variant.refuse or kind or problem
                     if problem is None:
-                        problem = refuse.get((pattern.name, match.tops[0].name))
+                        problem = refuse.get((pattern.name,
+                                              anchor_key(body, match.tops[0].name)))
                     if problem is None and any(n in claimed for n in match.covered):
                         continue
                     if problem is None:
@@ -351,7 +355,7 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
                                       [n.name for n in match.covered],
                                       detail=match.detail,
                                       position=position.get(match.tops[0], -1),
-                                      region=_region(match, new))
+                                      region=_region(match, new, body))
                     claimed.update(match.covered)
                     claimed.update(match.outputs)
                     for n in list(match.covered) + list(match.outputs):
@@ -400,6 +404,7 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
     missed = set(misses_at) | {a for a, _ in cut_misses}
     report.near_misses.extend(detect.run_detectors(graph, [p.name for p in patterns], claimed,
                                                    missed, position))
+    _search_bodies(gm, patterns, options, report, refuse, position, body)
     report.near_misses = _one_per_cause(report.near_misses)
     # Report in program order (candidates are scanned from the graph's end).
     report.matches.sort(key=lambda m: m.position)
@@ -408,7 +413,59 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
     return report
 
 
-def _region(match: Match, new: list) -> dict:
+def anchor_key(body: str, anchor: str) -> str:
+    """A rewrite's anchor as `refuse` names it: node names repeat from one body to the next."""
+    return f"{body}:{anchor}" if body else anchor
+
+
+def _search_bodies(gm: fx.GraphModule, patterns: list, options, report: Report, refuse: dict,
+                   position: dict, prefix: str) -> None:
+    """Rewrite the bodies of the "call this graph" higher-order ops of `gm` in place (their
+    rewrites and near misses join `report`, placed at the op's call), and report what the patterns
+    would rewrite in any other higher-order op's body as near misses naming the op."""
+    from .validate import copy_graph
+
+    for node in list(gm.graph.nodes):
+        name = hop.hop_name(node)
+        if name is None:
+            continue
+        for target, sub in hop.bodies(gm, node):
+            path = f"{prefix}.{target}" if prefix else target
+            where = position.get(node, -1)
+            if hop.runs_body(node):
+                inner = run_patterns(sub, patterns, options, refuse=refuse, body=path)
+                for m in inner.matches:
+                    m.position = where
+                    # node names repeat from body to body and in the outer graph: qualified
+                    m.nodes = [f"{target}/{n}" for n in m.nodes]
+                    report.matches.append(m)
+                for m in inner.near_misses:
+                    m.position = where
+                    report.near_misses.append(m)
+                report.notes.extend(n for n in inner.notes if n not in report.notes)
+                continue
+            # Any other op: search a copy, rewrite nothing, say what would have been rewritten.
+            probe = fx.GraphModule(sub, copy_graph(sub.graph))
+            try:
+                inner = run_patterns(probe, patterns, options, body=path)
+            except Exception as e:  # noqa: BLE001 - the body is not ours to run: say so
+                report.near_misses.append(NearMiss(
+                    f"({name})", locate(node), f"the body `{target}` of {name} was not searched "
+                    f"for patterns ({type(e).__name__}: {str(e)[:200]})", position=where))
+                continue
+            why = (f"inside the body `{target}` of {name}, which ligerfx does not rewrite (only "
+                   "activation checkpointing's and Dynamo's plain wrap bodies are run as "
+                   "ordinary code; this op gives its body another meaning)")
+            for m in inner.matches:
+                report.near_misses.append(NearMiss(m.pattern, m.location, why, position=where,
+                                                   size=len(m.nodes)))
+            for m in inner.near_misses:
+                report.near_misses.append(NearMiss(m.pattern, m.location,
+                                                   f"{m.reason} (and it is {why})",
+                                                   position=where, size=m.size))
+
+
+def _region(match: Match, new: list, body: str = "") -> dict:
     """What a rewrite replaced, by node name (names survive a deep copy of the graph): its anchor
     (which identifies the match for `refuse`), the nodes it covered and the outputs it took over
     (all nodes of the graph before any rewrite), and the nodes that now compute them."""
@@ -417,7 +474,8 @@ def _region(match: Match, new: list) -> dict:
             "outputs": [n.name for n in match.outputs],
             "replacements": [r.name if isinstance(r, fx.Node) else None
                              for r in match.replacements],
-            "new": [n.name for n in new]}
+            "new": [n.name for n in new],
+            "body": body}  # attribute path of the higher-order op body it is in, or ""
 
 
 def _one_per_cause(misses: list) -> list:

@@ -133,16 +133,16 @@ class Result:
 def region_key(record) -> tuple:
     """A rewrite's identity across rewrites of copies of one graph."""
     r = record.region
-    return (record.pattern, r["anchor"], tuple(r["covered"]), tuple(r["outputs"]))
+    return (record.pattern, r.get("body", ""), r["anchor"], tuple(r["covered"]),
+            tuple(r["outputs"]))
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
     """A copy of `graph` with the same node names, node meta (shared, not copied) and the
     attributes Dynamo sets on nodes (a placeholder's `_dynamo_source`, which AOTAutograd reads)."""
     new = copy.deepcopy(graph)
-    by_name = {n.name: n for n in new.nodes}
-    for n in graph.nodes:
-        m = by_name[n.name]
+    # in order, not by name: a body's output node may be named `output_1`, which the copy renames
+    for n, m in zip(graph.nodes, new.nodes):
         for k, v in vars(n).items():
             if k not in vars(m):
                 setattr(m, k, v)
@@ -459,11 +459,86 @@ def check_region(record, original: fx.GraphModule, rewritten: fx.GraphModule, va
     return Result(record, EQUAL)
 
 
+def save_bodies(gm: fx.GraphModule) -> dict:
+    """Copies of the graphs of `gm`'s graph submodules (higher-order op bodies, which the pattern
+    pass rewrites in place), by attribute path, shallowest first."""
+    return {name: copy_graph(sub.graph) for name, sub in gm.named_modules()
+            if name and isinstance(sub, fx.GraphModule)}
+
+
+def original_module(gm: fx.GraphModule, saved: fx.Graph, bodies: dict) -> fx.GraphModule:
+    """A module running the graph as Dynamo gave it (`saved`), bodies included, beside `gm`."""
+    original = fx.GraphModule(gm, copy_graph(saved))
+    for path, graph in bodies.items():
+        parent_path, _, leaf = path.rpartition(".")
+        parent = original.get_submodule(parent_path) if parent_path else original
+        setattr(parent, leaf, fx.GraphModule(getattr(parent, leaf), copy_graph(graph)))
+    return original
+
+
+def restore(gm: fx.GraphModule, saved: fx.Graph, bodies: dict) -> None:
+    """Put the graph as Dynamo gave it back into `gm`, bodies included (to rewrite it afresh)."""
+    gm.graph = copy_graph(saved)
+    gm.recompile()
+    for path, graph in bodies.items():
+        sub = gm.get_submodule(path)
+        sub.graph = copy_graph(graph)
+        sub.recompile()
+
+
 def check(original: fx.GraphModule, rewritten: fx.GraphModule, records: list, inputs: list,
           done: dict) -> list[Result]:
     """Validate the rewrites in `records` (MatchRecords of `rewritten`, with regions) that are
-    not in `done` (region_key -> Result, from an earlier round); returns their Results."""
-    todo = [r for r in records if r.region is not None and region_key(r) not in done]
+    not in `done` (region_key -> Result, from an earlier round); returns their Results.  A rewrite
+    inside an activation-checkpointing body is checked on the values the body is called with
+    (captured from the original graph), against the original body."""
+    records = [r for r in records if r.region is not None]
+    in_bodies: dict = {}
+    for r in records:
+        if r.region.get("body"):
+            in_bodies.setdefault(r.region["body"], []).append(r)
+    out = [res for path, recs in in_bodies.items()
+           if any(region_key(r) not in done for r in recs)
+           for res in _check_body(original, rewritten, path, recs, inputs, done)]
+    top = [r for r in records if not r.region.get("body")]
+    return out + _check_graph(original, rewritten, top, inputs, done)
+
+
+def _check_body(original, rewritten, path: str, records: list, inputs: list,
+                done: dict) -> list[Result]:
+    from .hop import operands, runs_body
+
+    def none(why):
+        return [Result(r, NOT_VALIDATED, why) for r in records if region_key(r) not in done]
+
+    if "." in path:
+        return none(f"inside `{path}`, a higher-order op body nested in another: the values it "
+                    "is called with are not captured")
+    call = next((n for n in original.graph.nodes if runs_body(n) and n.args
+                 and getattr(n.args[0], "target", None) == path), None)
+    ops = operands(call, path) if call is not None else None
+    if ops is None:
+        return none(f"the call of the body `{path}` was not found in the graph")
+    if any(isinstance(x, torch._subclasses.FakeTensor) for x in inputs):
+        return none("the backend was given fake inputs (e.g. a DDP bucket), not the call's values")
+    wanted = {a.name for a in ops if isinstance(a, fx.Node)}
+    try:
+        devices = sorted({x.device.index for x in inputs if isinstance(x, torch.Tensor)
+                          and x.device.type == "cuda" and x.device.index is not None})
+        with torch.random.fork_rng(devices=devices):
+            values = _capture(original, inputs, wanted)
+    except Exception as e:  # noqa: BLE001 - the validator's limit: keep the rewrites
+        return none(f"the original graph raised here: {type(e).__name__}: {str(e)[:300]}")
+    args = [values.get(a.name) if isinstance(a, fx.Node) else a for a in ops]
+    return _check_graph(original.get_submodule(path), rewritten.get_submodule(path), records,
+                        args, done)
+
+
+def _check_graph(original: fx.GraphModule, rewritten: fx.GraphModule, records: list,
+                 inputs: list, done: dict) -> list[Result]:
+    """`check` for the rewrites of one graph (`records`, all of them: a later rewrite may read
+    an earlier one's new nodes)."""
+    todo = [r for r in records if region_key(r) not in done]
     if not todo:
         return []
     if any(isinstance(x, torch._subclasses.FakeTensor) for x in inputs):
