@@ -69,7 +69,7 @@ def measure(mode: str, step, grads: dict) -> None:
     elapsed = time.perf_counter() - t0
     fields = dict(seconds=elapsed, loss=loss.item(), counts={}, graphs=0,
                   **{name: t.grad.norm().item() for name, t in grads.items()})
-    if mode == "compiled":
+    if mode.startswith("compiled") or mode == "per_token":
         import torch
 
         import ligerfx.backend
