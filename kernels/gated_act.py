@@ -5,7 +5,11 @@ rounded as eager's (its section below says how).
 
 activation is "silu", "gelu" (exact, erf), "gelu_tanh" (tanh approximation) or "relu_sq"
 (relu(x)**2, eager's `torch.square(F.relu(x))`) or "silu_product" (SiLU written `g * sigmoid(g)`:
-sigmoid rounded, then the product, and autograd's backward of those two ops, rounding as they do).  The non-gated op is the same family as the
+sigmoid rounded, then the product, and autograd's backward of those two ops, rounding as they do)
+or "gelu_erf" (exact gelu written out, `g * 0.5 * (1 + erf(g / sqrt(2)))`: those ops in that
+order and autograd's backward of them.  It is not F.gelu: at +inf the formula gives +inf where CPU
+eager's F.gelu gives NaN in fp32/bf16, its gradient is NaN at +inf (erf's exp(-t^2) = 0 times an
+inf), and it rounds differently elsewhere).  The non-gated op is the same family as the
 gated one: the same activation code, the same loads and roundings with one operand fewer (up is
 1), so it lives here rather than in a file of its own.  gate and up may be
 strided views, e.g. the two halves of one fused projection (`proj.chunk(2, -1)`): rows are read
@@ -36,13 +40,15 @@ from ligerfx.kernels.rounding import cast_rne, round_to
 from ligerfx.kernels.runtime import cpu_decomposition, next_pow2, use_triton
 from ligerfx.kernels.triton_math import silu, silu_grad
 
-ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu_sq": 3, "silu_product": 4}
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu_sq": 3, "silu_product": 4, "gelu_erf": 5}
 _MAX_BLOCK = 2048
 
 _SQRT1_2 = 0.7071067811865476  # 1/sqrt(2)
 _INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi)
 _SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2/pi)
 _GELU_C = 0.044715
+_SQRT2 = 1.4142135623730951  # the divisor of the written-out erf gelu (the pattern binds it exactly)
+_TWO_OVER_SQRT_PI = 1.1283791670955126  # erf'(t) = 2/sqrt(pi) * exp(-t^2), autograd's formula
 
 
 @triton.jit
@@ -60,6 +66,8 @@ def _act(g, ACT: tl.constexpr):
     elif ACT == 3:
         r = _relu(g)
         return r * r
+    elif ACT == 5:
+        return (g * 0.5) * (1.0 + tl.math.erf(g / 1.4142135623730951))
     else:
         return g * _sigmoid(g)
 
@@ -118,6 +126,14 @@ def _grad_times(dz, g, ACT: tl.constexpr):
         # g * s: the product's two gradients, the sigmoid's (ds * (1 - s)) * s, then their sum
         s = _sigmoid(g)
         return dz * s + ((dz * g) * (1.0 - s)) * s
+    elif ACT == 5:
+        # (g * 0.5) * e, e = 1 + erf(t), t = g / sqrt2: autograd's two paths, each as it computes
+        # it: (dz * e) * 0.5 through the scale, and erf's (2/sqrt(pi) * exp(-t^2)) * (dz * h)
+        # divided by sqrt2 through t (NaN at +inf: 0 * inf, as eager's)
+        t = g / 1.4142135623730951
+        d_scale = (dz * (1.0 + tl.math.erf(t))) * 0.5
+        d_erf = (1.1283791670955126 * tl.exp(-(t * t))) * (dz * (g * 0.5))
+        return d_scale + d_erf / 1.4142135623730951
     else:
         return dz * _act_grad(g, ACT)
 
@@ -291,6 +307,8 @@ def _act_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
         return torch.square(torch.relu(g))
     if activation == "silu_product":
         return g * torch.sigmoid(g)
+    if activation == "gelu_erf":
+        return g * 0.5 * (1.0 + torch.erf(g / _SQRT2))
     return F.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
@@ -321,6 +339,11 @@ def _grad_times_torch(dz: torch.Tensor, g: torch.Tensor, activation: str) -> tor
     if activation == "silu_product":
         s = torch.sigmoid(g)
         return dz * s + ((dz * g) * (1 - s)) * s
+    if activation == "gelu_erf":
+        t = g / _SQRT2
+        d_scale = (dz * (1.0 + torch.erf(t))) * 0.5
+        d_erf = (_TWO_OVER_SQRT_PI * torch.exp(-(t * t))) * (dz * (g * 0.5))
+        return d_scale + d_erf / _SQRT2
     return dz * _act_grad_torch(g, activation)
 
 

@@ -179,7 +179,9 @@ def _activation(match) -> str:
         # its one-formula gradient round differently)
         return "silu_product"
     if fn is geglu_erf:
-        return "gelu"
+        # computed as written (F.gelu is another function: NaN at +inf on CPU in fp32/bf16 where
+        # the formula gives +inf, and its own roundings and gradient formula)
+        return "gelu_erf"
     if fn is geglu_new:
         return "gelu_tanh"
     if fn in (relu_sq_glu, relu_sq):
@@ -265,6 +267,8 @@ def check(match):
     act = match.params["activation"]
     if act == "silu_product":
         act, note = "silu", note + "; g * sigmoid(g) as written"
+    elif act == "gelu_erf":
+        act, note = "gelu", note + "; erf formula as written"
     match.detail = f"{act}, {str(prod).replace('torch.', '')}{note}"
     return None
 

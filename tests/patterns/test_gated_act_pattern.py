@@ -146,3 +146,67 @@ def test_bf16_casts_reproduced_or_refused(fn, detail, torch_path):
     grads_ref = torch.autograd.grad(ref, (g, u), cot)
     for a, b in zip(grads, grads_ref):
         assert a.dtype == b.dtype and rel_err(a, b) < 1e-2
+
+
+# gelu written out (exact with erf, tanh as gelu_new) is its own function, not F.gelu: at +inf
+# `g * 0.5 * (1 + erf(g / sqrt2))` is +inf (and so is up's gradient) where CPU eager's F.gelu gives
+# NaN in fp32; the rewrite computed F.gelu's value there.  Each spelling must give its own eager's
+# non-finite values (forward, both gradients) at +-inf and NaN gates, and be within eager's
+# rounding elsewhere.
+def _gelu_erf_written(g, u):
+    return g * 0.5 * (1.0 + torch.erf(g / 1.4142135623730951)) * u
+
+
+def _gelu_tanh_written(g, u):
+    return 0.5 * g * (1.0 + torch.tanh(0.7978845608028654 * (g + 0.044715 * torch.pow(g, 3.0)))) * u
+
+
+def _gelu_f(g, u):
+    return F.gelu(g) * u
+
+
+def _gelu_tanh_f(g, u):
+    return F.gelu(g, approximate="tanh") * u
+
+
+GELUS = [(_gelu_erf_written, "gelu"), (_gelu_tanh_written, "gelu_tanh"), (_gelu_f, "gelu"),
+         (_gelu_tanh_f, "gelu_tanh")]
+
+
+@pytest.mark.parametrize("fn,act", GELUS, ids=[f.__name__ for f, _ in GELUS])
+def test_gelu_spellings_keep_eager_inf_and_nan(fn, act, kernel_path):
+    from ligerfx.compiler.validate import within_eager_rounding
+
+    gen = torch.Generator().manual_seed(1)
+    # 64 columns: CPU eager's vectorized loop (where F.gelu's NaN at +inf comes from) runs
+    g = torch.randn(3, 64, generator=gen) * 3
+    g[:, :5] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e20, -1e20])
+    u = torch.randn(3, 64, generator=gen)
+    cot = torch.randn(3, 64, generator=gen)
+    report = ligerfx.explain(fn, g, u)
+    assert [(m.pattern, m.detail.split(",")[0]) for m in report.matches] == [("geglu", act)]
+    compiled = torch.compile(fn, backend="liger", options={"inner": "aot_eager", **OPTS})
+    results = []
+    for f, dt in ((compiled, torch.float32), (fn, torch.float32), (fn, torch.float64)):
+        gi, ui = g.to(dt).requires_grad_(), u.to(dt).requires_grad_()
+        y = f(gi, ui)
+        results.append((y, *torch.autograd.grad(y, (gi, ui), cot.to(dt))))
+    for what, got, low, ref in zip(("out", "d gate", "d up"), *results):
+        problem = within_eager_rounding(what, got.detach(), low.detach(), ref.detach(), torch.float32)
+        assert problem is None, problem
+
+
+def test_gelu_erf_bit_equal_torch_path(torch_path):
+    # "gelu_erf" runs the written ops in eager's order on the torch path: eager's bits, forward
+    # and backward, non-finite values included
+    gen = torch.Generator().manual_seed(2)
+    g, u, dy = (torch.randn(3, 64, generator=gen) * 3 for _ in range(3))
+    g[0, :6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3e38, 1e-40, -0.0])
+    ge, ue = g.clone().requires_grad_(), u.clone().requires_grad_()
+    ye = _gelu_erf_written(ge, ue)
+    ye.backward(dy)
+    gk, uk = g.clone().requires_grad_(), u.clone().requires_grad_()
+    yk = torch.ops.liger.gated_act(gk, uk, "gelu_erf")
+    yk.backward(dy)
+    for a, b in ((yk, ye), (gk.grad, ge.grad), (uk.grad, ue.grad)):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
