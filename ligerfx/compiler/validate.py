@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -56,22 +55,24 @@ class ValidationError(RuntimeError):
     """validate="raise": a rewrite differs from the code it replaced."""
 
 
-_state = threading.local()
+# Process-wide, not per thread: the autograd engine runs a CUDA backward on its own threads.
+_depth = 0
 
 
 def running() -> bool:
-    """True while translation validation runs code on this thread (the original graph, a
-    region's three runs): a kernel call made now is the validator's, not the program's."""
-    return getattr(_state, "depth", 0) > 0
+    """True while translation validation runs code (the original graph, a region's three runs,
+    their backward): a kernel call made now is the validator's, not the program's."""
+    return _depth > 0
 
 
 @contextlib.contextmanager
 def _running():
-    _state.depth = getattr(_state, "depth", 0) + 1
+    global _depth
+    _depth += 1
     try:
         yield
     finally:
-        _state.depth -= 1
+        _depth -= 1
 
 
 # -- the rule ----------------------------------------------------------------------------------
