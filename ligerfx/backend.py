@@ -132,7 +132,7 @@ def _validated(gm: fx.GraphModule, saved: fx.Graph, opts: Options, report: Repor
         report = rewrite(gm, opts, upstream, None, refuse=refuse)
     report.validation = [
         ValidationRecord(r.record.pattern, r.record.location, r.status, r.detail,
-                         position=r.record.position)
+                         position=r.record.position, not_compared=list(r.not_compared))
         for r in [done[validate.region_key(m)] for m in report.matches if m.region is not None]
         + dropped]
     report.validation.sort(key=lambda v: v.position)

@@ -337,6 +337,7 @@ def check_fused(match):
         match.detail = ("logits dropped (skip_logits=True): the returned logits are an empty tensor"
                         if skip_logits else "logits also returned, written by the same pass")
         if skip_logits:
+            match.dropped[1] = "skip_logits=True: the logits are not materialised (an empty tensor)"
             match.notes.append("skip_logits=True: the logits output of the fused lm head + loss "
                                "is an empty tensor, not the logits")
     return None

@@ -14,6 +14,13 @@ import torch  # noqa: E402
 # (the `pytest -m cuda` suite; tests/kernels/conftest.py skips the interpreter path there).
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
+# Translation validation on for the whole suite (issue 22 §2): every rewrite any test makes is also
+# run as the code it replaced, on the test's own values, on the first call; one that is not within
+# eager's rounding fails the test (ValidationError) even where the test did not expect a rewrite.
+# Tests of validation itself pass `validate=` explicitly.  LIGERFX_VALIDATE=0 turns it off (e.g. to
+# time the suite without it); subprocesses the tests start inherit it.
+os.environ.setdefault("LIGERFX_VALIDATE", "raise")
+
 import importlib  # noqa: E402
 import pkgutil  # noqa: E402
 

@@ -59,15 +59,20 @@ def child(mode: str) -> None:
     mask = (torch.rand(B, T) > 0.2).float()
     ref = -1e3 - 10 * torch.rand(B)
     rest = (ids, mask, ref[: B // 2], ref[B // 2:])
-    # Warm-up outside the measured window on a small problem: loads lazily initialised kernels
-    # and libraries (Dynamo, AOTAutograd, the liger ops).  The compiled variant then compiles
-    # the full-size graph inside the window (dynamic=False): its compile-time memory counts
-    # against ours, which can only overstate our peak.  (A full-size warm-up would double the
-    # test's time; a dynamic sequence dim cannot prove the ids' and logits' rows equal.)
-    hw = h.detach()[:, :8].clone().requires_grad_()
-    ww = w.detach()[:512].clone().requires_grad_()
-    _step(mode, hw, ww, ids[:, :8].clamp(max=511), mask[:, :8], *rest[2:])
-    del hw, ww
+    # Warm-up outside the measured window: loads lazily initialised kernels and libraries
+    # (Dynamo, AOTAutograd, the liger ops).  The compiled variant warms up at full size, as the
+    # other memory probes do: the claim is about a steady training step, and the first call is
+    # not one (it compiles, and with translation validation on, as in the test suite, it also
+    # runs the original code on these inputs, eager's [N, V] logits included).  dynamic=False:
+    # a dynamic sequence dim cannot prove the ids' and logits' rows equal.
+    if mode == "compiled":
+        _step(mode, *(x.detach().clone().requires_grad_() if x.requires_grad else x
+                      for x in (h, w, *rest)))
+    else:
+        hw = h.detach()[:, :8].clone().requires_grad_()
+        ww = w.detach()[:512].clone().requires_grad_()
+        _step(mode, hw, ww, ids[:, :8].clamp(max=511), mask[:, :8], *rest[2:])
+        del hw, ww
     measure(mode, lambda: _step(mode, h, w, *rest), dict(gh=h, gw=w))
 
 
@@ -78,7 +83,7 @@ def _run(mode: str) -> dict:
 def test_dpo_step_peak_memory_under_a_third_of_eager():
     eager, ours = _run("eager"), _run("compiled")
     assert ours["counts"] == {"fused_linear_logprob": 1}, ours["counts"]
-    assert ours["graphs"] == 2, ours  # the warm-up's and the full-size graph
+    assert ours["graphs"] == 1, ours  # the full-size graph, compiled in the warm-up
     check_peak(eager, ours, floor_mib=N * V * 4 / 2**20,  # 1 GiB: eager holds its logits
                grad_w_mib=V * H * 4 / 2**20, under=3)
 

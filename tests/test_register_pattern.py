@@ -22,6 +22,7 @@ import torch.nn as nn
 import ligerfx
 from ligerfx import PatternError, register_pattern
 from ligerfx.compiler.pattern import REGISTRY
+from ligerfx.compiler import validate
 from ligerfx.testing import check_pattern
 
 PLUGIN_DIR = os.path.join(os.path.dirname(__file__), "plugin_dist")
@@ -30,7 +31,7 @@ CALLS: Counter = Counter()
 
 @torch.library.custom_op("ligerfx_test::quick_gelu", mutates_args=())
 def quick_gelu_op(x: torch.Tensor) -> torch.Tensor:
-    CALLS["forward"] += 1
+    CALLS["forward"] += 0 if validate.running() else 1  # the program's calls only
     return x * torch.sigmoid(1.702 * x)
 
 
@@ -41,7 +42,7 @@ def _(x):
 
 @torch.library.custom_op("ligerfx_test::quick_gelu_backward", mutates_args=())
 def quick_gelu_backward_op(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    CALLS["backward"] += 1
+    CALLS["backward"] += 0 if validate.running() else 1  # the program's calls only
     s = torch.sigmoid(1.702 * x)
     return grad * (s + 1.702 * x * s * (1 - s))
 

@@ -335,3 +335,71 @@ def test_validation_changes_nothing_the_program_sees():
     for a, b in zip(*results):
         assert torch.equal(a, b)
     assert torch.equal(results[1][2], torch.ones(16)) and torch.equal(results[1][3], 2 * torch.ones(3))
+
+
+def test_the_suite_runs_with_validation_on(wrong_twice):
+    """tests/conftest.py makes LIGERFX_VALIDATE=raise the session's default (issue 22 §2): a test
+    that compiles with no `validate` option fails on a wrong rewrite it did not ask about."""
+    import os
+
+    if os.environ.get("LIGERFX_VALIDATE") != "raise":
+        pytest.skip(f"this run set LIGERFX_VALIDATE={os.environ.get('LIGERFX_VALIDATE')!r}")
+    assert Options().validate == "raise"
+    with pytest.raises(Exception, match=f"translation validation.*{wrong_twice}.*differs"):
+        torch.compile(Twice(), backend="liger",
+                      options={"inner": "aot_eager", "log_report": False})(torch.randn(3, 8))
+
+
+def test_running_says_when_the_validator_runs_code(monkeypatch):
+    from ligerfx.compiler import validate
+
+    seen = []
+    check_region = validate.check_region
+
+    def spy(*args, **kwargs):
+        seen.append(validate.running())
+        return check_region(*args, **kwargs)
+
+    monkeypatch.setattr(validate, "check_region", spy)
+    assert not validate.running()
+    _compile(Norm(), validate=True)(torch.randn(4, 16))
+    assert seen == [True] and not validate.running()
+
+
+class LogitsLM(nn.Module):
+    """An lm head + cross-entropy that also returns its logits (what skip_logits drops)."""
+
+    def __init__(self, h=16, v=37):
+        super().__init__()
+        self.emb = nn.Embedding(v, h)
+        self.w = nn.Parameter(torch.randn(v, h) * 0.3)
+
+    def forward(self, ids, t):
+        logits = torch.nn.functional.linear(self.emb(ids), self.w)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), t.flatten()), logits
+
+
+def test_skip_logits_output_is_not_compared_the_loss_is(kernel_path):
+    """skip_logits=True returns empty logits on purpose (the option's contract): validation
+    compares the loss and the gradients (no upstream gradient through the dropped logits) and
+    says which output it did not compare."""
+    torch.manual_seed(0)
+    model = LogitsLM()
+    ids, t = torch.randint(0, 37, (2, 5)), torch.randint(0, 37, (2, 5))
+    ref_loss, _ = model(ids, t)
+    gref = _grads(model, ref_loss)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        loss, logits = _compile(model, validate="raise", skip_logits=True)(ids, t)
+    assert not _validation_warnings(record)
+    report = ligerfx.backend.last_report
+    assert report.counts == {"fused_linear_cross_entropy": 1}
+    (v,) = report.validation
+    assert v.status == "equal"
+    (what,) = v.not_compared
+    assert what.startswith("output 1 (`") and "skip_logits=True" in what
+    assert "not compared by translation validation" in str(report)
+    assert logits.numel() == 0
+    torch.testing.assert_close(loss, ref_loss)
+    for a, b in zip(_grads(model, loss), gref):
+        torch.testing.assert_close(a, b)

@@ -162,6 +162,10 @@ class Match:
     params: dict = field(default_factory=dict)  # decisions constraints hand to the replacement
     replacements: list = field(default_factory=list)  # the new nodes, once rewritten
     notes: list = field(default_factory=list)  # statements for the report (e.g. a dropped output)
+    # outputs the replacement deliberately does not compute, by index into `outputs`, with why
+    # (an option's contract: skip_logits' empty logits); translation validation does not compare
+    # them (nor send a gradient through them) and says so in its record
+    dropped: dict = field(default_factory=dict)
     options: Any = None  # the backend's Options, for patterns whose behaviour an option sets
     # near misses of patterns tried earlier on nodes this match covers (set by the pass)
     earlier_misses: list = field(default_factory=list)

@@ -468,14 +468,16 @@ def _search_bodies(gm: fx.GraphModule, patterns: list, options, report: Report, 
 def _region(match: Match, new: list, body: str = "") -> dict:
     """What a rewrite replaced, by node name (names survive a deep copy of the graph): its anchor
     (which identifies the match for `refuse`), the nodes it covered and the outputs it took over
-    (all nodes of the graph before any rewrite), and the nodes that now compute them."""
+    (all nodes of the graph before any rewrite), the nodes that now compute them, and the
+    outputs it deliberately does not compute (`Match.dropped`: output name -> why)."""
     return {"anchor": match.tops[0].name,
             "covered": [n.name for n in match.covered],
             "outputs": [n.name for n in match.outputs],
             "replacements": [r.name if isinstance(r, fx.Node) else None
                              for r in match.replacements],
             "new": [n.name for n in new],
-            "body": body}  # attribute path of the higher-order op body it is in, or ""
+            "body": body,  # attribute path of the higher-order op body it is in, or ""
+            "dropped": {match.outputs[i].name: why for i, why in match.dropped.items()}}
 
 
 def _one_per_cause(misses: list) -> list:

@@ -19,8 +19,8 @@ class MatchRecord:
     position: int = field(default=-1, repr=False)  # node index in its graph, for ordering
     path: str = ""  # what runs, when the backend decided it (e.g. "CPU: decomposed for inductor")
     # What the rewrite replaced, by node name, for translation validation (compiler/validate.py):
-    # {"anchor", "covered", "outputs", "replacements", "new"}; None for rewrites not made by the
-    # pattern pass (the quantization pass, which is lossy by design)
+    # {"anchor", "covered", "outputs", "replacements", "new", "dropped"}; None for rewrites not
+    # made by the pattern pass (the quantization pass, which is lossy by design)
     region: dict | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
@@ -54,10 +54,14 @@ class ValidationRecord:
     detail: str = ""
     graph: int = 0
     position: int = field(default=-1, repr=False)
+    # outputs the rewrite deliberately does not compute (an option's contract, e.g. skip_logits),
+    # which were therefore not compared: "output 1 (`logits`): why"
+    not_compared: list = field(default_factory=list)
 
     def __str__(self) -> str:
         d = f": {self.detail}" if self.detail else ""
-        return f"{self.pattern} at {self.location}: {self.status}{d}"
+        n = f" (not compared: {'; '.join(self.not_compared)})" if self.not_compared else ""
+        return f"{self.pattern} at {self.location}: {self.status}{d}{n}"
 
 
 @dataclass
@@ -125,4 +129,7 @@ class Report:
                                  f"{v.location}: {v.detail}")
                 elif v.status != "equal":
                     lines.append(f"  not validated: {v.pattern} at {v.location}: {v.detail}")
+                for what in v.not_compared:
+                    lines.append(f"  not compared by translation validation (dropped on purpose):"
+                                 f" {v.pattern} at {v.location}: {what}")
         return "\n".join(lines)

@@ -26,14 +26,18 @@ buckets) the rewrite is kept, reported as "not validated" with the reason, and a
 the validator's limits do not take a checked pattern's rewrite away.  The global random state is
 saved and restored, and inputs the graph writes in place are cloned first, so validation changes
 nothing the program sees.  Only the pattern pass's rewrites are checked: the quantization pass is
-lossy by design.
+lossy by design.  An output a rewrite deliberately does not compute (`Match.dropped`: an option's
+contract, skip_logits' empty logits) is not compared and no gradient is sent through it; the
+Result's `not_compared` says so.  `running()` is True while the validator runs code (so counters
+of kernel launches, e.g. in tests, can tell the validator's calls from the program's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -49,6 +53,26 @@ class ValidationWarning(UserWarning):
 
 class ValidationError(RuntimeError):
     """validate="raise": a rewrite differs from the code it replaced."""
+
+
+# Process-wide, not per thread: the autograd engine runs a CUDA backward on its own threads.
+_depth = 0
+
+
+def running() -> bool:
+    """True while translation validation runs code (the original graph, a region's three runs,
+    their backward): a kernel call made now is the validator's, not the program's."""
+    return _depth > 0
+
+
+@contextlib.contextmanager
+def _running():
+    global _depth
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
 
 
 # -- the rule ----------------------------------------------------------------------------------
@@ -119,11 +143,13 @@ EQUAL, DROPPED, NOT_VALIDATED = "equal", "dropped", "not validated"
 @dataclass
 class Result:
     """The verdict on one rewrite: `record` is its MatchRecord, `status` EQUAL / DROPPED /
-    NOT_VALIDATED, `detail` what differed (or why it could not be checked)."""
+    NOT_VALIDATED, `detail` what differed (or why it could not be checked), `not_compared` the outputs the
+    rewrite deliberately does not compute."""
 
     record: object
     status: str
     detail: str = ""
+    not_compared: list = field(default_factory=list)  # "output i (`name`): why" (Match.dropped)
 
     @property
     def key(self) -> tuple:
@@ -357,6 +383,12 @@ def check_region(record, original: fx.GraphModule, rewritten: fx.GraphModule, va
     new = sorted((nnodes[x] for x in reg["new"] if x in nnodes), key=new_order.__getitem__)
     outs_old = [onodes[o] for o in reg["outputs"]]
     outs_new = [nnodes.get(r) if r is not None else None for r in reg["replacements"]]
+    # outputs the rewrite does not compute on purpose (an option's contract): neither compared nor
+    # differentiated through (their cotangent is None on all three sides)
+    dropped = reg.get("dropped", {})
+    skip = [i for i, o in enumerate(outs_old) if outs_new[i] is None or o.name in dropped]
+    not_compared = [f"output {i} (`{outs_old[i].name}`): {dropped[outs_old[i].name]}"
+                    for i in skip if outs_old[i].name in dropped]
 
     # what the new nodes read, as nodes of the original graph
     new_reads = {}
@@ -415,8 +447,8 @@ def check_region(record, original: fx.GraphModule, rewritten: fx.GraphModule, va
                           f"{type(e).__name__}: {str(e)[:300]}")
         g = torch.Generator().manual_seed(seed + 1)
         cot = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(r.dtype)
-               if rg and (r.is_floating_point() or r.is_complex()) else None
-               for r, rg in zip(low, low_rg)]
+               if rg and (r.is_floating_point() or r.is_complex()) and i not in skip else None
+               for i, (r, rg) in enumerate(zip(low, low_rg))]
         try:
             torch.manual_seed(seed)
             low, low_g, _ = _forward_backward(original, old_nodes, outs_old, inputs, values,
@@ -435,7 +467,7 @@ def check_region(record, original: fx.GraphModule, rewritten: fx.GraphModule, va
                           f"not: {type(e).__name__}: {str(e)[:300]}")
     problems = []
     for i, (o, a, b, c) in enumerate(zip(outs_old, got, low, ref)):
-        if outs_new[i] is None:
+        if i in skip:
             continue  # the pattern replaced it by a value an option asked for (skip_logits)
         what = f"output {i} (`{o.name}`)"
         if isinstance(b, torch.Tensor):
@@ -455,8 +487,8 @@ def check_region(record, original: fx.GraphModule, rewritten: fx.GraphModule, va
             if p:
                 problems.append(p)
     if problems:
-        return Result(record, DROPPED, "; ".join(problems))
-    return Result(record, EQUAL)
+        return Result(record, DROPPED, "; ".join(problems), not_compared)
+    return Result(record, EQUAL, not_compared=not_compared)
 
 
 def save_bodies(gm: fx.GraphModule) -> dict:
@@ -492,6 +524,11 @@ def check(original: fx.GraphModule, rewritten: fx.GraphModule, records: list, in
     not in `done` (region_key -> Result, from an earlier round); returns their Results.  A rewrite
     inside an activation-checkpointing body is checked on the values the body is called with
     (captured from the original graph), against the original body."""
+    with _running():
+        return _check_all(original, rewritten, records, inputs, done)
+
+
+def _check_all(original, rewritten, records: list, inputs: list, done: dict) -> list[Result]:
     records = [r for r in records if r.region is not None]
     in_bodies: dict = {}
     for r in records:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import ligerfx
 import ligerfx.kernels.gated_act as gated_kernels
+from ligerfx.compiler import validate
 from tests.compare import compare_training_step, rel_err
 from tests.models import HANDWRITTEN, HF_MODELS, hf_model
 from tests.models.extra_styles import EXTRA_STYLES, NEAR_MISSES
@@ -40,7 +41,8 @@ def test_hf_training_step_matches_eager(name, kernel_path, monkeypatch):
         orig = getattr(gated_kernels, fn_name)
 
         def spy(*a, _orig=orig, _name=fn_name, **k):
-            launches.append(_name)
+            if not validate.running():  # the program's launches, not translation validation's
+                launches.append(_name)
             return _orig(*a, **k)
 
         monkeypatch.setattr(gated_kernels, fn_name, spy)
