@@ -1,7 +1,7 @@
 """Issue 23 §2: a per-token distillation divergence keeps the fused path.
 
-TRL's generalised JSD ends with `jsd.sum(-1)[mask]` before its mean: the boolean indexing cuts
-the graph, so the per-token divergence is a graph output.  Any other reduction the algebra does
+A generalised JSD written `jsd.sum(-1)[mask]` before its mean (the issue's TRL form): the
+boolean indexing cuts the graph, so the per-token divergence is a graph output.  Any other reduction the algebra does
 not model (weights broadcast per sequence, a per-sequence sum, a value returned for logging)
 reads it too.  The pattern then replaces the per-token value with the per-token op's output
 (liger::fused_linear_distillation_per_token / liger::distillation_per_token: chunked, no [N, V]
