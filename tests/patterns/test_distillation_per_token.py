@@ -130,3 +130,26 @@ def test_per_token_on_logits(kernel_path, case, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 def test_per_token_fused_lm_head(kernel_path, case, dtype):
     _run(CASES[case], True, dtype)
+
+
+def _mean_and_rows(s, t, mask, w):
+    rows = F.kl_div(F.log_softmax(s.float(), -1), F.softmax(t.float(), -1),
+                    reduction="none").sum(-1)
+    return rows.mean(), rows  # the reduced loss and its per-token values, both returned
+
+
+def test_per_token_and_its_mean_both_returned(kernel_path):
+    _run(_mean_and_rows, True, torch.float32)
+
+
+def test_per_token_in_bf16_is_refused():
+    import ligerfx
+
+    def fn(s, t):  # no upcast: eager's log-softmax and per-token sum round in bf16
+        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="none",
+                        log_target=True).sum(-1)
+
+    s = torch.randn(B, T, V, dtype=torch.bfloat16, requires_grad=True)
+    report = ligerfx.explain(fn, s, torch.randn(B, T, V, dtype=torch.bfloat16))
+    assert not [m for m in report.matches if m.pattern in PATTERNS]
+    assert [n for n in report.near_misses if n.pattern in PATTERNS], report
