@@ -61,6 +61,15 @@ logits that are not produced by a linear in the graph (the chunked core with the
 by the identity); the [N, V] logits gradient (compute dtype) is computed in the forward, as
 liger::cross_entropy does, and rounded to the logits' dtype in backward after the scale.
 
+``liger::fused_linear_distillation_per_token(hidden, weight, bias?, t_logits?, t_hidden?,
+t_weight?, t_bias?, kd_mask?, coefs, scales, chunk_size) -> rows`` and
+``liger::distillation_per_token(logits, t_logits, kd_mask?, coefs, scales, chunk_size) -> rows``:
+the per-token divergence kd_row (times kd_mask) shaped as the rows (input.shape[:-1]), in the
+compute dtype, chunked the same way; no gradient is formed in the forward: the backward takes a
+per-row upstream gradient and recomputes the chunks through the reduced ops above with it as the
+row weights (kd_mask = upstream * mask, kd_coef = kd_denom = 1), as fused_linear_cross_entropy's
+reduction="none" does.
+
 Chunking and the CPU path reuse fused_linear_cross_entropy's machinery (chunk_rows, the fp32
 GEMM accumulation _acc_mm_, _linear_into). On CUDA / under the interpreter the row math is the
 Triton kernel below (one program per row, three passes over its V blocks: online log-sum-exps,

@@ -37,9 +37,13 @@ When the student logits come from a linear that nothing else reads, the lm head 
 in the same graph (under no_grad) is fused into the same pass.  Otherwise the loss on the logits
 becomes `liger::distillation_loss`.  Where no logits need a gradient (inference, no_grad) the
 anchor stands for the student (the forward is the same whichever side is which); a write to a
-value the loss computes, between its uses, is named in the near miss.  A temperature held in a tensor, a teacher with gradients, a
-mask of another shape, a softmax over another dim, a per-token divergence used by anything but a
-reduction, fp16/bf16 statistics: near misses.
+value the loss computes, between its uses, is named in the near miss.  A per-token divergence (`.sum(-1)` /
+`.mean(-1)` of it, times a row mask) that something the algebra does not model reads (a graph
+output, `[mask]` indexing, per-sequence weights or sums) is replaced by the per-token op's output
+(`liger::fused_linear_distillation_per_token` / `liger::distillation_per_token`, in the compute
+dtype, which must be the per-token value's dtype in the code); the code after it stays in the
+graph.  A temperature held in a tensor, a teacher with gradients, a softmax over another dim, the
+per-element divergence used by anything but a reduction, fp16/bf16 statistics: near misses.
 """
 
 from __future__ import annotations
