@@ -841,6 +841,20 @@ def _check(match, fused: bool):
     if not known_equal(tv.shape[-1], _val(top_s).shape[-1]) or \
             not known_equal(tv.numel(), _val(top_s).numel()):
         return "the teacher's logits do not have the student's shape"
+    # every leaf of a side reads that side's logits through its own chain: each must give the
+    # value the kernel computes from them (free casts, the scale in the compute dtype), or a
+    # lossy cast on one leaf's way (`softmax(s.bfloat16().float())` next to `log_softmax(s)`)
+    # would be computed from the unrounded logits (a wrong answer before this check)
+    leaf_chain_nodes = []
+    for n in alg.leaves:
+        top, steps = _chain(_leaf(n)[1])
+        sc = _parse_scale(steps)
+        if sc is None or sc[1]:
+            return f"the logits of `{n.name}` pass through steps other than casts and a scale"
+        problem = _cast_problem(steps, _val(top).dtype, match)
+        if problem:
+            return f"{problem} (on the way to `{n.name}`)"
+        leaf_chain_nodes += [m for m, _, _ in steps]
     covered = _ancestors(root, alg.terms)
     for n in covered:
         v = _val(n)
@@ -849,7 +863,7 @@ def _check(match, fused: bool):
             return (f"the divergence computes in {short(v.dtype)} at `{n.name}`; the kernel "
                     f"computes in {short(ct)}")
     # chain nodes between the tops and the leaves
-    chain_nodes = [n for n, _, _ in steps_s] + [n for n, _, _ in steps_t]
+    chain_nodes = [n for n, _, _ in steps_s] + [n for n, _, _ in steps_t] + leaf_chain_nodes
     ce = t.ce[1] if t.ce else None
     if ce:
         chain_nodes += [n for n, _, _ in ce["steps"]]

@@ -153,3 +153,34 @@ def test_per_token_in_bf16_is_refused():
     report = ligerfx.explain(fn, s, torch.randn(B, T, V, dtype=torch.bfloat16))
     assert not [m for m in report.matches if m.pattern in PATTERNS]
     assert [n for n in report.near_misses if n.pattern in PATTERNS], report
+
+
+# -- every leaf's own chain (found while adding the per-token mode) ------------------------------
+
+def _lossy_leaf(s, t, mask, w):
+    ls = F.log_softmax(s, -1)
+    ps = F.softmax(s.to(torch.bfloat16).float(), -1)  # this leaf reads the rounded logits
+    return (ps * (ls - F.log_softmax(t, -1))).sum(-1)
+
+
+def test_a_lossy_cast_on_one_leaf_is_refused():
+    # was rewritten: the kernel computed ps from the unrounded logits (a wrong answer, 2e-4 off
+    # where eager is 2e-8 off float64)
+    import ligerfx
+
+    x = torch.randn(B, T, V, requires_grad=True)
+    report = ligerfx.explain(_M(_lossy_leaf, False), x, torch.randn(B, T, V), None, None)
+    assert not [m for m in report.matches if m.pattern in PATTERNS], report
+    assert any("bfloat16" in n.reason and "on the way to" in n.reason
+               for n in report.near_misses), report
+
+
+def _two_casts(s, t, mask, w):
+    ps = F.softmax(s.float(), -1)
+    return (ps * (F.log_softmax(s.float(), -1) - F.log_softmax(t.float(), -1))).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_two_casts_of_the_head_keep_it_fused(kernel_path, dtype):
+    # each leaf's cast is its own node: the head was left unfused (distillation_loss on logits)
+    _run(_two_casts, True, dtype)
