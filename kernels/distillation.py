@@ -61,6 +61,15 @@ logits that are not produced by a linear in the graph (the chunked core with the
 by the identity); the [N, V] logits gradient (compute dtype) is computed in the forward, as
 liger::cross_entropy does, and rounded to the logits' dtype in backward after the scale.
 
+``liger::fused_linear_distillation_per_token(hidden, weight, bias?, t_logits?, t_hidden?,
+t_weight?, t_bias?, kd_mask?, coefs, scales, chunk_size) -> rows`` and
+``liger::distillation_per_token(logits, t_logits, kd_mask?, coefs, scales, chunk_size) -> rows``:
+the per-token divergence kd_row (times kd_mask) shaped as the rows (input.shape[:-1]), in the
+compute dtype, chunked the same way; no gradient is formed in the forward: the backward takes a
+per-row upstream gradient and recomputes the chunks through the reduced ops above with it as the
+row weights (kd_mask = upstream * mask, kd_coef = kd_denom = 1), as fused_linear_cross_entropy's
+reduction="none" does.
+
 Chunking and the CPU path reuse fused_linear_cross_entropy's machinery (chunk_rows, the fp32
 GEMM accumulation _acc_mm_, _linear_into). On CUDA / under the interpreter the row math is the
 Triton kernel below (one program per row, three passes over its V blocks: online log-sum-exps,
@@ -655,6 +664,125 @@ def _dl_backward(ctx, grad_loss, *unused):
 
 
 distillation_loss_op.register_autograd(_dl_backward, setup_context=_dl_setup_context)
+
+
+# ------------------------------------------------------------------ per-token divergence
+def _per_token_rows(student_chunk, teacher_chunk, N, V, kd_mask, coefs, scales, ct, device, C):
+    """kd_row (times the row mask, as eager's `rows * mask`) of every row, chunked over tokens;
+    no gradient is formed (the backward recomputes the chunks with the upstream rows)."""
+    P = _params(coefs, scales, -100, False)
+    P["chunk"] = C
+    kd_w = torch.ones(N, dtype=ct, device=device)  # read only when a gradient is formed
+    kd_rows, _ = _core(N, V, student_chunk, teacher_chunk, None, kd_w, None, P, None, ct, device)
+    if kd_mask is not None:
+        kd_rows = kd_rows * kd_mask.reshape(-1).to(ct)
+    return kd_rows
+
+
+def _upstream_weights(grad_rows, kd_mask, ct):
+    """Row weights of the recompute: the per-token upstream gradient (times the row mask, the
+    gradient eager's `rows * mask` passes to the rows), as the kernel's kd_w."""
+    w = grad_rows.reshape(-1).to(ct)
+    if kd_mask is not None:
+        w = w * kd_mask.reshape(-1).to(ct)
+    return w.contiguous()
+
+
+@torch.library.custom_op("liger::fused_linear_distillation_per_token", mutates_args=())
+def fused_linear_distillation_per_token_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t_logits: Optional[Tensor],
+    t_hidden: Optional[Tensor], t_weight: Optional[Tensor], t_bias: Optional[Tensor],
+    kd_mask: Optional[Tensor], coefs: list[float], scales: list[float], chunk_size: int,
+) -> Tensor:
+    """The per-token divergence kd_row[i] (* kd_mask[i]) shaped hidden.shape[:-1], in the
+    compute dtype (eager's per-token value is that dtype: the pattern checks it)."""
+    h2 = _rows2d(hidden)
+    N, V = h2.shape[0], weight.shape[0]
+    ct = compute_dtype(hidden.dtype)
+    C = _chunk(N, V, h2.device, h2.element_size(), chunk_size)
+    buf = h2.new_empty(min(C, N), V)
+
+    def student(s, e):
+        out = buf[: e - s]
+        _linear_into(h2[s:e], weight, bias, out)
+        return out
+
+    rows = _per_token_rows(student, _teacher(t_logits, t_hidden, t_weight, t_bias, N, V, C), N,
+                           V, kd_mask, coefs, scales, ct, h2.device, C)
+    return rows.view(hidden.shape[:-1])
+
+
+@fused_linear_distillation_per_token_op.register_fake
+def _(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask, coefs, scales,
+      chunk_size):
+    return hidden.new_empty(hidden.shape[:-1], dtype=compute_dtype(hidden.dtype))
+
+
+def _fldp_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.coefs, ctx.scales, ctx.chunk_size = inputs[8], inputs[9], inputs[10]
+
+
+def _fldp_backward(ctx, grad_rows):
+    hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    nb = bias is not None and needs[2]
+    if grad_rows is None or not (needs[0] or needs[1] or nb):
+        return (None,) * 11
+    # Recompute the chunks with the upstream gradient of each row as its weight (kd_coef 1 over
+    # a denominator of 1: kd_w = w exactly), as fused_linear_cross_entropy's reduction="none"
+    # backward does; the op's gradients come back in the compute dtype and are rounded once.
+    w = _upstream_weights(grad_rows, kd_mask, compute_dtype(hidden.dtype))
+    _, _, _, gh, gw, gb = torch.ops.liger.fused_linear_distillation(
+        hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, w, None, ctx.coefs,
+        ctx.scales, 1.0, 1.0, 0.0, -100, True, needs[0], needs[1], nb, ctx.chunk_size, 1)
+    dh, dw, db = torch.ops.liger.fused_linear_distillation_backward(
+        grad_rows.new_ones(()), gh, gw, gb, hidden, weight, bias, needs[0], needs[1], nb)
+    return (dh if needs[0] else None, dw if needs[1] else None, db if nb else None) + \
+        (None,) * 8
+
+
+fused_linear_distillation_per_token_op.register_autograd(_fldp_backward,
+                                                         setup_context=_fldp_setup_context)
+
+
+@torch.library.custom_op("liger::distillation_per_token", mutates_args=())
+def distillation_per_token_op(
+    logits: Tensor, t_logits: Tensor, kd_mask: Optional[Tensor], coefs: list[float],
+    scales: list[float], chunk_size: int,
+) -> Tensor:
+    """distillation_loss's per-token divergence (* kd_mask) shaped logits.shape[:-1]."""
+    z2 = _rows2d(logits)
+    N, V = z2.shape
+    ct = compute_dtype(logits.dtype)
+    C = _chunk(N, V, z2.device, z2.element_size(), chunk_size)
+    rows = _per_token_rows(lambda s, e: z2[s:e], _teacher(t_logits, None, None, None, N, V, C),
+                           N, V, kd_mask, coefs, scales, ct, z2.device, C)
+    return rows.view(logits.shape[:-1])
+
+
+@distillation_per_token_op.register_fake
+def _(logits, t_logits, kd_mask, coefs, scales, chunk_size):
+    return logits.new_empty(logits.shape[:-1], dtype=compute_dtype(logits.dtype))
+
+
+def _dlp_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3])
+    ctx.coefs, ctx.scales, ctx.chunk_size = inputs[3], inputs[4], inputs[5]
+
+
+def _dlp_backward(ctx, grad_rows):
+    logits, t_logits, kd_mask = ctx.saved_tensors
+    if grad_rows is None or not ctx.needs_input_grad[0]:
+        return (None,) * 6
+    w = _upstream_weights(grad_rows, kd_mask, compute_dtype(logits.dtype))
+    grad = torch.ops.liger.distillation_loss(logits, t_logits, w, None, ctx.coefs, ctx.scales,
+                                             1.0, 1.0, 0.0, -100, True, True, ctx.chunk_size,
+                                             1)[3]
+    return (grad.to(logits.dtype),) + (None,) * 5
+
+
+distillation_per_token_op.register_autograd(_dlp_backward, setup_context=_dlp_setup_context)
 
 
 # ------------------------------------------------------------------ Python entry points

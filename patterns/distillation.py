@@ -37,9 +37,13 @@ When the student logits come from a linear that nothing else reads, the lm head 
 in the same graph (under no_grad) is fused into the same pass.  Otherwise the loss on the logits
 becomes `liger::distillation_loss`.  Where no logits need a gradient (inference, no_grad) the
 anchor stands for the student (the forward is the same whichever side is which); a write to a
-value the loss computes, between its uses, is named in the near miss.  A temperature held in a tensor, a teacher with gradients, a
-mask of another shape, a softmax over another dim, a per-token divergence used by anything but a
-reduction, fp16/bf16 statistics: near misses.
+value the loss computes, between its uses, is named in the near miss.  A per-token divergence (`.sum(-1)` /
+`.mean(-1)` of it, times a row mask) that something the algebra does not model reads (a graph
+output, `[mask]` indexing, per-sequence weights or sums) is replaced by the per-token op's output
+(`liger::fused_linear_distillation_per_token` / `liger::distillation_per_token`, in the compute
+dtype, which must be the per-token value's dtype in the code); the code after it stays in the
+graph.  A temperature held in a tensor, a teacher with gradients, a softmax over another dim, the
+per-element divergence used by anything but a reduction, fp16/bf16 statistics: near misses.
 """
 
 from __future__ import annotations
@@ -729,6 +733,14 @@ def _analyse(match):
         alg.run()
         roots = [n for n, t in alg.terms.items() if t.level == "scalar" and t.coefs and
                  not any(u in alg.terms for u in n.users)]
+        # a per-token divergence read by something the algebra does not model (a graph output,
+        # boolean indexing, a reduction over tokens it cannot fuse): the op returns it per token
+        # and everything after it stays in the graph, reading the op's output
+        per_token = [n for n, t in alg.terms.items() if t.level == "row" and t.coefs and
+                     any(u not in alg.terms for u in n.users)]
+        if per_token:
+            best = (alg, per_token[0], key, items)
+            break
         if roots:
             best = (alg, roots[-1], key, items)
             break
@@ -829,6 +841,20 @@ def _check(match, fused: bool):
     if not known_equal(tv.shape[-1], _val(top_s).shape[-1]) or \
             not known_equal(tv.numel(), _val(top_s).numel()):
         return "the teacher's logits do not have the student's shape"
+    # every leaf of a side reads that side's logits through its own chain: each must give the
+    # value the kernel computes from them (free casts, the scale in the compute dtype), or a
+    # lossy cast on one leaf's way (`softmax(s.bfloat16().float())` next to `log_softmax(s)`)
+    # would be computed from the unrounded logits (a wrong answer before this check)
+    leaf_chain_nodes = []
+    for n in alg.leaves:
+        top, steps = _chain(_leaf(n)[1])
+        sc = _parse_scale(steps)
+        if sc is None or sc[1]:
+            return f"the logits of `{n.name}` pass through steps other than casts and a scale"
+        problem = _cast_problem(steps, _val(top).dtype, match)
+        if problem:
+            return f"{problem} (on the way to `{n.name}`)"
+        leaf_chain_nodes += [m for m, _, _ in steps]
     covered = _ancestors(root, alg.terms)
     for n in covered:
         v = _val(n)
@@ -837,7 +863,7 @@ def _check(match, fused: bool):
             return (f"the divergence computes in {short(v.dtype)} at `{n.name}`; the kernel "
                     f"computes in {short(ct)}")
     # chain nodes between the tops and the leaves
-    chain_nodes = [n for n, _, _ in steps_s] + [n for n, _, _ in steps_t]
+    chain_nodes = [n for n, _, _ in steps_s] + [n for n, _, _ in steps_t] + leaf_chain_nodes
     ce = t.ce[1] if t.ce else None
     if ce:
         chain_nodes += [n for n, _, _ in ce["steps"]]
@@ -896,6 +922,14 @@ def _check(match, fused: bool):
     coefs += [1.0 if ("t", "t") in t.xlogy else 0.0, 1.0 if "t" in t.logp else 0.0,
               (1.0 if "softmax" in t.xsrc else 2.0) if ("s", "s") in t.xlogy else 0.0]
     kd_n = []
+    per_token = t.level == "row"
+    if per_token:
+        problem = _per_token_problem(root, top_s, ct)
+        if problem:
+            return problem
+    if t.sym != 1 and per_token:
+        return (f"the per-token divergence is divided by {t.sym}, a symbolic number of classes "
+                "(the per-token op reads no size at run time)")
     if t.sym != 1:
         # a batchmean / mean over a symbolic size: the op reads the size from its inputs' shapes
         tensors = [("student", top_s) if lin_s is None else ("s_hidden", lin_s[0]),
@@ -920,7 +954,8 @@ def _check(match, fused: bool):
         coefs=coefs, scales=[scale_s[0], scale_t[0], ce["scale"] if ce else 1.0, *mix],
         kd_denom=0.0 if t.denom == "count" else 1.0, ce_coef=t.ce[0] if ce else 0.0,
         ignore_index=ce["ignore_index"] if ce else -100, ce_mean=ce["mean"] if ce else True,
-        fused_teacher=fuse_t, has_mask=t.mask is not None, kd_n=kd_n)
+        fused_teacher=fuse_t, has_mask=t.mask is not None, kd_n=kd_n, per_token=per_token,
+        flat=per_token and _val(root).dim() != _val(top_s).dim() - 1)
     match.bindings.update(student=top_s if lin_s is None else None, teacher=top_t)
     if lin_s is not None:
         h, w, b = lin_s
@@ -934,9 +969,26 @@ def _check(match, fused: bool):
         match.bindings["labels"] = ce["labels"]
     parts = [k for k, c in zip(["ps*ls", "ps*lt", "ps*m", "pt*ls", "pt*lt", "pt*m", "|ps-pt|",
                                 "xlogy(pt, pt)", "lt = log(softmax)", "xlogy(ps, ps)"], coefs) if c]
-    match.detail = ("teacher head fused, " if fuse_t else "") + "terms " + ", ".join(parts) + \
+    match.detail = ("per-token divergence, " if per_token else "") + \
+        ("teacher head fused, " if fuse_t else "") + "terms " + ", ".join(parts) + \
         (f", + {t.ce[0]:g} * CE" if ce else "") + (f", / {t.sym} at run time" if kd_n else "")
     return None
+
+
+def _per_token_problem(root, top_s, ct):
+    """Why the per-token op's output (kd_row, in the compute dtype, shaped as the student
+    logits' rows) cannot stand for the per-token divergence `root`, or None."""
+    rv, sv = _val(root), _val(top_s)
+    if rv.dtype != ct:
+        return (f"the per-token divergence `{root.name}` is {short(rv.dtype)}; the op returns it "
+                f"in {short(ct)}")
+    rows = tuple(sv.shape[:-1])
+    if tuple(rv.shape) == rows and all(known_equal(a, b) for a, b in zip(rv.shape, rows)):
+        return None
+    if rv.dim() == 1 and known_equal(rv.numel(), sv.numel() // sv.shape[-1]):
+        return None  # the rows flattened: the op's output is reshaped to one dim
+    return (f"the per-token divergence `{root.name}` has shape {tuple(rv.shape)}, not the "
+            f"student logits' rows {rows} or their flattening")
 
 
 def _written(graph, nodes):
@@ -983,6 +1035,17 @@ def _replace(x=None, p=None, s_hidden=None, s_weight=None, s_bias=None, student=
         size = x.tracer.create_proxy("call_function", torch.ops.aten.sym_size.int, (x, d), {})
         kd_n = size if kd_n is None else kd_n * size
     kd_n = 1 if kd_n is None else kd_n
+    if p.get("per_token"):
+        if s_hidden is not None:
+            fused_t = p["fused_teacher"]
+            rows = torch.ops.liger.fused_linear_distillation_per_token(
+                s_hidden, s_weight, s_bias, None if fused_t else teacher,
+                t_hidden if fused_t else None, t_weight if fused_t else None,
+                t_bias if fused_t else None, kd_mask, p["coefs"], p["scales"], 0)
+        else:
+            rows = torch.ops.liger.distillation_per_token(student, teacher, kd_mask, p["coefs"],
+                                                          p["scales"], 0)
+        return (rows.reshape(-1) if p["flat"] else rows).to(match.out_dtype)
     if s_hidden is not None:
         fused_t = p["fused_teacher"]
         out = torch.ops.liger.fused_linear_distillation(

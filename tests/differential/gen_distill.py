@@ -8,7 +8,8 @@ and TVD, spelled with `F.kl_div(input, target, log_target=.., reduction=..)`, ha
 temperature (`/ T`, the teacher's maybe `* (1 / T)`), an fp32 upcast, rows flattened or not, a row
 mask (from labels or a 0/1 input), the reductions (`sum`, `mean`, `batchmean`, per-row then mean,
 `/ mask.sum()`, `.mean()` over every element, a per-class mean), `* T**2`,
-`+ alpha * F.cross_entropy`; kl_div's target may be the student's probabilities (xlogy), in the
+`+ alpha * F.cross_entropy`; per-token outputs (the per-row divergence returned, boolean-indexed
+then averaged, summed per sequence); kl_div's target may be the student's probabilities (xlogy), in the
 GKD mixture too.  One case in four compiles with dynamic=True (the means then divide by
 symbolic sizes, which the op reads at run time).  With an lm head (`nn.Linear`) the case is
 about `fused_linear_distillation` (the teacher a no-grad linear or given logits), without one
@@ -139,7 +140,10 @@ def cases(draw):
         body.append(f"d = {beta} * F.kl_div(m, {tgt_t}) + "
                     f"{round(1 - beta, 6)!r} * F.kl_div(m, {tgt_s})")
     # the means divide by sizes that are symbolic under dynamic=True (read by the op at run time)
-    reds = ("rows mean", "rows masked", "sum", "sum / B", "mean", "class mean", "class mean masked")
+    reds = ("rows mean", "rows masked", "sum", "sum / B", "mean", "class mean", "class mean masked",
+            # the per-token divergence as the op's per-token output (issue 23 §2): returned,
+            # boolean-indexed (a graph break, TRL's jsd[mask]) or summed per sequence
+            "per-token", "per-token indexed", "per-sequence")
     red = draw(st.sampled_from((("kl_div",) if single else ()) + reds))
     if isinstance(div, str):
         if single and red == "kl_div":
@@ -147,7 +151,7 @@ def cases(draw):
             body.append("loss = " + div.replace("reduction=R", f"reduction={r}"))
         else:
             body.append("d = " + div.replace("reduction=R", "reduction='none'"))
-    labels = red in ("rows masked", "class mean masked") or draw(st.booleans())
+    labels = red in ("rows masked", "class mean masked", "per-token indexed") or draw(st.booleans())
     if labels:
         src.inputs.append(Input("labels", (B, T), kind="labels", high=V, ignore=draw(st.booleans())))
     if red == "rows mean":
@@ -165,6 +169,13 @@ def cases(draw):
             mask = draw(st.sampled_from(("(labels != -100).float()", "(labels != -100)")))
         body.append(f"mask = {mask}" + (".reshape(-1)" if rows else ""))
         body.append("loss = (r * mask).sum() / mask.sum()")
+    elif red == "per-token":
+        body += ["r = d.sum(-1)", "loss = r"]
+    elif red == "per-token indexed":
+        keep = "labels.reshape(-1) != -100" if rows else "labels != -100"
+        body += ["r = d.sum(-1)", f"loss = r[{keep}].mean()"]
+    elif red == "per-sequence":
+        body += ["r = d.sum(-1)", f"loss = r.view({B}, -1).sum(-1)" if rows else "loss = r.sum(-1)"]
     elif red == "sum":
         body.append("loss = d.sum()")
     elif red == "sum / B":

@@ -105,16 +105,18 @@ def test_teacher_requiring_grad_is_a_near_miss():
     assert any("require grad" in r for r in _reasons(report)), _reasons(report)
 
 
-def test_mask_of_the_wrong_shape_is_a_near_miss():
+def test_mask_of_the_wrong_shape_keeps_its_product_in_the_graph():
     def loss(s, t, y):
         kl = F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="none").sum(-1)
         mask = y[:1] != -100  # [1, S]: broadcast over the batch, not one flag per token
         return (kl * mask).sum() / mask.sum()
 
+    # not a row mask the op applies: the per-token divergence is the op's (issue 23 §2) and the
+    # broadcast product and its reduction stay in the graph
     report = _explain(loss)
     assert sum(report.counts.get(k, 0) for k in ("fused_linear_distillation",
-                                                  "distillation_loss")) == 0
-    assert any("mask" in r and "shape" in r for r in _reasons(report)), _reasons(report)
+                                                  "distillation_loss")) == 1
+    assert "per-token" in report.matches[0].detail
 
 
 @pytest.mark.parametrize("where", ["softmax", "sum"])
@@ -131,14 +133,25 @@ def test_divergence_over_another_dim_is_a_near_miss(where):
     assert any("dim" in r for r in _reasons(report)), _reasons(report)
 
 
-def test_per_token_divergence_returned_is_a_near_miss():
+def test_per_token_divergence_returned_is_rewritten_per_token():
+    # issue 23 §2: the per-token op returns it (tests/patterns/test_distillation_per_token.py)
     def loss(s, t, y):
         return F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="none").sum(-1)
 
     report = _explain(loss)
     assert sum(report.counts.get(k, 0) for k in ("fused_linear_distillation",
+                                                  "distillation_loss")) == 1
+    assert "per-token" in report.matches[0].detail
+
+
+def test_per_element_divergence_returned_is_a_near_miss():
+    def loss(s, t, y):
+        return F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="none")
+
+    report = _explain(loss)
+    assert sum(report.counts.get(k, 0) for k in ("fused_linear_distillation",
                                                   "distillation_loss")) == 0
-    assert any("per-token divergence" in r for r in _reasons(report)), _reasons(report)
+    assert any("divergence" in r for r in _reasons(report)), _reasons(report)
 
 
 def test_attention_softmax_is_no_near_miss():
