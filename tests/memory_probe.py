@@ -9,11 +9,13 @@ be compared inside one process, hence children.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -50,11 +52,23 @@ def result(mode: str, base: tuple[int, bool], **fields) -> None:
 
 
 def run_child(script: str, mode: str, timeout: int = 600) -> dict:
-    """Run `python script mode` on the CPU torch path (not the interpreter); its JSON line."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    out = subprocess.run([sys.executable, os.path.abspath(script), mode], env=env,
-                         capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stderr[-3000:]
+    """Run `python script mode` on the CPU torch path (not the interpreter); its JSON line.
+
+    One child at a time on the machine (a file lock shared by pytest-xdist's workers): two
+    eager children of different memory tests side by side need more than CI's 24 GiB, and the
+    kernel's OOM killer ends one of them without a word.  Translation validation is off in the
+    child: it runs each rewritten region again in float64 at full size on the first call (4x the
+    child's time), and the parent compares the loss and gradients with eager's anyway."""
+    env = dict(os.environ, TRITON_INTERPRET="0", LIGERFX_VALIDATE="0")
+    lock = os.path.join(tempfile.gettempdir(), "ligerfx-memory-probe.lock")
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        out = subprocess.run([sys.executable, os.path.abspath(script), mode], env=env,
+                             capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, (
+        f"the {mode!r} child of {os.path.basename(script)} exited with {out.returncode}"
+        + (" (killed by a signal; -9 is usually the OOM killer)" if out.returncode < 0 else "")
+        + f"; its stderr ends: {out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
