@@ -550,6 +550,12 @@ def check(match):
         return f"rotates {rot} channels of a head of {d}"
     if pair:
         k = match.value("k")
+        qg, kg = (bool(getattr(v, "requires_grad", False)) for v in (q, k))
+        if qg != kg:
+            # one op's outputs all require grad when any input does: eager's rotation of the
+            # tensor without a gradient (e.g. cast through an integer type) would gain one
+            return (f"`{'q' if qg else 'k'}` requires grad and `{'k' if qg else 'q'}` does not: "
+                    "one liger::rope launch would give both rotations a gradient; rotated apart")
         for i in (0, seq_dim, 3):
             if not known_equal(k.shape[i], q.shape[i]):
                 return (f"q {tuple(q.shape)} and k {tuple(k.shape)} differ outside the heads "

@@ -187,6 +187,63 @@ def test_wrong_backward_is_dropped(wrong_grad):
         torch.testing.assert_close(a, b)
 
 
+@torch.library.custom_op("ligerfx_test::validate_scale_both", mutates_args=())
+def _scale_both(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return a * 3, b * 3
+
+
+@_scale_both.register_fake
+def _(a, b):
+    return torch.empty_like(a), torch.empty_like(b)
+
+
+_scale_both.register_autograd(lambda ctx, ga, gb: (ga * 3, gb * 3),
+                              setup_context=lambda ctx, inputs, output: None)
+
+
+def _scale_both_call(a, b):
+    sa, sb = torch.ops.ligerfx_test.validate_scale_both(a, b)
+    return sa, sb
+
+
+def _thrice_both(a, b):
+    return a * 3, b * 3
+
+
+class ThriceBoth(nn.Module):
+    """Two tensors scaled by one op; the second went through an integer cast (no gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        a = self.lin(x)
+        b = (self.lin(x) * 4).to(torch.int32).to(x.dtype)
+        return a * 3, b * 3
+
+
+def test_an_output_that_gains_a_gradient_is_dropped(names):
+    # found by the rope long run: q and k rotated by one op when only k needs a gradient gave q's
+    # rotation one too; every value was equal, so only autograd's flag tells the programs apart
+    names.append("test_validate_scale_both")
+    register_pattern("test_validate_scale_both", _thrice_both, _scale_both_call,
+                     (torch.randn(4), torch.randn(4)))
+    model = ThriceBoth()
+    x = torch.randn(3, 8)
+    ref = model(x)
+    assert [o.requires_grad for o in ref] == [True, False]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = _compile(model, validate=True)(x)
+    (msg,) = _validation_warnings(record)
+    assert "output 1" in msg and "requires grad where the original's does not" in msg, msg
+    assert "test_validate_scale_both" not in ligerfx.backend.last_report.counts
+    assert [o.requires_grad for o in out] == [True, False]
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+
+
 def test_inductor(wrong_twice):
     model = Twice()
     x = torch.randn(3, 8)

@@ -461,7 +461,7 @@ def check_region(record, original: fx.GraphModule, rewritten: fx.GraphModule, va
                           f"raised here: {type(e).__name__}: {str(e)[:300]}")
         try:
             torch.manual_seed(seed)
-            got, got_g, _ = run_new(cot)
+            got, got_g, got_rg = run_new(cot)
         except Exception as e:  # noqa: BLE001 - the rewrite fails where the original does not
             return Result(record, DROPPED, f"the rewritten code raised where the original did "
                           f"not: {type(e).__name__}: {str(e)[:300]}")
@@ -478,6 +478,14 @@ def check_region(record, original: fx.GraphModule, rewritten: fx.GraphModule, va
             p = None if a == b else f"{what}: {a!r} where the original gives {b!r}"
         if p:
             problems.append(p)
+    for i, (o, a, b) in enumerate(zip(outs_old, got_rg, low_rg)):
+        # autograd's flag is part of the value: an output that gains one where eager's has none
+        # (one op over two tensors, one of them without a gradient) or loses one is a different
+        # program, even where every number it gives is equal
+        if i not in skip and a != b:
+            problems.append(f"output {i} (`{o.name}`) "
+                            + ("requires grad where the original's does not" if a else
+                               "does not require grad where the original's does"))
     if low_g is not None:
         for k in low_g:
             lg = low_g[k]

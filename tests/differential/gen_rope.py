@@ -130,5 +130,9 @@ def cases(draw):
     if mixed:
         what = f"{what}; {tables[mixed]}" if what else f"{mixed} table {tables[mixed]}"
     layout = f"{'[b,h,t,d]' if bhtd else '[b,t,h,d]'}, {'[b,t,d]' if per_batch else '[t,d]'} tables"
+    # A pair the pattern cannot join (a table written between the two rotations, one side
+    # without a gradient) may be rotated apart: one rotation rewritten alone and the other's
+    # near miss (a `rope_single` near miss) is then the report that explains it.
     return Case(src, ("rope",) if pair else ("rope_single",), kind, dtype,
-                what or f"{'q,k' if pair else 'q only'} {form}, {layout}, {'fp32' if upcast else 'cast tables'}", dynamic=dynamic(draw))
+                what or f"{'q,k' if pair else 'q only'} {form}, {layout}, {'fp32' if upcast else 'cast tables'}",
+                dynamic=dynamic(draw), reported_as=("rope_single",) if pair else ())

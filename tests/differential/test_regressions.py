@@ -285,6 +285,46 @@ def test_flce_nll_of_log_softmax():
     """, ("fused_linear_cross_entropy",)), seed=9)
 
 
+# pattern (fixed here; long run, 9 wrong answers, e.g. seeds 10650 and 1048575): q and k rotated
+# by one `rope` launch when k went through an integer cast (no gradient) gave k's rotation a
+# gradient; the oracle paired q's cotangent with it and q's gradient was lost.  The pattern now
+# rotates them apart (a near miss says why), and the validator compares autograd's flags.
+def test_rope_pair_where_one_side_has_no_gradient():
+    check(_rope("""
+        emb = freqs.repeat_interleave(2, dim=-1)
+        cos = emb.cos().unsqueeze(-2)
+        sin = emb.sin().unsqueeze(1)
+        q = self.wq(x).view(2, 4, 2, 8)
+        rq = torch.stack((-q[..., 1::2], q[..., ::2]), dim=-1).flatten(-2)
+        qo = (rq * sin) + (q * cos)
+        pre = self.wk(x).view(2, 4, 2, 8)
+        k = pre.to(torch.int32).to(pre.dtype)
+        rk = torch.stack((-k[..., 1::2], k[..., ::2]), dim=-1).flatten(-2)
+        return (qo, k * cos + rk * sin)
+    """, ("rope",), SAFETY), seed=10650)
+
+
+# oracle (long run, seeds 144 and 187): `sin += 1.0` between q's and k's rotations: q rotated
+# alone, k's rotation a `rope_single` near miss, which is the report for the pair
+def test_rope_pair_with_a_table_written_between_the_rotations():
+    case = _rope("""
+        emb = freqs.repeat_interleave(2, dim=-1)
+        cos = emb.cos().unsqueeze(-2)
+        sin = emb.sin().unsqueeze(1)
+        q = self.wq(x).view(2, 4, 2, 8)
+        rq = torch.stack((-q[..., 1::2], q[..., ::2]), dim=-1).flatten(-2)
+        qo = q * cos + rq * sin
+        sin += 1.0
+        k = self.wk(x).view(2, 4, 2, 8)
+        rk = torch.stack((-k[..., 1::2], k[..., ::2]), dim=-1).flatten(-2)
+        return (qo, (rk * sin) + (k * cos))
+    """, ("rope",), SAFETY, F16)
+    case.reported_as = ("rope_single",)
+    reports = check(case, seed=144)
+    assert any(m.pattern == "rope_single" for r in reports for m in r.matches)
+    assert any(n.pattern == "rope_single" for r in reports for n in r.near_misses)
+
+
 # mut: q and k rotated together (one `rope` launch); q's fp32 copy written through a flat view
 # between the two half-slice reads
 def test_rope_pair_write_through_flat_view_between_slices():
