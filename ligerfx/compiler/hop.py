@@ -20,6 +20,8 @@ would have rewritten there is reported as a near miss naming the op, never rewri
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -81,3 +83,66 @@ def operands(node: fx.Node, body_target: str) -> list | None:
             or node.args[0].target != body_target:
         return None
     return list(node.args[1:])
+
+
+def inlined(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict, dict] | None:
+    """A copy of `gm` with every RUN_BODY call replaced by its body's nodes (bodies within bodies
+    too): (copy, {copy node name: the body path it came from, "" for the outer graph},
+    {body path: the name of the outer call that runs it}).  None when `gm` has no such call.
+
+    The copy is for looking only (the pattern pass searches it for rewrites that a body's
+    boundary cuts in two); nothing runs it.  Node metadata (values, source lines) is kept."""
+    if not any(runs_body(n) for n in gm.graph.nodes):
+        return None
+    graph = fx.Graph()
+    root = torch.nn.Module()
+    origin: dict[str, str] = {}
+    calls: dict[str, str] = {}
+    counter = iter(range(1 << 30))
+
+    def attr(owner: fx.GraphModule, n: fx.Node) -> str:
+        obj = owner
+        for part in n.target.split("."):
+            obj = getattr(obj, part)
+        name = f"_probe_attr_{next(counter)}"
+        setattr(root, name, obj)
+        return name
+
+    def copy(owner: fx.GraphModule, src: fx.Graph, env: dict, path: str, call: str):
+        for n in src.nodes:
+            if n.op == "placeholder" and n in env:
+                continue
+            if n.op == "output":
+                value = fx.node.map_arg(n.args[0], lambda a: env[a])
+                if not path:  # the outer graph's own output
+                    graph.output(value)
+                return value
+            if n.op == "call_function" and n.target is operator.getitem \
+                    and isinstance(env.get(n.args[0]), (tuple, list)):
+                env[n] = env[n.args[0]][n.args[1]]
+                continue
+            subs = bodies(owner, n) if runs_body(n) else []
+            ops = operands(n, subs[0][0]) if len(subs) == 1 else None
+            if ops is not None:
+                target, sub = subs[0]
+                sub_path = f"{path}.{target}" if path else target
+                calls.setdefault(sub_path, call or n.name)
+                placeholders = [p for p in sub.graph.nodes if p.op == "placeholder"]
+                if len(placeholders) != len(ops):
+                    raise ValueError(f"{target}: {len(placeholders)} placeholders, "
+                                     f"{len(ops)} operands")
+                inner = {p: fx.node.map_arg(o, lambda a: env[a]) for p, o in zip(placeholders, ops)}
+                env[n] = copy(sub, sub.graph, inner, sub_path, call or n.name)
+                continue
+            new = graph.node_copy(n, lambda a: env[a])
+            if n.op in ("get_attr", "call_module"):
+                new.target = attr(owner, n)
+            env[n] = new
+            origin[new.name] = path
+        return None
+
+    try:
+        copy(gm, gm.graph, {}, "", "")
+        return fx.GraphModule(root, graph), origin, calls
+    except Exception:  # noqa: BLE001 - a body this copy cannot take: no probe, nothing reported
+        return None

@@ -258,6 +258,8 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
     report = Report(graphs=1)
     refuse = refuse or {}
     patterns = list(patterns)
+    # taken before any rewrite: the graph with its checkpointed bodies inlined (compiler/hop.py)
+    probe = hop.inlined(gm) if not body else None
     # near misses by the nodes their match covered: a later, smaller rewrite of those nodes
     # (q rotated alone after the q/k pair was refused) can say why the larger one was not made
     misses_at: dict[fx.Node, list] = {}
@@ -405,6 +407,8 @@ def run_patterns(gm: fx.GraphModule, patterns: Iterable[Pattern], options=None, 
     report.near_misses.extend(detect.run_detectors(graph, [p.name for p in patterns], claimed,
                                                    missed, position))
     _search_bodies(gm, patterns, options, report, refuse, position, body)
+    if probe is not None:
+        report.near_misses.extend(_across_bodies(probe, patterns, options, position))
     report.near_misses = _one_per_cause(report.near_misses)
     # Report in program order (candidates are scanned from the graph's end).
     report.matches.sort(key=lambda m: m.position)
@@ -463,6 +467,40 @@ def _search_bodies(gm: fx.GraphModule, patterns: list, options, report: Report, 
                 report.near_misses.append(NearMiss(m.pattern, m.location,
                                                    f"{m.reason} (and it is {why})",
                                                    position=where, size=m.size))
+
+
+def _across_bodies(probe, patterns: list, options, position: dict) -> list:
+    """Near misses for what the patterns rewrite in `probe` (the graph with its "call this graph"
+    bodies inlined, `hop.inlined`) with nodes on both sides of a body's boundary: a rewrite
+    replaces nodes of one graph, so those are left as they are (a part on one side may still be
+    rewritten there on its own: the norm inside a checkpointed layer without the residual add
+    outside it)."""
+    copy, origin, calls = probe
+    try:
+        found = run_patterns(copy, patterns, options, body="(bodies inlined)")
+    except Exception:  # noqa: BLE001 - a look only: a probe that fails reports nothing
+        return []
+    by_name = {n.name: n for n in position}
+    out = []
+    for m in found.matches:
+        sides = sorted({origin.get(n, "") for n in m.nodes})
+        if len(sides) < 2:
+            continue
+        call = next((calls[s] for s in sides if s in calls), None)
+
+        def named(side: str) -> str:
+            if not side:
+                return "the outer graph"
+            op = hop.hop_name(by_name[calls[side]]) if calls.get(side) in by_name else None
+            return f"the body `{side}`" + (f" of {op}" if op else "")
+
+        out.append(NearMiss(m.pattern, m.location,
+                            f"its nodes lie on both sides of a body's boundary ({' and '.join(map(named, sides))}): "
+                            "a rewrite replaces the nodes of one graph, so the part on each side "
+                            "is left to that side's patterns (move the boundary, e.g. the "
+                            "checkpointed function, to take the whole of it)",
+                            position=position.get(by_name.get(call), -1), size=len(m.nodes)))
+    return out
 
 
 def _region(match: Match, new: list, body: str = "") -> dict:
