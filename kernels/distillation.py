@@ -47,7 +47,10 @@ Ops
 ``liger::fused_linear_distillation(hidden, weight, bias?, t_logits?, t_hidden?, t_weight?, t_bias?,
 kd_mask?, labels?, float[] coefs, float[] scales, float kd_coef, float kd_denom, float ce_coef,
 int ignore_index, bool ce_mean, bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias,
-int chunk_size, SymInt kd_n=1) -> (loss, kd, ce, grad_hidden, grad_weight, grad_bias)``;
+int chunk_size, SymInt kd_n=1, bool round_grad=False) -> (loss, kd, ce, grad_hidden, grad_weight, grad_bias)``
+(``round_grad``: the logits gradient is rounded to the logits' dtype before the linear's backward,
+as eager's autograd does; the per-token op's backward sets it, its row weights being the upstream
+gradient);
 ``scales = [s_scale, t_scale, ce_scale, mix_s, mix_t]``; ``kd_n`` (an int, a SymInt under
 dynamic shapes: the graph computes it from its tensors' sizes) multiplies the kd denominator at
 run time, so a `batchmean` / `mean` over a symbolic size is exact for every shape a compiled
@@ -103,6 +106,8 @@ _CPU_CHUNK_BYTES = 32 << 20
 DISTILL_BLOCK_V: Optional[int] = None
 
 N_COEFS = 7
+# float64's relative resolution (2^-52): where the saturated-row correction is below it
+EPS64 = 2.0 ** -52
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,8 +265,11 @@ if triton is not None:
                 # row): the same value as h (1 - ps) - ps * sum_{k != j} h_k, 1 - ps the other
                 # probabilities' sum, which does not (where the plain form is finite: the
                 # non-finite values stay eager's)
+                # Below float64's resolution of h (2^-52 |h|) the plain form is exactly 0, as
+                # eager's is in any dtype (and so is the float64 reference): kept there.
                 fin = (g == g) & (tl.abs(g) != float("inf"))
-                g = tl.where((cols == j_a) & fin, h * rest_p - ps * rest_h, g)
+                g_j = h * rest_p - ps * rest_h
+                g = tl.where((cols == j_a) & fin & (tl.abs(g_j) >= 2.220446049250313e-16 * tl.abs(h)), g_j, g)
                 g = (s_scale * kdw) * g
                 if HAS_CE:
                     sm = tl.exp((z * ce_scale - m_c) - log_s_c)
@@ -362,7 +370,11 @@ def _rows_torch(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
         rest_p = ps.scatter_(-1, j, 0.0).sum(-1, keepdim=True)
         del h, ps
         gj = gz.gather(-1, j)
-        gz.scatter_(-1, j, torch.where(gj.isfinite(), hj * rest_p - pj * rest_h, gj))
+        # below float64's resolution of h_j the plain form is exactly 0, as eager's is (and the
+        # float64 reference's): kept there
+        exact = hj * rest_p - pj * rest_h
+        gz.scatter_(-1, j, torch.where(gj.isfinite() & (exact.abs() >= EPS64 * hj.abs()),
+                                       exact, gj))
         gz.mul_((s_scale * kd_w)[:, None])
     if P["has_ce"]:
         # eager's cross-entropy is -log_softmax[label]: (z - max) - log(sum), not lse - z (which
@@ -480,7 +492,7 @@ def _reduce(kd_rows, ce_rows, kd_part, ce_den, kd_coef, ce_coef):
 
 def _linear_forward(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask, labels,
                     coefs, scales, kd_coef, kd_denom, ce_coef, ignore_index, ce_mean,
-                    need_gh, need_gw, need_gb, chunk_size, kd_n=1):
+                    need_gh, need_gw, need_gb, chunk_size, kd_n=1, round_grad=False):
     h2 = _rows2d(hidden)
     N, V = h2.shape[0], weight.shape[0]
     ct = compute_dtype(hidden.dtype)
@@ -500,12 +512,17 @@ def _linear_forward(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, 
     gb = torch.zeros(V, dtype=ct, device=weight.device) if need_gb and bias is not None else None
 
     def sink(s, e, g):
+        if round_grad and g.dtype != buf.dtype:
+            # the logits gradient rounded to the logits' dtype, where eager's autograd rounds it
+            # (the gradient of an fp16 / bf16 linear's output is in that dtype) before the
+            # linear's backward: exact only when g already holds the upstream gradient
+            g = g.to(buf.dtype)
         if gh is not None:
             _acc_mm_(gh[s:e], g, weight, first=True)
         if gw is not None:
             _acc_mm_(gw, g.t(), h2[s:e])
         if gb is not None:
-            gb.add_(g.sum(0))
+            gb.add_(g.sum(0, dtype=ct))
 
     want = gh is not None or gw is not None or gb is not None
     kd_rows, ce_rows = _core(N, V, student, _teacher(t_logits, t_hidden, t_weight, t_bias, N, V,
@@ -522,12 +539,12 @@ def fused_linear_distillation_op(
     kd_mask: Optional[Tensor], labels: Optional[Tensor], coefs: list[float], scales: list[float],
     kd_coef: float, kd_denom: float, ce_coef: float, ignore_index: int, ce_mean: bool,
     need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool, chunk_size: int,
-    kd_n: int = 1,
+    kd_n: int = 1, round_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     loss, kd, ce, gh, gw, gb = _linear_forward(
         hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask, labels, coefs,
         scales, kd_coef, kd_denom, ce_coef, ignore_index, ce_mean, need_grad_hidden,
-        need_grad_weight, need_grad_bias, chunk_size, kd_n)
+        need_grad_weight, need_grad_bias, chunk_size, kd_n, round_grad)
     empty = hidden.new_empty(0)
     return (loss, kd, ce, gh.view(hidden.shape) if gh is not None else empty.clone(),
             gw if gw is not None else empty.clone(), gb if gb is not None else empty.clone())
@@ -536,7 +553,7 @@ def fused_linear_distillation_op(
 @fused_linear_distillation_op.register_fake
 def _(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask, labels, coefs, scales,
       kd_coef, kd_denom, ce_coef, ignore_index, ce_mean, need_grad_hidden, need_grad_weight,
-      need_grad_bias, chunk_size, kd_n=1):
+      need_grad_bias, chunk_size, kd_n=1, round_grad=False):
     ct = compute_dtype(hidden.dtype)
     s = hidden.new_empty((), dtype=ct)
     e = hidden.new_empty(0)
@@ -733,9 +750,11 @@ def _fldp_backward(ctx, grad_rows):
     # a denominator of 1: kd_w = w exactly), as fused_linear_cross_entropy's reduction="none"
     # backward does; the op's gradients come back in the compute dtype and are rounded once.
     w = _upstream_weights(grad_rows, kd_mask, compute_dtype(hidden.dtype))
+    # The rows' weights are the upstream gradient itself, so the logits gradient is eager's
+    # and is rounded where eager rounds it (round_grad).
     _, _, _, gh, gw, gb = torch.ops.liger.fused_linear_distillation(
         hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, w, None, ctx.coefs,
-        ctx.scales, 1.0, 1.0, 0.0, -100, True, needs[0], needs[1], nb, ctx.chunk_size, 1)
+        ctx.scales, 1.0, 1.0, 0.0, -100, True, needs[0], needs[1], nb, ctx.chunk_size, 1, True)
     dh, dw, db = torch.ops.liger.fused_linear_distillation_backward(
         grad_rows.new_ones(()), gh, gw, gb, hidden, weight, bias, needs[0], needs[1], nb)
     return (dh if needs[0] else None, dw if needs[1] else None, db if nb else None) + \

@@ -107,7 +107,7 @@ def _gated_rms_bwd_kernel(
             gw = dh
         _store_tile(DX, rows, stride_dx, cols, _rms_dx(gw, n, rstd, RSTD, rows, rmask, D, False), mask)
         if COMPUTE_DW:
-            dw += _dw_term(dh, n, XDT, FP32_MODE)
+            dw += _dw_term(dh, n, XDT, FP32_MODE, False)  # unrounded terms, as its torch twin
     if COMPUTE_DW:
         tl.store(DW_PART + pid * D + cols, tl.sum(dw, axis=0), mask=cmask)
 
@@ -202,7 +202,8 @@ def gated_rms_norm_backward_reference(dy, x, weight, gate, rstd, offset, casting
     dh = (dv * a.to(cdt)).to(norm_dtype)
     dz = (dv * h).to(gate.dtype).to(da.dtype)
     dgate = (dz * da).to(gate.dtype).contiguous()
-    dx, dw = rms_norm_backward_reference(dh, x, weight, rstd, offset, casting_mode, weight_grad)
+    dx, dw = rms_norm_backward_reference(dh, x, weight, rstd, offset, casting_mode, weight_grad,
+                                         round_grad=False)
     return dx, dgate, dw
 
 

@@ -130,12 +130,14 @@ def _rms_dx(g, n, rstd, C, rows, rmask, D, LOAD_C: tl.constexpr):
 
 
 @triton.jit
-def _dw_term(dy, n, XDT: tl.constexpr, FP32_MODE: tl.constexpr):
+def _dw_term(dy, n, XDT: tl.constexpr, FP32_MODE: tl.constexpr, ROUND_GRAD: tl.constexpr):
     """One row tile's terms of dW = sum(dy * n)."""
     if FP32_MODE:
         t = dy * n
     else:  # llama multiplies the weight by n already rounded to x.dtype
         t = dy * round_to(n, XDT)
+        if ROUND_GRAD:  # eager's mul backward computes each term in the product's dtype
+            t = round_to(t, XDT)
     return t
 
 
@@ -199,9 +201,21 @@ def _rms_fwd_looped_kernel(
 
 
 @triton.jit
+def _weighted_grad(dy, w, XDT: tl.constexpr, ROUND_GRAD: tl.constexpr):
+    """The gradient reaching n from y = n * w.  ROUND_GRAD (llama casting, an fp16 / bf16
+    product): eager's mul backward computes dy * w in the product's dtype (x's), from dy in it."""
+    if ROUND_GRAD:
+        g = round_to(round_to(dy, XDT) * w, XDT)
+    else:
+        g = dy * w
+    return g
+
+
+@triton.jit
 def _rms_bwd_row_stats_kernel(
     DY, X, W, RSTD, C, D, stride_dy, stride_x, offset,
-    HAS_W: tl.constexpr, FP32_MODE: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_W: tl.constexpr, FP32_MODE: tl.constexpr, HAS_OFFSET: tl.constexpr, ROUND_GRAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # Wide rows only: c = mean(g * n) per row, so the tiled kernel can finish dx column-block-wise.
     row = tl.program_id(0).to(tl.int64)
@@ -212,7 +226,8 @@ def _rms_bwd_row_stats_kernel(
         x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
         g = tl.load(DY + row * stride_dy + cols, mask=cmask, other=0.0).to(tl.float32)
         if HAS_W:
-            g = g * _effective_weight(W, cols, cmask, offset, HAS_OFFSET, FP32_MODE)
+            g = _weighted_grad(g, _effective_weight(W, cols, cmask, offset, HAS_OFFSET, FP32_MODE),
+                               X.dtype.element_ty, ROUND_GRAD)
         acc += g * x
     rstd = tl.load(RSTD + row)
     tl.store(C + row, tl.sum(acc, axis=0) * rstd / D)
@@ -223,7 +238,8 @@ def _rms_bwd_kernel(
     DY, X, W, RSTD, C, DX, DW_PART, DH, n_rows, D, stride_dy, stride_x, stride_dx, stride_dh,
     blocks_per_prog, offset,
     HAS_W: tl.constexpr, FP32_MODE: tl.constexpr, HAS_OFFSET: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    LOAD_C: tl.constexpr, HAS_DH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOAD_C: tl.constexpr, HAS_DH: tl.constexpr, ROUND_GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dx and a partial dW for one (row chunk, column block).
 
@@ -242,14 +258,16 @@ def _rms_bwd_kernel(
         rows, rmask, mask = _bwd_row_block(pid, i, blocks_per_prog, n_rows, cmask, BLOCK_R)
         dy, rstd, n = _rms_bwd_tile(X, DY, RSTD, rows, cols, rmask, mask, stride_x, stride_dy)
         if HAS_W:
-            g = dy * w
+            g = _weighted_grad(dy, w, X.dtype.element_ty, ROUND_GRAD)
+            if ROUND_GRAD:
+                dy = round_to(dy, X.dtype.element_ty)
         else:
             g = dy
         dx = _rms_dx(g, n, rstd, C, rows, rmask, D, LOAD_C)
         dx = _add_grad(dx, DH, rows[:, None] * stride_dh + cols[None, :], mask, DX.dtype.element_ty, HAS_DH)
         _store_tile(DX, rows, stride_dx, cols, dx, mask)
         if COMPUTE_DW:
-            dw += _dw_term(dy, n, X.dtype.element_ty, FP32_MODE)
+            dw += _dw_term(dy, n, X.dtype.element_ty, FP32_MODE, ROUND_GRAD)
     if COMPUTE_DW:
         tl.store(DW_PART + pid * D + cols, tl.sum(dw, axis=0), mask=cmask)
 
@@ -339,7 +357,9 @@ def rms_norm_backward_triton(dy, x, weight, rstd, offset, casting_mode, weight_g
         dx = _alloc(x.shape, x.dtype, x.device)
     dx2 = dx.view(-1, D)
     flags = _flags(weight, offset, casting_mode, x.dtype)
-    del flags["ROUND_PROD"]  # the backward differentiates through the roundings
+    # the backward differentiates through the roundings, and rounds where eager's mul backward
+    # computes in the product's dtype
+    flags["ROUND_GRAD"] = flags.pop("ROUND_PROD")
     compute_dw = weight is not None and weight_grad
     w = weight if weight is not None else x2
     if D <= MAX_FUSED_D:
@@ -356,7 +376,7 @@ def rms_norm_backward_triton(dy, x, weight, rstd, offset, casting_mode, weight_g
         _rms_bwd_row_stats_kernel[(n_rows,)](
             dy2, x2, w, rstd1, c, D, dy2.stride(0), x2.stride(0), offset,
             HAS_W=flags["HAS_W"], FP32_MODE=flags["FP32_MODE"], HAS_OFFSET=flags["HAS_OFFSET"],
-            BLOCK_D=stats_block, num_warps=_num_warps(stats_block),
+            ROUND_GRAD=flags["ROUND_GRAD"], BLOCK_D=stats_block, num_warps=_num_warps(stats_block),
         )
     n_chunks, per_prog = _row_chunks(triton.cdiv(n_rows, block_r), n_col_blocks, x.device)
     dw_part = _alloc((n_chunks, D) if compute_dw else (1,), torch.float32, x.device)
@@ -393,17 +413,27 @@ def rms_norm_reference(x, weight, eps, offset, casting_mode, out_dtype):
     return y.contiguous(), rstd.contiguous()
 
 
-def rms_norm_backward_reference(dy, x, weight, rstd, offset, casting_mode, weight_grad):
+def rms_norm_backward_reference(dy, x, weight, rstd, offset, casting_mode, weight_grad,
+                                round_grad=None):
     xf = x.float()
     dyf = dy.float()
     r = rstd[..., None]
     n = xf * r
+    rnd = _flags(weight, offset, casting_mode, x.dtype)["ROUND_PROD"] if round_grad is None \
+        else round_grad
+    if rnd:  # eager's mul backward: dy and dy * w in the product's dtype (x's)
+        dyf = dy.to(x.dtype).float()
     g = dyf if weight is None else dyf * _effective_weight_torch(weight, offset, casting_mode).float()
+    if rnd:
+        g = g.to(x.dtype).float()
     dx = (r * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype).contiguous()
     if weight is None or not weight_grad:
         return dx, None
     n_cast = n if casting_mode == "fp32" else n.to(x.dtype).float()
-    dweight = (dyf * n_cast).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    terms = dyf * n_cast
+    if rnd:
+        terms = terms.to(x.dtype).float()
+    dweight = terms.reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
     return dx, dweight
 
 

@@ -82,9 +82,15 @@ def _multiplies(x, other):
                    if isinstance(o, CNode) and op(o) == "mul" else [])
     if any(c is x for c in cands):
         return "same"
-    if any(written_base(c) is written_base(x) for c in cands):
+    if any(_base(c) is _base(x) for c in cands):
         return "written"
     return None
+
+
+def _base(c):
+    # the tensor behind in-place writes, through casts (`hf = h.float(); hf += 1`: in fp32 the
+    # cast is h itself, and either way the mean and the product read different values)
+    return strip(written_base(strip(c)))
 
 
 def detect_rms_norm(view):
@@ -103,7 +109,7 @@ def detect_rms_norm(view):
             mean, x = hit
             seen.add(id(got[0]))
             if same == "written":
-                why = (f"{name(written_base(x))} is written in place between its mean of squares "
+                why = (f"{name(_base(x))} is written in place between its mean of squares "
                        "and the product, which read two different values of it: no norm")
             what = why or ("x * rsqrt(mean(x², -1) + eps) of "
                            f"{name(x)}, in a spelling (casts, order of the weight) no norm "

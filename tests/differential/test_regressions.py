@@ -104,6 +104,32 @@ def test_functional_rms_norm_bf16_casting_mode():
     check(case, seed=3)
 
 
+# rounding (kernels/rms_norm.py, fixed here; long run, seed 10358): an fp16 llama-cast norm times
+# (1 + weight): eager's mul backward rounds dy * n and dy * w to fp16 per element; the kernel summed
+# unrounded products (weight gradient 1.44x eager's error)
+def test_rms_norm_low_precision_product_gradient_rounds_per_element():
+    check(_norm("""
+        hf = h.float()
+        var = hf.pow(2).mean(-1).unsqueeze(-1)
+        n = hf / torch.sqrt(var + 1e-05)
+        return ((1.0 + self.weight) * n.to(h.dtype),)
+    """, ("rms_norm",), dtype=F16), seed=10358)
+
+
+# detector (fixed here; long run, seed 1): `hf = h.float(); hf += 1.0` between the mean of squares
+# and the product (in fp32 the cast is h itself): the detector compared the written tensor with
+# the mean's input without looking through the cast: refused by the pattern, reported by no one
+def test_rms_norm_written_through_a_cast_between_its_reads_is_reported():
+    check(_norm("""
+        hf = h.float()
+        sq = (hf * hf)
+        hf += 1.0
+        var = torch.mean(sq, dim=-1, keepdim=True)
+        n = ((1.0 + self.weight) * hf) * (var + 1e-06).rsqrt()
+        return (n.to(h.dtype),)
+    """, ("rms_norm",), SAFETY), seed=1)
+
+
 # -- layer_norm ----------------------------------------------------------------------------------
 
 # cast (issue 10 §4): the variance of the centred value, `xc.var(unbiased=False)`: silent miss
@@ -495,6 +521,50 @@ class M(nn.Module):
     inputs = [Input("h", (2, 3, 16)), Input("t", (2, 3, 24), scale=2.0, grad=False, spread=110.0),
               Input("labels", (2, 3), kind="labels", high=24, ignore=True)]
     check(_case(code, _DISTILL, SAFETY, F32, inputs), seed=1483)
+
+
+# gradient accuracy (kernels/distillation.py, fixed here; long run, seed 321): per-token reverse KL
+# of logits of size 1000 (rows saturated): the correction at the row's largest probability is
+# ~1e-35, below float64's resolution of the terms, where eager (and the float64 reference) give
+# exactly 0; the kernel gave the true value, 100% off both.  It keeps the plain form there.
+def test_distill_saturated_rows_below_float64_resolution():
+    code = """
+class M(nn.Module):
+    def forward(self, s, t, labels):
+        ls = s.log_softmax(-1)
+        lt = t.log_softmax(-1)
+        d = F.kl_div(lt, ls, reduction='none', log_target=True)
+        r = d.sum(-1)
+        loss = r[labels != -100].mean()
+        return (loss,)
+"""
+    inputs = [Input("s", (2, 3, 24), scale=1000.0), Input("t", (2, 3, 24), scale=1000.0, grad=False),
+              Input("labels", (2, 3), kind="labels", high=24, ignore=True)]
+    check(_case(code, _DISTILL, SPELLING, F32, inputs), seed=321)
+
+
+# rounding (kernels/distillation.py, fixed here; long run, seed 0): per-token JSD of an fp16 / bf16
+# lm head summed per sequence: eager rounds the logits gradient to the head's dtype before the
+# linear's backward, the per-token backward did not (weight gradient 1.45x eager's error).  The
+# per-token backward knows the upstream gradient, so it rounds where eager does (round_grad).
+def test_distill_per_token_low_precision_head_rounds_the_logits_gradient():
+    code = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 24, bias=True)
+
+    def forward(self, h, t):
+        s0 = self.head(h).to(torch.float32)
+        ls = (s0 / 0.5).log_softmax(-1)
+        lt = torch.log_softmax(t.float() * 2.0, -1)
+        m = torch.logsumexp(torch.stack([ls + -1.203972804325936, lt + -0.35667494393873245]), 0)
+        d = 0.7 * F.kl_div(m, lt, reduction='none', log_target=True) + 0.3 * F.kl_div(m, ls, reduction='none', log_target=True)
+        return (d.sum(-1).sum(-1),)
+"""
+    inputs = [Input("h", (2, 3, 16)), Input("t", (2, 3, 24), scale=2.0, grad=False)]
+    for dtype in (F16, BF16):
+        check(_case(code, _DISTILL, SPELLING, dtype, inputs), seed=0)
 
 # -- fused_linear_logprob (issue 22) ----------------------------------------------------------------
 
