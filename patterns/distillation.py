@@ -779,7 +779,12 @@ def _written_term(alg, anchor, items):
     reads the written value, a node the algebra does not know), or None."""
     if not any(_meet(anchor, n) for n, _, _, _ in items):
         return None
-    return _written(alg.match.graph, [n for n in alg.terms if n.users])
+    # the logits the leaves read count too: `s1 += 1.0` between log_softmax(s1) and softmax(s1)
+    # makes the two leaves read two values (two "distributions" where the code meant one)
+    tops = [alg.student_top] + [top for _, _, top, _ in items]
+    leaves = [anchor] + [n for n, _, _, _ in items]
+    inputs = [n.args[0] for n in leaves if n.args and isinstance(n.args[0], torch.fx.Node)]
+    return _written(alg.match.graph, [n for n in alg.terms if n.users] + tops + leaves + inputs)
 
 
 def _below(a, limit=6):

@@ -566,6 +566,32 @@ class M(nn.Module):
     for dtype in (F16, BF16):
         check(_case(code, _DISTILL, SPELLING, dtype, inputs), seed=0)
 
+# silent miss (patterns/distillation.py, fixed here; long run, seed 2625): `s1 += 1.0` between
+# log_softmax(s1) and softmax(s1) made the two leaves read two tensors, so no student was found and
+# no reason given; the write to the logits the leaves read is now named
+def test_distill_write_to_the_logits_between_the_student_leaves_is_reported():
+    code = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 24, bias=True)
+        self.teacher = nn.Linear(16, 24, bias=True)
+        self.teacher.requires_grad_(False)
+
+    def forward(self, h):
+        s = F.linear(h, self.head.weight, self.head.bias)
+        t = self.teacher(h).detach()
+        s1 = s.float() / 1.0
+        t1 = t.float() * 1.0
+        ls = F.log_softmax(s1, dim=-1)
+        s1 += 1.0
+        ps = F.softmax(s1, dim=-1)
+        lt = torch.log_softmax(t1, -1)
+        d = ps * (ls - lt)
+        return (d.sum(),)
+"""
+    check(_case(code, _DISTILL, SAFETY, F16, [Input("h", (2, 3, 16))]), seed=2625)
+
 # -- fused_linear_logprob (issue 22) ----------------------------------------------------------------
 
 _LP_INIT = """
