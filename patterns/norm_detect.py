@@ -121,3 +121,79 @@ def detect_rms_norm(view):
 register_detector("rms_norm", detect_rms_norm,
                   patterns=("rms_norm", "add_rms_norm", "gated_rms_norm"),
                   looks_like="an RMS norm")
+
+
+# -- layer norms ---------------------------------------------------------------------------------
+# What a layer norm is, by data flow: a value centred by its own mean over the last dim
+# (x - mean(x, -1)), whose variance (`var`, or a mean of squares of the centred value) plus eps
+# goes through an rsqrt that multiplies the centred value.  A hit needs the centring on the
+# variance's side or the product's side, so an RMS norm (no centring) is never one.
+
+
+def _centre(v):
+    """(x, written) when `v` is x - mean(x', -1) with x' x itself or x through in-place writes
+    (`written`: the two read different values), through casts and writes of the result; else
+    None."""
+    v = _base(v)
+    if not (isinstance(v, CNode) and op(v) == "sub" and len(v.args) >= 2):
+        return None
+    a, m = v.args[0], strip(v.args[1])
+    if not (isinstance(m, CNode) and op(m) == "mean" and len(m.args) >= 2 and m.args[1] == (-1,)):
+        return None
+    if _base(a) is not _base(m.args[0]):
+        return None
+    return _base(a), strip(a) is not strip(m.args[0])
+
+
+def _variance(v):
+    """(variance node, its input) when `v` is var(y, -1) or mean(y², -1), plus eps or not."""
+    v = strip(v)
+    cands = [v] + (list(v.args[:2]) if isinstance(v, CNode) and op(v) == "add" else [])
+    for c in cands:
+        c = strip(c)
+        if isinstance(c, CNode) and op(c) == "var" and len(c.args) >= 2 and c.args[1] == (-1,):
+            return c, strip(c.args[0])
+        hit = _mean_of_squares(c)
+        if hit is not None:
+            return hit
+    return None
+
+
+def detect_layer_norm(view):
+    seen: set = set()
+    for c in view.cnodes():
+        if op(c) != "mul" or len(c.args) != 2 or not c.nodes:
+            continue
+        for r, other in (c.args, c.args[::-1]):
+            got = _scaled(r)
+            if got is None or id(got[0]) in seen:
+                continue
+            hit = _variance(got[1])
+            if hit is None:
+                continue
+            var, y = hit
+            o = strip(other)
+            factors = [o] + ([strip(a) for a in o.args if isinstance(a, CNode)]
+                             if isinstance(o, CNode) and op(o) == "mul" else [])
+            # the product's factor: the variance's input itself (or it through writes), or the
+            # centred value of it (`var` centres its input itself)
+            f = next((f for f in factors if _base(f) is _base(y)
+                      or (_centre(f) or (None,))[0] is _base(y)), None)
+            centres = [ct for ct in (_centre(y), _centre(f) if f is not None else None) if ct]
+            if f is None or not centres:
+                continue
+            seen.add(id(got[0]))
+            written = (any(strip(v) is not _base(v) for v in (y, f))
+                       or (f is not y and _base(f) is _base(y)) or any(w for _, w in centres))
+            x = centres[0][0]
+            what = (f"{name(x)} (or its centred value) is written in place between the uses the "
+                    "norm reads (its mean, its variance, the product read different values): no "
+                    "layer norm") if written else (
+                    f"(x - mean(x)) * rsqrt(var + eps) of {name(x)}, in a spelling no layer norm "
+                    "pattern takes")
+            yield c.nodes[0], fx_nodes(c, got[0], var), what
+            break
+
+
+register_detector("layer_norm", detect_layer_norm, patterns=("layer_norm", "add_layer_norm"),
+                  looks_like="a layer norm")

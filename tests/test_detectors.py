@@ -31,7 +31,8 @@ from tests.models.hf import tiny_causal_lm
 EPS = 1e-6
 PREFIX = {"rope": "looks like a rotary embedding but no rope pattern matched: ",
           "rms_norm": "looks like an RMS norm but no rms_norm pattern matched: ",
-          "gated_act": "looks like a gated activation but no gated_act pattern matched: "}
+          "gated_act": "looks like a gated activation but no gated_act pattern matched: ",
+          "layer_norm": "looks like a layer norm but no layer_norm pattern matched: "}
 
 
 def _detected(report) -> list:
@@ -151,6 +152,34 @@ def test_rms_norm_with_eps_as_a_bound():
 def test_rms_norm_without_eps():
     (m,) = _one_hit(RMSNoEps(), torch.randn(2, 5, 16), family="rms_norm")
     assert "no eps is added" in m.reason, m.reason
+
+
+class LayerNormWritten(nn.Module):
+    """A layer norm whose centred value is written in place between its variance and the product
+    (the differential long run's silent miss): no layer norm, and the detector says why."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.proj = nn.Linear(32, 32, bias=False)
+        self.bias = nn.Parameter(0.1 * torch.randn(32))
+        self.where = where
+
+    def forward(self, x):
+        hf = self.proj(x).float()
+        mu = hf.mean(-1, keepdim=True)
+        if self.where == "input":
+            hf += 1.0
+        xc = hf - mu
+        var = xc.var(-1, unbiased=False, keepdim=True)
+        if self.where == "centred":
+            xc += 1.0
+        return xc * torch.rsqrt(var + 1e-5) + self.bias
+
+
+@pytest.mark.parametrize("where", ["centred", "input"])
+def test_layer_norm_written_between_its_uses(where):
+    (m,) = _one_hit(LayerNormWritten(where), torch.randn(2, 5, 32), family="layer_norm")
+    assert "written in place" in m.reason, m.reason
 
 
 def test_pattern_near_miss_is_not_repeated_by_the_detector():

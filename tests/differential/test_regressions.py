@@ -142,6 +142,30 @@ def test_layer_norm_var_of_centred_value():
     """, ("layer_norm",)), seed=4)
 
 
+# detector (new here; long run, seeds 523848, 3587, 1224): a layer norm with its input or centred
+# value written in place between the uses the norm reads: refused by the pattern (no layer norm),
+# reported by no one (there was no layer-norm detector)
+def test_layer_norm_written_between_its_uses_is_reported():
+    for body, seed in (("""
+        hf = h.to(torch.float32)
+        mu = torch.mean(hf, dim=-1, keepdim=True)
+        xc = hf - mu
+        var = xc.var(-1, unbiased=False, keepdim=True)
+        xc += 1.0
+        n = xc * (1.0 / torch.sqrt(var + 1e-05))
+        return (n.to(h.dtype) + self.bias,)
+    """, 523848), ("""
+        hf = h.float()
+        mu = torch.mean(hf, dim=-1, keepdim=True)
+        xc = hf - mu
+        hf += 1.0
+        var = torch.var(hf, dim=-1, correction=0, keepdim=True)
+        n = xc * torch.rsqrt(var + 1e-05)
+        return (n.to(h.dtype) + self.bias,)
+    """, 3587)):
+        check(_norm(body, ("layer_norm",), SAFETY, BF16), seed=seed)
+
+
 # cast (issue 10 §4): F.layer_norm with a bias and no weight: silent miss
 def test_layer_norm_functional_bias_only():
     check(_norm("return (F.layer_norm(h, (16,), None, self.bias, 1e-05),)", ("layer_norm",)),
