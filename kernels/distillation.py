@@ -47,10 +47,13 @@ Ops
 ``liger::fused_linear_distillation(hidden, weight, bias?, t_logits?, t_hidden?, t_weight?, t_bias?,
 kd_mask?, labels?, float[] coefs, float[] scales, float kd_coef, float kd_denom, float ce_coef,
 int ignore_index, bool ce_mean, bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias,
-int chunk_size, SymInt kd_n=1, bool round_grad=False) -> (loss, kd, ce, grad_hidden, grad_weight, grad_bias)``
-(``round_grad``: the logits gradient is rounded to the logits' dtype before the linear's backward,
-as eager's autograd does; the per-token op's backward sets it, its row weights being the upstream
-gradient);
+int chunk_size, SymInt kd_n=1, bool round_grad=False, Tensor? grad_scale=None) -> (loss, kd, ce,
+grad_hidden, grad_weight, grad_bias)`` (``grad_scale``: the upstream gradient, folded into the rows'
+weights; ``round_grad``: the logits gradient is then rounded to the logits' dtype before the
+linear's backward, as eager's autograd does. The backward's recompute sets both, and so does the
+per-token op's backward, whose row weights are the upstream gradient. An fp16 / bf16 head is
+rewritten with the forward computing no gradients, so its backward always recomputes: eager's
+rounding exactly, at one more logits GEMM than computing the gradients in the forward);
 ``scales = [s_scale, t_scale, ce_scale, mix_s, mix_t]``; ``kd_n`` (an int, a SymInt under
 dynamic shapes: the graph computes it from its tensors' sizes) multiplies the kd denominator at
 run time, so a `batchmean` / `mean` over a symbolic size is exact for every shape a compiled
@@ -492,7 +495,8 @@ def _reduce(kd_rows, ce_rows, kd_part, ce_den, kd_coef, ce_coef):
 
 def _linear_forward(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask, labels,
                     coefs, scales, kd_coef, kd_denom, ce_coef, ignore_index, ce_mean,
-                    need_gh, need_gw, need_gb, chunk_size, kd_n=1, round_grad=False):
+                    need_gh, need_gw, need_gb, chunk_size, kd_n=1, round_grad=False,
+                    grad_scale=None):
     h2 = _rows2d(hidden)
     N, V = h2.shape[0], weight.shape[0]
     ct = compute_dtype(hidden.dtype)
@@ -500,6 +504,10 @@ def _linear_forward(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, 
     P["chunk"] = C = _chunk(N, V, h2.device, h2.element_size(), chunk_size)
     kd_w, ce_w, kd_part, ce_den = _row_weights(N, kd_mask, labels, kd_coef, kd_denom, ce_coef,
                                                ignore_index, ce_mean, ct, h2.device, kd_n)
+    if grad_scale is not None:  # the upstream gradient, folded into the rows' weights
+        gs = grad_scale.reshape(()).to(ct)
+        kd_w = kd_w * gs
+        ce_w = ce_w * gs if ce_w is not None else None
     buf = h2.new_empty(min(C, N), V)
 
     def student(s, e):
@@ -539,12 +547,12 @@ def fused_linear_distillation_op(
     kd_mask: Optional[Tensor], labels: Optional[Tensor], coefs: list[float], scales: list[float],
     kd_coef: float, kd_denom: float, ce_coef: float, ignore_index: int, ce_mean: bool,
     need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool, chunk_size: int,
-    kd_n: int = 1, round_grad: bool = False,
+    kd_n: int = 1, round_grad: bool = False, grad_scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     loss, kd, ce, gh, gw, gb = _linear_forward(
         hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask, labels, coefs,
         scales, kd_coef, kd_denom, ce_coef, ignore_index, ce_mean, need_grad_hidden,
-        need_grad_weight, need_grad_bias, chunk_size, kd_n, round_grad)
+        need_grad_weight, need_grad_bias, chunk_size, kd_n, round_grad, grad_scale)
     empty = hidden.new_empty(0)
     return (loss, kd, ce, gh.view(hidden.shape) if gh is not None else empty.clone(),
             gw if gw is not None else empty.clone(), gb if gb is not None else empty.clone())
@@ -553,7 +561,7 @@ def fused_linear_distillation_op(
 @fused_linear_distillation_op.register_fake
 def _(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_mask, labels, coefs, scales,
       kd_coef, kd_denom, ce_coef, ignore_index, ce_mean, need_grad_hidden, need_grad_weight,
-      need_grad_bias, chunk_size, kd_n=1, round_grad=False):
+      need_grad_bias, chunk_size, kd_n=1, round_grad=False, grad_scale=None):
     ct = compute_dtype(hidden.dtype)
     s = hidden.new_empty((), dtype=ct)
     e = hidden.new_empty(0)
@@ -617,8 +625,13 @@ def _fld_backward(ctx, grad_loss, *unused):
     if grad_loss is None or not any(needs[:3]):
         return (None,) * 21
     if ctx.recompute:
+        # The recompute knows the upstream gradient: folded into the rows' weights, the logits
+        # gradient is eager's and is rounded where eager rounds it (round_grad); the result is
+        # then only cast (scaled by 1).
         _, _, _, gh, gw, gb = torch.ops.liger.fused_linear_distillation(
-            hidden, weight, bias, *ctx.rest, needs[0], needs[1], nb, ctx.chunk_size, ctx.kd_n)
+            hidden, weight, bias, *ctx.rest, needs[0], needs[1], nb, ctx.chunk_size, ctx.kd_n,
+            True, grad_loss)
+        grad_loss = torch.ones_like(grad_loss)
     dh, dw, db = torch.ops.liger.fused_linear_distillation_backward(
         grad_loss, gh, gw, gb, hidden, weight, bias, needs[0], needs[1], nb)
     return (dh if needs[0] else None, dw if needs[1] else None, db if nb else None) + \

@@ -1053,12 +1053,17 @@ def _replace(x=None, p=None, s_hidden=None, s_weight=None, s_bias=None, student=
         return (rows.reshape(-1) if p["flat"] else rows).to(match.out_dtype)
     if s_hidden is not None:
         fused_t = p["fused_teacher"]
+        # An fp16 / bf16 head: eager rounds the logits gradient (times the upstream gradient)
+        # to the head's dtype before the linear's backward, which only the backward can do (it
+        # knows the upstream gradient): the forward computes no gradients, the backward
+        # recomputes them (kernels/distillation.py)
+        fwd = _val(match["s_hidden"]).dtype in (torch.float32, torch.float64)
         out = torch.ops.liger.fused_linear_distillation(
             s_hidden, s_weight, s_bias, None if fused_t else teacher,
             t_hidden if fused_t else None, t_weight if fused_t else None,
             t_bias if fused_t else None, kd_mask, labels, *kd,
-            _rg(match["s_hidden"]), _rg(match["s_weight"]),
-            s_bias is not None and _rg(match["s_bias"]), 0, kd_n)
+            fwd and _rg(match["s_hidden"]), fwd and _rg(match["s_weight"]),
+            fwd and s_bias is not None and _rg(match["s_bias"]), 0, kd_n)
     else:
         out = torch.ops.liger.distillation_loss(student, teacher, kd_mask, labels, *kd,
                                                 _rg(match["student"]), 0, kd_n)

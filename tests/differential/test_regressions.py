@@ -590,6 +590,30 @@ class M(nn.Module):
     for dtype in (F16, BF16):
         check(_case(code, _DISTILL, SPELLING, dtype, inputs), seed=0)
 
+# rounding (kernels/distillation.py + patterns/distillation.py, fixed here; long run, seed 10): an
+# fp16 head's reduced loss: the gradients computed in the forward (for an upstream gradient of 1,
+# unrounded, scaled in backward) were statistically eager's error but 1.37x it here (eager rounds
+# upstream * the logits gradient to fp16 before the linear's backward).  A low-precision head now
+# recomputes in backward with the upstream gradient folded in, rounded where eager rounds.
+def test_distill_low_precision_head_reduced_loss_rounds_as_eager():
+    code = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 24, bias=True)
+
+    def forward(self, h, t):
+        s0 = self.head(h).to(torch.float32)
+        ls = F.log_softmax(s0 / 0.5, dim=-1)
+        lt = F.log_softmax(t.float() / 0.5, dim=-1)
+        d = F.kl_div(lt, ls.exp(), reduction='none')
+        return (d.sum(-1).mean(),)
+"""
+    inputs = [Input("h", (2, 3, 16)), Input("t", (2, 3, 24), scale=2.0, grad=False)]
+    for dtype in (F16, BF16):
+        check(_case(code, _DISTILL, SPELLING, dtype, inputs), seed=10)
+
+
 # silent miss (patterns/distillation.py, fixed here; long run, seed 2625): `s1 += 1.0` between
 # log_softmax(s1) and softmax(s1) made the two leaves read two tensors, so no student was found and
 # no reason given; the write to the logits the leaves read is now named
