@@ -600,7 +600,13 @@ def check(match):
         return "the token ids are not int64/int32"
     if fn is nll_cross_entropy:
         if not _negated(match.outputs[0]):
-            raise Skip  # a per-token NLL: fused_linear_cross_entropy's
+            # a per-token NLL (read as a loss too, not only negated): fused_linear_cross_entropy's;
+            # where that pattern does not take it, this is our near miss (passes.Defer)
+            if _cross_entropy_enabled(match.options):
+                raise Defer("fused_linear_cross_entropy",
+                            f"the per-token NLL `{match.outputs[0].name}` is read as a loss too "
+                            "(not only negated into log-probs): fused_linear_cross_entropy's")
+            raise Skip
         if zv.dim() != 2 or iv.dim() != 1:
             return "cross_entropy's input is not 2-D [tokens, vocab] with 1-D ids"
         if not isinstance(match["ignore_index"], int):

@@ -105,8 +105,19 @@ def _run(model, inputs, leaves, cotangents):
     return outs, list(grads)
 
 
-# The rule is the validator's (one home): ligerfx/compiler/validate.py.
-compare = within_eager_rounding
+# The rule is the validator's (one home): ligerfx/compiler/validate.py.  The validator applies it
+# to each rewritten region against float64 on the region's own inputs (1.25x eager's error); here
+# it is applied end to end, against float64 of the whole module on unrounded inputs, where in
+# fp16 / bf16 a region's rounding that is as good as eager's on its inputs can land further from
+# that reference downstream by chance (long run, add_layer_norm seed 947: the norm's gradient
+# 0.94x eager's error on its inputs, the module input's gradient after an fp16 linear 1.70x
+# eager's).  So end to end in half precision the factor is 2; every region still passes the
+# validator's 1.25x (the oracle compiles with validate="raise").
+# A regression test of a rounding-placement fix (the rewrite rounded where eager does not) passes
+# `strict=True` to `check`: 1.25x end to end, so it fails without the fix.
+def compare(what, got, low, ref, dtype, strict=False):
+    half = dtype in (torch.float16, torch.bfloat16) and not strict
+    return within_eager_rounding(what, got, low, ref, dtype, factor=2.0 if half else 1.25)
 
 
 def _fail(case: Case, seed: int, exc: type, msg: str) -> None:
@@ -121,7 +132,7 @@ def _fail(case: Case, seed: int, exc: type, msg: str) -> None:
     raise exc(full)
 
 
-def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
+def check(case: Case, seed: int, paths=("torch", "triton"), strict: bool = False) -> list:
     """Run the oracle on one case; returns the reports (raises WrongAnswer / SilentMiss / Crash)."""
     survey = os.environ.get("LIGERFX_DIFF_SURVEY")
     if survey:  # one line per example reaching the oracle: a long run's count
@@ -163,14 +174,14 @@ def check(case: Case, seed: int, paths=("torch", "triton")) -> list:
                 got_out, got_grads = _run(compiled, test_in, test_leaves, cot)
             except Exception as e:
                 return _fail(case, seed, Crash, f"{path} path: {type(e).__name__}: {str(e)[:2000]}") or reports
-        problems = [compare(f"output {i}", a, b, c, case.dtype)
+        problems = [compare(f"output {i}", a, b, c, case.dtype, strict)
                     for i, (a, b, c) in enumerate(zip(got_out, low_out, ref_out))]
         if cot is not None:
             names = [f"grad of input {i}" for i in range(len(test_leaves) - len([p for p in test_model.parameters()
                                                                                   if p.requires_grad]))]
             names += [f"grad of {n}" for n, p in test_model.named_parameters() if p.requires_grad]
             got_grads = got_grads or [None] * len(names)
-            problems += [compare(n, a, b, c, case.dtype)
+            problems += [compare(n, a, b, c, case.dtype, strict)
                          for n, a, b, c in zip(names, got_grads, low_grads, ref_grads)]
         problems = [p for p in problems if p]
         if problems:
