@@ -51,6 +51,11 @@ def cases(draw):
     desc = f"{add}, sum {reuse}; {case.what}" + (f"; {what}" if what else "")
     case.kind, case.what, case.patterns = kind, desc, ("add_" + norm,)
     case.reported_as, case.dynamic = (norm,), dynamic(draw)
+    cast = re.search(r"(\w+) cast through ", case.what)
+    if cast and any(re.match(rf"^{cast.group(1)} = ", line) for line in src.body[at + 2:]):
+        # a lossy cast (perturb.lossy_cast) of a value between the sum and the norm: the norm no
+        # longer reads the sum, so there is no add + norm to fuse; the norm alone is the answer
+        case.rewritten_as = (norm,)
     return case
 
 
