@@ -482,7 +482,8 @@ def fused_linear_cross_entropy_backward_op(
         def mm_into(a, b):
             return None if gl2 is None else (lambda acc: _acc_mm_(acc, a, b))
 
-        gh = scaled(saved_grad_hidden.reshape(N, -1), h2, mm_into(gl2, weight)) \
+        # (N, H), not (N, -1): -1 is ambiguous for an empty batch
+        gh = scaled(saved_grad_hidden.reshape(N, h2.shape[1]), h2, mm_into(gl2, weight)) \
             if need_grad_hidden else None
         gw = scaled(saved_grad_weight, weight, mm_into(gl2.t() if gl2 is not None else None,
                                                        h2)) if need_grad_weight else None

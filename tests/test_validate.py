@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import ligerfx
 from ligerfx import register_pattern
@@ -242,6 +243,24 @@ def test_an_output_that_gains_a_gradient_is_dropped(names):
     assert [o.requires_grad for o in out] == [True, False]
     for a, b in zip(out, ref):
         assert torch.equal(a, b)
+
+
+def test_no_grad_call_does_not_compare_autograd_flags():
+    # long run (loss family): a forward-only call (torch.no_grad) of a model whose input requires
+    # grad; the new op's recorded mode said "grad enabled" and the flag check dropped a correct
+    # cross_entropy rewrite.  Without autograd no output requires grad, so flags are not compared
+    class CE(nn.Module):
+        def forward(self, logits, labels):
+            return F.cross_entropy((logits * 1.5).view(-1, 24), labels.reshape(-1), reduction="sum")
+
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    y = torch.randint(0, 24, (2, 5))
+    with torch.no_grad():
+        out = _compile(CE(), validate="raise")(x, y)
+        ref = CE()(x, y)
+    assert ligerfx.backend.last_report.counts == {"cross_entropy": 1}
+    assert [v.status for v in ligerfx.backend.last_report.validation] == ["equal"]
+    torch.testing.assert_close(out, ref)
 
 
 def test_inductor(wrong_twice):

@@ -482,8 +482,10 @@ def check_region(record, original: fx.GraphModule, rewritten: fx.GraphModule, va
     for i, (o, a, b) in enumerate(zip(outs_old, got_rg, low_rg)):
         # autograd's flag is part of the value: an output that gains one where eager's has none
         # (one op over two tensors, one of them without a gradient) or loses one is a different
-        # program, even where every number it gives is equal
-        if i not in skip and a != b:
+        # program, even where every number it gives is equal.  Compared where the program ran
+        # with autograd (without it no output of the program requires grad, whatever the new
+        # nodes' recorded modes say)
+        if ambient and i not in skip and a != b:
             problems.append(f"output {i} (`{o.name}`) "
                             + ("requires grad where the original's does not" if a else
                                "does not require grad where the original's does"))
@@ -610,7 +612,11 @@ def _check_graph(original: fx.GraphModule, rewritten: fx.GraphModule, records: l
         for n in _reads(covered):
             wanted.update(a.name for a in n.all_input_nodes)
     wanted &= set(onodes)
-    ambient = torch.is_grad_enabled()
+    # The program's autograd mode: where Dynamo recorded no value that requires grad (the call
+    # ran under no_grad, or nothing needed a gradient), the regions run without autograd too
+    # (the backend may be called with grad enabled whatever the caller's mode was).
+    ambient = torch.is_grad_enabled() and any(
+        getattr(node_value(n), "requires_grad", False) for n in original.graph.nodes)
     try:
         devices = sorted({x.device.index for x in inputs if isinstance(x, torch.Tensor)
                           and x.device.type == "cuda" and x.device.index is not None})
