@@ -256,7 +256,17 @@ def check(match):
             gate_in = ("chain", g_chain)  # act in the product dtype: eager's roundings exactly
         elif (a_dt == prod and g_use == torch.float32 and gate.dtype == prod
               and all(widens(a, b) for a, b in zip([gate.dtype] + g_chain, g_chain))):
-            # act(gate.float()).to(prod): the kernel's fp32 act rounded to prod is the same
+            # act(gate.float()).to(prod): the kernel's fp32 act rounded to prod is the same,
+            # except where eager's fp32 act differs from prod's at +inf (CPU's vectorized exact
+            # gelu gives NaN in fp32 where its fp16 kernel, and the op for a prod gate, give +inf)
+            from ligerfx.kernels.gated_act import _eager_at_inf
+
+            name = _activation(match)
+            at32, atp = (_eager_at_inf(name, d, gate.device) for d in (torch.float32, prod))
+            if not (at32 == atp or (at32 != at32 and atp != atp)):
+                return (f"act(gate) is computed in float32, where eager gives {at32} at +inf on "
+                        f"{gate.device.type}, and the op for a {str(prod).replace('torch.', '')} "
+                        f"gate gives {atp} (the kernel rounds act(gate) to the product dtype)")
             gate_in = ("chain", [])
             note = "; fp32 activation"
         else:

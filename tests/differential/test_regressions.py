@@ -319,6 +319,29 @@ def test_rope_pair_with_a_written_key_and_mixed_tables():
                ("rope",), SAFETY, F16, "regression"), seed=16245)
 
 
+# -- gated activations ---------------------------------------------------------------------------
+
+# pattern (fixed here; long run, seeds 0 and 44): an fp16 gate upcast for an exact gelu,
+# `F.gelu(g.float()).type_as(g) * u`, with +inf gate values (a -inf input column through the
+# linear): CPU eager's fp32 gelu gives NaN at +inf, the op for an fp16 gate +inf (fp16's rule).
+# Refused on CPU with the reason (CUDA gives +inf in every dtype: fused there)
+def test_geglu_fp32_upcast_of_an_fp16_gate_at_inf():
+    code = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_up = nn.Linear(16, 64, bias=False)
+        self.down = nn.Linear(32, 16, bias=False)
+
+    def forward(self, x):
+        g, u = self.gate_up(x).chunk(2, dim=-1)
+        a = F.gelu(g.float()).type_as(g)
+        return (self.down(a * u),)
+"""
+    inputs = [Input("x", (2, 3, 16), scale=30.0, neginf=(3, 7, 15))]
+    check(_case(code, ("geglu",), SPELLING, F16, inputs), seed=44)
+
+
 # -- losses --------------------------------------------------------------------------------------
 
 _HEAD_INIT = """
