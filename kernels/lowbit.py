@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .rounding import cast_rne
 from .runtime import next_pow2, num_programs_hint
 
 DECODE_MAX_M = 16  # up to this many rows the GEMV / split-K configuration is used
@@ -126,7 +127,8 @@ def _splitk_reduce_kernel(P, S, B, Y, M, N, stride_ym, n_split, HAS_SCALE: tl.co
         acc = acc * tl.load(S + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], cast_rne(acc, Y.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -155,8 +157,9 @@ def store_tile(acc, S, B, Y, P, rm, rn, M, N, stride_ym, pid_k, HAS_SCALE: tl.co
             acc = acc * tl.load(S + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             acc = acc + tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-                 mask=omask)
+        # cast_rne: round to nearest even into bf16 (Triton's interpreter truncates on `.to`)
+        tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :],
+                 cast_rne(acc, Y.dtype.element_ty), mask=omask)
     else:
         tl.store(P + pid_k * M * N + rm[:, None].to(tl.int64) * N + rn[None, :], acc, mask=omask)
 
