@@ -12,4 +12,4 @@ from . import gated_rms_norm  # noqa: F401 - after rms_norm, whose variants it e
 from . import logprob  # noqa: F401
 from . import clamped_glu  # noqa: F401
 # detectors: a subgraph of a family that no pattern above rewrote or reported (issue 23)
-from . import gated_detect, logprob_detect, norm_detect, rope_detect  # noqa: F401
+from . import gated_detect, logprob_detect, loss_detect, norm_detect, rope_detect  # noqa: F401

@@ -494,6 +494,26 @@ class M(nn.Module):
     check(_case(code, ("fused_linear_cross_entropy",), SPELLING, F32, inputs), seed=68494)
 
 
+# detector (new here: patterns/loss_detect.py; long run, seeds 11745 and 512): a log-softmax
+# rounded through fp16 (or cast through int32) before nll_loss: no loss pattern matched and none
+# reported it; the cross-entropy detector names the casts
+def test_cross_entropy_with_a_cast_between_log_softmax_and_nll_is_reported():
+    code = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 40, bias=False)
+
+    def forward(self, h, labels):
+        lv = (h @ self.head.weight.t()).reshape(-1, 40)
+        pre = F.log_softmax(lv, dim=-1)
+        lp = pre.to(torch.float16).to(pre.dtype)
+        return (F.nll_loss(lp, labels.reshape(-1), ignore_index=-100),)
+"""
+    inputs = [Input("h", (2, 5, 16), scale=1000.0), Input("labels", (2, 5), kind="labels", high=40, ignore=True)]
+    check(_case(code, ("fused_linear_cross_entropy",), SAFETY, F32, inputs), seed=11745)
+
+
 # -- an input rounded on the way in, in every pattern family --------------------------------------
 
 # cast (fixed in the matcher): a bound input binds to the value after a lossy cast chain, so each
