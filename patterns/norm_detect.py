@@ -93,7 +93,10 @@ def _base(c):
     return strip(written_base(strip(c)))
 
 
-def detect_rms_norm(view):
+def _rsqrt_products(view, hit_of):
+    """The hits `hit_of(product, (rsqrt node, its argument), other factor)` reports over each
+    `a * rsqrt(v)` in the view (the norm detectors' shared walk): each rsqrt and each product
+    reported once."""
     seen: set = set()
     for c in view.cnodes():
         if op(c) != "mul" or len(c.args) != 2 or not c.nodes:
@@ -102,20 +105,30 @@ def detect_rms_norm(view):
             got = _scaled(r)
             if got is None or id(got[0]) in seen:
                 continue
-            hit, why = _eps_and_mean(got[1])
-            same = _multiplies(hit[1], other) if hit is not None else None
-            if same is None:
-                continue
-            mean, x = hit
-            seen.add(id(got[0]))
-            if same == "written":
-                why = (f"{name(_base(x))} is written in place between its mean of squares "
-                       "and the product, which read two different values of it: no norm")
-            what = why or ("x * rsqrt(mean(x², -1) + eps) of "
-                           f"{name(x)}, in a spelling (casts, order of the weight) no norm "
-                           "pattern takes")
-            yield c.nodes[0], fx_nodes(c, got[0], mean), what
-            break
+            hit = hit_of(c, got, other)
+            if hit is not None:
+                seen.add(id(got[0]))
+                yield hit
+                break
+
+
+def _rms_hit(c, got, other):
+    hit, why = _eps_and_mean(got[1])
+    same = _multiplies(hit[1], other) if hit is not None else None
+    if same is None:
+        return None
+    mean, x = hit
+    if same == "written":
+        why = (f"{name(_base(x))} is written in place between its mean of squares "
+               "and the product, which read two different values of it: no norm")
+    what = why or ("x * rsqrt(mean(x², -1) + eps) of "
+                   f"{name(x)}, in a spelling (casts, order of the weight) no norm "
+                   "pattern takes")
+    return c.nodes[0], fx_nodes(c, got[0], mean), what
+
+
+def detect_rms_norm(view):
+    yield from _rsqrt_products(view, _rms_hit)
 
 
 register_detector("rms_norm", detect_rms_norm,
@@ -159,40 +172,34 @@ def _variance(v):
     return None
 
 
+def _layer_norm_hit(c, got, other):
+    hit = _variance(got[1])
+    if hit is None:
+        return None
+    var, y = hit
+    o = strip(other)
+    factors = [o] + ([strip(a) for a in o.args if isinstance(a, CNode)]
+                     if isinstance(o, CNode) and op(o) == "mul" else [])
+    # the product's factor: the variance's input itself (or it through writes), or the centred
+    # value of it (`var` centres its input itself)
+    f = next((f for f in factors if _base(f) is _base(y)
+              or (_centre(f) or (None,))[0] is _base(y)), None)
+    centres = [ct for ct in (_centre(y), _centre(f) if f is not None else None) if ct]
+    if f is None or not centres:
+        return None
+    written = (any(strip(v) is not _base(v) for v in (y, f))
+               or (f is not y and _base(f) is _base(y)) or any(w for _, w in centres))
+    x = centres[0][0]
+    what = (f"{name(x)} (or its centred value) is written in place between the uses the "
+            "norm reads (its mean, its variance, the product read different values): no "
+            "layer norm") if written else (
+            f"(x - mean(x)) * rsqrt(var + eps) of {name(x)}, in a spelling no layer norm "
+            "pattern takes")
+    return c.nodes[0], fx_nodes(c, got[0], var), what
+
+
 def detect_layer_norm(view):
-    seen: set = set()
-    for c in view.cnodes():
-        if op(c) != "mul" or len(c.args) != 2 or not c.nodes:
-            continue
-        for r, other in (c.args, c.args[::-1]):
-            got = _scaled(r)
-            if got is None or id(got[0]) in seen:
-                continue
-            hit = _variance(got[1])
-            if hit is None:
-                continue
-            var, y = hit
-            o = strip(other)
-            factors = [o] + ([strip(a) for a in o.args if isinstance(a, CNode)]
-                             if isinstance(o, CNode) and op(o) == "mul" else [])
-            # the product's factor: the variance's input itself (or it through writes), or the
-            # centred value of it (`var` centres its input itself)
-            f = next((f for f in factors if _base(f) is _base(y)
-                      or (_centre(f) or (None,))[0] is _base(y)), None)
-            centres = [ct for ct in (_centre(y), _centre(f) if f is not None else None) if ct]
-            if f is None or not centres:
-                continue
-            seen.add(id(got[0]))
-            written = (any(strip(v) is not _base(v) for v in (y, f))
-                       or (f is not y and _base(f) is _base(y)) or any(w for _, w in centres))
-            x = centres[0][0]
-            what = (f"{name(x)} (or its centred value) is written in place between the uses the "
-                    "norm reads (its mean, its variance, the product read different values): no "
-                    "layer norm") if written else (
-                    f"(x - mean(x)) * rsqrt(var + eps) of {name(x)}, in a spelling no layer norm "
-                    "pattern takes")
-            yield c.nodes[0], fx_nodes(c, got[0], var), what
-            break
+    yield from _rsqrt_products(view, _layer_norm_hit)
 
 
 register_detector("layer_norm", detect_layer_norm, patterns=("layer_norm", "add_layer_norm"),

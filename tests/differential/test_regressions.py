@@ -695,6 +695,7 @@ class M(nn.Module):
     for dtype in (F16, BF16):
         check(_case(code, _DISTILL, SPELLING, dtype, inputs), seed=0, strict=True)
 
+
 # rounding (kernels/distillation.py + patterns/distillation.py, fixed here; long run, seed 10): an
 # fp16 head's reduced loss: the gradients computed in the forward (for an upstream gradient of 1,
 # unrounded, scaled in backward) were statistically eager's error but 1.37x it here (eager rounds
