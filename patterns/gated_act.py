@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.proxy import Proxy
 
-import ligerfx.kernels.gated_act  # noqa: F401 - defines torch.ops.liger.gated_act
+import ligerfx.kernels.gated_act  # defines torch.ops.liger.gated_act; its +inf rule is read here
 from ligerfx.graph.nodes import CAST_METHODS, node_value
 from ligerfx.compiler.pattern import register
 from ligerfx.graph.precision import is_free_cast
@@ -259,10 +259,9 @@ def check(match):
             # act(gate.float()).to(prod): the kernel's fp32 act rounded to prod is the same,
             # except where eager's fp32 act differs from prod's at +inf (CPU's vectorized exact
             # gelu gives NaN in fp32 where its fp16 kernel, and the op for a prod gate, give +inf)
-            from ligerfx.kernels.gated_act import _eager_at_inf
-
             name = _activation(match)
-            at32, atp = (_eager_at_inf(name, d, gate.device) for d in (torch.float32, prod))
+            at32, atp = (ligerfx.kernels.gated_act._eager_at_inf(name, d, gate.device)
+                         for d in (torch.float32, prod))
             if not (at32 == atp or (at32 != at32 and atp != atp)):
                 return (f"act(gate) is computed in float32, where eager gives {at32} at +inf on "
                         f"{gate.device.type}, and the op for a {str(prod).replace('torch.', '')} "

@@ -228,6 +228,14 @@ def _written(graph: fx.Graph) -> set:
     return {n.name for n in graph.nodes if n.op != "output" and mem.keys(n) & keys}
 
 
+def _forked_rng(tensors):
+    """torch.random.fork_rng over the CUDA devices of `tensors`: the validator's runs leave the
+    program's random state as it was."""
+    devices = sorted({x.device.index for x in tensors if isinstance(x, torch.Tensor)
+                      and x.device.type == "cuda" and x.device.index is not None})
+    return torch.random.fork_rng(devices=devices)
+
+
 def _capture(gm: fx.GraphModule, inputs: list, wanted: set) -> dict:
     written = _written(gm.graph)
     args = [_concrete(x) for x in inputs]
@@ -434,10 +442,7 @@ def check_region(record, original: fx.GraphModule, rewritten: fx.GraphModule, va
         return [r.detach() if isinstance(r, torch.Tensor) else r for r in results], grads, \
             [r is not None and getattr(r, "requires_grad", False) for r in results]
 
-    devices = sorted({v.device.index for v in values.values()
-                      if isinstance(v, torch.Tensor) and v.device.type == "cuda"
-                      and v.device.index is not None})
-    with torch.random.fork_rng(devices=devices):
+    with _forked_rng(values.values()):
         # 1. the original region in its dtypes, forward only, to find the outputs to differentiate
         try:
             torch.manual_seed(seed)
@@ -571,9 +576,7 @@ def _check_body(original, rewritten, path: str, records: list, inputs: list,
         return none("the backend was given fake inputs (e.g. a DDP bucket), not the call's values")
     wanted = {a.name for a in ops if isinstance(a, fx.Node)}
     try:
-        devices = sorted({x.device.index for x in inputs if isinstance(x, torch.Tensor)
-                          and x.device.type == "cuda" and x.device.index is not None})
-        with torch.random.fork_rng(devices=devices):
+        with _forked_rng(inputs):
             values = _capture(original, inputs, wanted)
     except Exception as e:  # noqa: BLE001 - the validator's limit: keep the rewrites
         return none(f"the original graph raised here: {type(e).__name__}: {str(e)[:300]}")
@@ -618,9 +621,7 @@ def _check_graph(original: fx.GraphModule, rewritten: fx.GraphModule, records: l
     ambient = torch.is_grad_enabled() and any(
         getattr(node_value(n), "requires_grad", False) for n in original.graph.nodes)
     try:
-        devices = sorted({x.device.index for x in inputs if isinstance(x, torch.Tensor)
-                          and x.device.type == "cuda" and x.device.index is not None})
-        with torch.random.fork_rng(devices=devices):
+        with _forked_rng(inputs):
             values = _capture(original, inputs, wanted)
     except Exception as e:  # noqa: BLE001 - the validator's limit: keep the rewrites
         return [Result(r, NOT_VALIDATED, f"the original graph raised here: {type(e).__name__}: "
