@@ -13,6 +13,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's ligerfx
 import real_model as R  # noqa: E402
 
 import ligerfx  # noqa: E402
