@@ -16,11 +16,13 @@ from .backend import liger_backend  # noqa: E402
 from .compiler.pattern import PatternError  # noqa: E402
 from .compiler.report import Report  # noqa: E402
 from .compiling import compile, compile_in_place  # noqa: E402
+from .compress.prune import prune_  # noqa: E402
 from .compress.quantize import quantize_  # noqa: E402
 from .compress.sparsify import sparsify_  # noqa: E402
 from .explain import explain  # noqa: E402
 from .options import Options, OptionsError  # noqa: E402
 
 __all__ = ["liger_backend", "compile", "compile_in_place", "explain", "Options", "OptionsError", "PatternError", "Report",
-           "register_pattern", "register_detector", "quantize_", "sparsify_"]
+           "register_pattern", "register_detector", "quantize_", "sparsify_",
+           "prune_"]
 __version__ = "0.1.0"
