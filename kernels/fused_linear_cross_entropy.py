@@ -228,12 +228,11 @@ def _chunk_loop(h2, weight, bias, t, ce_weight, stats, loss_rows, z_rows, *, log
     if N == 0 and gw_acc is not None:
         gw_acc.zero_()  # no chunk will write it
     buf = h2.new_empty(min(C, N), V)
-    gbuf = buf
     triton_ce = use_triton(h2, weight)
     for s in range(0, N, C):
         e = min(N, s + C)
         hc = h2[s:e]
-        g = gbuf[: e - s]
+        g = buf[: e - s]  # over the chunk's logits unless they are returned
         z = logits_out[s:e] if logits_out is not None else buf[: e - s]
         _linear_into(hc, weight, bias, z)
         rs = row_scale[s:e] if row_scale is not None else None
