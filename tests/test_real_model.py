@@ -32,7 +32,10 @@ def test_perplexity_compiled_equals_eager_and_int4_group_128_serves_every_linear
     model, wins = real
     ppl = R.perplexity(model, wins)
     assert 5 < ppl < 60, ppl  # a trained model on English prose (about 18 on 256-token windows)
-    compiled = torch.compile(copy.deepcopy(model), backend="liger", options={"inner": "aot_eager"})
+    # validation off: it would rerun each of the ~150 rewritten regions in float64 (minutes on
+    # CI's 2 cores), and the perplexity below is compared with eager's anyway
+    compiled = torch.compile(copy.deepcopy(model), backend="liger",
+                             options={"inner": "aot_eager", "validate": False})
     assert math.isclose(R.perplexity(compiled, wins), ppl, rel_tol=1e-4)
     counts = ligerfx.backend.last_report.counts
     assert counts.get("rope") == 30 and counts.get("swiglu") == 30

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import threading
+import warnings
 import weakref
 from typing import Iterable, Optional
 
@@ -274,12 +275,12 @@ def matches_any(name: str, globs: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "mse", "gptq")
 
 
 def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterable[str] = (),
               quantize_lm_head: bool = False, calibration: Optional[Iterable] = None,
-              method: Optional[str] = None) -> dict:
+              method: Optional[str] = None, sequential: bool = True) -> dict:
     """Replace eligible `nn.Linear` modules of `model` in place by packed `QuantizedLinear`s.
 
     Skipped: modules whose name matches a glob in `skip`, the lm head (found by structure) unless
@@ -291,6 +292,12 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterab
     arguments) the model is run on first; with it the default `method` is "gptq" (each weight
     rounded against its layer's inputs, compressed/gptq.py), without it "rtn" (round to
     nearest).  GPTQ serves int4 and int8; the packed format, and so the kernels, are the same.
+    method="mse" (int4, no calibration): round to nearest on group ranges clipped for the least
+    squared weight error.
+    `sequential` (default): calibrate block by block, each block's linears rounded against the
+    inputs the already-quantized blocks before it produce (compress/calibrate.py `layerwise`;
+    a model without a stack of repeated blocks falls back to one-shot, with a warning); False
+    measures every layer on the unquantized model in one pass.
     """
 
     validate_quantize(scheme, group_size)
@@ -298,6 +305,9 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterab
         method = "gptq" if calibration is not None and scheme in ("int4", "int8") else "rtn"
     if method not in METHODS:
         raise ValueError(f"quantize_: method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method == "mse" and scheme != "int4":
+        raise ValueError(f"quantize_: method='mse' (clipped int4 grids) serves scheme 'int4' only; "
+                         f"got {scheme!r}: use method='rtn'")
     if method == "gptq" and (calibration is None or scheme not in ("int4", "int8")):
         raise ValueError("quantize_: method='gptq' needs calibration batches (calibration=...) "
                          f"and scheme 'int4' or 'int8' (got scheme={scheme!r}"
@@ -321,21 +331,40 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterab
             skipped[name] = reason
         else:
             chosen.append(name)
-    moments = {}
-    if method == "gptq" and chosen:
-        from .calibrate import input_moments
-
-        moments = input_moments(model, chosen, calibration)
-    for i, name in enumerate(chosen):
-        mod = model.get_submodule(name)
-        packed = None
-        if method == "gptq":
-            from .calibrate import progress
-            from .gptq import gptq_pack
-
-            packed = gptq_pack(mod.weight, moments.pop(name), scheme, group_size, mod.weight.dtype)
-            progress(i + 1, len(chosen), f"quantize_ ({scheme}, gptq)")
+    def replace(name, mod, packed):
         parent, _, child = name.rpartition(".")
         q = QuantizedLinear.from_linear(mod, scheme, group_size, packed=packed)
         setattr(model.get_submodule(parent) if parent else model, child, q)
+
+    if method == "gptq" and chosen:
+        from .calibrate import input_moments, layerwise, progress
+        from .gptq import gptq_pack
+
+        what = f"quantize_ ({scheme}, gptq)"
+        if sequential:
+            def visit(name, mod, H):
+                return QuantizedLinear.from_linear(
+                    mod, scheme, group_size,
+                    packed=gptq_pack(mod.weight, H, scheme, group_size, mod.weight.dtype))
+
+            why = layerwise(model, chosen, calibration, visit, what)
+            if why:
+                warnings.warn(f"quantize_: layer-wise calibration was not possible ({why}); every "
+                              "layer was calibrated on the uncompressed model's inputs instead",
+                              stacklevel=2)
+            return skipped
+        moments = input_moments(model, chosen, calibration)
+        for i, name in enumerate(chosen):
+            mod = model.get_submodule(name)
+            replace(name, mod, gptq_pack(mod.weight, moments.pop(name), scheme, group_size, mod.weight.dtype))
+            progress(i + 1, len(chosen), what)
+        return skipped
+    for name in chosen:
+        mod = model.get_submodule(name)
+        if method == "mse":
+            from .gptq import clipped_pack
+
+            replace(name, mod, clipped_pack(mod.weight, group_size, mod.weight.dtype))
+        else:
+            replace(name, mod, None)
     return skipped
