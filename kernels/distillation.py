@@ -76,8 +76,9 @@ per-row upstream gradient and recomputes the chunks through the reduced ops abov
 row weights (kd_mask = upstream * mask, kd_coef = kd_denom = 1), as fused_linear_cross_entropy's
 reduction="none" does.
 
-Chunking and the CPU path reuse fused_linear_cross_entropy's machinery (chunk_rows, the fp32
-GEMM accumulation _acc_mm_, _linear_into). On CUDA / under the interpreter the row math is the
+Chunking and the CPU path reuse fused_linear_cross_entropy's machinery (chunk_rows, _linear_into,
+the chunk's linear backward linear_grads_, and grads_in_forward: which heads form their gradients
+in the forward). On CUDA / under the interpreter the row math is the
 Triton kernel below (one program per row, three passes over its V blocks: online log-sum-exps,
 the row sums, the gradient); on CPU tensors its torch twin, on chunks small enough that its
 [C, V] fp32 temporaries stay at a few tens of MiB each (the op's point is memory, so it keeps
@@ -92,7 +93,7 @@ import torch
 from torch import Tensor
 
 from .cross_entropy import _block_and_warps, compute_dtype
-from .fused_linear_cross_entropy import _acc_mm_, _linear_into, chunk_rows
+from .fused_linear_cross_entropy import _linear_into, chunk_rows, linear_grads_
 from .runtime import next_pow2, use_triton
 
 try:
@@ -520,17 +521,11 @@ def _linear_forward(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, 
     gb = torch.zeros(V, dtype=ct, device=weight.device) if need_gb and bias is not None else None
 
     def sink(s, e, g):
-        if round_grad and g.dtype != buf.dtype:
-            # the logits gradient rounded to the logits' dtype, where eager's autograd rounds it
-            # (the gradient of an fp16 / bf16 linear's output is in that dtype) before the
-            # linear's backward: exact only when g already holds the upstream gradient
-            g = g.to(buf.dtype)
-        if gh is not None:
-            _acc_mm_(gh[s:e], g, weight, first=True)
-        if gw is not None:
-            _acc_mm_(gw, g.t(), h2[s:e])
-        if gb is not None:
-            gb.add_(g.sum(0, dtype=ct))
+        # round_grad: the logits gradient rounded to the logits' dtype, where eager's autograd
+        # rounds it before the linear's backward: exact only when g already holds the upstream
+        # gradient (grad_scale)
+        linear_grads_(g, h2[s:e], weight, gh[s:e] if gh is not None else None, gw, gb,
+                      first=False, round_to=buf.dtype if round_grad else None)
 
     want = gh is not None or gw is not None or gb is not None
     kd_rows, ce_rows = _core(N, V, student, _teacher(t_logits, t_hidden, t_weight, t_bias, N, V,

@@ -23,13 +23,15 @@ Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, Tensor grad_logits)``
   hidden dtype, shape ``[..., V]``, written chunk by chunk from the same matmul; else empty.
   Differentiable: a gradient arriving on it is added in backward.
 * ``grad_hidden`` / ``grad_weight`` / ``grad_bias``: d(loss)/d(input) computed in the forward,
-  each only when its ``need_grad_*`` flag is set (and, for bias, a bias is given) and reduction
-  is not "none"; otherwise empty. All three stay in the compute dtype (fp32 for bf16/fp16
-  inputs, fp32 GEMM accumulation): backward multiplies them by grad_output and only then rounds
-  to the input dtype, once, as eager does (eager scales the fp32 CE gradient before its GEMMs
-  round). Rounding here and again after the scale would add a second bf16 rounding (about
-  sqrt(2) x eager's error once grad_output is not a power of two, e.g. "sum" / token count).
-  Saved for backward; not differentiable.
+  each only when its ``need_grad_*`` flag is set (and, for bias, a bias is given), reduction
+  is not "none" and the head is fp32 / fp64 (``grads_in_forward``); otherwise empty. In the
+  head's dtype, for grad_output = 1: backward multiplies them by grad_output. Saved for
+  backward; not differentiable. An fp16 / bf16 head forms none of them in the forward: eager
+  rounds grad_output * (CE gradient) to the head's dtype before the linear's backward, and
+  round(g) * s is not round(g * s) (forming them for grad_output = 1, unrounded, and rounding
+  once after the scale was a different rounding from eager's, at times further from the exact
+  value than eager's; rounding g in the forward and again after the scale, a second rounding).
+  Its backward recomputes the chunks with grad_output folded in (below).
 * ``grad_logits``: only in the CPU mode of ``grads_from_logits`` (logits returned, fp32): the
   CE gradient of the logits for grad_output = 1, ``[..., V]`` fp32, in place of the three
   gradients above (then empty); the backward forms those from it. Else empty.
@@ -43,12 +45,18 @@ on-disk cache by a process in the other mode.  The rewriter therefore decides it
 the graph and passes 0 or 1; the fake and real implementations then agree in every environment.
 
 ``liger::fused_linear_cross_entropy_backward(...) -> (grad_hidden, grad_weight, grad_bias)``
-scales the saved gradients by grad_output in fp32 and rounds once (so "sum" followed by a
-division by a token count in the graph is as precise as eager) and adds the contribution of a gradient on ``logits``
-(g @ W, g^T @ hidden, g.sum(0): single GEMMs, no N x V temporary beyond g itself). With
-reduction "none" (per-row grad_output) or when a needed gradient was not computed in the forward
-(need_grad_* False), backward recomputes the chunks instead: logits, CE gradient scaled per row,
-then the GEMMs. hidden / weight / bias are saved for that path (they are alive anyway in training).
+scales the saved (fp32 / fp64) gradients by grad_output and adds the contribution of a gradient
+on ``logits`` (g @ W, g^T @ hidden, g.sum(0): single GEMMs, no N x V temporary beyond g
+itself). With reduction "none" (per-row grad_output), an fp16 / bf16 head, or when a needed
+gradient was not computed in the forward (need_grad_* False), backward recomputes the chunks
+instead, rounding where eager does: the chunk's logits GEMM in the head's dtype, the CE gradient
+in fp32 with grad_output folded in (per row), rounded once to the head's dtype (eager's cast of
+the fp32 logits' gradient back to the head's), a gradient on ``logits`` added in the head's dtype
+(eager's gradient accumulation), then the linear's backward (``linear_grads_``): grad_hidden one
+GEMM in the head's dtype as eager's, grad_weight / grad_bias accumulated over the chunks in fp32
+and rounded once, as eager's single GEMM / sum accumulates (one more logits GEMM than the
+forward-gradient path). hidden / weight / bias are saved for that path (they are alive anyway in
+training).
 Given a saved ``grad_logits`` (the CPU mode) it writes (grad_output * g [+ gradient on logits])
 @ W, its transpose @ hidden and its column sum straight into the returned gradients.
 
@@ -86,6 +94,17 @@ _CPU_CHUNK_BYTES = 64 << 20
 # Bound on the fp32 copies _acc_mm_ makes of low-precision GEMM operands where no fp32-output
 # GEMM exists (CPU).
 _UPCAST_BYTES = 32 << 20
+
+
+def grads_in_forward(dtype: torch.dtype) -> bool:
+    """Whether a fused lm head + loss of this head dtype may form its gradients in the forward
+    (for grad_output = 1, scaled in backward): only where the head computes in its own dtype
+    (fp32, fp64), so the scale is the one rounding. Eager rounds grad_output * (logits gradient)
+    to an fp16 / bf16 head's dtype before the linear's backward; round(g) * s is not round(g * s),
+    and no forward can know s. Such a head's forward computes the loss alone and its backward
+    recomputes the logits with s folded in, rounding where eager does (one more logits GEMM).
+    The rule of fused_linear_cross_entropy and of the distillation ops / pattern."""
+    return compute_dtype(dtype) == dtype
 
 
 def chunk_rows(N: int, V: int, device: torch.device, elem_bytes: int, chunk_size: int = 0,
@@ -167,30 +186,53 @@ def _linear_into(h: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor)
         torch.mm(h, weight.t(), out=out)
 
 
+def linear_grads_(g: Tensor, hc: Tensor, weight: Tensor, gh: Optional[Tensor],
+                  gw_acc: Optional[Tensor], gb_acc: Optional[Tensor], first: bool,
+                  round_to: Optional[torch.dtype] = None) -> None:
+    """The lm head's backward for one chunk of rows, given the chunk's logits gradient g: the
+    chunk's rows of the hidden gradient gh = g @ weight (one GEMM, rounded to gh's dtype as
+    eager's), gw_acc += g^T @ hc and gb_acc += g.sum(0) (accumulated over the chunks in gw_acc's /
+    gb_acc's dtype, fp32 for a low-precision head, and rounded once by the caller: eager's one
+    GEMM / sum over all rows accumulates in fp32 too). None = not wanted. `first`: gw_acc holds
+    garbage (the first chunk). `round_to`: g is first rounded to that dtype, where eager's
+    autograd rounds the gradient of an fp16 / bf16 linear's output. The chunked lm-head ops
+    (cross-entropy, log-probs, distillation) all end their chunks here."""
+    if round_to is not None and g.dtype != round_to:
+        g = g.to(round_to)
+    if gh is not None and gh.device.type == "cpu" and gh.dtype in (torch.float16, torch.bfloat16):
+        # The same rounding as eager's fp16 / bf16 GEMM on the CPU (fp32 accumulation, one
+        # rounding), through fp32 GEMMs: a CPU without native bf16 GEMMs emulates them, about 18x
+        # slower than fp32 here (g @ W at 1024 x 8192 x 128: 5.4 s against 0.3 s)
+        acc = torch.empty(gh.shape, dtype=torch.float32)
+        _acc_mm_(acc, g, weight, first=True)
+        gh.copy_(acc)
+    elif gh is not None:
+        _acc_mm_(gh, g, weight, first=True)
+    if gw_acc is not None:
+        _acc_mm_(gw_acc, g.t(), hc, first=first)
+    if gb_acc is not None:
+        gb_acc += torch.sum(g, 0, dtype=gb_acc.dtype)
+
+
 def _chunk_loop(h2, weight, bias, t, ce_weight, stats, loss_rows, z_rows, *, logits_out,
-                grad_logits, gh, gw_acc, gb_acc, row_scale, C, ce_kw, grad_dtype=None):
+                grad_logits, gh, gw_acc, gb_acc, row_scale, C, ce_kw):
     """One pass over the token chunks: logits, CE (+ its gradient), then the gradient GEMMs.
 
     gh / gw_acc / gb_acc: outputs to fill (None = not needed). grad_logits: an incoming gradient
     on the logits, added to the chunk's CE gradient. row_scale: per-row grad_output (or None).
+    The CE gradient is written in the head's dtype, over the chunk's logits: rounded once after
+    the scale by row_scale, as eager rounds it (an fp32 / fp64 head: no rounding).
     """
     N, V = h2.shape[0], weight.shape[0]
-    grad_dtype = grad_dtype or h2.dtype
     compute_grad = gh is not None or gw_acc is not None or gb_acc is not None
     if N == 0 and gw_acc is not None:
         gw_acc.zero_()  # no chunk will write it
     buf = h2.new_empty(min(C, N), V)
-    # The logits gradient in grad_dtype: the input dtype (eager's: it rounds the scaled CE
-    # gradient once) or fp32, kept unrounded for the forward's grad_output = 1 gradients.
-    if compute_grad and grad_dtype != h2.dtype:
-        gbuf = h2.new_empty(min(C, N), V, dtype=grad_dtype)
-    else:
-        gbuf = buf
     triton_ce = use_triton(h2, weight)
     for s in range(0, N, C):
         e = min(N, s + C)
         hc = h2[s:e]
-        g = gbuf[: e - s]
+        g = buf[: e - s]  # over the chunk's logits unless they are returned
         z = logits_out[s:e] if logits_out is not None else buf[: e - s]
         _linear_into(hc, weight, bias, z)
         rs = row_scale[s:e] if row_scale is not None else None
@@ -203,13 +245,9 @@ def _chunk_loop(h2, weight, bias, t, ce_weight, stats, loss_rows, z_rows, *, log
         if not compute_grad:
             continue
         if grad_logits is not None:
-            g += grad_logits[s:e]
-        if gh is not None:  # gh may be fp32 (forward) or the input dtype (recompute)
-            _acc_mm_(gh[s:e], g, weight, first=True)
-        if gw_acc is not None:
-            _acc_mm_(gw_acc, g.t(), hc, first=s == 0)
-        if gb_acc is not None:
-            gb_acc += torch.sum(g, 0, dtype=gb_acc.dtype)
+            g += grad_logits[s:e]  # in the head's dtype: eager's accumulation of the two
+        linear_grads_(g, hc, weight, gh[s:e] if gh is not None else None, gw_acc, gb_acc,
+                      first=s == 0)
 
 
 def _all_zero(t: Tensor) -> bool:
@@ -219,20 +257,6 @@ def _all_zero(t: Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(t)
     return bool(lo == 0) and bool(hi == 0)
-
-
-def _fwd_grad_dtype(h2: Tensor, ct: torch.dtype) -> torch.dtype:
-    """Dtype of the logits gradient behind the forward's (unscaled) gradients.
-
-    Eager rounds the CE gradient to the input dtype after scaling it by grad_output; the forward
-    does not know grad_output yet, so rounding there rounds a different value (round(g) * s is
-    not round(g * s) unless s is a power of two): as often worse as better than eager. Off CUDA
-    the gradient stays fp32 (the CPU chunk budget already counts fp32 [C, V] copies; the GEMMs
-    there upcast anyway), so the result is rounded once, at the end, and is never further from
-    the exact value than eager's. On CUDA it is rounded (bf16 tensor-core GEMMs; fp32 x bf16 has
-    no cuBLAS GEMM), which is eager's error statistically, not bit for bit.
-    """
-    return ct if h2.device.type != "cuda" else h2.dtype
 
 
 def _flat(hidden: Tensor, target: Tensor):
@@ -307,9 +331,9 @@ def fused_linear_cross_entropy_op(
         shape = (*hidden.shape[:-1], V)
         return (loss, z, logits.view(shape), empty.clone(), empty.clone(), empty.clone(),
                 g.view(shape) if g is not None else empty.clone())
-    fwd_grads = reduction != "none"  # per-row grad_output: backward recomputes instead
+    # per-row grad_output, or an fp16 / bf16 head: backward recomputes instead
+    fwd_grads = reduction != "none" and grads_in_forward(hidden.dtype)
     want_gb = fwd_grads and need_grad_bias and bias is not None
-    # fp32 (ct) so that backward's scale by grad_output comes before the one rounding
     gh = h2.new_empty(h2.shape, dtype=ct) if fwd_grads and need_grad_hidden else None
     gw_acc = torch.empty(weight.shape, dtype=ct, device=weight.device) \
         if fwd_grads and need_grad_weight else None  # the first chunk sets it
@@ -319,7 +343,6 @@ def fused_linear_cross_entropy_op(
                 grad_logits=None, gh=gh, gw_acc=gw_acc, gb_acc=gb_acc, row_scale=None,
                 C=chunk_rows(N, V, h2.device, h2.element_size(), chunk_size,
                              logits_kept=return_logits),
-                grad_dtype=_fwd_grad_dtype(h2, ct),
                 ce_kw=_ce_kwargs(ignore_index, label_smoothing, lse_square_scale, softcap,
                                  logit_scale))
     loss, z = reduce_rows(loss_rows, z_rows, denom_ce, denom_z, reduction, target.shape,
@@ -344,7 +367,7 @@ def _(hidden, weight, bias, target, ce_weight=None, ignore_index=-100, reduction
     V = weight.shape[0]
     from_logits = grads_from_logits(hidden, weight, return_logits, reduction, logits_mode)
     want = _wants_grad(need_grad_hidden, need_grad_weight, need_grad_bias, bias)
-    fwd_grads = reduction != "none" and not from_logits
+    fwd_grads = reduction != "none" and not from_logits and grads_in_forward(hidden.dtype)
     return (
         hidden.new_empty(shape, dtype=ct),
         hidden.new_empty(shape, dtype=ct),
@@ -465,8 +488,8 @@ def fused_linear_cross_entropy_backward_op(
         gw = gw_acc.to(weight.dtype) if gw_acc is not None else None
         gb = gb_acc.to(bias.dtype) if gb_acc is not None else None
     else:
-        # Saved gradients are d(loss)/d(input) for grad_output = 1, in the compute dtype; loss
-        # is a scalar here. Scale (and add a logits gradient's GEMM) in fp32, round once.
+        # Saved gradients are d(loss)/d(input) for grad_output = 1 of an fp32 / fp64 head (in
+        # its dtype); loss is a scalar here. Scale (and add a logits gradient's GEMM).
         s = grad_loss.reshape(()) if grad_loss is not None else None
 
         def scaled(saved, like, add):
@@ -525,8 +548,9 @@ def _flce_setup_context(ctx, inputs, output):
     if grads_from_logits(hidden, weight, return_logits, reduction, logits_mode):
         ctx.recompute = gz.numel() == 0  # no gradient asked for in the forward, or no rows
     else:
-        ctx.recompute = reduction == "none" or (needs[0] and not need_gh) or \
-            (needs[1] and not need_gw) or (has_bias and needs[2] and not need_gb)
+        ctx.recompute = reduction == "none" or not grads_in_forward(hidden.dtype) or \
+            (needs[0] and not need_gh) or (needs[1] and not need_gw) or \
+            (has_bias and needs[2] and not need_gb)
     ctx.return_logits = return_logits
     ctx.has_bias = has_bias
     ctx.params = (ignore_index, reduction, label_smoothing, lse_square_scale, softcap,

@@ -44,7 +44,7 @@ FLOPs: eager does three [N, H] x [H, V] matmuls (forward, d_hidden, d_weight); t
 (the forward's logits are recomputed in backward): 4/3 = 1.33x eager's matmul FLOPs, for no
 [N, V] tensor kept between forward and backward.
 
-Chunking (`chunk_rows`, `_linear_into`, `_acc_mm_` are fused_linear_cross_entropy.py's): one
+Chunking (`chunk_rows`, `_linear_into`, `linear_grads_` are fused_linear_cross_entropy.py's): one
 [C, V] logits buffer in hidden's dtype, overwritten in place by its gradient on the Triton path.
 On CPU tensors without the interpreter the op keeps this chunked torch path (it saves memory; it
 is not a cpu_decomposition).
@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from .cross_entropy import _block_and_warps, compute_dtype
-from .fused_linear_cross_entropy import _acc_mm_, _flat, _linear_into, chunk_rows
+from .fused_linear_cross_entropy import _flat, _linear_into, chunk_rows, linear_grads_
 from .runtime import use_triton
 from .triton_math import effective_logits, logits_grad_
 
@@ -324,12 +324,8 @@ def fused_linear_logprob_backward_op(
         rows(z, z, t[s:e], lse[s:e], ent[s:e] if ent is not None else None,
              glp[s:e] if glp is not None else None, gent[s:e] if gent is not None else None,
              **kw)  # z now holds d(z), in hidden's dtype
-        if gh is not None:
-            _acc_mm_(gh[s:e], z, weight, first=True)
-        if gw_acc is not None:
-            _acc_mm_(gw_acc, z.t(), hc, first=s == 0)
-        if gb_acc is not None:
-            gb_acc += torch.sum(z, 0, dtype=ct)
+        linear_grads_(z, hc, weight, gh[s:e] if gh is not None else None, gw_acc, gb_acc,
+                      first=s == 0)
     empty = hidden.new_empty(0)
     return (gh.view(hidden.shape) if gh is not None else empty.clone(),
             gw_acc.to(weight.dtype) if gw_acc is not None else empty.clone(),

@@ -13,7 +13,10 @@ here; Mamba-2's `MambaRMSNormGated` multiplies before the (grouped) norm, anothe
 
 The backward recomputes h and silu(gate) from x, gate and the saved rstd, and rounds where eager's
 autograd rounds: dy to prod_dtype, the product's gradients to h's and silu's dtypes, then the
-RMSNorm backward of kernels/rms_norm.py (its Triton helpers are imported, not copied).  Rows wider
+RMSNorm backward of kernels/rms_norm.py (its Triton helpers are imported, not copied), with its
+per-element roundings of an fp16 / bf16 llama-cast product (rms_norm's ROUND_GRAD: the gradient
+reaching h cast to the product's dtype, and each dh * w and dh * n rounded to it, as eager's mul
+backward computes them before the weight gradient's sum over rows).  Rows wider
 than rms_norm.MAX_FUSED_D (backward under triton < 3.9: half that) take the torch path (gated norms are per head or per channel group:
 128 - 8192 wide in the models that have them).
 """
@@ -27,7 +30,8 @@ import triton.language as tl
 
 from . import rms_norm as rn
 from .rms_norm import (_apply_weight, _bwd_row_block, _dw_term, _effective_weight, _rms_bwd_tile, _rms_dx,
-                       _rms_tile_fwd, _store_tile, rms_norm_backward_reference, rms_norm_reference)
+                       _rms_tile_fwd, _store_tile, _weighted_grad, rms_norm_backward_reference,
+                       rms_norm_reference)
 from .triton_math import silu, silu_grad
 from .rounding import round_to
 from .runtime import KERNEL_DTYPES, cpu_decomposition, next_pow2, triton_version, use_triton
@@ -100,14 +104,18 @@ def _gated_rms_bwd_kernel(
         dz = round_to(dv * h, GDT)
         dg = dz * silu_grad(g)
         _store_tile(DG, rows, stride_dg, cols, dg, mask)
-        # From here the RMSNorm backward of dh (rms_norm._rms_bwd_kernel's fused path)
+        # From here the RMSNorm backward of dh (rms_norm._rms_bwd_kernel's fused path), rounding
+        # where eager's mul backward does in an fp16 / bf16 llama-cast product (ROUND_PROD): dh
+        # cast to the product's dtype, dh * w and each dh * n term rounded to it
         if HAS_W:
-            gw = dh * w
+            gw = _weighted_grad(dh, w, XDT, ROUND_PROD)
+            if ROUND_PROD:
+                dh = round_to(dh, XDT)
         else:
             gw = dh
         _store_tile(DX, rows, stride_dx, cols, _rms_dx(gw, n, rstd, RSTD, rows, rmask, D, False), mask)
         if COMPUTE_DW:
-            dw += _dw_term(dh, n, XDT, FP32_MODE, False)  # unrounded terms, as its torch twin
+            dw += _dw_term(dh, n, XDT, FP32_MODE, ROUND_PROD)
     if COMPUTE_DW:
         tl.store(DW_PART + pid * D + cols, tl.sum(dw, axis=0), mask=cmask)
 
@@ -202,8 +210,7 @@ def gated_rms_norm_backward_reference(dy, x, weight, gate, rstd, offset, casting
     dh = (dv * a.to(cdt)).to(norm_dtype)
     dz = (dv * h).to(gate.dtype).to(da.dtype)
     dgate = (dz * da).to(gate.dtype).contiguous()
-    dx, dw = rms_norm_backward_reference(dh, x, weight, rstd, offset, casting_mode, weight_grad,
-                                         round_grad=False)
+    dx, dw = rms_norm_backward_reference(dh, x, weight, rstd, offset, casting_mode, weight_grad)
     return dx, dgate, dw
 
 

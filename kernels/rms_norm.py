@@ -413,14 +413,12 @@ def rms_norm_reference(x, weight, eps, offset, casting_mode, out_dtype):
     return y.contiguous(), rstd.contiguous()
 
 
-def rms_norm_backward_reference(dy, x, weight, rstd, offset, casting_mode, weight_grad,
-                                round_grad=None):
+def rms_norm_backward_reference(dy, x, weight, rstd, offset, casting_mode, weight_grad):
     xf = x.float()
     dyf = dy.float()
     r = rstd[..., None]
     n = xf * r
-    rnd = _flags(weight, offset, casting_mode, x.dtype)["ROUND_PROD"] if round_grad is None \
-        else round_grad
+    rnd = _flags(weight, offset, casting_mode, x.dtype)["ROUND_PROD"]
     if rnd:  # eager's mul backward: dy and dy * w in the product's dtype (x's)
         dyf = dy.to(x.dtype).float()
     g = dyf if weight is None else dyf * _effective_weight_torch(weight, offset, casting_mode).float()

@@ -61,6 +61,7 @@ import ligerfx.kernels.distillation  # noqa: F401 - defines the liger:: ops
 from ligerfx.graph import mutation
 from ligerfx.graph.nodes import CAST_METHODS, node_value
 from ligerfx.kernels.cross_entropy import compute_dtype
+from ligerfx.kernels.fused_linear_cross_entropy import grads_in_forward
 from ligerfx.compiler.passes import Skip
 from ligerfx.compiler.pattern import register
 from ligerfx.graph.precision import short
@@ -1057,7 +1058,7 @@ def _replace(x=None, p=None, s_hidden=None, s_weight=None, s_bias=None, student=
         # to the head's dtype before the linear's backward, which only the backward can do (it
         # knows the upstream gradient): the forward computes no gradients, the backward
         # recomputes them (kernels/distillation.py)
-        fwd = _val(match["s_hidden"]).dtype in (torch.float32, torch.float64)
+        fwd = grads_in_forward(_val(match["s_hidden"]).dtype)
         out = torch.ops.liger.fused_linear_distillation(
             s_hidden, s_weight, s_bias, None if fused_t else teacher,
             t_hidden if fused_t else None, t_weight if fused_t else None,

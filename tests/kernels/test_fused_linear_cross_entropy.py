@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ligerfx.compiler.validate import within_eager_rounding
 from ligerfx.kernels import cross_entropy as ce
 from ligerfx.kernels import fused_linear_cross_entropy as flce
 
@@ -291,5 +292,59 @@ def test_bf16_scaled_sum_gradients_as_precise_as_eager(kernel_path, seed):
     got = grads(h, w, b, True)
     for name, g, e, r in zip("hwb", got, eager, ref):
         assert g.dtype == torch.bfloat16
-        assert _rel_err(g, r) <= _rel_err(e, r), \
-            f"grad {name}: {_rel_err(g, r):.3g} vs float64, eager bf16 {_rel_err(e, r):.3g}"
+        # eager's rounding (the recompute rounds where eager does); the weight gradient's fp32
+        # sum over the chunks is in another order than eager's one GEMM: the oracle's rule
+        problem = within_eager_rounding(f"grad {name}", g, e, r, torch.bfloat16)
+        assert problem is None, problem
+
+
+def _random_low_precision_head(seed):
+    """A small fp16 / bf16 head with bias: random sizes, a fifth of the labels ignored, "sum" or
+    "mean", label smoothing or not, and a random upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(lo, hi):
+        return int(torch.randint(lo, hi, (1,), generator=g))
+
+    dtype = (torch.bfloat16, torch.float16)[r(0, 2)]
+    n, hd, v = r(1, 40), r(4, 33), r(4, 80)
+    kw = dict(reduction=("sum", "mean")[r(0, 2)], label_smoothing=(0.0, 0.1)[r(0, 2)])
+    scale = float(torch.rand((), generator=g)) * 3
+    h = torch.randn(n, hd, generator=g, dtype=torch.float64) * scale
+    w = torch.randn(v, hd, generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.3
+    target = torch.randint(0, v, (n,), generator=g)
+    target[torch.rand(n, generator=g) < 0.2] = -100
+    cot = torch.randn((), generator=g, dtype=torch.float64)
+    return dtype, [x.to(dtype) for x in (h, w, b)], target, kw, cot
+
+
+# Seeds where forming the gradients in the forward (grad_output = 1, fp32) and rounding once after
+# the scale was further from float64 than eager (fp16/bf16 heads; 2 of 200 random cases): 165, a
+# bf16 bias gradient 1.62x eager's error, 191, an fp16 hidden gradient 1.79x; 0-2 passed before.
+@pytest.mark.parametrize("seed", [0, 1, 2, 165, 191])
+def test_low_precision_head_rounds_as_eager(kernel_path, seed, monkeypatch):
+    """Regression: an fp16 / bf16 head's backward recomputes the logits with the upstream gradient
+    folded in and rounds where eager does, so every gradient is eager's up to fp32 summation
+    order (the oracle's rule, 1.25x eager's error vs float64), one chunk or several."""
+    dtype, (h, w, b), target, kw, cot = _random_low_precision_head(seed)
+    monkeypatch.setattr(flce, "FLCE_CHUNK_ROWS", None)  # one chunk, as eager's single GEMMs
+
+    def run(leaves, fused):
+        leaves = [x.detach().requires_grad_() for x in leaves]
+        if fused:
+            loss = flce.fused_linear_cross_entropy(leaves[0], leaves[1], target, leaves[2], **kw)
+        else:  # eager: the head in its dtype, the loss on its fp32 (float64) upcast
+            z = F.linear(*leaves)
+            loss = F.cross_entropy(z.to(torch.promote_types(z.dtype, torch.float32)), target,
+                                   **kw)
+        return [loss] + list(torch.autograd.grad(loss, leaves, cot.to(loss.dtype)))
+
+    ref = run([x.double() for x in (h, w, b)], False)
+    eager = run((h, w, b), False)
+    for chunk in (None, 3):
+        monkeypatch.setattr(flce, "FLCE_CHUNK_ROWS", chunk)
+        got = run((h, w, b), True)
+        for name, g, e, r in zip(("loss", "grad h", "grad w", "grad b"), got, eager, ref):
+            problem = within_eager_rounding(f"{name} (chunk rows {chunk})", g, e, r, dtype)
+            assert problem is None, problem

@@ -96,6 +96,46 @@ def test_qwen3_next_bit_equal(dtype, kernel_path):
     assert (dg == want_dg).float().mean() >= 0.99
 
 
+def gated_with_offset(x, weight, gate, eps=EPS):
+    """Qwen3-Next's gated norm with a (1 + weight) scale (Gemma-style offset), llama cast."""
+    dt = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = (1.0 + weight) * h.to(dt)
+    return (h * F.silu(gate.to(torch.float32))).to(dt)
+
+
+@pytest.mark.parametrize("form", ["plain", "offset"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_product_gradients_round_as_eager(dtype, form, kernel_path):
+    """Regression: in an fp16 / bf16 llama-cast product eager's mul backward rounds dh * w and
+    each dh * n term (before the weight gradient's sum over rows) to the product's dtype, as
+    liger::rms_norm's backward does (ROUND_GRAD); the gated backward used unrounded products
+    (a third of dx and dw differed from eager's: 0.67 of them equal).  Now every gradient is
+    eager's bit for bit up to fp32 summation order, and no further from float64 than eager's."""
+    from ligerfx.compiler.validate import within_eager_rounding
+
+    torch.manual_seed(1)
+    x = torch.randn(64, 128, dtype=dtype, requires_grad=True)
+    w = (0.2 * torch.randn(128) + (0.0 if form == "offset" else 1.0)).to(dtype).requires_grad_()
+    g = (2 * torch.randn(64, 128)).to(dtype).requires_grad_()
+    offset = 1.0 if form == "offset" else 0.0
+    eager_fn = gated_with_offset if form == "offset" else qwen3_next
+    y = torch.ops.liger.gated_rms_norm(x, w, g.float(), EPS, offset, "llama", dtype, torch.float32,
+                                       dtype)[0]
+    want = eager_fn(x, w, g)
+    assert torch.equal(y, want)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, g), dy)
+    eager = torch.autograd.grad(want, (x, w, g), dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, g)]
+    ref = torch.autograd.grad(eager_fn(*leaves), leaves, dy.double())
+    for name, a, b, r in zip(("dx", "dweight", "dgate"), got, eager, ref):
+        assert (a == b).float().mean() >= 0.99, f"{name}: {(a != b).float().mean():.3f} differ"
+        problem = within_eager_rounding(name, a, b, r, dtype)
+        assert problem is None, problem
+
+
 def test_launchers_fill_given_nan_outputs(triton_path):
     x, w, g, offset, mode = make_inputs((9, 100), torch.float32, "llama_offset", "gate_x")
     x, w, g = x.detach(), w.detach(), g.detach()
