@@ -132,6 +132,7 @@ def train(student, teacher, mask, batches, loss_fn, *, steps, lr, eval_every, ev
     ppl = evaluate()
     if ppl is not None:
         curve.append((0, ppl))
+        log(f"step    0  held-out ppl {ppl:.2f}")
     for i in range(1, steps + 1):
         ids = batches[(i - 1) % len(batches)]
         t0 = time.perf_counter()
