@@ -76,6 +76,16 @@ def calibration_batches(n: int, length: int = 256, batch: int = 2) -> list[torch
     return [ids[i * per:(i + 1) * per].reshape(batch, length) for i in range(n)]
 
 
+def training_batches(n: int, length: int = 256, batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    """`n` batches of [batch, length] token ids for training (e.g. recovery by distillation),
+    each row a window at a random offset in the calibration part of the text (never the held-out
+    part), so more batches than `calibration_batches` gives can be drawn."""
+    ids = _token_ids()[:CALIBRATION_TOKENS]
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - length + 1, (n, batch), generator=g)
+    return [torch.stack([ids[s:s + length] for s in row.tolist()]) for row in starts]
+
+
 def eval_windows(n: int, length: int = 256) -> list[torch.Tensor]:
     """`n` held-out windows of [1, length] token ids (after the calibration text)."""
     ids = _token_ids()[CALIBRATION_TOKENS:]
