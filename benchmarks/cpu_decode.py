@@ -3,6 +3,7 @@
     python benchmarks/cpu_decode.py                       # the real model (about 15 minutes on 2 cores)
     python benchmarks/cpu_decode.py --layers 4 --rounds 3 # a truncated model: quicker
     python benchmarks/cpu_decode.py --variants fp32 int4-g64
+    python benchmarks/cpu_decode.py --ops                 # per-op decode times of the linears
 
 Variants: the real model (benchmarks/real_model.py, fp32) eager and compiled in place
 (`ligerfx.compile_in_place`), and the same model packed by `ligerfx.quantize_` as int8, int4
@@ -75,6 +76,37 @@ def prefill_tokens_per_s(model, ids: torch.Tensor) -> float:
     return ids.numel() / dt
 
 
+def op_us(N: int, K: int, copies: int = 16, rounds: int = 5, reps: int = 10) -> dict:
+    """Microseconds per call of one decode row (x [1, K]) through an [N, K] linear, eager: fp32
+    F.linear and the int8 / int4 ops (their CPU loop, compiled once per shape).  Each variant
+    cycles through `copies` distinct weights (fp32: 16 x 1536 x 576 x 4 B = 57 MB) so they are
+    read from memory, as in a model, not from cache; median over interleaved rounds."""
+    import torch.nn.functional as F
+
+    from ligerfx.compress.quantize import linear, pack
+
+    x = torch.randn(1, K)
+    weights = [torch.randn(N, K) for _ in range(copies)]
+    variants = {"fp32": [(lambda w=w: F.linear(x, w)) for w in weights]}
+    for scheme, g in (("int8", 0), ("int4", 64), ("int4", 128)):
+        packs = [pack(w, scheme, g or 128) for w in weights]
+        variants[scheme + (f"-g{g}" if g else "")] = [(lambda p=p, s=scheme: linear(s, x, p, None))
+                                                      for p in packs]
+    times = {k: [] for k in variants}
+    with torch.no_grad():
+        for calls in variants.values():  # warm-up (compiles the loops)
+            for c in calls:
+                c()
+        for _ in range(rounds):
+            for k, calls in variants.items():
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    for c in calls:
+                        c()
+                times[k].append((time.perf_counter() - t0) / (reps * len(calls)) * 1e6)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def build_variants(base, names, compiled: bool = True) -> dict:
     """{label: model}: for each scheme name an eager copy and, with `compiled`, a copy compiled in
     place; the copies share nothing with `base`."""
@@ -102,6 +134,8 @@ def parse(argv):
     p.add_argument("--new", type=int, default=32, help="tokens generated per timed run")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ops", action="store_true",
+                   help="only the per-op decode times (eager, the real model's linear shapes)")
     return p.parse_args(argv)
 
 
@@ -110,6 +144,12 @@ def main(argv=None, log=print) -> dict:
     from benchmarks import real_model as R
 
     torch.set_num_threads(args.threads)
+    if args.ops:
+        out = {}
+        for N, K in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
+            out[(N, K)] = r = op_us(N, K)
+            log(f"op {N}x{K}: " + ", ".join(f"{k} {v:.0f} us ({r['fp32'] / v:.2f}x)" for k, v in r.items()))
+        return out
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     base, _ = R.load()
     if args.layers:

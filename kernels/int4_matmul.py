@@ -190,14 +190,14 @@ def int4_matmul_reference(x2, packed, scale, offset, bias):
 # ----------------------------------------------------------------------------- CPU path
 
 
-def _cpu_rows(x2, packed, scale, offset, bias, fused: bool):
+def _cpu_rows(x2, packed, scale, offset, bias, eager: bool):
     """y[M, N] on the CPU: the fused dequantize-GEMV loop for decode rows (kernels/lowbit_cpu.py;
-    `fused`: compiled once per shape for an eager call, else inlined by the caller's inductor
-    trace), the reference (dequantize + matmul) otherwise."""
+    `eager`: the op's own call, which runs the loop compiled once per shape; else a decomposition
+    traced by inductor, which inlines it), the reference (dequantize + matmul) otherwise."""
     K = x2.shape[1]
     G = group_size_of(K, scale.shape[1])
     if lowbit_cpu.decode_rows(x2) and lowbit_cpu.fast_reason("int4", x2, packed, K, G) is None:
-        if not fused:
+        if not eager:
             return lowbit_cpu.int4_rows(x2, packed, scale, offset, bias, G)
         args = (x2, packed, scale, offset) + ((bias,) if bias is not None else ())
         y = lowbit_cpu.call_eager(
@@ -209,7 +209,7 @@ def _cpu_rows(x2, packed, scale, offset, bias, fused: bool):
 
 
 def _int4_linear_decomposed(x, packed, scale, offset, bias):
-    y = _cpu_rows(x.reshape(-1, x.shape[-1]), packed, scale, offset, bias, fused=False)
+    y = _cpu_rows(x.reshape(-1, x.shape[-1]), packed, scale, offset, bias, eager=False)
     return y.reshape(*x.shape[:-1], packed.shape[0])
 
 
@@ -245,7 +245,7 @@ def int4_linear_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, o
     if use_triton(x2, scale, offset, bias) and packed.stride(-1) == 1:
         y = int4_matmul_triton(x2, packed, scale, offset, bias)
     elif x2.device.type == "cpu":
-        y = _cpu_rows(x2, packed, scale, offset, bias, fused=True)
+        y = _cpu_rows(x2, packed, scale, offset, bias, eager=True)
     else:
         y = int4_matmul_reference(x2, packed, scale, offset, bias)
     return y.reshape(*x.shape[:-1], packed.shape[0])

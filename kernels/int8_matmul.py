@@ -114,13 +114,13 @@ def int8_matmul_reference(x2, qweight, scale, bias):
 # ----------------------------------------------------------------------------- CPU path
 
 
-def _cpu_rows(x2, qweight, scale, bias, fused: bool):
+def _cpu_rows(x2, qweight, scale, bias, eager: bool):
     """y[M, N] on the CPU: the fused dequantize-GEMV loop for decode rows (kernels/lowbit_cpu.py;
-    `fused`: compiled once per shape for an eager call, else inlined by the caller's inductor
-    trace), dequantize + matmul otherwise."""
+    `eager`: the op's own call, which runs the loop compiled once per shape; else a decomposition
+    traced by inductor, which inlines it), dequantize + matmul otherwise."""
     K = x2.shape[1]
     if lowbit_cpu.decode_rows(x2) and lowbit_cpu.fast_reason("int8", x2, qweight, K) is None:
-        if not fused:
+        if not eager:
             return lowbit_cpu.int8_rows(x2, qweight, scale, bias)
         args = (x2, qweight, scale) + ((bias,) if bias is not None else ())
         y = lowbit_cpu.call_eager(lambda x, q, s, *b: lowbit_cpu.int8_rows(x, q, s, b[0] if b else None),
@@ -131,7 +131,7 @@ def _cpu_rows(x2, qweight, scale, bias, fused: bool):
 
 
 def _int8_linear_decomposed(x, qweight, scale, bias):
-    y = _cpu_rows(x.reshape(-1, x.shape[-1]), qweight, scale, bias, fused=False)
+    y = _cpu_rows(x.reshape(-1, x.shape[-1]), qweight, scale, bias, eager=False)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
@@ -155,7 +155,7 @@ def int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     if use_triton(x2, scale, bias) and qweight.stride(-1) == 1:
         y = int8_matmul_triton(x2, qweight, scale, bias)
     elif x2.device.type == "cpu":
-        y = _cpu_rows(x2, qweight, scale, bias, fused=True)
+        y = _cpu_rows(x2, qweight, scale, bias, eager=True)
     else:
         y = int8_matmul_reference(x2, qweight, scale, bias)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
