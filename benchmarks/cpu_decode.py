@@ -80,7 +80,9 @@ def op_us(N: int, K: int, copies: int = 16, rounds: int = 5, reps: int = 10) -> 
     """Microseconds per call of one decode row (x [1, K]) through an [N, K] linear, eager: fp32
     F.linear and the int8 / int4 ops (their CPU loop, compiled once per shape).  Each variant
     cycles through `copies` distinct weights (fp32: 16 x 1536 x 576 x 4 B = 57 MB) so they are
-    read from memory, as in a model, not from cache; median over interleaved rounds."""
+    read from memory, as in a model, not from cache; {variant: (wall, CPU time)} medians over
+    interleaved rounds.  On a loaded machine the wall time mostly measures waiting for a core;
+    the process's CPU time (all threads) does not, so with one thread it is the steadier figure."""
     import torch.nn.functional as F
 
     from ligerfx.compress.quantize import linear, pack
@@ -93,18 +95,21 @@ def op_us(N: int, K: int, copies: int = 16, rounds: int = 5, reps: int = 10) -> 
         variants[scheme + (f"-g{g}" if g else "")] = [(lambda p=p, s=scheme: linear(s, x, p, None))
                                                       for p in packs]
     times = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
     with torch.no_grad():
         for calls in variants.values():  # warm-up (compiles the loops)
             for c in calls:
                 c()
         for _ in range(rounds):
             for k, calls in variants.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(reps):
                     for c in calls:
                         c()
-                times[k].append((time.perf_counter() - t0) / (reps * len(calls)) * 1e6)
-    return {k: statistics.median(v) for k, v in times.items()}
+                n = reps * len(calls)
+                times[k].append((time.perf_counter() - t0) / n * 1e6)
+                cpu[k].append((time.process_time() - c0) / n * 1e6)
+    return {k: (statistics.median(times[k]), statistics.median(cpu[k])) for k in variants}
 
 
 def build_variants(base, names, compiled: bool = True) -> dict:
@@ -148,7 +153,8 @@ def main(argv=None, log=print) -> dict:
         out = {}
         for N, K in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
             out[(N, K)] = r = op_us(N, K)
-            log(f"op {N}x{K}: " + ", ".join(f"{k} {v:.0f} us ({r['fp32'] / v:.2f}x)" for k, v in r.items()))
+            log(f"op {N}x{K} wall (CPU) us: " + ", ".join(
+                f"{k} {w:.0f} ({c:.0f}) {r['fp32'][1] / c:.2f}x" for k, (w, c) in r.items()))
         return out
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     base, _ = R.load()
@@ -169,26 +175,30 @@ def main(argv=None, log=print) -> dict:
         same = "" if ref is None else f", {(toks == ref).float().mean().item():.0%} tokens = fp32 eager's"
         ref = toks if ref is None else ref
         log(f"  {label:20s} warm-up {time.perf_counter() - t0:6.1f} s{same}")
-    rates = {k: {"decode": [], "prefill": []} for k in models}
+    rates = {k: {"decode": [], "prefill": [], "cpu_ms": []} for k in models}
     steal0, total0 = cpu_jiffies()
     for _ in range(args.rounds):
         for label, m in models.items():
+            c0 = time.process_time()
             rates[label]["decode"].append(decode_tokens_per_s(m, ids, args.new))
+            # CPU time per token (prefill included, all threads): robust to waiting for a core
+            rates[label]["cpu_ms"].append((time.process_time() - c0) * 1e3 / args.new)
             rates[label]["prefill"].append(prefill_tokens_per_s(m, ids))
     steal1, total1 = cpu_jiffies()
     steal = (steal1 - steal0) / (total1 - total0) if total1 > total0 else float("nan")
     base_label = "fp32 eager"
     out = {}
     log(f"{'variant':20s} {'decode tok/s':>12s} {'x fp32 eager':>12s} {'prefill tok/s':>13s} "
-        f"{'x fp32 eager':>12s}")
+        f"{'x fp32 eager':>12s} {'CPU ms/tok':>10s} {'x':>6s}")
     for label, r in rates.items():
-        row = {}
+        row = {"cpu_ms": statistics.median(r["cpu_ms"]),
+               "cpu_x": statistics.median(b / a for a, b in zip(r["cpu_ms"], rates[base_label]["cpu_ms"]))}
         for kind in ("decode", "prefill"):
             row[kind] = statistics.median(r[kind])
             row[kind + "_x"] = statistics.median(a / b for a, b in zip(r[kind], rates[base_label][kind]))
         out[label] = row
         log(f"{label:20s} {row['decode']:12.2f} {row['decode_x']:11.2f}x {row['prefill']:13.1f} "
-            f"{row['prefill_x']:11.2f}x")
+            f"{row['prefill_x']:11.2f}x {row['cpu_ms']:10.1f} {row['cpu_x']:5.2f}x")
     log(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; steal time "
         f"{100 * steal:.1f}% during the timed rounds")
     out["steal"] = steal

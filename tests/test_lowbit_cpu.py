@@ -4,7 +4,8 @@ Proves, against the dequantized weight in float64 on fresh random inputs: the lo
 (int8; int4 at group 32/64/128, a partial last group, odd shapes, bias or none, bf16 input), the
 eager op on CPU (the loop compiled once per shape, and called), a model compiled on CPU (the loop
 inlined by inductor: the op's eager body is not called; forward and input gradient), and where
-the loop cannot serve a call the reason and the dequantizing fallback's result.
+the loop cannot serve a call the reason and the dequantizing fallback's result.  On a loaded
+2-core machine the two compiling tests take a minute or more each (inductor's C++ compiles).
 """
 
 import pytest
@@ -132,4 +133,9 @@ def test_compiled_model_inlines_the_loop_forward_and_input_grad(torch_path, monk
     y.backward(g)
     ref.backward(g.double())
     assert _rel(x.grad, xd.grad) < 1e-5
+    # prefill rows: dequantize + matmul inlined; the partial last group once read garbage there
+    xs = torch.randn(9, 576)
+    with torch.no_grad():
+        ref = torch.tanh(xs.double() @ w1.t() + model[0].bias.double()) @ w2.t()
+        assert _rel(compiled(xs), ref) < 1e-5
     assert not calls
