@@ -163,7 +163,7 @@ def main(argv=None, log=print) -> dict:
         base.config.num_hidden_layers = args.layers
     names = ["fp32"] + [v for v in args.variants if v != "fp32"]
     models = build_variants(base, names, compiled=not args.no_compile)
-    ids = R.eval_windows(1, length=args.prompt)[0][None]
+    ids = R.eval_windows(1, length=args.prompt)[0]  # [1, prompt]
     log(f"cpu_decode: torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{len(base.model.layers)} layers; prompt {args.prompt} tokens, {args.new} new, greedy, "
         f"batch 1; {args.rounds} interleaved rounds")
