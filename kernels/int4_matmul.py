@@ -26,10 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import lowbit_cpu
 from .lowbit import (dot_precision, frozen_linear_backward, grouped_tile, operands, pick_config,
                      register_frozen_autograd, rows_2d, splitk_reduce, store_tile, tile_grid,
                      upcast_dot)
-from .runtime import use_triton
+from .runtime import cpu_decomposition, use_triton
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -103,13 +104,8 @@ def pack_int4(weight: torch.Tensor, group_size: int = 128, scale_dtype: Optional
 
 def unpack_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                 dtype=torch.float32) -> torch.Tensor:
-    N, half = packed.shape
-    K = 2 * half
-    q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(N, K)
-    G = group_size_of(K, scale.shape[1])
-    s = torch.repeat_interleave(scale.to(dtype), G, dim=1)[:, :K]
-    z = torch.repeat_interleave(offset.to(dtype), G, dim=1)[:, :K]
-    return q.to(dtype) * s + z
+    K = 2 * packed.shape[1]
+    return lowbit_cpu.dequant_int4(packed, scale, offset, group_size_of(K, scale.shape[1]), dtype)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -191,6 +187,37 @@ def int4_matmul_reference(x2, packed, scale, offset, bias):
     return y.to(x2.dtype)
 
 
+# ----------------------------------------------------------------------------- CPU path
+
+
+def _cpu_rows(x2, packed, scale, offset, bias, eager: bool):
+    """y[M, N] on the CPU: the fused dequantize-GEMV loop for decode rows (kernels/lowbit_cpu.py;
+    `eager`: the op's own call, which runs the loop compiled once per shape; else a decomposition
+    traced by inductor, which inlines it), the reference (dequantize + matmul) otherwise."""
+    K = x2.shape[1]
+    G = group_size_of(K, scale.shape[1])
+    if lowbit_cpu.decode_rows(x2) and lowbit_cpu.fast_reason("int4", x2, packed, K, G) is None:
+        if not eager:
+            return lowbit_cpu.int4_rows(x2, packed, scale, offset, bias, G)
+        args = (x2, packed, scale, offset) + ((bias,) if bias is not None else ())
+        y = lowbit_cpu.call_eager(
+            lambda x, p, s, z, *b: lowbit_cpu.int4_rows(x, p, s, z, b[0] if b else None, G),
+            args, lowbit_cpu.kernel_key("int4", G, *args))
+        if y is not None:
+            return y
+    return int4_matmul_reference(x2, packed, scale, offset, bias)
+
+
+def _int4_linear_decomposed(x, packed, scale, offset, bias):
+    y = _cpu_rows(x.reshape(-1, x.shape[-1]), packed, scale, offset, bias, eager=False)
+    return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+def _int4_backward(grad, packed, scale, offset, x_dtype):
+    w = unpack_int4(packed, scale, offset, torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    return frozen_linear_backward(grad, w, x_dtype)
+
+
 # ----------------------------------------------------------------------------- ops
 
 
@@ -217,6 +244,8 @@ def int4_linear_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, o
     x2 = rows_2d(x)
     if use_triton(x2, scale, offset, bias) and packed.stride(-1) == 1:
         y = int4_matmul_triton(x2, packed, scale, offset, bias)
+    elif x2.device.type == "cpu":
+        y = _cpu_rows(x2, packed, scale, offset, bias, eager=True)
     else:
         y = int4_matmul_reference(x2, packed, scale, offset, bias)
     return y.reshape(*x.shape[:-1], packed.shape[0])
@@ -231,8 +260,7 @@ def _(x, packed, scale, offset, bias):
 @torch.library.custom_op("liger::int4_linear_backward", mutates_args=())
 def int4_linear_backward_op(grad: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                             offset: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
-    w = unpack_int4(packed, scale, offset, torch.float64 if grad.dtype == torch.float64 else torch.float32)
-    return frozen_linear_backward(grad, w, x_dtype)
+    return _int4_backward(grad, packed, scale, offset, x_dtype)
 
 
 @int4_linear_backward_op.register_fake
@@ -241,6 +269,9 @@ def _(grad, packed, scale, offset, x_dtype):
 
 
 register_frozen_autograd(int4_linear_op, torch.ops.liger.int4_linear_backward)
+# A model compiled on CPU inlines both (the decode loop and the dequantizing backward product).
+cpu_decomposition(torch.ops.liger.int4_linear)(_int4_linear_decomposed)
+cpu_decomposition(torch.ops.liger.int4_linear_backward)(_int4_backward)
 
 
 def int4_linear(x, packed, scale, offset, bias=None):

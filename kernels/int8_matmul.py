@@ -20,10 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import lowbit_cpu
 from .lowbit import (check_per_channel, dot_precision, frozen_linear_backward, grouped_tile,
                      operands, pick_config, register_frozen_autograd, rows_2d, splitk_reduce, store_tile,
                      tile_grid, upcast_dot)
-from .runtime import use_triton
+from .runtime import cpu_decomposition, use_triton
 
 QMAX = 127
 
@@ -110,6 +111,35 @@ def int8_matmul_reference(x2, qweight, scale, bias):
     return y.to(x2.dtype)
 
 
+# ----------------------------------------------------------------------------- CPU path
+
+
+def _cpu_rows(x2, qweight, scale, bias, eager: bool):
+    """y[M, N] on the CPU: the fused dequantize-GEMV loop for decode rows (kernels/lowbit_cpu.py;
+    `eager`: the op's own call, which runs the loop compiled once per shape; else a decomposition
+    traced by inductor, which inlines it), dequantize + matmul otherwise."""
+    K = x2.shape[1]
+    if lowbit_cpu.decode_rows(x2) and lowbit_cpu.fast_reason("int8", x2, qweight, K) is None:
+        if not eager:
+            return lowbit_cpu.int8_rows(x2, qweight, scale, bias)
+        args = (x2, qweight, scale) + ((bias,) if bias is not None else ())
+        y = lowbit_cpu.call_eager(lambda x, q, s, *b: lowbit_cpu.int8_rows(x, q, s, b[0] if b else None),
+                                  args, lowbit_cpu.kernel_key("int8", *args))
+        if y is not None:
+            return y
+    return int8_matmul_reference(x2, qweight, scale, bias)
+
+
+def _int8_linear_decomposed(x, qweight, scale, bias):
+    y = _cpu_rows(x.reshape(-1, x.shape[-1]), qweight, scale, bias, eager=False)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def _int8_backward(grad, qweight, scale, x_dtype):
+    w = unpack_int8(qweight, scale, torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    return frozen_linear_backward(grad, w, x_dtype)
+
+
 # ----------------------------------------------------------------------------- ops
 
 
@@ -124,6 +154,8 @@ def int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     x2 = rows_2d(x)
     if use_triton(x2, scale, bias) and qweight.stride(-1) == 1:
         y = int8_matmul_triton(x2, qweight, scale, bias)
+    elif x2.device.type == "cpu":
+        y = _cpu_rows(x2, qweight, scale, bias, eager=True)
     else:
         y = int8_matmul_reference(x2, qweight, scale, bias)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
@@ -138,8 +170,7 @@ def _(x, qweight, scale, bias):
 @torch.library.custom_op("liger::int8_linear_backward", mutates_args=())
 def int8_linear_backward_op(grad: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                             x_dtype: torch.dtype) -> torch.Tensor:
-    w = unpack_int8(qweight, scale, torch.float64 if grad.dtype == torch.float64 else torch.float32)
-    return frozen_linear_backward(grad, w, x_dtype)
+    return _int8_backward(grad, qweight, scale, x_dtype)
 
 
 @int8_linear_backward_op.register_fake
@@ -148,6 +179,9 @@ def _(grad, qweight, scale, x_dtype):
 
 
 register_frozen_autograd(int8_linear_op, torch.ops.liger.int8_linear_backward)
+# A model compiled on CPU inlines both (the decode loop and the dequantizing backward product).
+cpu_decomposition(torch.ops.liger.int8_linear)(_int8_linear_decomposed)
+cpu_decomposition(torch.ops.liger.int8_linear_backward)(_int8_backward)
 
 
 def int8_linear(x, qweight, scale, bias=None):
