@@ -1,6 +1,9 @@
 """2:4 semi-structured sparsity: `sparsify_` (lossy pruning + compressed storage) and the checks
 the compile pass uses to serve already-2:4 frozen weights losslessly.
 
+`sparsify_` prunes by magnitude, or with calibration batches by SparseGPT or Wanda (the per-layer
+math in compress/sparsegpt.py, the block-by-block measuring in compress/calibrate.py).
+
 Schemes (format in kernels/sparse24_matmul.py): "2:4" (kept values in the weight's dtype and
 2-bit positions), "2:4+int8" (kept values quantized like the int8 scheme, plus per-channel
 scales).  Zeros of either sign count as zero (see the format's docstring for the one difference
