@@ -5,8 +5,8 @@ For a layer y = x W^T and calibration inputs X, the output error of a rounded we
 tr((W - W') H (W - W')^T) with H = X^T X.  Rounding column j alone and compensating the
 remaining columns optimally (least squares, their inverse-Hessian rows) is the OBS step; GPTQ
 does it in a fixed column order with the Cholesky factor U of H^-1 (upper), so each step is a
-rank-one update:  err = (w_j - q(w_j)) / U[j, j],  W[:, j+1:] -= err U[j, j+1:].  Updates are
-applied lazily in blocks of columns (the same arithmetic, fewer passes over W).
+rank-one update:  err = (w_j - q(w_j)) / U[j, j],  W[:, j+1:] -= err U[j, j+1:].  That sweep
+(inverse factor, lazy block updates, dead columns) is compress/obs.py, shared with SparseGPT.
 
 The grid is the packed format's own (kernels/int4_matmul.py, int8_matmul.py): for int4 a group's
 scale and offset come from that group's min and max *as compensated so far* (computed when the
@@ -23,24 +23,9 @@ import torch
 
 from ligerfx.kernels import int4_matmul, int8_matmul
 
-DAMP = 0.01  # fraction of the mean diagonal added to H: keeps the factorisation well posed
-BLOCK = 128
+from . import obs
 
-
-def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, in float64."""
-    H = H.clone()
-    d = torch.arange(H.shape[0])
-    H[d, d] += damp * H.diagonal().mean().clamp_min(1e-12)
-    for _ in range(6):  # a singular H (collinear inputs): damp harder rather than fail
-        L, info = torch.linalg.cholesky_ex(H)
-        if info == 0:
-            break
-        H[d, d] += damp * H.diagonal().mean()
-    else:
-        raise RuntimeError("GPTQ: the calibration Hessian is not positive definite even damped")
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True)
+DAMP = obs.DAMP
 
 
 class _Int4Grid:
@@ -157,28 +142,13 @@ def gptq_pack(weight: torch.Tensor, H: torch.Tensor, scheme: str, group_size: in
     columns are left to absorb their error; int4 group grids are then fixed beforehand (static
     groups, clipped for the least input-weighted rounding error) so the packed format is the
     same."""
-    # Thousands of small vector steps: one thread.  Several threads only add synchronisation
-    # (measured 15x slower on 2 busy cores for a 1536 x 576 weight).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _gptq(weight, H, scheme, group_size, scale_dtype, damp, act_order)
-    finally:
-        torch.set_num_threads(threads)
+    return obs.one_thread(_gptq, weight, H, scheme, group_size, scale_dtype, damp, act_order)
 
 
 def _gptq(weight, H, scheme, group_size, scale_dtype, damp, act_order):
-    N, K = weight.shape
-    if H.shape != (K, K):
-        raise ValueError(f"GPTQ: H must be [{K}, {K}] for a weight of {K} input features, "
-                         f"got {tuple(H.shape)}")
+    K = weight.shape[1]
     scale_dtype = scale_dtype or weight.dtype
-    W = weight.detach().to(torch.float64).clone()
-    H = H.to(torch.float64)
-    dead = H.diagonal() == 0  # inputs never non-zero in calibration: their column cannot matter
-    H = H.clone()
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W, H, _ = obs.prepare(weight, H, "GPTQ")
     if scheme == "int8":
         grid = _Int8Grid(W, scale_dtype)
     elif act_order:
@@ -187,21 +157,17 @@ def _gptq(weight, H, scheme, group_size, scale_dtype, damp, act_order):
         grid = _Int4Grid(K, group_size, scale_dtype)
     order = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order \
         else torch.arange(K)
-    U = _inverse_factor(H[order][:, order], damp)
+    U = obs.inverse_factor(H[order][:, order], damp, "GPTQ")
     # Columns of W are rows of Wt: every per-column step reads and writes contiguous memory.
     Wt = W.t()[order].contiguous()
     Qt = torch.empty_like(Wt)
-    for b0 in range(0, K, BLOCK):
-        b1 = min(b0 + BLOCK, K)
-        E = torch.empty(b1 - b0, N, dtype=W.dtype)
-        for j in range(b0, b1):
-            grid.start(Wt, int(order[j]) if act_order else j)
-            q = grid.level(Wt[j])
-            Qt[j] = q
-            err = (Wt[j] - grid.value(q)) / U[j, j]
-            Wt[j + 1:b1] -= U[j, j + 1:b1, None] * err[None, :]
-            E[j - b0] = err
-        Wt[b1:] -= U[b0:b1, b1:].t() @ E
+
+    def fix(j, Wt):
+        grid.start(Wt, int(order[j]) if act_order else j)
+        Qt[j] = grid.level(Wt[j])
+        return grid.value(Qt[j])
+
+    obs.sweep(Wt, U, fix)
     Q = torch.empty_like(Qt)
     Q[order] = Qt
     return grid.packed(Q.t())

@@ -1,6 +1,9 @@
 """2:4 semi-structured sparsity: `sparsify_` (lossy pruning + compressed storage) and the checks
 the compile pass uses to serve already-2:4 frozen weights losslessly.
 
+`sparsify_` prunes by magnitude, or with calibration batches by SparseGPT or Wanda (the per-layer
+math in compress/sparsegpt.py, the block-by-block measuring in compress/calibrate.py).
+
 Schemes (format in kernels/sparse24_matmul.py): "2:4" (kept values in the weight's dtype and
 2-bit positions), "2:4+int8" (kept values quantized like the int8 scheme, plus per-channel
 scales).  Zeros of either sign count as zero (see the format's docstring for the one difference
@@ -24,7 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import quantize as Q
+from .obs import DAMP
 from .schemes import validate_sparsity
+from .sparsegpt import CALIBRATED, METHODS, pruned_24
 from ligerfx.kernels import sparse24_matmul as S24
 
 
@@ -145,13 +150,17 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(N, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], scheme: str) -> "SparseLinear":
-        """From a 2:4 sparse weight [N, K] (raises ValueError if it is not)."""
+    def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], scheme: str,
+                    packed: Optional[tuple] = None) -> "SparseLinear":
+        """From a 2:4 sparse weight [N, K] (raises ValueError if it is not).  `packed`: its
+        tensors already packed in `scheme` (by a calibrated method that chose the int8 levels)."""
         N, K = weight.shape
         s = cls.__new__(cls)
         nn.Module.__init__(s)
         s.in_features, s.out_features, s.scheme = K, N, scheme
-        for name, t in zip(("values", "meta", "scale"), Q.pack(weight, scheme, 0, weight.dtype)):
+        if packed is None:
+            packed = Q.pack(weight, scheme, 0, weight.dtype)
+        for name, t in zip(("values", "meta", "scale"), packed):
             s.register_buffer(name, t)
         s.bias = bias
         return s
@@ -172,23 +181,48 @@ class SparseLinear(nn.Module):
 
 
 def sparsify_(model: nn.Module, scheme: str = "2:4", skip: Iterable[str] = (),
-              sparsify_lm_head: bool = False) -> dict:
+              sparsify_lm_head: bool = False, calibration: Optional[Iterable] = None,
+              method: Optional[str] = None, sequential: bool = True, pack: bool = True,
+              damp: float = DAMP, search: bool = True) -> dict:
     """Prune eligible `nn.Linear` modules of `model` to 2:4 and store them compressed, in place.
 
-    **Lossy**: in every group of 4 consecutive weights along in_features the 2 of largest
-    magnitude are kept and the other 2 set to zero (magnitude pruning, no calibration or
-    retraining; see docs/quantization.md for the accuracy it costs).  Each linear becomes a
-    `SparseLinear` holding only the compressed buffers; "2:4+int8" also quantizes the kept values
-    (int8 per output channel).  Skipped like `quantize_`: module names matching a glob in `skip`,
-    the lm head unless `sparsify_lm_head`, and shapes the format cannot serve (a dim below 16,
-    in_features not a multiple of 8).  Returns {module name: reason} for every linear left alone.
-    To load a saved state_dict, build the model, call the same `sparsify_`, then load_state_dict.
+    **Lossy**: in every group of 4 consecutive weights along in_features 2 are set to zero.
+    `method` chooses which (and what happens to the rest):
+    - "magnitude" (the default without `calibration`): keep the 2 of largest |w|, nothing else.
+    - "sparsegpt" (the default with `calibration`): SparseGPT, compress/sparsegpt.py: choose by
+      the OBS cost against the layer's inputs and move each dropped weight's error onto the
+      columns not yet pruned; "2:4+int8" rounds the kept values in the same sweep (joint mode).
+    - "wanda": keep the 2 of largest |w_j| * ||x_j|| (input norms from calibration), no update.
+    `calibration`: an iterable of batches (token-id tensors or dicts of model keyword arguments,
+    as `quantize_` takes them).  `sequential` (default): calibrate block by block, each block
+    measured on the inputs the already-pruned blocks before it produce (calibrate.layerwise);
+    False: every layer on the dense model in one pass.  `damp`: SparseGPT's damping (fraction of
+    mean diag H); `search`: SparseGPT picks each group's pair by its exact cost under the sweep
+    (False: greedily by single-column saliency, as the paper).
+
+    `pack=False` keeps every pruned linear an `nn.Linear` whose weight holds the 2:4-pruned (and
+    updated, for SparseGPT; int8-grid values for "2:4+int8") dense values: trainable weights
+    for recovery fine-tuning (keep the zeros by masking the gradient, e.g. `weight != 0`), served
+    compressed later by `options={"sparsity": ...}` or another `sparsify_` (which then only drops
+    zeros).  Otherwise each linear becomes a `SparseLinear` holding only the compressed buffers.
+
+    Skipped like `quantize_`: module names matching a glob in `skip`, the lm head unless
+    `sparsify_lm_head`, and shapes the format cannot serve (a dim below 16, in_features not a
+    multiple of 8).  Returns {module name: reason} for every linear left alone.  To load a saved
+    state_dict, build the model, call `sparsify_(model, scheme)`, then load_state_dict.
     """
 
     validate_sparsity(scheme)
+    if method is None:
+        method = "sparsegpt" if calibration is not None else "magnitude"
+    if method not in METHODS:
+        raise ValueError(f"sparsify_: method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+    if method in CALIBRATED and calibration is None:
+        raise ValueError(f"sparsify_: method={method!r} needs calibration batches (calibration=[token "
+                         "ids or dicts of model kwargs, ...]); without them use method='magnitude'")
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     heads = set() if sparsify_lm_head else Q.lm_head_like(model)
-    skipped = {}
+    skipped, chosen = {}, []
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear):
             continue
@@ -200,9 +234,42 @@ def sparsify_(model: nn.Module, scheme: str = "2:4", skip: Iterable[str] = (),
             reason = S24.unsupported_reason(mod.out_features, mod.in_features, Q.MIN_FEATURES)
         if reason is not None:
             skipped[name] = reason
-            continue
+        else:
+            chosen.append(name)
+    int8 = scheme == "2:4+int8"
+
+    def visit(name, mod, H):
         with torch.no_grad():
-            sp = SparseLinear.from_weight(S24.prune_24(mod.weight), mod.bias, scheme)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, sp)
+            dense, packed = pruned_24(mod.weight, H, method, int8, damp, search)
+            if not pack:
+                mod.weight.copy_(dense)
+                return None
+            return SparseLinear.from_weight(dense, mod.bias, scheme, packed)
+
+    if method not in CALIBRATED or not chosen:
+        for name in chosen:
+            new = visit(name, model.get_submodule(name), None)
+            if new is not None:
+                _replace(model, name, new)
+        return skipped
+    from .calibrate import input_moments, layerwise, progress
+
+    what = f"sparsify_ ({scheme}, {method})"
+    if sequential:
+        why = layerwise(model, chosen, calibration, visit, what)
+        if why:
+            warnings.warn(f"sparsify_: layer-wise calibration was not possible ({why}); every layer "
+                          "was calibrated on the dense model's inputs instead", stacklevel=2)
+        return skipped
+    moments = input_moments(model, chosen, calibration)
+    for i, name in enumerate(chosen):
+        new = visit(name, model.get_submodule(name), moments.pop(name))
+        if new is not None:
+            _replace(model, name, new)
+        progress(i + 1, len(chosen), what)
     return skipped
+
+
+def _replace(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
