@@ -56,7 +56,7 @@ def _pair_costs(C: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def sparsegpt_24(weight: torch.Tensor, H: torch.Tensor, int8: bool = False,
                  scale_dtype: Optional[torch.dtype] = None, damp: float = obs.DAMP,
-                 search: bool = True):
+                 search: bool = False):
     """SparseGPT 2:4 of `weight` [N, K] against H [K, K].  Returns the pruned, compensated
     weight [N, K] (float64, exactly 2:4), or with `int8` (levels float64 [N, K] with the same
     zeros, per-channel scale [N] in `scale_dtype`, default the weight's dtype)."""

@@ -183,7 +183,7 @@ class SparseLinear(nn.Module):
 def sparsify_(model: nn.Module, scheme: str = "2:4", skip: Iterable[str] = (),
               sparsify_lm_head: bool = False, calibration: Optional[Iterable] = None,
               method: Optional[str] = None, sequential: bool = True, pack: bool = True,
-              damp: float = DAMP, search: bool = True) -> dict:
+              damp: float = DAMP, search: bool = False) -> dict:
     """Prune eligible `nn.Linear` modules of `model` to 2:4 and store them compressed, in place.
 
     **Lossy**: in every group of 4 consecutive weights along in_features 2 are set to zero.
