@@ -64,7 +64,6 @@ def variants(calib):
     for g in (64, 128):
         fmt = f"int4 g{g}"
         out += [(f"{fmt} rtn", fmt, "rtn", fmt, lambda m, g=g: q(m, "int4", group_size=g)),
-                (f"{fmt} mse", fmt, "mse", fmt, lambda m, g=g: q(m, "int4", group_size=g, method="mse")),
                 (f"{fmt} gptq", fmt, "gptq", fmt,
                  lambda m, g=g: q(m, "int4", group_size=g, calibration=calib))]
     s = ligerfx.sparsify_

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import ligerfx
 from ligerfx.compress.calibrate import CalibrationError, input_moments
-from ligerfx.compress.gptq import clipped_pack, gptq_pack
+from ligerfx.compress.gptq import gptq_pack
 from ligerfx.compress.quantize import QuantizedLinear
 from ligerfx.kernels.int4_matmul import pack_int4, unpack_int4
 from ligerfx.kernels.int8_matmul import pack_int8, unpack_int8
@@ -136,30 +136,3 @@ def test_bad_calibration_arguments():
         ligerfx.quantize_(copy.deepcopy(model), "int4", group_size=32, calibration=[])
     with pytest.raises(CalibrationError, match="token-id tensors or dicts"):
         ligerfx.quantize_(copy.deepcopy(model), "int4", group_size=32, calibration=[[1, 2, 3]])
-    with pytest.raises(ValueError, match="method='mse' .* serves scheme 'int4' only"):
-        ligerfx.quantize_(copy.deepcopy(model), "int8", method="mse")
-
-
-@pytest.mark.parametrize("G", [32, 64])
-def test_mse_clipped_grids_never_round_worse_than_nearest(G):
-    # each group's range is the clip with the least squared error, full range included, so no
-    # group rounds worse than round to nearest (up to the rounding of the stored scale); on
-    # Gaussian weights the total error is about 6% lower
-    N, K = 40, 176  # a partial last group for both group sizes
-    g = torch.Generator().manual_seed(5)
-    W = torch.randn(N, K, generator=g)
-
-    def per_group(Wq):  # squared error of each group, the partial last one padded with zeros
-        e = torch.nn.functional.pad((Wq - W).double() ** 2, (0, (-K) % G))
-        return e.reshape(N, -1, G).sum(-1)
-
-    rtn = per_group(unpack_int4(*pack_int4(W, G)))
-    mse = per_group(unpack_int4(*clipped_pack(W, G)))
-    assert (mse <= rtn * (1 + 1e-5)).all()  # (its full-range scale is rounded from float64)
-    assert mse.sum() < 0.97 * rtn.sum(), (mse.sum(), rtn.sum())
-    m = nn.Linear(K, N)
-    with torch.no_grad():
-        m.weight.copy_(W)
-    q = nn.Sequential(copy.deepcopy(m))
-    ligerfx.quantize_(q, "int4", group_size=G, method="mse")
-    assert torch.equal(q[0].dequantized_weight(), unpack_int4(*clipped_pack(W, G)))

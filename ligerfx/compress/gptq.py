@@ -121,17 +121,6 @@ class _Int8Grid:
         return Q.to(torch.int8), self.scale
 
 
-def clipped_pack(weight: torch.Tensor, group_size: int = 128,
-                 scale_dtype: Optional[torch.dtype] = None) -> tuple:
-    """int4 round to nearest on grids whose range is clipped for the least squared weight error
-    (the static grids GPTQ's act-order uses, every input weighted alike): no calibration."""
-    W = weight.detach()
-    grid = _StaticInt4Grid(W, torch.ones(W.shape[1], dtype=torch.float64), group_size,
-                           scale_dtype or W.dtype)
-    q = int4_matmul.quantize_int4(W, grid.scale, grid.offset)
-    return int4_matmul.pack_levels(q), grid.scale, grid.offset
-
-
 def gptq_pack(weight: torch.Tensor, H: torch.Tensor, scheme: str, group_size: int = 128,
               scale_dtype: Optional[torch.dtype] = None, damp: float = DAMP,
               act_order: bool = True) -> tuple:

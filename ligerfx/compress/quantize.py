@@ -275,7 +275,7 @@ def matches_any(name: str, globs: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
-METHODS = ("rtn", "mse", "gptq")
+METHODS = ("rtn", "gptq")
 
 
 def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterable[str] = (),
@@ -292,8 +292,6 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterab
     arguments) the model is run on first; with it the default `method` is "gptq" (each weight
     rounded against its layer's inputs, compressed/gptq.py), without it "rtn" (round to
     nearest).  GPTQ serves int4 and int8; the packed format, and so the kernels, are the same.
-    method="mse" (int4, no calibration): round to nearest on group ranges clipped for the least
-    squared weight error.
     `sequential` (default): calibrate block by block, each block's linears rounded against the
     inputs the already-quantized blocks before it produce (compress/calibrate.py `layerwise`;
     a model without a stack of repeated blocks falls back to one-shot, with a warning); False
@@ -305,9 +303,6 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterab
         method = "gptq" if calibration is not None and scheme in ("int4", "int8") else "rtn"
     if method not in METHODS:
         raise ValueError(f"quantize_: method must be one of {', '.join(METHODS)}; got {method!r}")
-    if method == "mse" and scheme != "int4":
-        raise ValueError(f"quantize_: method='mse' (clipped int4 grids) serves scheme 'int4' only; "
-                         f"got {scheme!r}: use method='rtn'")
     if method == "gptq" and (calibration is None or scheme not in ("int4", "int8")):
         raise ValueError("quantize_: method='gptq' needs calibration batches (calibration=...) "
                          f"and scheme 'int4' or 'int8' (got scheme={scheme!r}"
@@ -360,11 +355,5 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterab
             progress(i + 1, len(chosen), what)
         return skipped
     for name in chosen:
-        mod = model.get_submodule(name)
-        if method == "mse":
-            from .gptq import clipped_pack
-
-            replace(name, mod, clipped_pack(mod.weight, group_size, mod.weight.dtype))
-        else:
-            replace(name, mod, None)
+        replace(name, model.get_submodule(name), None)
     return skipped

@@ -100,7 +100,7 @@ def _sparsegpt(weight, H, int8, scale_dtype, damp, search):
 
 
 def pruned_24(weight: torch.Tensor, H: Optional[torch.Tensor], method: str, int8: bool = False,
-              damp: float = obs.DAMP, search: bool = True) -> tuple:
+              damp: float = obs.DAMP, search: bool = False) -> tuple:
     """(2:4-pruned dense weight in the weight's dtype, packed tensors for SparseLinear or None).
 
     The packed tensors are given only where the method chose the int8 levels itself (SparseGPT
