@@ -17,6 +17,7 @@ Two ways to measure:
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -184,13 +185,7 @@ def layerwise(model: nn.Module, names: list[str], batches: Iterable, visit: Visi
     done = [0]
 
     def apply(moments, group):
-        for n in group:
-            new = visit(n, model.get_submodule(n), moments.pop(n))
-            if new is not None:
-                parent, _, child = n.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, new)
-            done[0] += 1
-            progress(done[0], len(names), what)
+        done[0] = _visit(model, group, moments, visit, what, done[0], len(names))
 
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
@@ -233,6 +228,38 @@ def layerwise(model: nn.Module, names: list[str], batches: Iterable, visit: Visi
     finally:
         if use_cache:
             config.use_cache = use_cache
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` of `model` was."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _visit(model, names, moments, visit, what, done=0, total=None) -> int:
+    """visit(name, module, H) for each name in order, putting back what it returns; the count
+    of layers done so far."""
+    for n in names:
+        new = visit(n, model.get_submodule(n), moments.pop(n))
+        if new is not None:
+            replace_module(model, n, new)
+        done += 1
+        progress(done, total or len(names), what)
+    return done
+
+
+def compress_layers(model: nn.Module, names: list[str], batches: Iterable, visit: Visit,
+                    what: str, sequential: bool = True) -> None:
+    """The calibrated compressors' one entry: every named linear visited with its input moment,
+    layer by layer (`layerwise`, with a warning naming why where it had to fall back) or, with
+    `sequential=False`, all measured on the model as it is in one pass."""
+    if not sequential:
+        _visit(model, names, input_moments(model, names, batches), visit, what)
+        return
+    why = layerwise(model, names, batches, visit, what)
+    if why:
+        warnings.warn(f"{what}: layer-wise calibration was not possible ({why}); every layer was "
+                      "calibrated on the uncompressed model's inputs instead", stacklevel=3)
 
 
 def _record(model, blocks, batches) -> tuple[list, str]:

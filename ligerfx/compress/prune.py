@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import channels
+from .calibrate import compress_layers
 
 METHODS = ("reconstruct", "remove")
 SELECTS = ("obs", "energy")
@@ -191,23 +192,8 @@ def prune_(model: nn.Module, mlp: float = 0.5, heads: float = 0.0, calibration: 
         _shrink_attrs(owner, spec.width, k)
         return _columns(consumer, Wk)
 
-    from .calibrate import input_moments, progress, layerwise
-
-    names = list(by_consumer)
-    what = f"prune_ (mlp={mlp}, {method})"
-    if sequential:
-        why = layerwise(model, names, list(calibration), visit, what)
-        if why:
-            warnings.warn(f"prune_: layer-wise calibration was not possible ({why}); every MLP was "
-                          "measured on the unpruned model's inputs instead", stacklevel=2)
-    else:
-        moments = input_moments(model, names, calibration)
-        for i, n in enumerate(names):
-            new = visit(n, model.get_submodule(n), moments.pop(n))
-            if new is not None:
-                parent, _, child = n.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, new)
-            progress(i + 1, len(names), what)
+    compress_layers(model, list(by_consumer), list(calibration), visit,
+                    f"prune_ (mlp={mlp}, {method})", sequential)
     _update_config(model, found, widths)
     return refused
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import threading
-import warnings
 import weakref
 from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 
+from .calibrate import compress_layers, replace_module
 from .schemes import validate_quantize
 from ligerfx.kernels import fp8_matmul, int4_matmul, int8_matmul, sparse24_matmul
 
@@ -294,8 +294,8 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterab
     nearest).  GPTQ serves int4 and int8; the packed format, and so the kernels, are the same.
     `sequential` (default): calibrate block by block, each block's linears rounded against the
     inputs the already-quantized blocks before it produce (compress/calibrate.py `layerwise`;
-    a model without a stack of repeated blocks falls back to one-shot, with a warning); False
-    measures every layer on the unquantized model in one pass.
+    blocks that do not chain fall back to one-shot, with a warning naming why); False measures
+    every layer on the unquantized model in one pass.
     """
 
     validate_quantize(scheme, group_size)
@@ -326,34 +326,16 @@ def quantize_(model: nn.Module, scheme: str, group_size: int = 128, skip: Iterab
             skipped[name] = reason
         else:
             chosen.append(name)
-    def replace(name, mod, packed):
-        parent, _, child = name.rpartition(".")
-        q = QuantizedLinear.from_linear(mod, scheme, group_size, packed=packed)
-        setattr(model.get_submodule(parent) if parent else model, child, q)
-
     if method == "gptq" and chosen:
-        from .calibrate import input_moments, layerwise, progress
         from .gptq import gptq_pack
 
-        what = f"quantize_ ({scheme}, gptq)"
-        if sequential:
-            def visit(name, mod, H):
-                return QuantizedLinear.from_linear(
-                    mod, scheme, group_size,
-                    packed=gptq_pack(mod.weight, H, scheme, group_size, mod.weight.dtype))
+        def visit(name, mod, H):
+            return QuantizedLinear.from_linear(
+                mod, scheme, group_size,
+                packed=gptq_pack(mod.weight, H, scheme, group_size, mod.weight.dtype))
 
-            why = layerwise(model, chosen, calibration, visit, what)
-            if why:
-                warnings.warn(f"quantize_: layer-wise calibration was not possible ({why}); every "
-                              "layer was calibrated on the uncompressed model's inputs instead",
-                              stacklevel=2)
-            return skipped
-        moments = input_moments(model, chosen, calibration)
-        for i, name in enumerate(chosen):
-            mod = model.get_submodule(name)
-            replace(name, mod, gptq_pack(mod.weight, moments.pop(name), scheme, group_size, mod.weight.dtype))
-            progress(i + 1, len(chosen), what)
+        compress_layers(model, chosen, calibration, visit, f"quantize_ ({scheme}, gptq)", sequential)
         return skipped
     for name in chosen:
-        replace(name, model.get_submodule(name), None)
+        replace_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), scheme, group_size))
     return skipped

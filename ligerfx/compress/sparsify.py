@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import quantize as Q
+from .calibrate import compress_layers, replace_module
 from .obs import DAMP
 from .schemes import validate_sparsity
 from .sparsegpt import CALIBRATED, METHODS, pruned_24
@@ -250,26 +251,9 @@ def sparsify_(model: nn.Module, scheme: str = "2:4", skip: Iterable[str] = (),
         for name in chosen:
             new = visit(name, model.get_submodule(name), None)
             if new is not None:
-                _replace(model, name, new)
+                replace_module(model, name, new)
         return skipped
-    from .calibrate import input_moments, layerwise, progress
-
-    what = f"sparsify_ ({scheme}, {method})"
-    if sequential:
-        why = layerwise(model, chosen, calibration, visit, what)
-        if why:
-            warnings.warn(f"sparsify_: layer-wise calibration was not possible ({why}); every layer "
-                          "was calibrated on the dense model's inputs instead", stacklevel=2)
-        return skipped
-    moments = input_moments(model, chosen, calibration)
-    for i, name in enumerate(chosen):
-        new = visit(name, model.get_submodule(name), moments.pop(name))
-        if new is not None:
-            _replace(model, name, new)
-        progress(i + 1, len(chosen), what)
+    compress_layers(model, chosen, calibration, visit, f"sparsify_ ({scheme}, {method})", sequential)
     return skipped
 
 
-def _replace(model, name, new):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
