@@ -465,6 +465,13 @@ def fused_linear_cross_entropy_backward_op(
         gl2 = None
     need_gb = need_grad_bias and bias is not None
     ct = compute_dtype(hidden.dtype)
+    if not recompute and not saved_grad_logits.numel() and (
+            (need_grad_hidden and saved_grad_hidden.numel() != h2.numel())
+            or (need_grad_weight and saved_grad_weight.numel() != weight.numel())
+            or (need_gb and saved_grad_bias.numel() != bias.numel())):
+        # A needed gradient was not saved by the forward (an fp16 / bf16 head saves none, see
+        # grads_in_forward): recomputing is always correct, scaling an empty tensor never is.
+        recompute = True
     if saved_grad_logits.numel() and not recompute:
         gh, gw, gb = _grads_from_saved_logits(grad_loss, gl2, saved_grad_logits.reshape(N, V),
                                               h2, weight, bias, need_grad_hidden,
@@ -477,7 +484,10 @@ def fused_linear_cross_entropy_backward_op(
         if grad_loss is None:
             row_scale = torch.zeros(N, dtype=ct, device=h2.device)
         else:
-            row_scale = grad_loss.to(ct).reshape(-1).expand(N).contiguous()
+            # clone, not contiguous(): the same dense copy, and it records under offline
+            # compile's fake CUDA tensors (contiguous() of an expanded one enters a device guard)
+            row_scale = grad_loss.to(ct).reshape(-1).expand(N).clone(
+                memory_format=torch.contiguous_format)
         stats, _, _ = reduction_stats(t, ce_weight, ignore_index, reduction, V, ct)
         _chunk_loop(h2, weight, bias, t, ce_weight, stats,
                     h2.new_empty(N, dtype=ct), h2.new_empty(N, dtype=ct), logits_out=None,

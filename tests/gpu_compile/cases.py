@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ligerfx.kernels.fp8_matmul import FP8, MIN_CAPABILITY
+from ligerfx.kernels.fused_linear_cross_entropy import grads_in_forward
 from ligerfx.tools.offline_compile import Chip, op_body
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -237,8 +238,10 @@ def _losses():
             N = TOKENS
             h, W, t = _e(N, H, dtype=dt), _e(V, H, dtype=dt), _e(N, dtype=torch.int64)
             out = flce(h, W, None, t, None, -100, red, 0.0, 0.0, 0.0, 1.0, red == "none")
+            # the recompute flag as setup_context sets it: fp16 / bf16 heads save no gradients
+            recompute = red == "none" or not grads_in_forward(dt)
             flce_b(torch.empty_like(out[0]), None, out[3], out[4], out[5], out[6], h, W, None,
-                   t, None, -100, red, 0.0, 0.0, 0.0, 1.0, red == "none", True, True, False, 0)
+                   t, None, -100, red, 0.0, 0.0, 0.0, 1.0, recompute, True, True, False, 0)
         yield f"fused_linear_cross_entropy {dt} V=128256 H={LLAMA} {red}", run
 
 

@@ -182,6 +182,27 @@ def test_frozen_weight_and_recompute_fallback(kernel_path):
         close(g, gr, torch.float32, "recomputed grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_op_recomputes_what_a_low_precision_forward_did_not_save(kernel_path, dtype):
+    """Regression: an fp16 / bf16 head's forward saves no gradients (grads_in_forward), and a
+    direct call of the backward op with recompute=False (offline GPU compile records one) crashed
+    on reshaping the empty saved gradient. The op now recomputes whatever it needs and lacks."""
+    h, w, b, target, _ = make(dtype, dict(bias=True))
+    h, w, b = h.detach(), w.detach(), b.detach()
+    out = torch.ops.liger.fused_linear_cross_entropy(h, w, b, target)
+    assert out[3].numel() == out[4].numel() == 0  # nothing saved for a low-precision head
+    g = torch.tensor(0.75, dtype=out[0].dtype)
+    dh, dw, db = torch.ops.liger.fused_linear_cross_entropy_backward(
+        g, None, out[3], out[4], out[5], out[6], h, w, b, target, None, -100, "mean", 0.0, 0.0,
+        0.0, 1.0, False, True, True, True, 0)
+    hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+    ref_grads = torch.autograd.grad(flce.fused_linear_cross_entropy(hh, ww, target, bb) * 0.75,
+                                    (hh, ww, bb))
+    for got, ref in zip((dh, dw, db), ref_grads):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
 def test_no_grad_computes_no_gradients(kernel_path):
     h, w, b, target, _ = make(torch.float32, dict(bias=True))
     with torch.no_grad():
