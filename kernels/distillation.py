@@ -32,6 +32,16 @@ The seven coefficients `coefs` span every divergence of the two distributions th
 ps*ls - ps*lt, the generalised JSD beta*KL(pt||m) + (1-beta)*KL(ps||m) = beta*(pt*lt - pt*mx) +
 (1-beta)*(ps*ls - ps*mx), TVD (c6 = 0.5) and any sum of them with any weights.
 
+Differences, not products: when the student is close to the teacher, ls and lt are each ~ -5
+while ls - lt is ~1e-3, and ps*ls - ps*lt cancels away the digits eager keeps (its kl_div is
+`target * (log target - input)`).  So a probability factor whose coefficients of (ls, lt, mx) sum
+to 0 (each divergence above: KL (1, -1, 0), the JSD's ps part (1-beta, 0, -(1-beta)), its pt
+part (0, beta, -beta)) is formed from differences: c*(ls - lt) without the mixture, else
+c_ls*(ls - mx) + c_lt*(lt - mx); the same for its part of H (ps*(c*(ls - lt) + c0 [+ c2 r])).
+The choice is per call, from `coefs` as given (_group_mode: any other weighted sum stays term by
+term), and per element: only where the differences are finite (and not an xlogy zero), so the
+-inf / 0 conventions below are the per-term ones.  The row is summed per element, once.
+
 Gradient: with H_j = d kd_row / d ls_j (ls taken as free, ps = exp(ls))::
 
     H = c0 ps (ls + 1) + c1 ps lt + c2 ps (mx + r) + c3 pt + c5 pt r + c6 sign(ps - pt) ps,
@@ -131,9 +141,14 @@ if triton is not None:
         return tl.where(c == 0.0, 0.0, c * x)
 
     @triton.jit
+    def _finite(x):
+        return (x == x) & (tl.abs(x) != float("inf"))
+
+    @triton.jit
     def _distill_terms(a, b, m_a, log_s_a, s_a, m_b, s_b, mix_s, mix_t, c0, c1, c2, c3, c4, c5,
                        c6, HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr, XLOGY_T: tl.constexpr,
-                       LOGP_T: tl.constexpr, XLOGY_S: tl.constexpr):
+                       LOGP_T: tl.constexpr, XLOGY_S: tl.constexpr, GROUP_S: tl.constexpr,
+                       GROUP_T: tl.constexpr):
         # (a - max) - log(sum), as eager's log_softmax rounds it: a - (max + log(sum)) would round
         # the log-sum-exp at the logits' magnitude (an ulp of 1000 is 6e-5) and so every ls
         ls = (a - m_a) - log_s_a
@@ -156,10 +171,15 @@ if triton is not None:
             pz = tl.exp(a - m_a) / s_a == 0.0
         if XLOGY_S != 0:
             psls = tl.where(pz, 0.0, psls)
-        # a term whose coefficient is 0 is absent (as in the code and the torch twin), not
-        # 0 * (a product that is nan where a logit is -inf)
-        e = _cm(c0, psls) + _cm(c1, ps * lt) + _cm(c3, pt * ls) + _cm(c4, ptlt)
-        h = _cm(c0, ps * (ls + 1.0)) + _cm(c1, ps * lt) + _cm(c3, pt)
+        # term by term (any coefficients; the conventions above): a term whose coefficient is 0
+        # is absent (as in the code and the torch twin), not 0 * (a product that is nan where a
+        # logit is -inf)
+        e_s = _cm(c0, psls) + _cm(c1, ps * lt)
+        h_s = _cm(c0, ps * (ls + 1.0)) + _cm(c1, ps * lt)
+        e_t = _cm(c3, pt * ls) + _cm(c4, ptlt)
+        h_t = _cm(c3, pt)
+        mx = ls  # defined on every path; read only with the mixture
+        r = ps
         if HAS_MIX:
             u = ls + mix_s
             v = lt + mix_t
@@ -167,8 +187,30 @@ if triton is not None:
             mm = tl.where(mm == float("-inf"), 0.0, mm)  # logaddexp(-inf, -inf) = -inf
             mx = mm + tl.log(tl.exp(u - mm) + tl.exp(v - mm))
             r = tl.exp(u - mx)
-            e += _cm(c2, ps * mx) + _cm(c5, pt * mx)
-            h += _cm(c2, ps * (mx + r)) + _cm(c5, pt * r)
+            e_s += _cm(c2, ps * mx)
+            h_s += _cm(c2, ps * (mx + r))
+            e_t += _cm(c5, pt * mx)
+            h_t += _cm(c5, pt * r)
+        # a factor whose log coefficients sum to 0, from differences of log-probabilities (see
+        # the module docstring), where they are finite (elsewhere the terms keep eager's inf/nan)
+        if GROUP_S != 0:
+            if GROUP_S == 1:
+                g_s = c0 * (ls - lt)
+            else:
+                g_s = _cm(c0, ls - mx) + _cm(c1, lt - mx)
+            ok = _finite(g_s)
+            if XLOGY_S != 0:
+                ok = ok & (pz == 0)
+            e_s = tl.where(ok, ps * g_s, e_s)
+            h_s = tl.where(ok, ps * (g_s + (c0 + _cm(c2, r))), h_s)
+        if GROUP_T != 0:
+            if GROUP_T == 1:
+                g_t = c4 * (lt - ls)
+            else:
+                g_t = _cm(c3, ls - mx) + _cm(c4, lt - mx)
+            e_t = tl.where(_finite(g_t), pt * g_t, e_t)
+        e = e_s + e_t
+        h = h_s + h_t
         if HAS_TV:
             d = ps - pt
             e += _cm(c6, tl.abs(d))
@@ -182,7 +224,7 @@ if triton is not None:
         kd_rows_ptr, ce_rows_ptr, V, ignore_index,
         s_scale, t_scale, ce_scale, mix_s, mix_t, c0, c1, c2, c3, c4, c5, c6,
         HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr, XLOGY_T: tl.constexpr, LOGP_T: tl.constexpr,
-        XLOGY_S: tl.constexpr, HAS_CE: tl.constexpr,
+        XLOGY_S: tl.constexpr, GROUP_S: tl.constexpr, GROUP_T: tl.constexpr, HAS_CE: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -224,7 +266,7 @@ if triton is not None:
             b = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32) * t_scale
             e, h, ps, pz = _distill_terms(a, b, m_a, log_s_a, s_a, m_b, s_b, mix_s, mix_t, c0, c1,
                                           c2, c3, c4, c5, c6, HAS_MIX, HAS_TV, XLOGY_T, LOGP_T,
-                                          XLOGY_S)
+                                          XLOGY_S, GROUP_S, GROUP_T)
             acc_e += tl.where(msk, e, 0.0)
             acc_h += tl.where(msk, h, 0.0)
             rest = msk & (cols != j_a)
@@ -263,7 +305,7 @@ if triton is not None:
                 b = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32) * t_scale
                 e, h, ps, pz = _distill_terms(z * s_scale, b, m_a, log_s_a, s_a, m_b, s_b, mix_s,
                                               mix_t, c0, c1, c2, c3, c4, c5, c6, HAS_MIX, HAS_TV,
-                                              XLOGY_T, LOGP_T, XLOGY_S)
+                                              XLOGY_T, LOGP_T, XLOGY_S, GROUP_S, GROUP_T)
                 g = h - ps * sum_h
                 # at the largest probability h - ps * sum(h) cancels as ps -> 1 (a saturated
                 # row): the same value as h (1 - ps) - ps * sum_{k != j} h_k, 1 - ps the other
@@ -301,7 +343,8 @@ def _launch_rows(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
         ce_w if ce_w is not None else dummy, kd_rows, ce_rows, V, P["ignore_index"],
         *(float(x) for x in P["scales"]), *(float(x) for x in c[:N_COEFS]),
         HAS_MIX=bool(c[2] or c[5]), HAS_TV=bool(c[6]), XLOGY_T=bool(c[7]), LOGP_T=bool(c[8]),
-        XLOGY_S=int(c[9]) if c[0] else 0, HAS_CE=P["has_ce"],
+        XLOGY_S=int(c[9]) if c[0] else 0, GROUP_S=P["group"][0], GROUP_T=P["group"][1],
+        HAS_CE=P["has_ce"],
         COMPUTE_GRAD=g is not None, BLOCK_V=block, num_warps=warps,
     )
 
@@ -309,6 +352,26 @@ def _launch_rows(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
 # --------------------------------------------------------------------------------------------
 # Torch twin of the row kernel (CPU path, other dtypes)
 # --------------------------------------------------------------------------------------------
+def _group_mode(c_ls: float, c_lt: float, c_mx: float) -> int:
+    """How a probability factor p * (c_ls ls + c_lt lt + c_mx mx) is formed: 0 term by term
+    (coefficients not summing to 0, or no term); 1 c * (ls - lt) (no mixture term); 2
+    c_ls (ls - mx) + c_lt (lt - mx).  Decided per call, from the coefficients as given."""
+    if not (c_ls or c_lt or c_mx) or c_ls + c_lt + c_mx != 0.0:
+        return 0
+    return 1 if c_mx == 0.0 else 2
+
+
+def _grouped(mode, c_ls, c_lt, ls, lt, mx, teacher=False):
+    """The torch twin of the kernel's grouped factor (see _group_mode): the teacher's mode 1 is
+    c_lt (lt - ls), the student's c_ls (ls - lt), as the divergences are written."""
+    if mode == 1:
+        return (lt - ls).mul_(c_lt) if teacher else (ls - lt).mul_(c_ls)
+    out = (ls - mx).mul_(c_ls) if c_ls else torch.zeros_like(ls)
+    if c_lt:
+        out.add_((lt - mx).mul_(c_lt))
+    return out
+
+
 def _rows_torch(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
     ct = kd_rows.dtype
     s_scale, t_scale, ce_scale, mix_s, mix_t = P["scales"]
@@ -323,43 +386,78 @@ def _rows_torch(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
         lt = torch.log_softmax(zt.to(ct) * t_scale, -1)
         pt = lt.exp()
     want = g is not None
-    e = torch.zeros(zs.shape[0], dtype=ct, device=zs.device)
-    h = torch.zeros_like(ls) if want else None
-
-    def add(coef, p, q, hterm):
-        if coef:
-            e.add_((p * q).sum(-1), alpha=coef)
-            if want and hterm is not None:
-                h.add_(hterm(), alpha=coef)
-
-    nan_rows = None
-    if c[9] and c[0]:
-        # kl_div with the student's probabilities as its target: xlogy(ps, ps), 0 where eager's
-        # ps is 0; eager's backward there is 0 / 0, a NaN over the row after the softmax's
-        pz = (torch.softmax(zf * s_scale, -1) if c[9] == 1 else ps) == 0
-        e.add_(torch.where(pz, 0.0, ps * ls).sum(-1), alpha=c[0])
-        if want:
-            h.add_(ps * (ls + 1.0), alpha=c[0])
-            nan_rows = pz.any(-1)
-    else:
-        add(c[0], ps, ls, lambda: ps * (ls + 1.0))
-    add(c[1], ps, lt, lambda: ps * lt)
-    add(c[3], pt, ls, lambda: pt)
-    if c[4]:  # teacher-only: no gradient; xlogy (kl_div's convention): 0 where pt is 0
-        ptlt = pt * lt
-        e.add_((torch.where(pt == 0, 0.0, ptlt) if c[7] else ptlt).sum(-1), alpha=c[4])
+    gs, gt = P["group"]
+    mx = r = None
     if c[2] or c[5]:
         mx = torch.logaddexp(ls + mix_s, lt + mix_t)
         r = (ls + mix_s - mx).exp_() if want else None
-        add(c[2], ps, mx, lambda: ps * (mx + r))
-        add(c[5], pt, mx, lambda: pt * r)
-        del mx, r
+    # the student's factor ps * (c0 ls + c1 lt + c2 mx) and its H, term by term (the
+    # conventions of the module docstring; a term whose coefficient is 0 is absent), summed
+    # per element as the Triton kernel does
+    e = torch.zeros_like(ls)
+    h = torch.zeros_like(ls) if want else None
+    nan_rows = pz = None
+    if c[0]:
+        psls = ps * ls
+        if c[9]:
+            # kl_div with the student's probabilities as its target: xlogy(ps, ps), 0 where
+            # eager's ps is 0; eager's backward there is 0 / 0, a NaN over the row after the
+            # softmax's
+            pz = (torch.softmax(zf * s_scale, -1) if c[9] == 1 else ps) == 0
+            psls = torch.where(pz, 0.0, psls)
+            nan_rows = pz.any(-1) if want else None
+        e.add_(psls, alpha=c[0])
+        del psls
+        if want:
+            h.add_(ps * (ls + 1.0), alpha=c[0])
+    if c[1]:
+        x = ps * lt
+        e.add_(x, alpha=c[1])
+        if want:
+            h.add_(x, alpha=c[1])
+        del x
+    if c[2]:
+        e.add_(ps * mx, alpha=c[2])
+        if want:
+            h.add_(ps * (mx + r), alpha=c[2])
+    if gs:
+        # log coefficients summing to 0: from differences, where they are finite
+        g_s = _grouped(gs, c[0], c[1], ls, lt, mx)
+        ok = g_s.isfinite()
+        if pz is not None:
+            ok &= ~pz
+        e = torch.where(ok, ps * g_s, e)
+        if want:
+            k = r * c[2] + c[0] if c[2] else c[0]
+            h = torch.where(ok, ps * (g_s + k), h)
+        del g_s, ok
+    # the teacher's factor pt * (c3 ls + c4 lt + c5 mx) (its H has no log-probability)
+    et = torch.zeros_like(ls)
+    if c[3]:
+        et.add_(pt * ls, alpha=c[3])
+        if want:
+            h.add_(pt, alpha=c[3])
+    if c[4]:  # xlogy (kl_div's convention): 0 where pt is 0
+        ptlt = pt * lt
+        et.add_(torch.where(pt == 0, 0.0, ptlt) if c[7] else ptlt, alpha=c[4])
+        del ptlt
+    if c[5]:
+        et.add_(pt * mx, alpha=c[5])
+        if want:
+            h.add_(pt * r, alpha=c[5])
+    if gt:
+        g_t = _grouped(gt, c[3], c[4], ls, lt, mx, teacher=True)
+        et = torch.where(g_t.isfinite(), pt * g_t, et)
+        del g_t
+    e.add_(et)
+    del et, mx, r
     if c[6]:
         d = ps - pt
-        e.add_(d.abs().sum(-1), alpha=c[6])
+        e.add_(d.abs(), alpha=c[6])
         if want:
             h.add_(torch.sign(d).mul_(ps), alpha=c[6])
         del d
+    e = e.sum(-1)
     kd_rows.copy_(e)
     if want:
         gz = h - ps * h.sum(-1, keepdim=True)
@@ -422,7 +520,9 @@ def _params(coefs, scales, ignore_index, has_ce):
     scales = [float(x) for x in scales]
     assert N_COEFS <= len(coefs) <= N_COEFS + 3 and len(scales) == 5, (coefs, scales)
     coefs += [0.0] * (N_COEFS + 3 - len(coefs))  # the convention flags default off
-    return dict(coefs=coefs, scales=scales, ignore_index=int(ignore_index), has_ce=has_ce)
+    group = (_group_mode(*coefs[0:3]), _group_mode(*coefs[3:6]))
+    return dict(coefs=coefs, scales=scales, ignore_index=int(ignore_index), has_ce=has_ce,
+                group=group)
 
 
 def _row_weights(N, kd_mask, labels, kd_coef, kd_denom, ce_coef, ignore_index, ce_mean, ct,

@@ -1,5 +1,6 @@
 """distillation_loss / fused_linear_distillation cases: a divergence between a student's and a
-teacher's softmax, reduced to a scalar.
+teacher's softmax, reduced to a scalar; one case in three with the student close to the teacher
+(its logits or head plus 1e-3 noise).
 
 Divergences: forward KL, reverse KL, the generalised JSD (any beta: 0 and 1 as TRL writes them, as
 plain KLs with log_target=True; otherwise the logsumexp mixture, with Python or tensor weights)
@@ -102,17 +103,28 @@ def cases(draw):
     dtype = draw(sp.DTYPES)
     B, T, D, V = 2, 3, 16, draw(st.sampled_from((24, 40)))
     head = draw(st.booleans())
+    # the student close to the teacher (a KD run near convergence, a student initialised from the
+    # teacher): log-probabilities whose differences are ~1e-3 (issue 22: the kernel must subtract
+    # them as eager does, not cancel ps*ls - ps*lt)
+    close = draw(st.sampled_from((False, False, True)))
     src = Src()
     body = []
     if head:
         src.inputs.append(Input("h", (B, T, D)))
-        src.init = [f"self.head = nn.Linear({D}, {V}, bias={draw(st.booleans())})"]
+        bias = draw(st.booleans())
+        src.init = [f"self.head = nn.Linear({D}, {V}, bias={bias})"]
         body.append(draw(st.sampled_from(("s = self.head(h)", "s = F.linear(h, self.head.weight, self.head.bias)"))))
-        if draw(st.booleans()):  # the teacher a frozen linear in the same graph
+        if close or draw(st.booleans()):  # the teacher a frozen linear in the same graph
             src.init += [f"self.teacher = nn.Linear({D}, {V}, bias=True)", "self.teacher.requires_grad_(False)"]
+            if close:  # the teacher's head = the student's + 1e-3 of its own initial values
+                src.init.append("with torch.no_grad(): self.teacher.weight.mul_(1e-3).add_(self.head.weight)")
+                if bias:
+                    src.init.append("with torch.no_grad(): self.teacher.bias.mul_(1e-3).add_(self.head.bias)")
             body.append("t = self.teacher(h).detach()")
         else:
             src.inputs.append(Input("t", (B, T, V), grad=False, scale=2.0))
+    elif close:
+        src.inputs += [Input("s", (B, T, V), scale=2.0), Input("t", (B, T, V), grad=False, scale=1e-3, near="s")]
     else:
         src.inputs += [Input("s", (B, T, V), scale=2.0), Input("t", (B, T, V), grad=False, scale=2.0)]
     temp = draw(st.sampled_from((1.0, 2.0, 0.5)))
@@ -190,5 +202,5 @@ def cases(draw):
     kind, what = draw(perturbed(src, MATH_EDITS))
     kind, what = draw(edges(src, kind, what, logits=("s", "t"), labels=("labels",), shapes=("t", "keep")))
     pattern = "fused_linear_distillation" if head else "distillation_loss"
-    base = f"{pattern}: {name}, T={temp}, {red}{', rows' if rows else ''}"
+    base = f"{pattern}: {name}, T={temp}, {red}{', rows' if rows else ''}{', close' if close else ''}"
     return Case(src, PATTERNS, kind, dtype, f"{base}; {what}" if what else base, dynamic=dynamic(draw))

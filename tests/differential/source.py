@@ -33,7 +33,8 @@ class Input:
 
     Floats may carry non-finite and extreme values: whole last-dim columns at -inf (a masked
     vocabulary; give two inputs the same columns to mask both sides) and a ramp along the last
-    dim (`spread`: a row's range, > 104 makes fp32 softmax underflow to 0).  `dtype` pins the
+    dim (`spread`: a row's range, > 104 makes fp32 softmax underflow to 0).  `near` makes the
+    input another one plus small noise (a teacher close to its student).  `dtype` pins the
     operand's dtype whatever the case's (mixed-dtype cases); the float64 reference still runs
     every operand in float64."""
 
@@ -47,6 +48,7 @@ class Input:
     dtype: torch.dtype | None = None  # floats / masks: a fixed dtype; None: the case's dtype
     neginf: tuple = ()  # floats: last-dim columns set to -inf in every row
     spread: float = 0.0  # floats: a ramp 0..spread added along the last dim
+    near: str = ""  # floats: an earlier input of the same shape plus this one's noise (`scale`)
 
 
 @dataclass
@@ -132,7 +134,7 @@ class Case:
 
     def __repr__(self) -> str:  # hypothesis prints the falsifying example with this: the code
         inputs = [(i.name, i.shape, i.kind, i.scale) + tuple(
-            f"{k}={getattr(i, k)}" for k in ("grad", "dtype", "neginf", "spread", "ignore")
+            f"{k}={getattr(i, k)}" for k in ("grad", "dtype", "neginf", "spread", "ignore", "near")
             if getattr(i, k) != Input.__dataclass_fields__[k].default) for i in self.src.inputs]
         flags = "".join(f"; {k}" for k, on in (("dynamic=True", self.dynamic),
                                                ("no_grad", not self.grad)) if on)
@@ -147,6 +149,9 @@ def make_inputs(case: Case, seed: int):
     for i in case.src.inputs:
         if i.kind == "float":
             t = torch.randn(i.shape, generator=g, dtype=torch.float64) * i.scale
+            base = [m for j, m in zip(case.src.inputs, masters) if j.name == i.near]
+            if base and base[0].shape == t.shape:  # (a broadcast edge may have changed a shape)
+                t = base[0] + t
             if i.spread and t.dim():
                 t = t + torch.linspace(0.0, i.spread, t.shape[-1], dtype=torch.float64)
             if i.neginf and t.dim():
