@@ -72,6 +72,8 @@ def variants(calib):
         for meth in ("wanda", "sparsegpt"):
             out.append((f"2:4 {meth}", "2:4", meth, "2:4",
                         lambda m, meth=meth: s(m, "2:4", calibration=calib, method=meth)))
+        out.append(("2:4 sparsegpt search", "2:4", "sparsegpt, pair search", "2:4",
+                    lambda m: s(m, "2:4", calibration=calib, method="sparsegpt", search=True)))
         out.append(("2:4+int8 sparsegpt", "2:4+int8", "sparsegpt", "2:4+int8",
                     lambda m: s(m, "2:4+int8", calibration=calib, method="sparsegpt")))
     prune = getattr(ligerfx, "prune_", None)

@@ -13,8 +13,10 @@ tests/differential/conftest.py).  A long run, one family, failures collected ins
         python -m pytest -q tests/differential/test_differential.py -k distill -p no:randomly
 """
 
+import os
+
 import pytest
-from hypothesis import given
+from hypothesis import given, seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from ligerfx.builtins import enabled_patterns
@@ -48,4 +50,6 @@ def test_family(family):
     def run(case, seed):
         check(case, seed)
 
+    if "LIGERFX_DIFF_SEED" in os.environ:  # another fixed sequence (conftest.py)
+        run = hypothesis_seed(int(os.environ["LIGERFX_DIFF_SEED"]))(run)
     run()
