@@ -922,3 +922,31 @@ def test_logprob_selective_form_cast_or_write_inside_is_a_near_miss():
         lp.mul_(2.0)
         return (lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1),)
     """, SAFETY, F16), seed=3)
+
+
+# kernel (fixed here, issue 22 logprob seed 3311): the entropy spelled logsumexp(z) -
+# (softmax(z) * z).sum(-1) at logits ~1400 in fp32 cancels to exactly 0 in eager (and in its
+# float64 reference) for near one-hot rows, where the op's -(p * logp).sum() gave the true 1e-13;
+# the op now forms that spelling's entropy as it does (entropy_lse), and its gradient from
+# -(p * logp) again, not from the cancelled value (seed 2: 70x eager's gradient error otherwise)
+def test_logprob_entropy_lse_spelling_at_large_logits_cancels_as_eager():
+    code = """
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(16, 40, bias=False)
+
+        def forward(self, h, labels):
+            l = self.head(h)
+            z = l / 0.7
+            lp = F.log_softmax(z, -1)
+            tok = lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            pz = torch.softmax(z, -1)
+            ent = torch.logsumexp(z, -1) - (pz * z).sum(-1)
+            return (tok.sum(-1), ent)
+    """
+    inputs = [Input("h", (2, 4, 16), scale=1000.0), Input("labels", (2, 4), kind="labels", high=40)]
+    for seed in (0, 2):
+        reports = check(Case(Written(code, inputs), ("fused_linear_logprob",), SPELLING, F32,
+                             "regression"), seed=seed)
+        assert any(m.pattern == "fused_linear_logprob" for r in reports for m in r.matches)
