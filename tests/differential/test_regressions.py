@@ -950,3 +950,30 @@ def test_logprob_entropy_lse_spelling_at_large_logits_cancels_as_eager():
         reports = check(Case(Written(code, inputs), ("fused_linear_logprob",), SPELLING, F32,
                              "regression"), seed=seed)
         assert any(m.pattern == "fused_linear_logprob" for r in reports for m in r.matches)
+
+
+# validator (fixed here, issue 22 gated): gate and up written as the same slice twice
+# (`gu[..., :24]` for both) are one value to the pattern, so the rewrite reads one of the two
+# nodes for both operands; the validator compared the gradients of the two nodes one by one
+# (rewrite: all of it to `g`, none to `u`) and refused a correct rewrite: a crash under
+# validate="raise".  The gradients of two nodes computing the same pure op of the same inputs
+# are now compared summed.  With -inf inputs too (the long run's finding 1 family)
+def test_geglu_gate_and_up_the_same_slice():
+    for neginf, act in (((), "F.gelu(g)"), ((3,), "F.gelu(g, approximate='tanh')")):
+        code = f"""
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.gate_up = nn.Linear(16, 48, bias=False)
+                self.down = nn.Linear(24, 16, bias=False)
+
+            def forward(self, x):
+                gu = self.gate_up(x)
+                g = gu[..., :24]
+                u = gu[..., :24]
+                y = {act} * u
+                return (self.down(y),)
+        """
+        for dtype in (F32, BF16):
+            check(Case(Written(code, [Input("x", (2, 3, 16), neginf=neginf)]), ("geglu",),
+                       SPELLING, dtype, "regression"), seed=1)
