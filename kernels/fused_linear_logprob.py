@@ -9,6 +9,7 @@ fused_linear_cross_entropy.py: bias, then the compute dtype, then scale, then so
     logp    = log_softmax(z_eff, -1)
     logprob = logp.gather(-1, ids[..., None])[..., 0]    # rows with ids == ignore_index: -0.0
     entropy = -(logp.exp() * logp).sum(-1)               # when with_entropy (every row)
+    entropy = logsumexp(z_eff) - (softmax(z_eff) * z_eff).sum(-1)   # ... and entropy_lse
 
 Ids: a row whose id equals ``ignore_index`` gets logprob -0.0 and no gradient from it, which is
 ``-F.cross_entropy(z, ids, ignore_index=ii, reduction="none")`` exactly (torch's +0.0 negated);
@@ -21,7 +22,24 @@ Ops
 ---
 ``liger::fused_linear_logprob(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids,
 float logit_scale=1., float softcap=0., bool with_entropy=False, int ignore_index=-100,
-int chunk_size=0, bool divide=False) -> (Tensor logprob, Tensor entropy, Tensor lse)``
+int chunk_size=0, bool divide=False, bool entropy_lse=False) -> (Tensor logprob, Tensor entropy,
+Tensor lse)``
+
+``entropy_lse=True``: the entropy is formed as the spelling ``logsumexp(z) - (softmax(z) *
+z).sum(-1)`` forms it (the difference of two values of the size of the logits), not as
+``-(p * logp).sum(-1)``.  The two are the same function, but not the same numbers once the logits
+are large: at logits of +-1000 in fp32 a near one-hot row's entropy (1e-13, say) is far below
+one ulp of the logsumexp (6e-5), so eager's spelling cancels to exactly 0 (so does its float64
+reference) where the -(p * logp) sum gives the true 1e-13; in rows of mid entropy the spelling's
+value is eager's cancellation noise (ulp-sized).  Convention: the op forms what the spelling forms,
+lse = max + log(sum), p = exp(z - max) / sum (softmax's rounding), E[z] = sum(p * z), lse - E[z]
+(exact 0 where eager's is; the summation order within the row is the kernel's, as for every
+other sum here).  The gradient is the one formula below for both; with ``entropy_lse`` the
+backward does not read the saved (cancelled) entropy but forms -(p * logp).sum() again from the
+row (one more pass over it): the saved value's ulp-of-the-logits noise times p would be 70x
+eager's gradient error (measured: 2.0e-5 vs 2.9e-7 relative, fp32, logits ~1400), where eager's
+autograd of the spelling does not carry that noise into the gradient.
+(Issue 22, logprob survey seed 3311.)
 
 ``divide=True`` (no softcap): the logits are divided by ``logit_scale`` (a temperature) instead of
 multiplied, and the gradient divided by it, as eager's ``z / T`` rounds them: multiplying by the
@@ -80,7 +98,7 @@ if triton is not None:
     @triton.jit
     def _row_max_logsum(x_row, V, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr,
                         DIVIDE: tl.constexpr, BLOCK_V: tl.constexpr):
-        """(max, log of the sum of exp(z - max)) of one row: online, streamed in blocks."""
+        """(max, sum of exp(z - max)) of one row: online, streamed in blocks."""
         cols0 = tl.arange(0, BLOCK_V)
         m = -float("inf")
         d = 0.0
@@ -92,7 +110,7 @@ if triton is not None:
             m_new = tl.maximum(m, tl.max(z, 0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
             m = m_new
-        return m, tl.log(d)
+        return m, d
 
     @triton.jit
     def _load(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr,
@@ -110,7 +128,7 @@ if triton is not None:
     def _logprob_fwd_kernel(
         X, stride_x, IDS, LP, ENT, LSE, V, ignore_index, softcap, logit_scale,
         HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, DIVIDE: tl.constexpr,
-        BLOCK_V: tl.constexpr,
+        ENT_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # N * V exceeds 2**31 at 16k tokens x 256k vocab
         x_row = X + row * stride_x
@@ -118,7 +136,8 @@ if triton is not None:
         # Log-probabilities are formed as eager's log_softmax forms them, (z - max) - log(sum):
         # z - lse instead rounds log(sum) away once max is large (logits spread over hundreds,
         # or scaled up), and loses the entropy's small terms to cancellation.
-        m, logd = _row_max_logsum(x_row, V, softcap, logit_scale, HAS_SOFTCAP, DIVIDE, BLOCK_V)
+        m, d = _row_max_logsum(x_row, V, softcap, logit_scale, HAS_SOFTCAP, DIVIDE, BLOCK_V)
+        logd = tl.log(d)
         tl.store(LSE + row, m + logd)
         tgt = tl.load(IDS + row).to(tl.int64)
         ok = (tgt >= 0) & (tgt < V)
@@ -127,21 +146,28 @@ if triton is not None:
         lp = tl.where(tgt == ignore_index, neg_zero(), lp)
         tl.store(LP + row, lp)
         if WITH_ENTROPY:
-            # Pass 2: -(p * logp).sum(), the terms eager sums (no lse - E[z] cancellation).
+            # Pass 2: the terms the spelling sums: -(p * logp).sum(), or (ENT_LSE) E[z] =
+            # (softmax(z) * z).sum() for lse - E[z] (that spelling's cancellation is eager's)
             acc = 0.0
             for off in range(0, V, BLOCK_V):
                 cols = off + cols0
                 mask = cols < V
                 z, _ = _load(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP, DIVIDE)
-                lg = (z - m) - logd
-                acc += tl.sum(tl.where(mask, tl.exp(lg) * lg, 0.0), 0)
-            tl.store(ENT + row, -acc)
+                if ENT_LSE:
+                    acc += tl.sum(tl.where(mask, (tl.exp(z - m) / d) * z, 0.0), 0)
+                else:
+                    lg = (z - m) - logd
+                    acc += tl.sum(tl.where(mask, tl.exp(lg) * lg, 0.0), 0)
+            if ENT_LSE:
+                tl.store(ENT + row, (m + logd) - acc)
+            else:
+                tl.store(ENT + row, -acc)
 
     @triton.jit
     def _logprob_bwd_kernel(
         X, stride_x, G, stride_g, IDS, LSE, ENT, GLP, GENT, V, ignore_index, softcap,
         logit_scale, HAS_SOFTCAP: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr,
-        DIVIDE: tl.constexpr, BLOCK_V: tl.constexpr,
+        DIVIDE: tl.constexpr, ENT_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         x_row = X + row * stride_x
@@ -149,7 +175,8 @@ if triton is not None:
         cols0 = tl.arange(0, BLOCK_V)
         # the forward's max and log-sum again (one more pass over the row in the chunk buffer),
         # for the log-probabilities exactly as the forward formed them
-        m, logd = _row_max_logsum(x_row, V, softcap, logit_scale, HAS_SOFTCAP, DIVIDE, BLOCK_V)
+        m, d = _row_max_logsum(x_row, V, softcap, logit_scale, HAS_SOFTCAP, DIVIDE, BLOCK_V)
+        logd = tl.log(d)
         tgt = tl.load(IDS + row).to(tl.int64)
         a = 0.0
         if HAS_GLP:
@@ -158,7 +185,17 @@ if triton is not None:
         h = 0.0
         if HAS_GENT:
             b = tl.load(GENT + row).to(tl.float32)
-            h = tl.load(ENT + row)
+            if ENT_LSE:  # the saved entropy is lse - E[z]'s cancelled value: form it again
+                acc = 0.0
+                for off in range(0, V, BLOCK_V):
+                    cols = off + cols0
+                    mask = cols < V
+                    z, _ = _load(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP, DIVIDE)
+                    lg = (z - m) - logd
+                    acc += tl.sum(tl.where(mask, tl.exp(lg) * lg, 0.0), 0)
+                h = -acc
+            else:
+                h = tl.load(ENT + row)
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             mask = cols < V
@@ -176,7 +213,8 @@ if triton is not None:
             tl.store(g_row + cols, cast_rne(g, G.dtype.element_ty), mask=mask)
 
 
-def _launch_fwd(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index, divide=False):
+def _launch_fwd(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index, divide=False,
+                entropy_lse=False):
     N, V = z.shape
     if N == 0:
         return
@@ -184,12 +222,12 @@ def _launch_fwd(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index, div
     _logprob_fwd_kernel[(N,)](
         z, z.stride(0), ids, lp, ent if ent is not None else lp, lse, V, ignore_index,
         float(softcap) if softcap > 0 else 1.0, float(logit_scale),
-        HAS_SOFTCAP=softcap > 0, WITH_ENTROPY=ent is not None, DIVIDE=bool(divide), BLOCK_V=block,
-        num_warps=warps)
+        HAS_SOFTCAP=softcap > 0, WITH_ENTROPY=ent is not None, DIVIDE=bool(divide),
+        ENT_LSE=bool(entropy_lse), BLOCK_V=block, num_warps=warps)
 
 
 def _launch_bwd(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_index,
-                divide=False):
+                divide=False, entropy_lse=False):
     N, V = z.shape
     if N == 0:
         return
@@ -199,7 +237,7 @@ def _launch_bwd(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_
         glp if glp is not None else lse, gent if gent is not None else lse, V, ignore_index,
         float(softcap) if softcap > 0 else 1.0, float(logit_scale),
         HAS_SOFTCAP=softcap > 0, HAS_GLP=glp is not None, HAS_GENT=gent is not None,
-        DIVIDE=bool(divide), BLOCK_V=block, num_warps=warps)
+        DIVIDE=bool(divide), ENT_LSE=bool(entropy_lse), BLOCK_V=block, num_warps=warps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +250,8 @@ def _effective(z, ct, softcap, logit_scale, divide):
     return effective_logits(z, ct, softcap, logit_scale)
 
 
-def _rows_fwd_torch(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index, divide=False):
+def _rows_fwd_torch(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index, divide=False,
+                    entropy_lse=False):
     ct = lp.dtype
     ze, _ = _effective(z, ct, softcap, logit_scale, divide)
     lse.copy_(torch.logsumexp(ze, -1))
@@ -222,12 +261,14 @@ def _rows_fwd_torch(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index,
     ignored = ids == ignore_index
     safe = torch.where(ignored, 0, ids).long().unsqueeze(1)  # others out of range: gather raises
     lp.copy_(torch.where(ignored, -0.0, logp.gather(1, safe).squeeze(1)))
-    if ent is not None:
+    if ent is not None and entropy_lse:
+        ent.copy_(torch.logsumexp(ze, -1) - (torch.softmax(ze, -1) * ze).sum(-1))  # eager's ops
+    elif ent is not None:
         ent.copy_(-(logp.exp() * logp).sum(-1))
 
 
 def _rows_bwd_torch(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_index,
-                    divide=False):
+                    divide=False, entropy_lse=False):
     ct = lse.dtype
     ze, th = _effective(z, ct, softcap, logit_scale, divide)
     logp = torch.log_softmax(ze, -1)  # the forward's log-probabilities, as it formed them
@@ -240,6 +281,8 @@ def _rows_bwd_torch(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ign
     else:
         d = torch.zeros_like(p)
     if gent is not None:
+        if entropy_lse:  # not the saved, cancelled lse - E[z] (see the module docstring)
+            ent = -(p * logp).sum(-1)
         d -= gent.to(ct).unsqueeze(1) * p * (logp + ent.unsqueeze(1))
     if divide:
         d.div_(logit_scale)
@@ -256,6 +299,7 @@ def fused_linear_logprob_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor,
     logit_scale: float = 1.0, softcap: float = 0.0, with_entropy: bool = False,
     ignore_index: int = -100, chunk_size: int = 0, divide: bool = False,
+    entropy_lse: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     h2, t = _flat(hidden, ids)
     N, V = h2.shape[0], weight.shape[0]
@@ -269,7 +313,8 @@ def fused_linear_logprob_op(
     rows = _launch_fwd if triton_path else _rows_fwd_torch
     if divide and softcap > 0:
         raise ValueError("fused_linear_logprob: divide=True takes no softcap")
-    kw = dict(softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index, divide=divide)
+    kw = dict(softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index, divide=divide,
+              entropy_lse=entropy_lse)
     for s in range(0, N, C):
         e = min(N, s + C)
         z = buf[: e - s]
@@ -281,7 +326,7 @@ def fused_linear_logprob_op(
 
 @fused_linear_logprob_op.register_fake
 def _(hidden, weight, bias, ids, logit_scale=1.0, softcap=0.0, with_entropy=False,
-      ignore_index=-100, chunk_size=0, divide=False):
+      ignore_index=-100, chunk_size=0, divide=False, entropy_lse=False):
     ct = compute_dtype(hidden.dtype)
     n = ids.numel()
     return (hidden.new_empty(ids.shape, dtype=ct),
@@ -295,6 +340,7 @@ def fused_linear_logprob_backward_op(
     weight: Tensor, bias: Optional[Tensor], ids: Tensor, lse: Tensor, entropy: Tensor,
     logit_scale: float, softcap: float, ignore_index: int, need_grad_hidden: bool,
     need_grad_weight: bool, need_grad_bias: bool, chunk_size: int, divide: bool = False,
+    entropy_lse: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     h2, t = _flat(hidden, ids)
     N, V = h2.shape[0], weight.shape[0]
@@ -315,7 +361,8 @@ def fused_linear_logprob_backward_op(
     rows = _launch_bwd if triton_path else _rows_bwd_torch
     if divide and softcap > 0:
         raise ValueError("fused_linear_logprob: divide=True takes no softcap")
-    kw = dict(softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index, divide=divide)
+    kw = dict(softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index, divide=divide,
+              entropy_lse=entropy_lse)
     for s in range(0, N, C):
         e = min(N, s + C)
         hc = h2[s:e]
@@ -335,7 +382,7 @@ def fused_linear_logprob_backward_op(
 @fused_linear_logprob_backward_op.register_fake
 def _(grad_logprob, grad_entropy, hidden, weight, bias, ids, lse, entropy, logit_scale, softcap,
       ignore_index, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size,
-      divide=False):
+      divide=False, entropy_lse=False):
     return (hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0),
             weight.new_empty(weight.shape) if need_grad_weight else hidden.new_empty(0),
             bias.new_empty(bias.shape) if need_grad_bias and bias is not None
@@ -343,7 +390,8 @@ def _(grad_logprob, grad_entropy, hidden, weight, bias, ids, lse, entropy, logit
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, ids, logit_scale, softcap, with_entropy, ignore_index, chunk, divide = inputs
+    (hidden, weight, bias, ids, logit_scale, softcap, with_entropy, ignore_index, chunk, divide,
+     entropy_lse) = inputs
     lp, ent, lse = output
     ctx.mark_non_differentiable(lse)
     if not with_entropy:
@@ -353,6 +401,7 @@ def _setup_context(ctx, inputs, output):
     ctx.params = (logit_scale, softcap, ignore_index)
     ctx.chunk_size = chunk
     ctx.divide = divide
+    ctx.entropy_lse = entropy_lse
     ctx.save_for_backward(hidden, weight, bias, ids, lse, ent)
 
 
@@ -362,12 +411,13 @@ def _backward(ctx, grad_lp, grad_ent, _grad_lse):
     if not ctx.with_entropy:
         grad_ent = None
     if (grad_lp is None and grad_ent is None) or not any(needs[:3]):
-        return (None,) * 10
+        return (None,) * 11
     dh, dw, db = torch.ops.liger.fused_linear_logprob_backward(
         grad_lp, grad_ent, hidden, weight, bias, ids, lse, ent, *ctx.params,
-        needs[0], needs[1], ctx.has_bias and needs[2], ctx.chunk_size, ctx.divide)
+        needs[0], needs[1], ctx.has_bias and needs[2], ctx.chunk_size, ctx.divide,
+        ctx.entropy_lse)
     return (dh if needs[0] else None, dw if needs[1] else None,
-            db if ctx.has_bias and needs[2] else None) + (None,) * 7
+            db if ctx.has_bias and needs[2] else None) + (None,) * 8
 
 
 fused_linear_logprob_op.register_autograd(_backward, setup_context=_setup_context)

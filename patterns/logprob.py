@@ -457,7 +457,8 @@ def _row_aliases(z: fx.Node) -> list:
 def _entropy_of(view: View, z: fx.Node, lp_out: fx.Node):
     """The entropy of the logits `z` computed beside the log-probs: (output node, covered nodes,
     its shape: "ids" for the rows of `z` as the op gives them, "hidden" for the leading dims of
-    the logits before any flattening), a near-miss reason, or None.
+    the logits before any flattening, whether it is spelled `lse - E[z]`: `_lse_form`), a
+    near-miss reason, or None.
 
     The entropy is row-wise, so a value assembled from entropies of pieces of the logits is the
     entropy of the logits exactly when it holds each of their rows at that row's place.  Row
@@ -483,7 +484,8 @@ def _entropy_of(view: View, z: fx.Node, lp_out: fx.Node):
                 m = _entropy_at(view, c, lambda x: x is target or id(x) in tops)
                 if m is not None and same_grad(m.outputs[0]):
                     x = _plain(view[m["logits"]])
-                    return m.outputs[0], m.covered, "ids" if x is target else "hidden"
+                    return (m.outputs[0], m.covered, "ids" if x is target else "hidden",
+                            _lse_form([m]))
         return None
     base = torch.arange(math.prod(lead)).reshape(lead)
     lrows, erows, leaves = {}, {}, {}
@@ -524,7 +526,7 @@ def _entropy_of(view: View, z: fx.Node, lp_out: fx.Node):
             continue
         if not same_grad(n):
             continue
-        covered, todo = [], [n]
+        covered, todo, parts = [], [n], []
         while todo:  # everything between z (and what it flattens) and the entropy
             u = todo.pop()
             if u in covered or u in seeded:
@@ -532,10 +534,15 @@ def _entropy_of(view: View, z: fx.Node, lp_out: fx.Node):
             covered.append(u)
             if u in leaves:
                 covered += leaves[u].covered
+                parts.append(leaves[u])
                 todo.append(leaves[u]["logits"])
                 continue
             todo += [a for a in u.all_input_nodes if a in lrows or a in erows]
-        return n, list(dict.fromkeys(covered)), shapes[tuple(r.shape)]
+        form = _lse_form(parts)
+        if form is None:
+            return (f"`{n.name}` assembles entropies spelled both as lse - E[z] and as "
+                    "-(p * logp).sum(): the op forms every row's entropy one way")
+        return n, list(dict.fromkeys(covered)), shapes[tuple(r.shape)], form
     if reordered is not None:
         n, r = reordered
         k = int((r.flatten() != base.flatten()).nonzero()[0])
@@ -543,6 +550,15 @@ def _entropy_of(view: View, z: fx.Node, lp_out: fx.Node):
                 f"row {k} (counting over the leading dims {lead}) is the entropy of logits row "
                 f"{int(r.flatten()[k])}")
     return None
+
+
+def _lse_form(matches) -> bool | None:
+    """Whether the entropy matches are spelled `logsumexp(z) - (softmax(z) * z).sum(-1)` (True)
+    or as a sum of -p * logp (False); None when they mix the two.  The op forms the entropy as
+    the spelling does: at large logits lse - E[z] cancels to eager's exact 0 (or its ulp-sized
+    noise) where -(p * logp) gives the tiny true value (kernels/fused_linear_logprob.py)."""
+    forms = {m.variant.fn is entropy_lse for m in matches}
+    return None if len(forms) > 1 else forms.pop() if forms else False
 
 
 def _escaping_logits(chain: list, covered: list, outputs: list) -> tuple | None:
@@ -644,12 +660,12 @@ def check(match):
         match.outputs, match.tops = [stack], [stack]
         details.append(f"row loop of {len(_stack_parts(view, stack))} rows")
     if entropy is not None:
-        out, covered, ent_shape = entropy
-        match.params["ent_shape"] = ent_shape
+        out, covered, ent_shape, ent_lse = entropy
+        match.params.update(ent_shape=ent_shape, entropy_lse=ent_lse)
         match.covered = list(dict.fromkeys(match.covered + covered))
         match.outputs = [match.outputs[0], out]
         match.tops = [match.tops[0], out]
-        details.append("entropy from the same pass")
+        details.append("entropy from the same pass" + (" (as lse - E[z])" if ent_lse else ""))
     match.detail = "; ".join(details)
     logits_chain = [top] + [n for n, _, _ in steps] + _identity_casts(view, z) + [z]
     escaping = _escaping_logits(logits_chain, match.covered, match.outputs)
@@ -728,7 +744,7 @@ def replace(logits, ids=None, ignore_index=-100, lse=None, index=None, hidden=No
             h = h[info]
     lp, ent, _ = torch.ops.liger.fused_linear_logprob(
         h, lm_weight, lm_bias, token_ids, float(p["logit_scale"]), float(p["softcap"]),
-        bool(p["entropy"]), ii, 0, bool(p.get("divide", False)))
+        bool(p["entropy"]), ii, 0, bool(p.get("divide", False)), bool(p.get("entropy_lse", False)))
     if p["ce"]:
         lp = -lp  # the NLL cross_entropy gives; +0.0 at ignored rows, as eager
     lp = lp.to(match.out_dtype)

@@ -37,6 +37,8 @@ MATH_EDITS = (
     ("erf of an unscaled gate", r"torch\.erf\(g / 1\.4142135623730951\)", "torch.erf(g)"),
     ("negated gate", r"F\.gelu\(g", "F.gelu(-g"),
     ("gate and up slices overlap", r"gu\[\.\.\., (\d+):\]", r"gu[..., 1:\1 + 1]"),
+    # the same slice twice: one value to the pattern, two nodes to the validator (issue 22)
+    ("gate and up the same slice", r"gu\[\.\.\., (\d+):\]", r"gu[..., :\1]"),
     ("relu cubed", r"F\.relu\(g\) \*\* 2", "F.relu(g) ** 3"),
     ("relu of a shifted value", r"relu\(g\)", "relu(g - 0.1)"),
     ("squared before the relu", r"torch\.square\(F\.relu\(g\)\)", "F.relu(torch.square(g))"),
