@@ -22,8 +22,16 @@ Ops
 ---
 ``liger::fused_linear_logprob(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids,
 float logit_scale=1., float softcap=0., bool with_entropy=False, int ignore_index=-100,
-int chunk_size=0, bool divide=False, bool entropy_lse=False) -> (Tensor logprob, Tensor entropy,
-Tensor lse)``
+int chunk_size=0, bool divide=False, bool entropy_lse=False, bool gather_lse=False) -> (Tensor
+logprob, Tensor entropy, Tensor lse)``
+
+``gather_lse=True``: the log-prob is spelled ``z.gather(-1, ids) - z.logsumexp(-1)`` and follows
+``torch.logsumexp``'s convention in a row whose max is +inf: logsumexp is +inf there (it shifts
+by 0, not by the infinite max), so the log-prob is -inf at a finite (or -inf) logit and NaN only
+at a +inf one, and its gradient exp(z - lse) is 0 at every logit but the +inf ones (NaN);
+log_softmax's form gives NaN for the whole row.  Rows with a finite max are formed as
+log_softmax forms them, as for every spelling (within eager's rounding, and more accurate).
+(Issue 22, logprob survey seed 1515.)
 
 ``entropy_lse=True``: the entropy is formed as the spelling ``logsumexp(z) - (softmax(z) *
 z).sum(-1)`` forms it (the difference of two values of the size of the logits), not as
@@ -128,7 +136,7 @@ if triton is not None:
     def _logprob_fwd_kernel(
         X, stride_x, IDS, LP, ENT, LSE, V, ignore_index, softcap, logit_scale,
         HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, DIVIDE: tl.constexpr,
-        ENT_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
+        ENT_LSE: tl.constexpr, GATHER_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # N * V exceeds 2**31 at 16k tokens x 256k vocab
         x_row = X + row * stride_x
@@ -142,7 +150,10 @@ if triton is not None:
         tgt = tl.load(IDS + row).to(tl.int64)
         ok = (tgt >= 0) & (tgt < V)
         z_t, th_t = _load(x_row, tgt, ok, softcap, logit_scale, HAS_SOFTCAP, DIVIDE)
-        lp = tl.where(ok, (z_t - m) - logd, float("nan"))
+        lp = (z_t - m) - logd
+        if GATHER_LSE:  # torch.logsumexp is +inf in a row whose max is +inf: z_t - inf
+            lp = tl.where(m == float("inf"), z_t - m, lp)
+        lp = tl.where(ok, lp, float("nan"))
         lp = tl.where(tgt == ignore_index, neg_zero(), lp)
         tl.store(LP + row, lp)
         if WITH_ENTROPY:
@@ -167,7 +178,8 @@ if triton is not None:
     def _logprob_bwd_kernel(
         X, stride_x, G, stride_g, IDS, LSE, ENT, GLP, GENT, V, ignore_index, softcap,
         logit_scale, HAS_SOFTCAP: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr,
-        DIVIDE: tl.constexpr, ENT_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
+        DIVIDE: tl.constexpr, ENT_LSE: tl.constexpr, GATHER_LSE: tl.constexpr,
+        BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         x_row = X + row * stride_x
@@ -202,6 +214,8 @@ if triton is not None:
             z, th = _load(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP, DIVIDE)
             lg = (z - m) - logd
             p = tl.exp(lg)
+            if GATHER_LSE:  # logsumexp's backward exp(z - inf): 0, NaN only at a +inf logit
+                p = tl.where(m == float("inf"), tl.where(z == float("inf"), float("nan"), 0.0), p)
             g = tl.where(cols == tgt, a, 0.0) - a * p
             if HAS_GENT:
                 g -= b * p * (lg + h)
@@ -214,7 +228,7 @@ if triton is not None:
 
 
 def _launch_fwd(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index, divide=False,
-                entropy_lse=False):
+                entropy_lse=False, gather_lse=False):
     N, V = z.shape
     if N == 0:
         return
@@ -223,11 +237,11 @@ def _launch_fwd(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index, div
         z, z.stride(0), ids, lp, ent if ent is not None else lp, lse, V, ignore_index,
         float(softcap) if softcap > 0 else 1.0, float(logit_scale),
         HAS_SOFTCAP=softcap > 0, WITH_ENTROPY=ent is not None, DIVIDE=bool(divide),
-        ENT_LSE=bool(entropy_lse), BLOCK_V=block, num_warps=warps)
+        ENT_LSE=bool(entropy_lse), GATHER_LSE=bool(gather_lse), BLOCK_V=block, num_warps=warps)
 
 
 def _launch_bwd(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_index,
-                divide=False, entropy_lse=False):
+                divide=False, entropy_lse=False, gather_lse=False):
     N, V = z.shape
     if N == 0:
         return
@@ -237,7 +251,8 @@ def _launch_bwd(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_
         glp if glp is not None else lse, gent if gent is not None else lse, V, ignore_index,
         float(softcap) if softcap > 0 else 1.0, float(logit_scale),
         HAS_SOFTCAP=softcap > 0, HAS_GLP=glp is not None, HAS_GENT=gent is not None,
-        DIVIDE=bool(divide), ENT_LSE=bool(entropy_lse), BLOCK_V=block, num_warps=warps)
+        DIVIDE=bool(divide), ENT_LSE=bool(entropy_lse), GATHER_LSE=bool(gather_lse),
+        BLOCK_V=block, num_warps=warps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +266,7 @@ def _effective(z, ct, softcap, logit_scale, divide):
 
 
 def _rows_fwd_torch(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index, divide=False,
-                    entropy_lse=False):
+                    entropy_lse=False, gather_lse=False):
     ct = lp.dtype
     ze, _ = _effective(z, ct, softcap, logit_scale, divide)
     lse.copy_(torch.logsumexp(ze, -1))
@@ -260,7 +275,11 @@ def _rows_fwd_torch(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index,
     logp = torch.log_softmax(ze, -1)
     ignored = ids == ignore_index
     safe = torch.where(ignored, 0, ids).long().unsqueeze(1)  # others out of range: gather raises
-    lp.copy_(torch.where(ignored, -0.0, logp.gather(1, safe).squeeze(1)))
+    picked = logp.gather(1, safe).squeeze(1)
+    if gather_lse:  # torch.logsumexp's +inf in a row whose max is +inf (module docstring)
+        inf_row = ze.amax(-1) == float("inf")
+        picked = torch.where(inf_row, ze.gather(1, safe).squeeze(1) - lse, picked)
+    lp.copy_(torch.where(ignored, -0.0, picked))
     if ent is not None and entropy_lse:
         ent.copy_(torch.logsumexp(ze, -1) - (torch.softmax(ze, -1) * ze).sum(-1))  # eager's ops
     elif ent is not None:
@@ -268,11 +287,14 @@ def _rows_fwd_torch(z, ids, lp, ent, lse, *, softcap, logit_scale, ignore_index,
 
 
 def _rows_bwd_torch(z, g, ids, lse, ent, glp, gent, *, softcap, logit_scale, ignore_index,
-                    divide=False, entropy_lse=False):
+                    divide=False, entropy_lse=False, gather_lse=False):
     ct = lse.dtype
     ze, th = _effective(z, ct, softcap, logit_scale, divide)
     logp = torch.log_softmax(ze, -1)  # the forward's log-probabilities, as it formed them
     p = logp.exp()
+    if gather_lse:  # logsumexp's backward exp(z - inf) in a row whose max is +inf
+        inf_row = (ze.amax(-1) == float("inf")).unsqueeze(1)
+        p = torch.where(inf_row, (ze - float("inf")).exp(), p)
     if glp is not None:
         ignored = ids == ignore_index
         a = torch.where(ignored, 0, glp.to(ct))
@@ -299,7 +321,7 @@ def fused_linear_logprob_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor,
     logit_scale: float = 1.0, softcap: float = 0.0, with_entropy: bool = False,
     ignore_index: int = -100, chunk_size: int = 0, divide: bool = False,
-    entropy_lse: bool = False,
+    entropy_lse: bool = False, gather_lse: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     h2, t = _flat(hidden, ids)
     N, V = h2.shape[0], weight.shape[0]
@@ -314,7 +336,7 @@ def fused_linear_logprob_op(
     if divide and softcap > 0:
         raise ValueError("fused_linear_logprob: divide=True takes no softcap")
     kw = dict(softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index, divide=divide,
-              entropy_lse=entropy_lse)
+              entropy_lse=entropy_lse, gather_lse=gather_lse)
     for s in range(0, N, C):
         e = min(N, s + C)
         z = buf[: e - s]
@@ -326,7 +348,7 @@ def fused_linear_logprob_op(
 
 @fused_linear_logprob_op.register_fake
 def _(hidden, weight, bias, ids, logit_scale=1.0, softcap=0.0, with_entropy=False,
-      ignore_index=-100, chunk_size=0, divide=False, entropy_lse=False):
+      ignore_index=-100, chunk_size=0, divide=False, entropy_lse=False, gather_lse=False):
     ct = compute_dtype(hidden.dtype)
     n = ids.numel()
     return (hidden.new_empty(ids.shape, dtype=ct),
@@ -340,7 +362,7 @@ def fused_linear_logprob_backward_op(
     weight: Tensor, bias: Optional[Tensor], ids: Tensor, lse: Tensor, entropy: Tensor,
     logit_scale: float, softcap: float, ignore_index: int, need_grad_hidden: bool,
     need_grad_weight: bool, need_grad_bias: bool, chunk_size: int, divide: bool = False,
-    entropy_lse: bool = False,
+    entropy_lse: bool = False, gather_lse: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     h2, t = _flat(hidden, ids)
     N, V = h2.shape[0], weight.shape[0]
@@ -362,7 +384,7 @@ def fused_linear_logprob_backward_op(
     if divide and softcap > 0:
         raise ValueError("fused_linear_logprob: divide=True takes no softcap")
     kw = dict(softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index, divide=divide,
-              entropy_lse=entropy_lse)
+              entropy_lse=entropy_lse, gather_lse=gather_lse)
     for s in range(0, N, C):
         e = min(N, s + C)
         hc = h2[s:e]
@@ -382,7 +404,7 @@ def fused_linear_logprob_backward_op(
 @fused_linear_logprob_backward_op.register_fake
 def _(grad_logprob, grad_entropy, hidden, weight, bias, ids, lse, entropy, logit_scale, softcap,
       ignore_index, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size,
-      divide=False, entropy_lse=False):
+      divide=False, entropy_lse=False, gather_lse=False):
     return (hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0),
             weight.new_empty(weight.shape) if need_grad_weight else hidden.new_empty(0),
             bias.new_empty(bias.shape) if need_grad_bias and bias is not None
@@ -391,7 +413,7 @@ def _(grad_logprob, grad_entropy, hidden, weight, bias, ids, lse, entropy, logit
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, ids, logit_scale, softcap, with_entropy, ignore_index, chunk, divide,
-     entropy_lse) = inputs
+     entropy_lse, gather_lse) = inputs
     lp, ent, lse = output
     ctx.mark_non_differentiable(lse)
     if not with_entropy:
@@ -402,6 +424,7 @@ def _setup_context(ctx, inputs, output):
     ctx.chunk_size = chunk
     ctx.divide = divide
     ctx.entropy_lse = entropy_lse
+    ctx.gather_lse = gather_lse
     ctx.save_for_backward(hidden, weight, bias, ids, lse, ent)
 
 
@@ -411,13 +434,13 @@ def _backward(ctx, grad_lp, grad_ent, _grad_lse):
     if not ctx.with_entropy:
         grad_ent = None
     if (grad_lp is None and grad_ent is None) or not any(needs[:3]):
-        return (None,) * 11
+        return (None,) * 12
     dh, dw, db = torch.ops.liger.fused_linear_logprob_backward(
         grad_lp, grad_ent, hidden, weight, bias, ids, lse, ent, *ctx.params,
         needs[0], needs[1], ctx.has_bias and needs[2], ctx.chunk_size, ctx.divide,
-        ctx.entropy_lse)
+        ctx.entropy_lse, ctx.gather_lse)
     return (dh if needs[0] else None, dw if needs[1] else None,
-            db if ctx.has_bias and needs[2] else None) + (None,) * 8
+            db if ctx.has_bias and needs[2] else None) + (None,) * 9
 
 
 fused_linear_logprob_op.register_autograd(_backward, setup_context=_setup_context)

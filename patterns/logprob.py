@@ -693,7 +693,7 @@ def check(match):
     match.params.update(logit_scale=scale[0] if temperature is None else temperature,
                         divide=temperature is not None, softcap=scale[1], slices=slices,
                         kinds=kinds, entropy=entropy is not None, ce=fn is nll_cross_entropy,
-                        unit=unit)
+                        unit=unit, gather_lse=fn in (logprob_gather_lse, logprob_gather_rows_lse))
     match.bindings.update(hidden=hidden, lm_weight=weight, lm_bias=bias, token_ids=ids)
     return None
 
@@ -744,7 +744,8 @@ def replace(logits, ids=None, ignore_index=-100, lse=None, index=None, hidden=No
             h = h[info]
     lp, ent, _ = torch.ops.liger.fused_linear_logprob(
         h, lm_weight, lm_bias, token_ids, float(p["logit_scale"]), float(p["softcap"]),
-        bool(p["entropy"]), ii, 0, bool(p.get("divide", False)), bool(p.get("entropy_lse", False)))
+        bool(p["entropy"]), ii, 0, bool(p.get("divide", False)), bool(p.get("entropy_lse", False)),
+        bool(p.get("gather_lse", False)))
     if p["ce"]:
         lp = -lp  # the NLL cross_entropy gives; +0.0 at ignored rows, as eager
     lp = lp.to(match.out_dtype)

@@ -980,14 +980,11 @@ def test_geglu_gate_and_up_the_same_slice():
                        SPELLING, dtype, "regression"), seed=1)
 
 
-# OPEN (found by this branch's logprob survey, seed 1515; not fixed): the selective spelling
-# `gather(z, ids) - z.logsumexp(-1)` on a row holding +inf (h has a -inf column) gives -inf at a
-# finite id in eager (torch.logsumexp takes an infinite max as 0: lse = +inf), where the op forms
-# log_softmax's (z - max) - log(sum) and gets NaN (exp(inf - inf)); the validator refuses the
-# rewrite ("inf/nan values differ"), a crash under validate="raise".  The fix is an op flag for
-# that spelling's convention, forward and backward (logsumexp's backward exp(z - lse) is 0 at the
-# finite logits of such a row, NaN only at the +inf one).
-@pytest.mark.xfail(strict=True, reason="gather - logsumexp at +inf logits: NaN where eager has -inf")
+# Logprob survey seed 1515: the selective spelling `gather(z, ids) - z.logsumexp(-1)` on a row
+# holding +inf (h has a -inf column) gives -inf at a finite id in eager (torch.logsumexp shifts an
+# infinite max by 0: lse = +inf), where the op formed log_softmax's (z - max) - log(sum) and got
+# NaN (exp(inf - inf)); the weight gradient had 640 non-finite entries against eager's 415.  Fixed
+# by the op's gather_lse flag (kernels/fused_linear_logprob.py), forward and backward.
 def test_logprob_gather_lse_row_with_inf_logit():
     code = """
     class M(nn.Module):
