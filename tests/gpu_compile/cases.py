@@ -279,22 +279,24 @@ def _distillation():
 def _logprob():
     lp, lp_b = op_body("liger::fused_linear_logprob"), op_body("liger::fused_linear_logprob_backward")
     # (dtype, V, H, softcap, entropy, gradient on log-probs, gradient on entropies, divide by
-    # the temperature): every flag of both row kernels reached once; Llama-3-8B, Gemma-7B
-    # (softcap, 256k) and a 32k vocab.
-    todo = ((BF16, 128256, LLAMA, 0.0, False, True, False, False),
-            (BF16, 256000, 3072, 30.0, True, True, True, False),
-            (BF16, 32000, LLAMA, 0.0, True, False, True, True),
-            (FP32, 128256, LLAMA, 0.0, False, True, False, False))
-    for dt, V, H, cap, ent, glp, gent, div in todo:
-        def run(dt=dt, V=V, H=H, cap=cap, ent=ent, glp=glp, gent=gent, div=div):
+    # the temperature, entropy spelled lse - E[z], log-prob spelled gather - logsumexp): every
+    # flag of both row kernels reached once; Llama-3-8B, Gemma-7B (softcap, 256k) and a 32k vocab.
+    todo = ((BF16, 128256, LLAMA, 0.0, False, True, False, False, False, True),
+            (BF16, 256000, 3072, 30.0, True, True, True, False, False, False),
+            (BF16, 32000, LLAMA, 0.0, True, False, True, True, True, False),
+            (FP32, 128256, LLAMA, 0.0, False, True, False, False, False, False))
+    for dt, V, H, cap, ent, glp, gent, div, ent_lse, glse in todo:
+        def run(dt=dt, V=V, H=H, cap=cap, ent=ent, glp=glp, gent=gent, div=div, ent_lse=ent_lse,
+                glse=glse):
             N = TOKENS
             h, W, t = _e(N, H, dtype=dt), _e(V, H, dtype=dt), _e(N, dtype=torch.int64)
             scale = 0.9 if div else 1 / 0.9
-            out, e, lse = lp(h, W, None, t, scale, cap, ent, -100, 0, div)
+            out, e, lse = lp(h, W, None, t, scale, cap, ent, -100, 0, div, ent_lse, glse)
             lp_b(torch.empty_like(out) if glp else None, torch.empty_like(out) if gent else None,
-                 h, W, None, t, lse, e, scale, cap, -100, True, True, False, 0, div)
+                 h, W, None, t, lse, e, scale, cap, -100, True, True, False, 0, div, ent_lse, glse)
         yield (f"fused_linear_logprob {dt} V={V} H={H} softcap={cap} entropy={ent} "
-               f"grad_logprob={glp} grad_entropy={gent} divide={div}"), run
+               f"grad_logprob={glp} grad_entropy={gent} divide={div} entropy_lse={ent_lse} "
+               f"gather_lse={glse}"), run
 
 
 def _matmuls(chip: Chip):
