@@ -26,10 +26,12 @@ op has exactly the result's shape (symbol by symbol: no broadcasting), `exp` rea
 probability with coefficient 1 as a probability, a factor inside `abs` is kept, and the IEEE
 conventions are tracked per term (kl_div's xlogy for either side's probabilities as target,
 the student's tested as the code spelled them, `softmax` or `exp(log_softmax)`; the teacher's
-`log(softmax(z))`, -inf where the softmax underflows) and passed to the kernel as flags.  The
-student's `log(softmax(z))` is refused: eager's gradient through that log is g / p, inf / NaN
-where p is 0 or where the upstream gradient is large enough to overflow g / p, which depends on
-that gradient's magnitude, and the op forms its gradients in the forward for grad_output = 1.
+`log(softmax(z))`, -inf where the softmax underflows; the TVD's two probabilities, both
+`softmax` or both exp of the log-softmax, a mix refused: `_tv_spelling`) and passed to the kernel
+as flags.  The student's `log(softmax(z))` is refused: eager's gradient through that log is g / p,
+inf / NaN where p is 0 or where the upstream gradient is large enough to overflow g / p, which
+depends on that gradient's magnitude, and the op forms its gradients in the forward for
+grad_output = 1.
 Means over zero elements are refused (eager's nan).
 
 When the student logits come from a linear that nothing else reads, the lm head is fused too
