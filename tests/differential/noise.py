@@ -82,10 +82,14 @@ def scalar_noise(ref_model, ref_inputs, low_model, low_inputs) -> list | None:
                 and o.requires_grad and leaves):
             result.append(None)
             continue
-        grads = torch.autograd.grad(o.reshape(()), leaves, retain_graph=True, allow_unused=True)
+        try:
+            grads = torch.autograd.grad(o.reshape(()), leaves, retain_graph=True,
+                                        allow_unused=True)
+        except RuntimeError:  # e.g. eager's own "modified by an inplace operation"
+            return None
         var = 0.0
         for (name, v, _, dim), g, dt in zip(mode.seen, grads, dtypes):
-            if g is None:
+            if g is None or v.numel() == 0:
                 continue
             u = torch.finfo(dt).eps / 2
             ok = torch.isfinite(v) & torch.isfinite(g)

@@ -164,8 +164,12 @@ def check(case: Case, seed: int, paths=("torch", "triton"), strict: bool = False
     # a reduced output's error is a sum of its rows' roundings: its noise (noise.py)
     noise = None
     if any(o.is_floating_point() and o.numel() == 1 for o in ref_out):
+        # fresh modules and copies of the inputs: what the module writes stays out of the runs
+        # compared
+        fresh = [[x.detach().clone().requires_grad_(x.requires_grad)
+                  if isinstance(x, torch.Tensor) else x for x in xs] for xs in (ref_in, low_in)]
         with torch.random.fork_rng(devices=[]):
-            noise = scalar_noise(case.build(True), ref_in, case.build(), low_in)
+            noise = scalar_noise(case.build(True), fresh[0], case.build(), fresh[1])
     noise = noise or [None] * len(ref_out)
     if low_grads is None or ref_grads is None:
         # eager's backward raises (a write to a saved value): judge the forward alone, traced
