@@ -25,7 +25,12 @@ with the student's probabilities as its target, log_target=False): 0 where ps ==
 eager's xlogy backward gives (grad * ps / ps = 0 / 0), a NaN logits gradient over every row
 where some ps == 0; 1.0: ps is ``softmax(zs * s_scale)`` (tested as exp(z - max) / sum, as
 eager's softmax computes it), 2.0: ps is ``exp(log_softmax(zs * s_scale))`` (the kernel's own
-ps).  A term whose coefficient is 0 is not computed at all (never 0 * nan).
+ps); ``coefs[10]``: the TVD's ps and pt are both ``softmax`` (exp(z - max) / sum; the torch path
+calls torch.softmax itself) instead of both exp of the log-softmax: where the two distributions
+are equal (a student equal to its teacher, rows saturated to the same one-hot), eager's
+``ps - pt`` is exactly 0, and so its gradient's sign(ps - pt), only when both sides are formed
+the same way (the pattern refuses a TVD whose two sides are spelled differently).  A term whose
+coefficient is 0 is not computed at all (never 0 * nan).
 
 The seven coefficients `coefs` span every divergence of the two distributions that the pattern
 (patterns/distillation.py) proves: forward KL KL(pt||ps) = pt*lt - pt*ls, reverse KL
@@ -120,6 +125,7 @@ _CPU_CHUNK_BYTES = 32 << 20
 DISTILL_BLOCK_V: Optional[int] = None
 
 N_COEFS = 7
+N_FLAGS = 4  # the convention flags after the coefficients (the module docstring)
 # float64's relative resolution (2^-52): where the saturated-row correction is below it
 EPS64 = 2.0 ** -52
 
@@ -148,7 +154,7 @@ if triton is not None:
     def _distill_terms(a, b, m_a, log_s_a, s_a, m_b, s_b, mix_s, mix_t, c0, c1, c2, c3, c4, c5,
                        c6, HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr, XLOGY_T: tl.constexpr,
                        LOGP_T: tl.constexpr, XLOGY_S: tl.constexpr, GROUP_S: tl.constexpr,
-                       GROUP_T: tl.constexpr):
+                       GROUP_T: tl.constexpr, TV_SM: tl.constexpr):
         # (a - max) - log(sum), as eager's log_softmax rounds it: a - (max + log(sum)) would round
         # the log-sum-exp at the logits' magnitude (an ulp of 1000 is 6e-5) and so every ls
         ls = (a - m_a) - log_s_a
@@ -212,7 +218,12 @@ if triton is not None:
         e = e_s + e_t
         h = h_s + h_t
         if HAS_TV:
-            d = ps - pt
+            if TV_SM:
+                # the code's softmaxes (coefs[10]): where ps == pt to rounding, the sign of the
+                # difference is that of how each side rounds, so each is formed as eager's is
+                d = tl.exp(a - m_a) / s_a - tl.exp(b - m_b) / s_b
+            else:
+                d = ps - pt
             e += _cm(c6, tl.abs(d))
             sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
             h += _cm(c6, sgn * ps)
@@ -224,7 +235,8 @@ if triton is not None:
         kd_rows_ptr, ce_rows_ptr, V, ignore_index,
         s_scale, t_scale, ce_scale, mix_s, mix_t, c0, c1, c2, c3, c4, c5, c6,
         HAS_MIX: tl.constexpr, HAS_TV: tl.constexpr, XLOGY_T: tl.constexpr, LOGP_T: tl.constexpr,
-        XLOGY_S: tl.constexpr, GROUP_S: tl.constexpr, GROUP_T: tl.constexpr, HAS_CE: tl.constexpr,
+        XLOGY_S: tl.constexpr, GROUP_S: tl.constexpr, GROUP_T: tl.constexpr, TV_SM: tl.constexpr,
+        HAS_CE: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -266,7 +278,7 @@ if triton is not None:
             b = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32) * t_scale
             e, h, ps, pz = _distill_terms(a, b, m_a, log_s_a, s_a, m_b, s_b, mix_s, mix_t, c0, c1,
                                           c2, c3, c4, c5, c6, HAS_MIX, HAS_TV, XLOGY_T, LOGP_T,
-                                          XLOGY_S, GROUP_S, GROUP_T)
+                                          XLOGY_S, GROUP_S, GROUP_T, TV_SM)
             acc_e += tl.where(msk, e, 0.0)
             acc_h += tl.where(msk, h, 0.0)
             rest = msk & (cols != j_a)
@@ -305,7 +317,7 @@ if triton is not None:
                 b = tl.load(zt_row + cols, mask=msk, other=0.0).to(tl.float32) * t_scale
                 e, h, ps, pz = _distill_terms(z * s_scale, b, m_a, log_s_a, s_a, m_b, s_b, mix_s,
                                               mix_t, c0, c1, c2, c3, c4, c5, c6, HAS_MIX, HAS_TV,
-                                              XLOGY_T, LOGP_T, XLOGY_S, GROUP_S, GROUP_T)
+                                              XLOGY_T, LOGP_T, XLOGY_S, GROUP_S, GROUP_T, TV_SM)
                 g = h - ps * sum_h
                 # at the largest probability h - ps * sum(h) cancels as ps -> 1 (a saturated
                 # row): the same value as h (1 - ps) - ps * sum_{k != j} h_k, 1 - ps the other
@@ -344,6 +356,7 @@ def _launch_rows(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
         *(float(x) for x in P["scales"]), *(float(x) for x in c[:N_COEFS]),
         HAS_MIX=bool(c[2] or c[5]), HAS_TV=bool(c[6]), XLOGY_T=bool(c[7]), LOGP_T=bool(c[8]),
         XLOGY_S=int(c[9]) if c[0] else 0, GROUP_S=P["group"][0], GROUP_T=P["group"][1],
+        TV_SM=bool(c[6] and c[10]),
         HAS_CE=P["has_ce"],
         COMPUTE_GRAD=g is not None, BLOCK_V=block, num_warps=warps,
     )
@@ -452,7 +465,13 @@ def _rows_torch(zs, zt, y, kd_w, ce_w, kd_rows, ce_rows, g, P):
     e.add_(et)
     del et, mx, r
     if c[6]:
-        d = ps - pt
+        if c[10]:
+            # the code's softmaxes (the module docstring): eager's own op, so ps - pt is 0 exactly
+            # where eager's is
+            d = torch.softmax(zf * s_scale, -1).sub_(
+                pt if c[8] else torch.softmax(zt.to(ct) * t_scale, -1))
+        else:
+            d = ps - pt
         e.add_(d.abs(), alpha=c[6])
         if want:
             h.add_(torch.sign(d).mul_(ps), alpha=c[6])
@@ -518,8 +537,8 @@ def _chunk(N: int, V: int, device, elem: int, chunk_size: int) -> int:
 def _params(coefs, scales, ignore_index, has_ce):
     coefs = [float(x) for x in coefs]
     scales = [float(x) for x in scales]
-    assert N_COEFS <= len(coefs) <= N_COEFS + 3 and len(scales) == 5, (coefs, scales)
-    coefs += [0.0] * (N_COEFS + 3 - len(coefs))  # the convention flags default off
+    assert N_COEFS <= len(coefs) <= N_COEFS + N_FLAGS and len(scales) == 5, (coefs, scales)
+    coefs += [0.0] * (N_COEFS + N_FLAGS - len(coefs))  # the convention flags default off
     group = (_group_mode(*coefs[0:3]), _group_mode(*coefs[3:6]))
     return dict(coefs=coefs, scales=scales, ignore_index=int(ignore_index), has_ce=has_ce,
                 group=group)

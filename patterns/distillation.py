@@ -26,10 +26,12 @@ op has exactly the result's shape (symbol by symbol: no broadcasting), `exp` rea
 probability with coefficient 1 as a probability, a factor inside `abs` is kept, and the IEEE
 conventions are tracked per term (kl_div's xlogy for either side's probabilities as target,
 the student's tested as the code spelled them, `softmax` or `exp(log_softmax)`; the teacher's
-`log(softmax(z))`, -inf where the softmax underflows) and passed to the kernel as flags.  The
-student's `log(softmax(z))` is refused: eager's gradient through that log is g / p, inf / NaN
-where p is 0 or where the upstream gradient is large enough to overflow g / p, which depends on
-that gradient's magnitude, and the op forms its gradients in the forward for grad_output = 1.
+`log(softmax(z))`, -inf where the softmax underflows; the TVD's two probabilities, both
+`softmax` or both exp of the log-softmax, a mix refused: `_tv_spelling`) and passed to the kernel
+as flags.  The student's `log(softmax(z))` is refused: eager's gradient through that log is g / p,
+inf / NaN where p is 0 or where the upstream gradient is large enough to overflow g / p, which
+depends on that gradient's magnitude, and the op forms its gradients in the forward for
+grad_output = 1.
 Means over zero elements are refused (eager's nan).
 
 When the student logits come from a linear that nothing else reads, the lm head is fused too
@@ -195,6 +197,9 @@ class _T:
     xsrc: frozenset = frozenset()
     # a "p" leaf's spelling: "softmax", "exp" (of a log_softmax) or "exp log" (of log(softmax))
     psrc: str = ""
+    # the spellings (side, psrc) of the probabilities inside `abs(ps - pt)` (TVD): eager's sign
+    # of ps - pt where the two are equal to rounding is that of the two spellings' roundings
+    tvsrc: frozenset = frozenset()
     # the symbolic part of the divergence's denominator (a product of shape symbols: a
     # batchmean / mean under dynamic shapes), read by the op at run time (kd_n)
     sym: object = sympy.Integer(1)
@@ -221,7 +226,7 @@ def _conv(a: _T, b: _T) -> dict:
     if (a.xlogy ^ b.xlogy) & both:
         raise _No("a term is computed both as kl_div's xlogy and as a plain product")
     return dict(logp=a.logp | b.logp, lsm=a.lsm | b.lsm, xlogy=a.xlogy | b.xlogy,
-                xsrc=a.xsrc | b.xsrc)
+                xsrc=a.xsrc | b.xsrc, tvsrc=a.tvsrc | b.tvsrc)
 
 
 def _add(a: _T, b: _T, sign: float) -> _T:
@@ -230,7 +235,8 @@ def _add(a: _T, b: _T, sign: float) -> _T:
     if a.level == "p":
         if sign > 0 or a.coefs["side"] == b.coefs["side"]:
             raise _No()
-        return _T("pd", {"sign": 1.0 if a.coefs["side"] == "s" else -1.0})
+        return _T("pd", {"sign": 1.0 if a.coefs["side"] == "s" else -1.0},
+                  tvsrc=frozenset([(a.coefs["side"], a.psrc), (b.coefs["side"], b.psrc)]))
     if a.level in ("pd", "stack"):
         raise _No()
     conv = _conv(a, b)
@@ -444,7 +450,7 @@ class _Algebra:
             if t.level != "pd":
                 raise _No()
             # |c (ps - pt)| = |c| |ps - pt|: the factor inside is kept
-            return _T("elem", {"tv": abs(t.coefs["sign"])})
+            return _T("elem", {"tv": abs(t.coefs["sign"])}, tvsrc=t.tvsrc)
         if _is(n, (torch.log, "log")):
             t = self.term(a[0])
             if t.level == "p":
@@ -520,7 +526,7 @@ class _Algebra:
         if t.level != "row":
             raise _No()
         out = _T("scalar", t.coefs, mix=t.mix, mask=t.mask, logp=t.logp, lsm=t.lsm,
-                 xlogy=t.xlogy, xsrc=t.xsrc, sym=t.sym)
+                 xlogy=t.xlogy, xsrc=t.xsrc, tvsrc=t.tvsrc, sym=t.sym)
         return self._divide(out, div)
 
     def _divide(self, t: _T, div):
@@ -556,7 +562,8 @@ class _Algebra:
             return self._reduce_all(t, vin.numel() if mean else 1)
         if not isinstance(dim, int) or t.level != "elem" or dim % vin.dim() != vin.dim() - 1:
             raise _No("the divergence is summed over a dim other than the classes")
-        row = _T("row", t.coefs, mix=t.mix, logp=t.logp, lsm=t.lsm, xlogy=t.xlogy, xsrc=t.xsrc)
+        row = _T("row", t.coefs, mix=t.mix, logp=t.logp, lsm=t.lsm, xlogy=t.xlogy, xsrc=t.xsrc,
+                 tvsrc=t.tvsrc)
         if b["keepdim"]:
             raise _No()
         if mean:
@@ -915,6 +922,9 @@ def _check(match, fused: bool):
     if len(t.xsrc) > 1:
         return ("kl_div's targets are the student's probabilities spelled two ways (softmax and "
                 "exp of log_softmax, which differ where they underflow)")
+    tv_sm = _tv_spelling(t.tvsrc)
+    if isinstance(tv_sm, str):
+        return tv_sm
     zero = [k for k, v in t.coefs.items() if v == 0]
     if zero:
         # eager keeps 0 * term, NaN where the term is infinite (a -inf logit: 0 * log 0); the
@@ -926,7 +936,8 @@ def _check(match, fused: bool):
     # the conventions (kernels/distillation.py): pt * lt as xlogy; lt as log(softmax(zt)); ps * ls
     # as xlogy, ps tested as softmax (1) or as exp(log_softmax) (2)
     coefs += [1.0 if ("t", "t") in t.xlogy else 0.0, 1.0 if "t" in t.logp else 0.0,
-              (1.0 if "softmax" in t.xsrc else 2.0) if ("s", "s") in t.xlogy else 0.0]
+              (1.0 if "softmax" in t.xsrc else 2.0) if ("s", "s") in t.xlogy else 0.0,
+              tv_sm]
     kd_n = []
     per_token = t.level == "row"
     if per_token:
@@ -974,11 +985,36 @@ def _check(match, fused: bool):
     if ce is not None:
         match.bindings["labels"] = ce["labels"]
     parts = [k for k, c in zip(["ps*ls", "ps*lt", "ps*m", "pt*ls", "pt*lt", "pt*m", "|ps-pt|",
-                                "xlogy(pt, pt)", "lt = log(softmax)", "xlogy(ps, ps)"], coefs) if c]
+                                "xlogy(pt, pt)", "lt = log(softmax)", "xlogy(ps, ps)",
+                                "|ps-pt| of softmaxes"], coefs) if c]
     match.detail = ("per-token divergence, " if per_token else "") + \
         ("teacher head fused, " if fuse_t else "") + "terms " + ", ".join(parts) + \
         (f", + {t.ce[0]:g} * CE" if ce else "") + (f", / {t.sym} at run time" if kd_n else "")
     return None
+
+
+def _tv_spelling(tvsrc):
+    """The kernel's TVD flag (1.0: both probabilities are softmaxes, 0.0: both exp of a
+    log-softmax, or no TVD), or why the TVD's spellings cannot be followed.
+
+    Where ps and pt are equal (a student equal to its teacher, rows saturated to the same one-hot
+    softmax), eager's ps - pt is 0 exactly when both sides are computed the same way, and its
+    gradient's sign(ps - pt) is then 0; two spellings (softmax and exp of a log-softmax) round
+    differently, so eager's difference is their roundings' and its sign is +-1 by rounding
+    alone, which the kernel cannot reproduce (issue 22)."""
+    if not tvsrc:
+        return 0.0
+    spell = {p for _, p in tvsrc}
+    if len(tvsrc) == 2 and len(spell) == 1 and spell <= {"softmax", "exp"}:
+        return 1.0 if spell == {"softmax"} else 0.0
+    names = {"softmax": "F.softmax(z, -1)", "exp": "exp of F.log_softmax(z, -1)",
+             "exp log": "exp of log(softmax(z))"}
+    how = "; ".join(f"{'student' if s == 's' else 'teacher'}: {names.get(p, p)}"
+                    for s, p in sorted(tvsrc))
+    return (f"the TVD's probabilities are spelled differently ({how}): where they are equal, "
+            "eager's ps - pt is the two spellings' rounding, so the sign its gradient takes "
+            "there is rounding noise the kernel cannot reproduce; compute both as "
+            "F.softmax(z, -1) or both as F.log_softmax(z, -1).exp()")
 
 
 def _per_token_problem(root, top_s, ct):

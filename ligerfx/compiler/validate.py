@@ -84,7 +84,8 @@ def _err(x, ref, mask) -> float:
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def within_eager_rounding(what: str, got, low, ref, dtype, factor: float = 1.25) -> str | None:
+def within_eager_rounding(what: str, got, low, ref, dtype, factor: float = 1.25,
+                          noise: float = 0.0) -> str | None:
     """None when `got` is as good as eager's `low` against the float64 `ref`, else the reason.
 
     `got` / `low` may be None (no gradient).  Equal: same shape and dtype; integers identical;
@@ -93,7 +94,9 @@ def within_eager_rounding(what: str, got, low, ref, dtype, factor: float = 1.25)
     the format's eps in fp16/bf16 (`dtype`: the values' dtype).  Where eager's own relative error
     is 1 or more (no correct digit: the value is rounding noise), the bound is NOISE_FACTOR times
     eager's error.  `factor` (1.25 here) is the differential suite's to widen for end-to-end
-    comparisons in fp16 / bf16 (tests/differential/oracle.py says why)."""
+    comparisons in fp16 / bf16 (tests/differential/oracle.py says why); `noise` (absolute, 0
+    here) the standard deviation of a reduced value's rounding noise, of which 3 are allowed on
+    top (tests/differential/noise.py)."""
     if low is None:
         if got is not None and got.abs().sum() != 0:
             return f"{what}: a gradient where eager has none"
@@ -118,6 +121,8 @@ def within_eager_rounding(what: str, got, low, ref, dtype, factor: float = 1.25)
         dtype = low.dtype  # a half-precision value of a mixed-dtype computation: its own floor
     floor = 2e-5 if dtype in (torch.float32, torch.float64) else 0.05 * torch.finfo(dtype).eps
     bound = factor * e_low + floor
+    if noise:
+        bound += 3.0 * noise / max(float(ref.detach().double()[mask].norm()), 1e-30)
     if e_low >= 1.0:
         # Eager has no correct digit: the true value is below the rounding of the terms that
         # cancelled to make it (a saturated softmax's gradient, about 1e-300 in float64), so

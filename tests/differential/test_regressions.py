@@ -1000,3 +1000,50 @@ def test_logprob_gather_lse_row_with_inf_logit():
     inputs = [Input("h", (2, 4, 16), neginf=(9,)), Input("labels", (2, 4), kind="labels", high=40)]
     check(Case(Written(code, inputs), ("fused_linear_logprob",), SPELLING, F32, "regression"),
           seed=1515)
+
+
+# oracle (tests/differential/noise.py, fixed here; issue 22 survey, seeds 0 and 169): a close-rows
+# forward KL reduced to one number: the Triton path's error 2.3x / 4x eager's, each a sum of its
+# rows' log-sum-exp roundings of random sign (eager's by chance far below its noise: 0.5 and 0.03
+# of the modelled standard deviation).  A scalar now also gets 3 standard deviations of that noise.
+def test_distill_close_rows_reduced_loss_within_its_rounding_noise():
+    kl = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+
+    def forward(self, s, t):
+        s0 = s
+        t0 = t
+        s1 = s0 / 1.0
+        t1 = t0 / 1.0
+        ls = F.log_softmax(s1, dim=-1)
+        lt = F.log_softmax(t1, dim=-1)
+        pt = lt.exp()
+        loss = F.kl_div(ls, pt, reduction='batchmean')
+        return (loss,)
+"""
+    masked = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+
+    def forward(self, s, t, labels):
+        s0 = s
+        t0 = t
+        s1 = s0 / 1.0
+        t1 = t0 / 1.0
+        ls = torch.log_softmax(s1, -1)
+        pt = F.softmax(t1, dim=-1)
+        lt = pt.log()
+        d = F.kl_div(ls, lt, reduction='none', log_target=True)
+        r = d.sum(-1)
+        mask = (labels != -100).float()
+        loss = (r * mask).sum() / mask.sum()
+        return (loss,)
+"""
+    inputs = [Input("s", (2, 3, 24), scale=2.0),
+              Input("t", (2, 3, 24), scale=1e-3, grad=False, near="s")]
+    check(_case(kl, _DISTILL, SPELLING, F32, inputs), seed=0)
+    check(_case(masked, _DISTILL, SPELLING, F32,
+                inputs + [Input("labels", (2, 3), kind="labels", high=24)]), seed=169)
