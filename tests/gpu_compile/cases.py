@@ -252,6 +252,7 @@ def _distillation():
     fkl = [0.0, 0.0, 0.0, -1.0, 1.0, 0.0, 0.0]
     jsd = [0.5, 0.0, -0.5, 0.0, 0.5, -0.5, 0.0]
     tvd = [0.0] * 6 + [0.5]
+    tvd_sm = tvd + [0.0] * 3 + [1.0]  # ps and pt both spelled softmax (TV_SM)
     fkl_conv = fkl + [1.0, 1.0]  # kl_div's xlogy and log(softmax(teacher)) conventions
     # kl_div(lt, ps): xlogy(ps, ps), ps tested as softmax (1) or as exp(log_softmax) (2)
     rkl_xlogy = [1.0, -1.0] + [0.0] * 7 + [1.0]
@@ -259,7 +260,8 @@ def _distillation():
     # (dtype, coefficients, CE mixed in, gradients): every kernel flag value at least once.
     todo = ((BF16, fkl, False, True), (BF16, jsd, True, True), (FP32, tvd, False, True),
             (BF16, fkl, True, False), (BF16, fkl_conv, False, True),
-            (BF16, rkl_xlogy, True, True), (FP32, rkl_xlogy_exp, False, True))
+            (BF16, rkl_xlogy, True, True), (FP32, rkl_xlogy_exp, False, True),
+            (BF16, tvd_sm, False, True))
     for dt, coefs, ce, grad in todo:
         def run(dt=dt, coefs=coefs, ce=ce, grad=grad, V=128256, H=LLAMA):
             N = TOKENS
@@ -276,6 +278,8 @@ def _distillation():
         z, zt = _e(TOKENS, V), _e(TOKENS, V)
         dl(z, zt, None, None, jsd, [1.0, 1.0, 1.0, -0.7, -0.7], 1.0, 0.0, 0.0, -100, True, True)
     yield "distillation_loss bf16 V=32000", run_dl
+
+
 def _logprob():
     lp, lp_b = op_body("liger::fused_linear_logprob"), op_body("liger::fused_linear_logprob_backward")
     # (dtype, V, H, softcap, entropy, gradient on log-probs, gradient on entropies, divide by
