@@ -324,6 +324,10 @@ def check_fused(match):
         return (f"{len(escaping)} intermediate logits values are used outside the loss "
                 f"({', '.join(n.name for n in escaping)}); at most one can be returned")
     skip_logits = bool(getattr(match.options, "skip_logits", False))
+    if escaping and not skip_logits:
+        problem = _escape_after_upcast(top, escaping[0])
+        if problem:
+            return problem
     match.covered = list(dict.fromkeys(match.covered + chain))
     match.params.update(logit_scale=scale[0], softcap=scale[1], slices=slices, kinds=kinds,
                         replay=[], escaping=None, skip_logits=skip_logits, linear=top)
@@ -341,6 +345,24 @@ def check_fused(match):
             match.notes.append("skip_logits=True: the logits output of the fused lm head + loss "
                                "is an empty tensor, not the logits")
     return None
+
+
+def _escape_after_upcast(linear, e):
+    """A reason when the logits read outside the loss (`e`) are the fp16 / bf16 head's output
+    cast up: eager then adds that reader's gradient to the loss's in the wider dtype and rounds
+    the sum to the head's dtype once, at the cast; the op returns the head's logits, so the two
+    gradients would be rounded apart and added after (issue 22 logprob survey seed 311211: bias
+    gradient 1.5x eager's error in bf16)."""
+    low, wide = _val(linear), _val(e)
+    if not isinstance(low, torch.Tensor) or not isinstance(wide, torch.Tensor):
+        return None
+    if low.dtype not in (torch.float16, torch.bfloat16) or wide.dtype == low.dtype:
+        return None
+    return (f"the logits `{e.name}` are also read outside the loss after the {low.dtype} lm "
+            f"head's output `{linear.name}` is cast to {wide.dtype}: eager adds that reader's "
+            f"gradient to the loss's in {wide.dtype} and rounds the sum once, where the fused op "
+            f"would round the two apart; read the head's own output `{linear.name}` there, or "
+            "compute the head in fp32")
 
 
 def _gather_args(reduction, ignore_index):
