@@ -326,9 +326,9 @@ def ce_rows_torch(
         # where, not multiply: a_all is inf under "mean" when every row is ignored.
         a = torch.where(valid, a_all, 0)
         b = torch.where(valid, b_all, 0)
-        if row_scale is not None:
+        if row_scale is not None:  # an ignored row stays 0 under an inf / nan upstream gradient
             r = row_scale[s:e].to(ct)
-            a, b = a * r, b * r
+            a, b = torch.where(valid, a * r, 0), torch.where(valid, b * r, 0)
         p_coef = a * ((1.0 - eps) * w_t + eps * w_tot / V) + b * 2.0 * lse_square_scale * lse
         g.mul_((p_coef / sum_exp).unsqueeze(1))  # softmax * coefficient, in one pass
         if eps > 0:
@@ -368,8 +368,8 @@ def _plain_ce_rows(logits, target, w, stats, loss_rows, z_rows, grad_out, chunk_
         if grad_out is None:
             continue
         a = torch.where(valid, a_all, 0)  # where, not multiply: a_all is inf when all are ignored
-        if row_scale is not None:
-            a = a * row_scale[s:e].to(ct)
+        if row_scale is not None:  # an ignored row stays 0 under an inf / nan upstream gradient
+            a = torch.where(valid, a * row_scale[s:e].to(ct), 0)
         coef = a if w_t is None else a * w_t
         g.exp_()
         g.mul_(coef.unsqueeze(1))
@@ -527,18 +527,46 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.reduction = inputs[4]
     ctx.compute_grad = inputs[9]
     ctx.logits_dtype = inputs[0].dtype
+    ctx.ignore_index = inputs[3]
+    ctx.smoothing = inputs[5] > 0
     ctx.mark_non_differentiable(output[1], grad)
-    ctx.save_for_backward(grad)
+    ctx.save_for_backward(grad, inputs[1])
+
+
+def _eager_nonfinite_rows(grad_loss, grad, target, reduction, ignore_index, smoothing):
+    """(per-row upstream gradient, label positions to set to NaN): eager's convention where the
+    upstream gradient is inf or nan, at O(rows) cost.  The stored gradient G (for grad_output 1)
+    times s is eager's p*c - [j == t]*c (c = a*s) except there: eager's nll_loss backward leaves
+    an ignored row 0 whatever s is (G*s: 0*inf = nan), and at the label p*inf - inf is NaN (G*s:
+    (p - 1)*inf = inf); with label smoothing every class has such a difference (the whole row
+    NaN).  (Issue 22, logprob survey seed 95: `exp(logprob - old)` overflowing to inf.)"""
+    t = target.reshape(-1)
+    s = grad_loss.reshape(-1) if reduction == "none" else grad_loss.reshape(()).expand(t.shape)
+    valid = t != ignore_index
+    inf = valid & torch.isinf(s)
+    s = torch.where(valid, s, 0)
+    if smoothing:  # every class: NaN, as s * nan
+        s = torch.where(inf, float("nan"), s)
+    return s, (None if smoothing else inf)
 
 
 def _ce_backward(ctx, grad_loss, grad_z, grad_grad):
-    (grad,) = ctx.saved_tensors
+    grad, target = ctx.saved_tensors
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return (None,) * 10
     if not ctx.compute_grad:
         raise RuntimeError("liger::cross_entropy was called with compute_grad=False; "
                            "it cannot be differentiated")
-    g = torch.ops.liger.cross_entropy_backward(grad_loss, grad, ctx.reduction)
+    s, label_nan = _eager_nonfinite_rows(grad_loss, grad, target, ctx.reduction,
+                                         ctx.ignore_index, ctx.smoothing)
+    # per row: the same products as the scalar's, with eager's non-finite rows (above)
+    g = torch.ops.liger.cross_entropy_backward(s.contiguous(), grad, "none")
+    if label_nan is not None:
+        V = g.shape[-1]
+        rows = g.view(-1, V)
+        t = torch.where(label_nan, target.reshape(-1), 0).long().unsqueeze(1)
+        at = rows.gather(1, t)
+        rows.scatter_(1, t, torch.where(label_nan.unsqueeze(1), float("nan"), at))
     return (g.to(ctx.logits_dtype),) + (None,) * 9  # the one rounding, as eager's
 
 

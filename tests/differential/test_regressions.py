@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.differential.oracle import check
-from tests.differential.source import SAFETY, SPELLING, Case, Input, Written
+from tests.differential.source import MATH, SAFETY, SPELLING, Case, Input, Written
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -1079,3 +1079,27 @@ def test_flce_low_precision_head_with_logits_read_after_the_upcast(seed):
     inputs = [Input("h", (2, 4, 16)), Input("labels", (2, 4), kind="labels", high=40, ignore=True)]
     check(Case(Written(code, inputs), ("fused_linear_logprob",), SAFETY, torch.bfloat16,
                "regression"), seed=seed)
+
+
+# Logprob survey seed 95: `exp(logprob - old)` overflows to inf, so the rewritten cross-entropy's
+# upstream gradient is inf in a row; eager's log_softmax backward gives NaN at the label
+# (p * inf - inf) where the op's stored gradient times inf gave inf ((p - 1) * inf).  Fixed in
+# the op's backward (kernels/cross_entropy.py, _eager_nonfinite_rows).
+def test_cross_entropy_upstream_inf_gives_nan_at_the_label():
+    code = """
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+
+        def forward(self, logits, labels, old):
+            z = logits.to(torch.float32)[:, :-1, :] / 0.7
+            lp = z.log_softmax(-1)
+            tok = torch.gather(lp, -1, labels[:, 1:, None]).squeeze(-1)
+            lq = torch.log_softmax(z, -1)
+            return (torch.exp(tok - old), -(lq.exp() * lq).sum(-1))
+    """
+    inputs = [Input("logits", (2, 4, 40), scale=1000.0),
+              Input("labels", (2, 4), kind="labels", high=40),
+              Input("old", (3,), scale=1000.0, grad=False)]
+    check(Case(Written(code, inputs), ("fused_linear_logprob",), MATH, torch.bfloat16,
+               "regression", dynamic=True), seed=95)
