@@ -29,7 +29,8 @@ logprob, Tensor entropy, Tensor lse)``
 ``torch.logsumexp``'s convention in a row whose max is +inf: logsumexp is +inf there (it shifts
 by 0, not by the infinite max), so the log-prob is -inf at a finite (or -inf) logit and NaN only
 at a +inf one, and its gradient exp(z - lse) is 0 at every logit but the +inf ones (NaN);
-log_softmax's form gives NaN for the whole row.  Rows with a finite max are formed as
+log_softmax's form gives NaN for the whole row.  A row that also holds a NaN has logsumexp NaN
+(the kernel's max skips NaN, so such rows are read once more to find it).  Rows with a finite max are formed as
 log_softmax forms them, as for every spelling (within eager's rounding, and more accurate).
 (Issue 22, logprob survey seed 1515.)
 
@@ -133,6 +134,24 @@ if triton is not None:
         return z, th
 
     @triton.jit
+    def _lse_at_inf_max(x_row, V, m, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr,
+                        DIVIDE: tl.constexpr, BLOCK_V: tl.constexpr):
+        """torch.logsumexp of a row whose max (NaN aside: tl.max skips NaN) is +inf: +inf, or
+        NaN when the row holds a NaN.  Rows with a finite max never read the row again."""
+        lse = float("inf")
+        if m == float("inf"):
+            cols0 = tl.arange(0, BLOCK_V)
+            n = 0
+            for off in range(0, V, BLOCK_V):
+                cols = off + cols0
+                mask = cols < V
+                z, _ = _load(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP, DIVIDE)
+                n += tl.sum(tl.where(mask & (z != z), 1, 0), 0)
+            if n > 0:
+                lse = float("nan")
+        return lse
+
+    @triton.jit
     def _logprob_fwd_kernel(
         X, stride_x, IDS, LP, ENT, LSE, V, ignore_index, softcap, logit_scale,
         HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, DIVIDE: tl.constexpr,
@@ -151,8 +170,10 @@ if triton is not None:
         ok = (tgt >= 0) & (tgt < V)
         z_t, th_t = _load(x_row, tgt, ok, softcap, logit_scale, HAS_SOFTCAP, DIVIDE)
         lp = (z_t - m) - logd
-        if GATHER_LSE:  # torch.logsumexp is +inf in a row whose max is +inf: z_t - inf
-            lp = tl.where(m == float("inf"), z_t - m, lp)
+        if GATHER_LSE:  # torch.logsumexp is +inf (NaN) in a row whose max is +inf
+            lse_e = _lse_at_inf_max(x_row, V, m, softcap, logit_scale, HAS_SOFTCAP, DIVIDE,
+                                    BLOCK_V)
+            lp = tl.where(m == float("inf"), z_t - lse_e, lp)
         lp = tl.where(ok, lp, float("nan"))
         lp = tl.where(tgt == ignore_index, neg_zero(), lp)
         tl.store(LP + row, lp)
@@ -208,14 +229,17 @@ if triton is not None:
                 h = -acc
             else:
                 h = tl.load(ENT + row)
+        if GATHER_LSE:
+            lse_e = _lse_at_inf_max(x_row, V, m, softcap, logit_scale, HAS_SOFTCAP, DIVIDE,
+                                    BLOCK_V)
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             mask = cols < V
             z, th = _load(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP, DIVIDE)
             lg = (z - m) - logd
             p = tl.exp(lg)
-            if GATHER_LSE:  # logsumexp's backward exp(z - inf): 0, NaN only at a +inf logit
-                p = tl.where(m == float("inf"), tl.where(z == float("inf"), float("nan"), 0.0), p)
+            if GATHER_LSE:  # logsumexp's backward exp(z - lse): 0 but at +inf logits (NaN rows)
+                p = tl.where(m == float("inf"), tl.exp(z - lse_e), p)
             g = tl.where(cols == tgt, a, 0.0) - a * p
             if HAS_GENT:
                 g -= b * p * (lg + h)

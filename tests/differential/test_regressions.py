@@ -1103,3 +1103,27 @@ def test_cross_entropy_upstream_inf_gives_nan_at_the_label():
               Input("old", (3,), scale=1000.0, grad=False)]
     check(Case(Written(code, inputs), ("fused_linear_logprob",), MATH, torch.bfloat16,
                "regression", dynamic=True), seed=95)
+
+
+# Logprob survey (LIGERFX_DIFF_SEED=1209) seed 11722: the same gather - logsumexp spelling with
+# -inf in several columns of h, so a logits row holds +inf, -inf and NaN (inf - inf in the
+# matmul).  torch.logsumexp is NaN there (NaN in the row), where the Triton kernel's max skips
+# NaN and took the row for +inf-max: weight gradient 211 non-finite entries against eager's 640.
+def test_logprob_gather_lse_row_with_inf_and_nan_logits():
+    code = """
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(16, 40, bias=True)
+
+        def forward(self, h, labels):
+            z = self.head(h).to(torch.float32) / 0.7
+            idx = labels.clamp_min(0)
+            sel = torch.gather(z, -1, idx.unsqueeze(-1)).squeeze(-1)
+            tok = sel - z.logsumexp(-1)
+            return (tok * (labels != -100),)
+    """
+    inputs = [Input("h", (2, 4, 16), neginf=(2, 4, 7, 9, 13)),
+              Input("labels", (2, 4), kind="labels", high=40, ignore=True)]
+    check(Case(Written(code, inputs), ("fused_linear_logprob",), SPELLING, torch.bfloat16,
+               "regression"), seed=11722)
