@@ -97,3 +97,24 @@ def test_finite_rows_unchanged_by_the_flag(kernel_path):
                                               False, True)[0]
     off = torch.ops.liger.fused_linear_logprob(h, w, None, ids, 1.0, 0.0, False, -1, 0)[0]
     assert torch.equal(on, off)
+
+
+def test_row_with_nan_has_nan_logsumexp(kernel_path):
+    # a hidden row with two -inf entries: its logits hold +inf, -inf and NaN (inf - inf), so
+    # eager's logsumexp is NaN there (the Triton max skips NaN and saw a +inf max)
+    g = torch.Generator().manual_seed(5)
+    h64 = torch.randn(N, H, generator=g, dtype=torch.float64)
+    h64[4, :2] = float("-inf")
+    w64 = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5
+    ids = torch.randint(0, V, (N,), generator=g)
+    h, w = (x.float().requires_grad_() for x in (h64, w64))
+    lp = torch.ops.liger.fused_linear_logprob(h, w, None, ids, 1.0, 0.0, False, -1, 0, False,
+                                              False, True)[0]
+    low_h, low_w = (x.float().requires_grad_() for x in (h64, w64))
+    low = _spelled(low_h, low_w, None, ids)
+    assert torch.isnan(F.linear(h64, w64)[4]).any() and torch.isnan(low[4])
+    _same_nonfinite("logprob", lp, low)
+    cot = torch.randn(N, generator=g)
+    for name, a, b in zip("hw", torch.autograd.grad(lp, (h, w), cot),
+                          torch.autograd.grad(low, (low_h, low_w), cot)):
+        _same_nonfinite(name, a, b)
