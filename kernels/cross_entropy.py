@@ -530,7 +530,10 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.ignore_index = inputs[3]
     ctx.smoothing = inputs[5] > 0
     ctx.mark_non_differentiable(output[1], grad)
-    ctx.save_for_backward(grad, inputs[1])
+    # a copy: the caller may write the labels in place after the loss (a version-checked saved
+    # input would then fail the backward), and the backward reads them only for its non-finite
+    # rows (O(rows))
+    ctx.save_for_backward(grad, inputs[1].clone())
 
 
 def _eager_nonfinite_rows(grad_loss, grad, target, reduction, ignore_index, smoothing):
