@@ -323,12 +323,13 @@ def ce_rows_torch(
         z_rows[s:e] = torch.where(valid, lse_square_scale * lse * lse, 0)
         if grad_out is None:
             continue
-        # where, not multiply: a_all is inf under "mean" when every row is ignored.
-        a = torch.where(valid, a_all, 0)
-        b = torch.where(valid, b_all, 0)
-        if row_scale is not None:  # an ignored row stays 0 under an inf / nan upstream gradient
+        a, b = a_all, b_all
+        if row_scale is not None:
             r = row_scale[s:e].to(ct)
-            a, b = torch.where(valid, a * r, 0), torch.where(valid, b * r, 0)
+            a, b = a * r, b * r
+        # where, not multiply, after the scale: a_all is inf under "mean" when every row is
+        # ignored, and an ignored row stays 0 under an inf / nan upstream gradient
+        a, b = torch.where(valid, a, 0), torch.where(valid, b, 0)
         p_coef = a * ((1.0 - eps) * w_t + eps * w_tot / V) + b * 2.0 * lse_square_scale * lse
         g.mul_((p_coef / sum_exp).unsqueeze(1))  # softmax * coefficient, in one pass
         if eps > 0:
@@ -367,9 +368,10 @@ def _plain_ce_rows(logits, target, w, stats, loss_rows, z_rows, grad_out, chunk_
         loss_rows[s:e] = torch.where(valid, ce, 0)
         if grad_out is None:
             continue
-        a = torch.where(valid, a_all, 0)  # where, not multiply: a_all is inf when all are ignored
-        if row_scale is not None:  # an ignored row stays 0 under an inf / nan upstream gradient
-            a = torch.where(valid, a * row_scale[s:e].to(ct), 0)
+        a = a_all * row_scale[s:e].to(ct) if row_scale is not None else a_all
+        # where, not multiply, after the scale: a_all is inf when all are ignored, and an ignored
+        # row stays 0 under an inf / nan upstream gradient
+        a = torch.where(valid, a, 0)
         coef = a if w_t is None else a * w_t
         g.exp_()
         g.mul_(coef.unsqueeze(1))
@@ -536,7 +538,7 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad, inputs[1].clone())
 
 
-def _eager_nonfinite_rows(grad_loss, grad, target, reduction, ignore_index, smoothing):
+def _eager_nonfinite_rows(grad_loss, target, reduction, ignore_index, smoothing):
     """(per-row upstream gradient, label positions to set to NaN): eager's convention where the
     upstream gradient is inf or nan, at O(rows) cost.  The stored gradient G (for grad_output 1)
     times s is eager's p*c - [j == t]*c (c = a*s) except there: eager's nll_loss backward leaves
@@ -560,8 +562,8 @@ def _ce_backward(ctx, grad_loss, grad_z, grad_grad):
     if not ctx.compute_grad:
         raise RuntimeError("liger::cross_entropy was called with compute_grad=False; "
                            "it cannot be differentiated")
-    s, label_nan = _eager_nonfinite_rows(grad_loss, grad, target, ctx.reduction,
-                                         ctx.ignore_index, ctx.smoothing)
+    s, label_nan = _eager_nonfinite_rows(grad_loss, target, ctx.reduction, ctx.ignore_index,
+                                         ctx.smoothing)
     # per row: the same products as the scalar's, with eager's non-finite rows (above)
     g = torch.ops.liger.cross_entropy_backward(s.contiguous(), grad, "none")
     if label_nan is not None:
