@@ -41,20 +41,27 @@ if triton is not None:
 
     @triton.jit
     def load_logits(ptr, cols, mask, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
-        """(z_eff, th) of the logits at ptr + cols (masked lanes load 0): z_eff in fp32, th the
-        tanh that logits_grad needs (z_eff itself when HAS_SOFTCAP is off; then unused)."""
+        """(z_eff, dz) of the logits at ptr + cols (masked lanes load 0): z_eff in fp32, dz the
+        softcap's derivative 1 - tanh^2 that logits_grad needs (z_eff itself when HAS_SOFTCAP is
+        off; then unused)."""
         z = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
-        th = z
+        dz = z
         if HAS_SOFTCAP:
-            th = tanh(z / softcap)
-            z = softcap * th
-        return z, th
+            x = z / softcap
+            z = softcap * tanh(x)
+            # 1 - tanh^2 as 4e / (1 + e)^2, e = exp(-2|x|): no cancellation.  1 - t * t from
+            # this exp-based t (about 1.5 ulp of 1 off, twice libm's) carried 11x eager's error
+            # into the gradient where the cap saturates (issue 22 long run, |x| of a few)
+            e = tl.exp(-2.0 * tl.abs(x))
+            dz = 4.0 * e / ((1.0 + e) * (1.0 + e))
+        return z, dz
 
     @triton.jit
-    def logits_grad(g, th, logit_scale, HAS_SOFTCAP: tl.constexpr):
-        """d(loss)/d(z) from d(loss)/d(z_eff): through the softcap's tanh, then the scale."""
+    def logits_grad(g, dz, logit_scale, HAS_SOFTCAP: tl.constexpr):
+        """d(loss)/d(z) from d(loss)/d(z_eff): through the softcap's tanh (dz from load_logits),
+        then the scale."""
         if HAS_SOFTCAP:
-            g = g * (1.0 - th * th)
+            g = g * dz
         return g * logit_scale
 
     @triton.jit
@@ -84,7 +91,9 @@ def effective_logits(z: Tensor, ct: torch.dtype, softcap: float, logit_scale: fl
 
 
 def logits_grad_(g: Tensor, th: Tensor | None, logit_scale: float) -> Tensor:
-    """Torch twin of logits_grad, in place on g (th from effective_logits)."""
+    """Torch twin of logits_grad, in place on g (th from effective_logits).  1 - th * th, as
+    eager's tanh backward: th is torch.tanh's, as close as eager's (the Triton side forms the
+    derivative from exp instead, its tanh being exp-based)."""
     if th is not None:
         g.mul_(1.0 - th * th)
     if logit_scale != 1.0:

@@ -479,3 +479,57 @@ def test_skip_logits_output_is_not_compared_the_loss_is(kernel_path):
     torch.testing.assert_close(loss, ref_loss)
     for a, b in zip(_grads(model, loss), gref):
         torch.testing.assert_close(a, b)
+
+
+# -- eager's spread (a gap of size alone judged again on inputs an ulp away) ---------------------
+
+def _fifteen(x):
+    return x * 15.0
+
+
+class Fifteen(nn.Module):
+    def forward(self, x):
+        return torch.cos(x) * 15.0
+
+
+def test_an_extra_rounding_is_dropped_despite_eagers_spread(names):
+    """bf16 `x * 15` (one rounding) "rewritten" to `(x * 3) * 5` (two): about 1.4x eager's error
+    on every element, a fixed part of the value, which eager's spread does not reach."""
+    names.append("test_validate_two_roundings")
+    register_pattern("test_validate_two_roundings", _fifteen, lambda x: (x * 3.0) * 5.0,
+                     (torch.randn(4),))
+    x = torch.randn(64, 64, dtype=torch.bfloat16, requires_grad=True)
+    ref, _, compiled, out, record = _first_call(Fifteen(), x, validate=True)
+    (msg,) = _validation_warnings(record)
+    assert "test_validate_two_roundings" in msg and "on inputs an ulp away" in msg
+    assert torch.equal(out, ref)
+
+
+def test_rule_with_eagers_spread():
+    """A value of few parts whose eager error is by chance small: within eager's spread passes,
+    beyond it fails; the spread never excuses a non-finite difference."""
+    ref = torch.randn(3, dtype=torch.float64)
+    low = ref.float()
+    off = (ref * (1 + 1e-4)).float()
+    assert within_eager_rounding("y", off, low, ref, torch.float32)
+    assert within_eager_rounding("y", off, low, ref, torch.float32, spread=1e-4) is None
+    assert within_eager_rounding("y", off, low, ref, torch.float32, spread=5e-5)
+    bad = off.clone()
+    bad[0] = float("inf")
+    assert "non-finite" in within_eager_rounding("y", bad, low, ref, torch.float32, spread=1.0)
+
+
+def test_spread_moves_a_cast_up_value_not_its_narrow_input():
+    """Close bf16 inputs upcast to fp32 for a KL (issue 22 long run, seed 0): the validator's
+    spread moves the fp32 copies by fp32 ulps, which keeps the problem (moving the bf16 inputs by
+    a bf16 ulp would make equal elements unequal), and keeps the rewrite."""
+    from ligerfx.compiler.validate import nudge
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, dtype=torch.bfloat16)
+    assert (nudge(x, g) != x).float().mean() > 0.2  # a bf16 ulp: a different input
+    y = x.float()
+    moved = nudge(y, g)
+    assert moved.dtype == torch.float32 and (moved != y).any()
+    assert ((moved.double() - y.double()).abs() <= y.double().abs() * 2.0 ** -23).all()
+    inf = torch.tensor([float("-inf"), float("nan"), 1.0])
+    assert nudge(inf, g)[:2].isinf()[0] and nudge(inf, g)[1].isnan()
