@@ -93,7 +93,7 @@ def rounding_error(low, ref) -> float:
 
 
 def within_eager_rounding(what: str, got, low, ref, dtype, factor: float = 1.25,
-                          noise: float = 0.0, spread: float = 0.0) -> str | None:
+                          noise: float = 0.0) -> str | None:
     """None when `got` is as good as eager's `low` against the float64 `ref`, else the reason.
 
     `got` / `low` may be None (no gradient).  Equal: same shape and dtype; integers identical;
@@ -104,8 +104,8 @@ def within_eager_rounding(what: str, got, low, ref, dtype, factor: float = 1.25,
     eager's error.  `factor` (1.25 here) is the differential suite's to widen for end-to-end
     comparisons in fp16 / bf16 (tests/differential/oracle.py says why); `noise` (absolute, 0
     here) the standard deviation of a reduced value's rounding noise, of which 3 are allowed on
-    top (tests/differential/noise.py); `spread` eager's largest error on inputs an ulp away
-    (`eager_spread`), which replaces eager's error where it is larger."""
+    top (tests/differential/noise.py).  A gap of size alone is judged again on inputs an ulp
+    away by the callers (`resample`)."""
     if low is None:
         if got is not None and got.abs().sum() != 0:
             return f"{what}: a gradient where eager has none"
@@ -129,7 +129,7 @@ def within_eager_rounding(what: str, got, low, ref, dtype, factor: float = 1.25,
     if low.is_floating_point() and torch.finfo(low.dtype).eps > torch.finfo(dtype).eps:
         dtype = low.dtype  # a half-precision value of a mixed-dtype computation: its own floor
     floor = 2e-5 if dtype in (torch.float32, torch.float64) else 0.05 * torch.finfo(dtype).eps
-    bound = factor * max(e_low, spread) + floor
+    bound = factor * e_low + floor
     if noise:
         bound += 3.0 * noise / max(float(ref.detach().double()[mask].norm()), 1e-30)
     if e_low >= 1.0:
@@ -140,29 +140,31 @@ def within_eager_rounding(what: str, got, low, ref, dtype, factor: float = 1.25,
         # NOISE_FACTOR times eager's; a result of the size of the real terms is still caught.
         bound = NOISE_FACTOR * e_low
     if e_got > bound:
-        near = f" (at most {spread:.3g} on inputs an ulp away)" if spread else ""
-        return (f"{what}: {ROUNDING_GAP} {e_got:.3g} vs float64, eager {dtype} has "
-                f"{e_low:.3g}{near}")
+        return f"{what}: {ROUNDING_GAP} {e_got:.3g} vs float64, eager {dtype} has {e_low:.3g}"
     return None
 
 
-# -- eager's spread ----------------------------------------------------------------------------
+# -- resampling ----------------------------------------------------------------------------------
 # A value whose error has few independent parts (a loss reduced to one number; the gradient of
-# near-equal distributions, whose error is mostly each row's shared log-sum-exp rounding) has an
-# error that is one random draw: eager's may by chance lie far below its usual size, and then a
-# correct rewrite fails "1.25x eager's" (issue 22: a close-rows KL at 1.31x, its gradient at
-# 1.46x).  Where every difference found is one of size (never a non-finite value, a shape or a
-# dtype), eager and the float64 reference run again on SPREAD_RUNS copies of the inputs, each
-# element moved at random by up to one ulp of eager's dtype, and the bound uses eager's
-# largest error there.  That is still eager's own rounding, at inputs it cannot tell apart: a
-# rewrite that drops a term or skips a rounding eager makes (an error that is a fixed part of the
-# value, not a draw) stays beyond it (tests/test_validate.py).
-SPREAD_RUNS = 8
+# near-equal distributions, whose error is mostly each row's shared log-sum-exp rounding; a norm's
+# weight gradient over a few rows) has an error that is one random draw, eager's and a rewrite's
+# alike: one comparison of two draws fails a correct rewrite by chance (issue 22 long run: a
+# close-rows KL at 1.31x eager's error, its gradient at 1.46x) and passes a wrong rounding by
+# chance.  So where every difference found is one of size (never a non-finite value, a shape, a
+# dtype or autograd's flag), eager, the rewrite and the float64 reference run again on RESAMPLES
+# copies of the inputs, each floating element moved at random by up to one ulp (zeros, infinities,
+# NaNs and signs kept), and a value differs when it fails the rule on most of the RESAMPLES + 1
+# input sets: the rule is then a comparison of two error distributions, not of two draws.  A
+# rewrite that rounds where eager does not (1.4x eager's error on every draw) still fails
+# (tests/test_validate.py, tests/differential/test_regressions.py); any other difference on a
+# moved input set (a non-finite value) fails at once.
+RESAMPLES = 8
 ROUNDING_GAP = "relative error"
 
 
-def size_only(problems: list) -> bool:
-    """True when every problem is an error's size (what eager's spread may excuse)."""
+def size_only(problems) -> bool:
+    """True when there are problems and every one is an error's size (what resampling judges)."""
+    problems = [p for p in problems if p]
     return bool(problems) and all(ROUNDING_GAP in p for p in problems)
 
 
@@ -179,50 +181,29 @@ def nudge(x, gen: torch.Generator, dtype=None):
     return out
 
 
-class _Replace(torch.autograd.Function):
-    """Forward: another value; backward: the identity (v + (value - v).detach() would turn an
-    infinite v into NaN)."""
-
-    @staticmethod
-    def forward(ctx, v, value):
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def _as_value(v: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """`value` in place of `v`, differentiable as `v` is."""
-    return _Replace.apply(v, value.detach()) if v.requires_grad else value
-
-
-def _widening(n: fx.Node) -> bool:
-    """A cast up: a floating result finer than every floating tensor the node reads (by the
-    graph's example values)."""
-    def fdt(v):
-        d = getattr(v, "dtype", None)
-        return d if isinstance(d, torch.dtype) and d.is_floating_point else None
-    out = fdt(node_value(n))
-    ins = [d for d in (fdt(node_value(a)) for a in n.all_input_nodes) if d is not None]
-    return out is not None and bool(ins) and \
-        all(torch.finfo(d).eps > torch.finfo(out).eps for d in ins)
-
-
-def eager_spread(run, runs: int = SPREAD_RUNS, seed: int = 0):
-    """Eager's largest error over `runs` nudged inputs.  `run(gen)` runs eager and the float64
-    reference on inputs nudged with `gen` and returns {name: (eager value, reference)}; the
-    result is {name: largest rounding_error}, or None when a run raises."""
+def resample(base: dict, sample, runs: int = RESAMPLES, seed: int = 0) -> dict:
+    """The verdict after resampling.  `base`: {value: problem or None} on the real inputs, its
+    problems all of size; `sample(gen)`: the same dict for every value on inputs nudged with
+    `gen`.  A value keeps a problem when it fails on most of the runs + 1 input sets; a problem
+    of another kind on any set is kept as found; a run that raises leaves `base` as it is."""
     gen = torch.Generator().manual_seed(seed + 2)
-    worst: dict = {}
+    fails = {k: int(p is not None) for k, p in base.items()}
+    last = dict(base)
     for _ in range(runs):
         try:
-            pairs = run(gen)
-        except Exception:  # noqa: BLE001 - no spread: the plain rule stands
-            return None
-        for k, (low, ref) in pairs.items():
-            worst[k] = max(worst.get(k, 0.0), rounding_error(low, ref))
-    return worst
+            found = sample(gen)
+        except Exception:  # noqa: BLE001 - the validator's limit: the plain verdict stands
+            return base
+        for k, p in found.items():
+            if p is None:
+                continue
+            if ROUNDING_GAP not in p:
+                return {**base, k: f"{p} (inputs moved by an ulp)"}
+            fails[k] = fails.get(k, 0) + 1
+            last[k] = last.get(k) or p
+    n = runs + 1
+    return {k: (f"{last[k]} (and on {fails[k] - (base.get(k) is not None)} of {runs} input sets "
+                f"an ulp away)" if fails.get(k, 0) * 2 > n else None) for k in last}
 
 
 # Where eager's own relative error is at least 1 (see within_eager_rounding); measured: a fused
@@ -359,10 +340,9 @@ def _wide(a):
 
 
 def _run_nodes(gm: fx.GraphModule, nodes: list, env: dict, modes: dict, ambient: bool,
-               wide: bool = False, hook=None) -> dict:
+               wide: bool = False) -> dict:
     """Run `nodes` (in order) reading `env` (node name -> value, extended in place), each in its
-    autograd mode; `wide`: every floating dtype the code names is float64 (the reference);
-    `hook(node, value)`: what the node's readers read instead of its value (eager's spread)."""
+    autograd mode; `wide`: every floating dtype the code names is float64 (the reference)."""
     def val(a):
         return env[a.name]
 
@@ -393,8 +373,6 @@ def _run_nodes(gm: fx.GraphModule, nodes: list, env: dict, modes: dict, ambient:
                 env[n.name] = obj
             else:
                 raise RuntimeError(f"cannot run `{n.name}` ({n.op}) as part of a region")
-        if hook is not None:
-            env[n.name] = hook(n, env[n.name])
     return env
 
 
@@ -495,13 +473,12 @@ def _leaf(value, grad: bool, wide: bool):
     return v.requires_grad_(True) if grad else v
 
 
-def _forward_backward(gm, nodes, outs, inputs, values, needs, modes, ambient, cot, wide=False,
-                      hook=None):
+def _forward_backward(gm, nodes, outs, inputs, values, needs, modes, ambient, cot, wide=False):
     """Run a region: its outputs, and the gradients of the inputs that need one (None when no
     output requires grad)."""
     env = {n.name: _leaf(values[k], needs[k], wide) for k, n in inputs.items()}
     leaves = {k: env[n.name] for k, n in inputs.items() if needs[k]}
-    _run_nodes(gm, nodes, env, modes, ambient, wide, hook)
+    _run_nodes(gm, nodes, env, modes, ambient, wide)
     results = [env[o.name] if isinstance(o, fx.Node) else None for o in outs]
     diff = [(r, c) for r, c in zip(results, cot)
             if c is not None and isinstance(r, torch.Tensor) and r.requires_grad]
@@ -559,11 +536,11 @@ def check_region(record, original: fx.GraphModule, rewritten: fx.GraphModule, va
     new_env_names = {old.name: new_name for new_name, old in new_reads.items()}
     omodes, nmodes = grad_mode.modes(og), grad_mode.modes(ng)
 
-    def run_new(cot):
+    def run_new(cot, vals=values):
         env = {}
         leaves = {}
         for k in new_inputs:
-            v = _leaf(values[k], needs[k], False)
+            v = _leaf(vals[k], needs[k], False)
             env[new_env_names.get(k, k)] = v
             if needs[k]:
                 leaves[k] = v
@@ -612,20 +589,19 @@ def check_region(record, original: fx.GraphModule, rewritten: fx.GraphModule, va
     # an input the rewrite reads as its twin's value: both sides' gradients of the two, summed
     merged = _merge_duplicates(inputs, set(new_reads.values()))
     low_g, ref_g, got_g = (_fold(g, merged) for g in (low_g, ref_g, got_g))
-    def judge(spread):
-        problems = []
+    def judge(got, got_g, got_rg, low, low_g, ref, ref_g) -> dict:
+        """{value: problem or None} for every output and gradient (and autograd's flags)."""
+        verdict = {}
         for i, (o, a, b, c) in enumerate(zip(outs_old, got, low, ref)):
             if i in skip:
                 continue  # the pattern replaced it by a value an option asked for (skip_logits)
             what = f"output {i} (`{o.name}`)"
             if isinstance(b, torch.Tensor):
-                p = within_eager_rounding(what, a, b, c, b.dtype, spread=spread.get(i, 0.0)) \
+                verdict[what] = within_eager_rounding(what, a, b, c, b.dtype) \
                     if isinstance(a, torch.Tensor) else \
                     f"{what}: {type(a).__name__} where the original gives a tensor"
             else:
-                p = None if a == b else f"{what}: {a!r} where the original gives {b!r}"
-            if p:
-                problems.append(p)
+                verdict[what] = None if a == b else f"{what}: {a!r} where the original gives {b!r}"
         for i, (o, a, b) in enumerate(zip(outs_old, got_rg, low_rg)):
             # autograd's flag is part of the value: an output that gains one where eager's has
             # none (one op over two tensors, one of them without a gradient) or loses one is a
@@ -633,59 +609,37 @@ def check_region(record, original: fx.GraphModule, rewritten: fx.GraphModule, va
             # program ran with autograd (without it no output of the program requires grad,
             # whatever the new nodes' recorded modes say)
             if ambient and i not in skip and a != b:
-                problems.append(f"output {i} (`{o.name}`) "
-                                + ("requires grad where the original's does not" if a else
-                                   "does not require grad where the original's does"))
+                verdict[f"flag {i}"] = (f"output {i} (`{o.name}`) "
+                                        + ("requires grad where the original's does not" if a
+                                           else "does not require grad where the original's does"))
         if low_g is not None:
             for k in low_g:
+                what = f"gradient of `{k}`"
                 gg = got_g.get(k) if got_g is not None else None
-                p = within_eager_rounding(f"gradient of `{k}`", gg, low_g[k], ref_g.get(k),
-                                          values[k].dtype, spread=spread.get(k, 0.0))
-                if p:
-                    problems.append(p)
-        return problems
+                verdict[what] = within_eager_rounding(what, gg, low_g[k], ref_g.get(k),
+                                                      values[k].dtype)
+        return verdict
 
-    # inputs an ulp away in the precision the region computes in: a value it casts up (bf16 read
-    # as fp32) is moved after the cast, in the wider dtype, where moving the narrow value by its
-    # own ulp would change the problem (two bf16 inputs equal to the ulp no longer equal)
-    widen = {n.name for n in old_nodes if _widening(n)}
-    region = set(old_nodes)
-
-    def nudged(gen):
-        moved = dict(values)
-        for k, n in inputs.items():
-            readers = [u for u in n.users if u in region]
-            if not (readers and all(u.name in widen for u in readers)):
-                moved[k] = nudge(values[k], gen)
-        cast = {}
-
-        def low_hook(n, v):
-            if n.name in widen and isinstance(v, torch.Tensor):
-                cast[n.name] = nudge(v, gen)
-                return _as_value(v, cast[n.name])
-            return v
-
-        def ref_hook(n, v):
-            return _as_value(v, cast[n.name].to(v.dtype)) if n.name in cast else v
+    def moved(gen):
+        vals = dict(values)
+        vals.update({k: nudge(values[k], gen) for k in inputs})
         torch.manual_seed(seed)
-        lo, lo_g, _ = _forward_backward(original, old_nodes, outs_old, inputs, moved, needs,
-                                        omodes, ambient, cot, hook=low_hook)
+        lo, lo_g, _ = _forward_backward(original, old_nodes, outs_old, inputs, vals, needs,
+                                        omodes, ambient, cot)
         torch.manual_seed(seed)
-        rf, rf_g, _ = _forward_backward(original, old_nodes, outs_old, inputs, moved, needs,
-                                        omodes, ambient, cot, wide=True, hook=ref_hook)
-        pairs = dict(enumerate(zip(lo, rf)))
-        lo_g, rf_g = _fold(lo_g, merged), _fold(rf_g, merged)
-        if lo_g is not None and rf_g is not None:
-            pairs.update({k: (lo_g[k], rf_g.get(k)) for k in lo_g})
-        return pairs
+        rf, rf_g, _ = _forward_backward(original, old_nodes, outs_old, inputs, vals, needs,
+                                        omodes, ambient, cot, wide=True)
+        torch.manual_seed(seed)
+        gt, gt_g, gt_rg = run_new(cot, vals)
+        return judge(gt, _fold(gt_g, merged), gt_rg, lo, _fold(lo_g, merged), rf,
+                     _fold(rf_g, merged))
 
-    problems = judge({})
-    if size_only(problems):
-        # a gap of size alone may be eager's luck: judged again against its spread
+    verdict = judge(got, got_g, got_rg, low, low_g, ref, ref_g)
+    if size_only(verdict.values()):
+        # two draws of rounding noise may differ by chance: judged on more (`resample`)
         with _forked_rng(values.values()):
-            spread = eager_spread(nudged, seed=seed)
-        if spread:
-            problems = judge(spread)
+            verdict = resample(verdict, moved, seed=seed)
+    problems = [p for p in verdict.values() if p]
     if problems:
         return Result(record, DROPPED, "; ".join(problems), not_compared)
     return Result(record, EQUAL, not_compared=not_compared)

@@ -33,7 +33,7 @@ from hypothesis import assume
 
 import ligerfx.backend
 from ligerfx.compiler.detect import detectors
-from ligerfx.compiler.validate import eager_spread, nudge, size_only, within_eager_rounding
+from ligerfx.compiler.validate import nudge, resample, size_only, within_eager_rounding
 from tests.differential.noise import scalar_noise
 from tests.differential.source import MATH, SAFETY, SPELLING, Case, make_inputs
 
@@ -118,35 +118,21 @@ def _run(model, inputs, leaves, cotangents):
 # eager's).  So end to end in half precision the factor is 2; every region still passes the
 # validator's 1.25x (the oracle compiles with validate="raise").
 # A regression test of a rounding-placement fix (the rewrite rounded where eager does not) passes
-# `strict=True` to `check`: 1.25x end to end, so it fails without the fix.
-def compare(what, got, low, ref, dtype, strict=False, noise=None, spread=0.0):
+# `strict=True` to `check`: 1.25x end to end on its own draw, not resampled, so it fails without
+# the fix (resampled, such a placement is often as far from float64 as eager's on most input sets:
+# rms_norm's unrounded weight-gradient products, 1.44x on seed 10358, pass the vote).
+def compare(what, got, low, ref, dtype, strict=False, noise=None):
     """`noise`: a one-element output's rounding noise (noise.scalar_noise), of which 3 standard
-    deviations are allowed on top of the factor times eager's error; `spread`: eager's largest
-    error on inputs an ulp away (`_spread`)."""
+    deviations are allowed on top of the factor times eager's error."""
     half = dtype in (torch.float16, torch.bfloat16) and not strict
     return within_eager_rounding(what, got, low, ref, dtype, factor=2.0 if half else 1.25,
-                                 noise=noise or 0.0, spread=spread)
+                                 noise=noise or 0.0)
 
 
-def _spread(case: Case, masters, cot, seed: int):
-    """Eager's largest error (validate.eager_spread) over the module run again on inputs whose
-    floating elements are each moved by up to one ulp of the case's dtype: {"output i" /
-    "grad i": error}."""
-    def run(gen):
-        moved = [nudge(m, gen, case.input_dtype(i, False)) if i.kind == "float" else m
-                 for i, m in zip(case.src.inputs, masters)]
-        ref_model, low_model = case.build(True), case.build()
-        with torch.enable_grad() if case.grad else torch.no_grad():
-            ref_in, ref_leaves = _leaves(case, moved, ref_model, True)
-            ref_out, ref_grads = _run(ref_model, ref_in, ref_leaves, cot)
-            low_in, low_leaves = _leaves(case, moved, low_model, False)
-            low_out, low_grads = _run(low_model, low_in, low_leaves, cot)
-        pairs = {f"output {i}": (a, b) for i, (a, b) in enumerate(zip(low_out, ref_out))}
-        if cot is not None and low_grads is not None and ref_grads is not None:
-            pairs.update({f"grad {i}": (a, b) for i, (a, b) in enumerate(zip(low_grads, ref_grads))})
-        return pairs
-    with torch.random.fork_rng(devices=[]):
-        return eager_spread(run, seed=seed) or {}
+def _nudged(case: Case, masters, gen):
+    """The masters with each floating element moved by up to one ulp of the case's dtype."""
+    return [nudge(m, gen, case.input_dtype(i, False)) if i.kind == "float" else m
+            for i, m in zip(case.src.inputs, masters)]
 
 
 def _fail(case: Case, seed: int, exc: type, msg: str) -> None:
@@ -213,25 +199,42 @@ def check(case: Case, seed: int, paths=("torch", "triton"), strict: bool = False
                 got_out, got_grads = _run(compiled, test_in, test_leaves, cot)
             except Exception as e:
                 return _fail(case, seed, Crash, f"{path} path: {type(e).__name__}: {str(e)[:2000]}") or reports
+        names = []
         if cot is not None:
             names = [f"grad of input {i}" for i in range(len(test_leaves) - len([p for p in test_model.parameters()
                                                                                   if p.requires_grad]))]
             names += [f"grad of {n}" for n, p in test_model.named_parameters() if p.requires_grad]
-            got_grads = got_grads or [None] * len(names)
 
-        def judge(spread):
-            problems = [compare(f"output {i}", a, b, c, case.dtype, strict, n,
-                                spread.get(f"output {i}", 0.0))
-                        for i, (a, b, c, n) in enumerate(zip(got_out, low_out, ref_out, noise))]
+        def judge(got_out, got_grads, low_out, low_grads, ref_out, ref_grads) -> dict:
+            verdict = {f"output {i}": compare(f"output {i}", a, b, c, case.dtype, strict, n)
+                       for i, (a, b, c, n) in enumerate(zip(got_out, low_out, ref_out, noise))}
             if cot is not None:
-                problems += [compare(n, a, b, c, case.dtype, strict,
-                                     spread=spread.get(f"grad {i}", 0.0))
-                             for i, (n, a, b, c) in enumerate(zip(names, got_grads, low_grads,
-                                                                  ref_grads))]
-            return [p for p in problems if p]
-        problems = judge({})
-        if size_only(problems):  # eager's luck? judged again against its spread (validate.py)
-            problems = judge(_spread(case, masters, cot, seed))
+                got_grads = got_grads or [None] * len(names)
+                verdict.update({n: compare(n, a, b, c, case.dtype, strict) for n, a, b, c
+                                in zip(names, got_grads, low_grads, ref_grads)})
+            return verdict
+
+        def moved(gen, path=path):
+            """The same three runs on inputs an ulp away (validate.resample)."""
+            nudged = _nudged(case, masters, gen)
+            ref_m, low_m = case.build(True), case.build()
+            with torch.enable_grad() if cot is not None else torch.no_grad():
+                r_in, r_leaves = _leaves(case, nudged, ref_m, True)
+                r_out, r_grads = _run(ref_m, r_in, r_leaves, cot)
+                l_in, l_leaves = _leaves(case, nudged, low_m, False)
+                l_out, l_grads = _run(low_m, l_in, l_leaves, cot)
+                with kernel_path(path), collect_reports([]):
+                    t_in, t_leaves = _leaves(case, nudged, test_model, False)
+                    t_out, t_grads = _run(compiled, t_in, t_leaves, cot)
+            return judge(t_out, t_grads, l_out, l_grads, r_out, r_grads)
+
+        verdict = judge(got_out, got_grads, low_out, low_grads, ref_out, ref_grads)
+        # two draws may differ by chance: judged on more (validate.resample); a strict check
+        # pins one rounding placement on its own draw, so it is not resampled
+        if size_only(verdict.values()) and not strict:
+            with torch.random.fork_rng(devices=[]):
+                verdict = resample(verdict, moved, seed=seed)
+        problems = [p for p in verdict.values() if p]
         if problems:
             return _fail(case, seed, WrongAnswer, f"{path} path: " + "; ".join(problems) + "\n"
                          + _summary(reports)) or reports
