@@ -1216,3 +1216,42 @@ class M(nn.Module):
         patterns = ("cross_entropy",)
     check(Case(Written(code, inputs), patterns, SPELLING, F32, "regression", dynamic=True),
           seed=seed, paths=("triton",))
+
+
+# OPEN (issue 22 long run, logprob seed 0; not fixed, kept as a strict xfail): the entropy spelled
+# `logsumexp(z) - (softmax(z) * z).sum(-1)` of logits in the thousands (h scaled by 1000), a near
+# one-hot row.  Eager's sum(softmax * z) absorbs the other logits' terms (1e-17 * 37) into the
+# largest logit exactly, in fp32 and in the float64 reference alike, so both give the largest
+# logit's gradient as exactly 0; the op's entropy_lse gradient, -p * (logp + H), gives the true
+# -3.4e-15, 100% off both (hidden's gradient at 1.09 relative error, eager's 2.5e-5, on 9 of 9
+# input sets).  Forming the gradient as eager's autograd does (g * exp(z - lse) - g * p + softmax's
+# backward of E[z]) matches eager on the torch path but not on the Triton one, whose log-sum-exp
+# rounds to the other side of an ulp of the logits in a tie (5.5% vs eager's 0.5% on a row of
+# tests/kernels/test_logprob_entropy_lse.py seed 1); leaving out the two terms that cancel exactly
+# gives 4%.  See docs/post_training.md.
+@pytest.mark.xfail(strict=True, reason="open: float64 reference absorbs like eager (issue 22)")
+def test_entropy_lse_gradient_where_the_reference_absorbs_like_eager():
+    code = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 40, bias=False)
+
+    def forward(self, h, labels, old):
+        l = F.linear(h, self.head.weight, self.head.bias)
+        ids = labels.to(torch.float16).to(labels.dtype)
+        z = l / 2.0
+        idx = ids.clamp_min(0)
+        sel = torch.gather(z, -1, idx[:, :, None]).squeeze(-1)
+        tok = sel - z.logsumexp(-1)
+        tok = tok * (ids != -100)
+        out = torch.exp(tok - old)
+        pz = torch.softmax(z, -1)
+        ent = torch.logsumexp(z, -1) - (pz * z).sum(-1)
+        return (out, ent)
+"""
+    inputs = [Input("h", (2, 4, 16), scale=1000.0),
+              Input("labels", (2, 4), kind="labels", high=40, ignore=True),
+              Input("old", (2, 4), scale=1000.0, grad=False)]
+    check(Case(Written(code, inputs), ("fused_linear_logprob",), SAFETY, F32, "regression"),
+          seed=0, paths=("torch",))
