@@ -98,3 +98,52 @@ def test_inf_logits_follow_eager(kernel_path, dtype, name, opts, reduction):
     if reduction == "none":  # +inf rows NaN, a row with -inf logits finite (smoothing: +inf)
         assert loss[:3].isnan().all() and torch.isfinite(loss[9])
         assert torch.isfinite(loss[[4, 8]]).all() != bool(kw.get("label_smoothing"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", ["rows", "bias"])
+def test_fused_linear_ce_inf_logits_follow_eager(kernel_path, monkeypatch, where, dtype,
+                                                 reduction):
+    """The fused lm head: +inf logits in two rows (one ignored) from a hidden value whose product
+    overflows in one column, or in every row from a +inf bias.  Chunks of 4 rows; "none" and
+    bf16 recompute the chunks in the backward.  A NaN row of the logits' gradient makes that row
+    of grad_hidden and all of grad_weight NaN, in eager as here."""
+    from ligerfx.kernels import fused_linear_cross_entropy as flce
+
+    monkeypatch.setattr(flce, "FLCE_CHUNK_ROWS", 4)
+    H = 16
+    h = torch.randn(N, H)
+    w = torch.randn(V, H) * 0.3
+    b = torch.randn(V) * 0.1
+    t = torch.randint(0, V, (N,))
+    t[[3, 7]] = -100
+    w[:, 0] = 0.0
+    if where == "rows":
+        w[250, 0] = 10.0
+        h[[1, 3], 0] = 1e38  # 1e39 in column 250: +inf, the row's other logits finite
+    else:
+        b[17] = INF
+    h, w, b = h.to(dtype), w.to(dtype), b.to(dtype)
+
+    def grads(fn, *args):
+        args = [a.clone().requires_grad_() for a in args]
+        loss = fn(*args)
+        return (loss,) + torch.autograd.grad(loss, args, cot.to(loss.dtype))
+
+    def eager(h, w, b):
+        z = F.linear(h, w, b).float() if h.dtype != torch.float64 else F.linear(h, w, b)
+        return F.cross_entropy(z, t, reduction=reduction)
+
+    def ours(h, w, b):
+        return flce.fused_linear_cross_entropy(h, w, t, bias=b, reduction=reduction)
+
+    cot = torch.randn(N) if reduction == "none" else torch.randn(())
+    low = grads(eager, h, w, b)
+    ref = grads(eager, h.double(), w.double(), b.double())
+    got = grads(ours, h, w, b)
+    assert low[1][3].isnan().all()  # the ignored row: the case reaches the convention
+    assert torch.isfinite(low[1][0]).all() == (where == "rows")
+    for what, g, lo, hi in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, low, ref):
+        problem = within_eager_rounding(what, g, lo, hi, lo.dtype)
+        assert problem is None, problem
