@@ -46,6 +46,8 @@ on its private chunk buffers.
 
 Kernel: one program per row; pass 1 streams the row in BLOCK_V chunks keeping an online
 max/sum-exp (plus sum of weight*z for smoothing), pass 2 re-reads the row and writes the gradient.
+An ignored row is read once, without exp, and written 0, or NaN where eager's log_softmax is NaN
+(a +inf or NaN logit, or all -inf: eager's backward gives even an ignored row NaN there).
 Reduction denominators are computed with tensor ops on the host (no device sync) and read by the
 kernel from a small stats tensor.
 """
