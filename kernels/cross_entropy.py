@@ -46,6 +46,8 @@ on its private chunk buffers.
 
 Kernel: one program per row; pass 1 streams the row in BLOCK_V chunks keeping an online
 max/sum-exp (plus sum of weight*z for smoothing), pass 2 re-reads the row and writes the gradient.
+An ignored row is read once, without exp, and written 0, or NaN where eager's log_softmax is NaN
+(a +inf or NaN logit, or all -inf: eager's backward gives even an ignored row NaN there).
 Reduction denominators are computed with tensor ops on the host (no device sync) and read by the
 kernel from a small stats tensor.
 """
@@ -101,10 +103,24 @@ if triton is not None:
             tl.store(LOSS + row, 0.0)
             tl.store(ZLOSS + row, 0.0)
             if COMPUTE_GRAD:
+                # Eager's log_softmax is NaN throughout a row that holds a NaN or a +inf (inf -
+                # inf) or is all -inf, and its backward carries that into an ignored row too
+                # (0 - exp(nan) * 0): one read of the row, without exp, says which it is.
+                n_bad = 0
+                m_ig = -float("inf")
                 for off in range(0, V, BLOCK_V):
                     cols = off + cols0
-                    tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32).to(G.dtype.element_ty),
-                             mask=cols < V)
+                    mask = cols < V
+                    z, _ = load_logits(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
+                    n_bad += tl.sum(tl.where(mask & ((z != z) | (z == float("inf"))), 1, 0), 0)
+                    m_ig = tl.maximum(m_ig, tl.max(tl.where(mask, z, -float("inf")), 0))
+                fill = 0.0
+                if n_bad > 0 or m_ig == -float("inf"):
+                    fill = float("nan")
+                for off in range(0, V, BLOCK_V):
+                    cols = off + cols0
+                    tl.store(g_row + cols, tl.full([BLOCK_V], fill, tl.float32).to(
+                        G.dtype.element_ty), mask=cols < V)
             return
 
         # Pass 1: online logsumexp (and sum of w*z for label smoothing).
@@ -123,7 +139,10 @@ if triton is not None:
                     sum_wz += tl.sum(tl.where(mask, z, 0.0), 0)
             z = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            # shifted by 0 while every logit so far is -inf, as logsumexp: by -inf, the sum of a
+            # leading all -inf block was exp(-inf + inf) = NaN and the row's loss NaN, eager's not
+            m_s = tl.where(m_new == -float("inf"), 0.0, m_new)
+            d = d * tl.exp(m - m_s) + tl.sum(tl.exp(z - m_s), 0)
             m = m_new
         # log-probabilities as eager's log_softmax forms them, (z - max) - log(sum): with
         # z - lse instead, lse = max + log(sum) rounds log(sum) away when max is large (a row
@@ -306,6 +325,9 @@ def ce_rows_torch(
         # Every read of z happens before exp(z - max) is written, because that buffer is the
         # gradient's, which may be the logits themselves (the fused lm head's chunk buffer).
         m = z.amax(-1) if V > 0 else z.new_zeros(e - s)
+        # eager's log_softmax (so its loss and gradient, an ignored row's too) is NaN throughout
+        # a row whose max is +inf; the shifted sum below gives lse = +inf there instead
+        inf_max = m == float("inf")
         m = torch.where(torch.isfinite(m), m, 0)  # as logsumexp: an all -inf row stays -inf
         z_t = z.gather(1, t_safe).squeeze(1)
         if eps > 0:
@@ -319,7 +341,7 @@ def ce_rows_torch(
         ce = (1.0 - eps) * w_t * (lse - z_t)
         if eps > 0:
             ce = ce + eps / V * (lse * w_tot - sum_wz)
-        loss_rows[s:e] = torch.where(valid, ce, 0)
+        loss_rows[s:e] = torch.where(valid, torch.where(inf_max, float("nan"), ce), 0)
         z_rows[s:e] = torch.where(valid, lse_square_scale * lse * lse, 0)
         if grad_out is None:
             continue
@@ -331,6 +353,7 @@ def ce_rows_torch(
         # ignored, and an ignored row stays 0 under an inf / nan upstream gradient
         a, b = torch.where(valid, a, 0), torch.where(valid, b, 0)
         p_coef = a * ((1.0 - eps) * w_t + eps * w_tot / V) + b * 2.0 * lse_square_scale * lse
+        p_coef = torch.where(inf_max, float("nan"), p_coef)  # the whole row NaN, as eager's
         g.mul_((p_coef / sum_exp).unsqueeze(1))  # softmax * coefficient, in one pass
         if eps > 0:
             g -= (a * eps / V).unsqueeze(1) * (w if w is not None else 1.0)

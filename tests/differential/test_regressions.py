@@ -1255,3 +1255,28 @@ class M(nn.Module):
               Input("old", (2, 4), scale=1000.0, grad=False)]
     check(Case(Written(code, inputs), ("fused_linear_logprob",), SAFETY, F32, "regression"),
           seed=0, paths=("torch",))
+
+
+# +inf logits on the Triton path (kernels/cross_entropy.py, fixed here; issue 22 long run, seeds
+# 3403 and 2): -inf-masked columns squared become +inf.  Eager's log_softmax of a row whose max
+# is +inf is NaN throughout, so even an ignored row's gradient is NaN (0 - exp(nan) * 0); the
+# kernel wrote 0 into every ignored row without reading it (130 non-finite values, eager 196).
+@pytest.mark.parametrize("seed,neginf", [(3403, (0, 21)), (2, (0,))])
+def test_ce_ignored_rows_with_plus_inf_logits(seed, neginf):
+    code = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+
+    def forward(self, logits, labels):
+        l = logits * 1.5
+        l1 = l.float() ** 2
+        ls = l1[:, :-1, :].contiguous()
+        ts = labels[:, 1:].contiguous()
+        lsum = F.cross_entropy(ls.reshape(-1, 24), ts.reshape(-1), ignore_index=-100, reduction='sum')
+        loss = lsum / (ts != -100).sum().clamp_min(1)
+        return (loss,)
+"""
+    inputs = [Input("logits", (2, 5, 24), scale=3.0, neginf=neginf),
+              Input("labels", (2, 5), kind="labels", high=24, ignore=True)]
+    check(Case(Written(code, inputs), ("cross_entropy",), MATH, F16, "regression"), seed=seed)
