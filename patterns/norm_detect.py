@@ -141,7 +141,9 @@ register_detector("rms_norm", detect_rms_norm,
 # What a layer norm is, by data flow: a value centred by its own mean over the last dim
 # (x - mean(x, -1)), whose variance (`var`, or a mean of squares of the centred value) plus eps
 # goes through an rsqrt that multiplies the centred value.  A hit needs the centring on the
-# variance's side or the product's side, so an RMS norm (no centring) is never one.
+# variance's side or the product's side, so an RMS norm (no centring) is never one.  Where an
+# RMS-norm rewrite took the product, a centring whose reads of x differ (a write between them) is
+# the hit, anchored on what the rewrite left (`_written_centrings`).
 
 
 def _centre(v):
