@@ -10,7 +10,8 @@ squares alone (an L2 norm, which the rms_norm pattern reports itself).
 from __future__ import annotations
 
 from ligerfx.compiler.canonical import CNode
-from ligerfx.compiler.detect import fx_nodes, name, op, register_detector, strip, written_base
+from ligerfx.compiler.detect import (fx_nodes, name, op, register_detector, rewritten_by, strip,
+                                     users, written_base)
 
 
 def _number(a) -> bool:
@@ -140,7 +141,9 @@ register_detector("rms_norm", detect_rms_norm,
 # What a layer norm is, by data flow: a value centred by its own mean over the last dim
 # (x - mean(x, -1)), whose variance (`var`, or a mean of squares of the centred value) plus eps
 # goes through an rsqrt that multiplies the centred value.  A hit needs the centring on the
-# variance's side or the product's side, so an RMS norm (no centring) is never one.
+# variance's side or the product's side, so an RMS norm (no centring) is never one.  Where an
+# RMS-norm rewrite took the product, a centring whose reads of x differ (a write between them) is
+# the hit, anchored on what the rewrite left (`_written_centrings`).
 
 
 def _centre(v):
@@ -198,8 +201,52 @@ def _layer_norm_hit(c, got, other):
     return c.nodes[0], fx_nodes(c, got[0], var), what
 
 
+# Patterns whose kernel normalises its first input by its RMS over the last dim: on the rewritten
+# graph such a call is the product `x * rsqrt(mean(x²) + eps)` the walk above no longer sees.
+_RMS_OF_FIRST = ("rms_norm", "gated_rms_norm")
+
+
+def _rms_normalised(c, readers):
+    """Whether the value of `c` (through casts) is the input an RMS-norm rewrite normalises."""
+    todo, seen = [c], set()
+    while todo:
+        v = todo.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        for r in readers.get(id(v), ()):
+            if op(r) == "cast":
+                todo.append(r)
+            elif rewritten_by(r) in _RMS_OF_FIRST and r.args and r.args[0] is v:
+                return True
+    return False
+
+
+def _written_centrings(view):
+    """Centrings x - mean(x, -1) whose two reads of x see different values (an in-place write of x
+    between them), normalised by an RMS norm another pattern rewrote: the RMS norm of the value
+    is right, but no layer norm is there (the centred value is not x - mean(x)), and the product
+    the rsqrt walk looks for is gone into the rewrite."""
+    readers = users(view)
+    for v in view.cnodes():
+        if op(v) != "sub" or not v.nodes:
+            continue
+        got = _centre(v)
+        if got is None or not got[1] or not _rms_normalised(v, readers):
+            continue
+        x, m = got[0], strip(v.args[1])
+        # the read that is not x itself is x after the write
+        writes = [w for w in (strip(v.args[0]), strip(m.args[0])) if w is not x]
+        what = (f"{name(x)} is written in place (by {', '.join(name(w) for w in writes)}) "
+                f"between its mean {name(m)} and the centring {name(v)}: the two read different "
+                f"values of it, so {name(v)} is not {name(x)} - mean({name(x)}) and its RMS norm "
+                "(rewritten as one) is no layer norm")
+        yield v.nodes[0], fx_nodes(v, m), what
+
+
 def detect_layer_norm(view):
     yield from _rsqrt_products(view, _layer_norm_hit)
+    yield from _written_centrings(view)
 
 
 register_detector("layer_norm", detect_layer_norm, patterns=("layer_norm", "add_layer_norm"),

@@ -182,6 +182,41 @@ def test_layer_norm_written_between_its_uses(where):
     assert "written in place" in m.reason, m.reason
 
 
+class CentringWritten(nn.Module):
+    """`hf += 1` between the mean and the centring, the tail an RMS norm of the centred value
+    (differential long run, seed 302): rms_norm rewrites the tail (right: it is an RMS norm of
+    xc), and the layer norm the code looks like is reported; without a norm after it the written
+    centring is no layer norm look-alike at all."""
+
+    def __init__(self, normalised):
+        super().__init__()
+        self.proj = nn.Linear(32, 32, bias=False)
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(32))
+        self.normalised = normalised
+
+    def forward(self, x):
+        hf = self.proj(x)
+        mu = hf.mean(-1, keepdim=True)
+        hf += 1.0
+        xc = hf - mu
+        if not self.normalised:
+            return xc * self.weight
+        return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def test_layer_norm_written_centring_under_a_rewritten_rms_norm():
+    report = ligerfx.explain(CentringWritten(True), torch.randn(2, 5, 32))
+    assert report.counts == {"rms_norm": 1}, str(report)
+    (m,) = _detected(report)
+    assert m.pattern == "layer_norm" and m.reason.startswith(PREFIX["layer_norm"]), str(m)
+    assert "written in place" in m.reason and "between its mean" in m.reason, m.reason
+
+
+def test_written_centring_without_a_norm_is_not_reported():
+    report = ligerfx.explain(CentringWritten(False), torch.randn(2, 5, 32))
+    assert not report.counts and not report.near_misses, str(report)
+
+
 def test_pattern_near_miss_is_not_repeated_by_the_detector():
     # the rms_norm pattern matches and refuses a tensor eps: its own near miss says why, and the
     # detector, seeing the same nodes, adds nothing

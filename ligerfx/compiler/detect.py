@@ -137,6 +137,20 @@ def written_base(c):
     return c
 
 
+def rewritten_by(c) -> str | None:
+    """The name of the pattern whose rewrite made canonical node `c` (None for the graph's own
+    code): on the rewritten graph a detector sees what a rewrite computes only through this, a
+    look-alike whose tail another family's pattern took (a broken centring normalised by an RMS
+    norm) still being its near miss."""
+    from .rewriter import PATTERN_META
+
+    for n in getattr(c, "nodes", ()):
+        got = n.meta.get(PATTERN_META)
+        if got is not None:
+            return got
+    return None
+
+
 def users(view: View) -> dict:
     """id(canonical node) -> the canonical nodes that read it, for walking down the data flow."""
     return view.users()

@@ -1280,3 +1280,34 @@ class M(nn.Module):
     inputs = [Input("logits", (2, 5, 24), scale=3.0, neginf=neginf),
               Input("labels", (2, 5), kind="labels", high=24, ignore=True)]
     check(Case(Written(code, inputs), ("cross_entropy",), MATH, F16, "regression"), seed=seed)
+
+
+# detector (fixed here; issue 22 long run, layer_norm family, seed 302): `hf += 1.0` between the
+# mean and its use in the centring (`mu` read hf before the write, `hf - mu` after): xc is no
+# centred value, so the tail is an RMS norm of xc (rewritten, correct), and the layer-norm detector
+# said nothing of the refused centring: it walked only the rsqrt products the rewrite had taken.
+# Both spellings of the variance's mean the long run failed on
+@pytest.mark.parametrize("mean", ["mean(2, keepdim=True)", "mean(dim=-1, keepdim=True)"])
+def test_layer_norm_written_between_its_mean_and_the_centring_is_reported(mean):
+    code = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 32, bias=False)
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(32))
+        self.bias = nn.Parameter(0.1 * torch.randn(32))
+
+    def forward(self, x):
+        h = self.proj(x)
+        hf = h
+        mu = torch.mean(hf, dim=-1, keepdim=True)
+        hf += 1.0
+        xc = hf - mu
+        var = torch.square(xc).MEAN
+        n = xc * (var + 1e-06).rsqrt()
+        nb = n.type_as(h)
+        out = nb * self.weight
+        return (out,)
+""".replace("MEAN", mean)
+    check(Case(Written(code, [Input("x", (2, 3, 32))]), ("layer_norm",), SAFETY, F32, "regression"),
+          seed=302)
