@@ -117,7 +117,10 @@ if triton is not None:
             z, _ = _load(x_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP, DIVIDE)
             z = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            # shifted by 0 while every logit so far is -inf, as logsumexp: by -inf, a leading
+            # all -inf block's sum is exp(-inf + inf) = NaN for the whole row, eager's finite
+            m_s = tl.where(m_new == -float("inf"), 0.0, m_new)
+            d = d * tl.exp(m - m_s) + tl.sum(tl.exp(z - m_s), 0)
             m = m_new
         return m, d
 
@@ -440,6 +443,10 @@ def _setup_context(ctx, inputs, output):
      entropy_lse, gather_lse) = inputs
     lp, ent, lse = output
     ctx.mark_non_differentiable(lse)
+    # an output the program does not differentiate gets None, not zeros: a zero gradient times
+    # a NaN entropy (0 * -inf at a -inf-masked logit, eager's value) would make every gradient
+    # NaN where eager's, which never reads the entropy's backward, is finite
+    ctx.set_materialize_grads(False)
     if not with_entropy:
         ctx.mark_non_differentiable(ent)
     ctx.with_entropy = with_entropy

@@ -117,3 +117,34 @@ def test_row_with_nan_has_nan_logsumexp(kernel_path):
                              torch.autograd.grad(ref, (ref_h, ref_w), cot.double())):
         problem = within_eager_rounding(name, a, b, r, torch.float32)
         assert problem is None, problem
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_leading_all_minus_inf_block(kernel_path, with_entropy):
+    """A bias of -inf over the first vocabulary block (128 of 300 columns): the online sum was
+    shifted by the -inf max, exp(-inf + inf) = NaN, and the whole row's log-prob, entropy and
+    gradient NaN on the Triton path, where eager's are finite (found beside issue 22's cross
+    entropy +inf fix, which had the same shift)."""
+    g = torch.Generator().manual_seed(3)
+    h64 = torch.randn(N, H, generator=g, dtype=torch.float64)
+    w64 = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5
+    b64 = torch.randn(V, generator=g, dtype=torch.float64)
+    b64[:128] = float("-inf")
+    ids = torch.randint(128, V, (N,), generator=g)
+    h, w = h64.float().requires_grad_(), w64.float().requires_grad_()
+    lp, ent, _ = torch.ops.liger.fused_linear_logprob(h, w, b64.float(), ids, 1.0, 0.0,
+                                                      with_entropy, -100, 0, False, False)
+    assert torch.isfinite(lp).all()
+    z = F.linear(h64, w64, b64)
+    logp = F.log_softmax(z, -1)
+    ref = logp.gather(-1, ids[:, None]).squeeze(-1)
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-5)
+    if with_entropy:  # the spelling's -(p * logp).sum() is 0 * -inf = NaN there, as eager's
+        assert ent.isnan().all() and (-(logp.exp() * logp).sum(-1)).isnan().all()
+    gh, gw = torch.autograd.grad(lp.sum(), (h, w))
+    ref_h, ref_w = (x.clone().requires_grad_() for x in (h64, w64))
+    refs = torch.autograd.grad(F.log_softmax(F.linear(ref_h, ref_w, b64), -1)
+                               .gather(-1, ids[:, None]).sum(), (ref_h, ref_w))
+    for a, b in zip((gh, gw), refs):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
