@@ -120,14 +120,23 @@ def _fused_with_add(base_name: str):
         if writer is None and not _is_add(h):
             raise Skip
         x, r, alpha = _operands(writer if writer is not None else h)
+        written_sum = None
         if not (_is_tensor(x) and _is_tensor(r)):
-            raise Skip  # `h + eps`, `h + 1`: not a residual add
+            # `h = x + residual; h.add_(c)`: a residual sum written before the norm reads it
+            hx, hr, _ = _operands(h) if writer is not h and _is_add(h) else (None, None, None)
+            if writer is None or not (_is_tensor(hx) and _is_tensor(hr)):
+                raise Skip  # `h + eps`, `h + 1`: not a residual add
+            written_sum = writer
         base = REGISTRY.get(base_name)
         for c in base.constraints:  # the norm alone must be rewritable, or its pattern says why
             if isinstance(c(match), str):
                 raise Skip
         if match.safety_problem(None, rewriter.insertion_point(match)):
             raise Skip
+        if written_sum is not None:
+            return (f"the residual sum `{h.name}` is written in place by `{written_sum.name}`: "
+                    "the norm reads the written value, not the add's output, so the add is not "
+                    "fused (the norm alone is rewritten)")
         if writer is not None:
             return (f"the residual add `{writer.name}` is in place (it writes `{x.name}`); the "
                     "fused op returns a new h (write `h = x + residual`)")

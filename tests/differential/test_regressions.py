@@ -1349,3 +1349,33 @@ class M(nn.Module):
 """.replace("BODY", body)
     check(Case(Written(code, [Input("x", (2, 3, 32))]), ("layer_norm",), SAFETY, F32, "regression"),
           seed=seed)
+
+
+# constraint (fixed here; issue 22 long run, add_norm seed 38851): `h = h0 + res` then
+# `torch.Tensor.add_(h, 0.25)` before the norm reads h.  The RMS norm of the written h is
+# rewritten (right), but add_rms_norm's constraint took the scalar add_ for the residual add and
+# skipped without a word: a SilentMiss.  It now names the write that stops the fusion.
+def test_add_norm_sum_written_in_place_before_the_norm_is_a_near_miss():
+    code = """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16, bias=False)
+        self.weight = nn.Parameter(0.1 * torch.randn(16))
+
+    def forward(self, x, res):
+        h0 = self.proj(x)
+        h = h0 + res
+        hf = h
+        torch.Tensor.add_(h, 0.25)
+        sq = hf.pow(2)
+        var = sq.mean(-1).unsqueeze(-1)
+        n = hf / torch.sqrt(var + 1e-06)
+        out = (1.0 + self.weight) * n.to(h.dtype)
+        return (out,)
+"""
+    inputs = [Input("x", (2, 3, 16)), Input("res", (2, 3, 16), spread=200.0)]
+    reports = check(Case(Written(code, inputs), ("add_rms_norm",), SAFETY, F32, "regression"),
+                    seed=38851)
+    misses = [n for r in reports for n in r.near_misses if n.pattern == "add_rms_norm"]
+    assert misses and "written in place" in misses[0].reason
