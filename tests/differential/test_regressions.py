@@ -1002,6 +1002,12 @@ def test_logprob_gather_lse_row_with_inf_logit():
           seed=1515)
 
 
+def _close_rows():
+    """Student logits and a teacher 1e-3 away from them: the distillation close-rows cases."""
+    return [Input("s", (2, 3, 24), scale=2.0),
+            Input("t", (2, 3, 24), scale=1e-3, grad=False, near="s")]
+
+
 # oracle (tests/differential/noise.py, fixed here; issue 22 survey, seeds 0 and 169): a close-rows
 # forward KL reduced to one number: the Triton path's error 2.3x / 4x eager's, each a sum of its
 # rows' log-sum-exp roundings of random sign (eager's by chance far below its noise: 0.5 and 0.03
@@ -1042,8 +1048,7 @@ class M(nn.Module):
         loss = (r * mask).sum() / mask.sum()
         return (loss,)
 """
-    inputs = [Input("s", (2, 3, 24), scale=2.0),
-              Input("t", (2, 3, 24), scale=1e-3, grad=False, near="s")]
+    inputs = _close_rows()
     check(_case(kl, _DISTILL, SPELLING, F32, inputs), seed=0)
     check(_case(masked, _DISTILL, SPELLING, F32,
                 inputs + [Input("labels", (2, 3), kind="labels", high=24)]), seed=169)
@@ -1169,8 +1174,7 @@ class M(nn.Module):
         loss = F.kl_div(ls, lt, reduction='batchmean', log_target=True)
         return (loss,)
 """
-    inputs = [Input("s", (2, 3, 24), scale=2.0),
-              Input("t", (2, 3, 24), scale=1e-3, grad=False, near="s")]
+    inputs = _close_rows()
     check(_case(upcast, _DISTILL, SPELLING, BF16, inputs), seed=0)
     check(_case(rows, _DISTILL, SPELLING, F32,
                 inputs + [Input("labels", (2, 3), kind="labels", high=24)]), seed=5)
