@@ -84,14 +84,6 @@ def _err(x, ref, mask) -> float:
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def rounding_error(low, ref) -> float:
-    """Eager's relative error against float64 where both are finite (0 for a non-tensor)."""
-    if not (isinstance(low, torch.Tensor) and isinstance(ref, torch.Tensor)
-            and low.is_floating_point() and low.shape == ref.shape):
-        return 0.0
-    return _err(low, ref, torch.isfinite(low) & torch.isfinite(ref))
-
-
 def within_eager_rounding(what: str, got, low, ref, dtype, factor: float = 1.25,
                           noise: float = 0.0) -> str | None:
     """None when `got` is as good as eager's `low` against the float64 `ref`, else the reason.
